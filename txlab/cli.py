@@ -1,0 +1,148 @@
+"""`txlab` command line: the one place that knows txlab, sweeps and analysis.
+
+Sweeps (Ray) and analysis (seaborn) are imported lazily, so `txlab run` starts without loading them.
+Exit codes: 0 done; 1 the work ran and failed; 2 bad input (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import traceback
+from typing import Callable, Sequence
+
+from txlab.config import ConfigError
+
+
+class UsageError(ConfigError):
+    """Bad command-line input (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, like every other bad input
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set workload.seq_len=2048 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="txlab", description="What fits, how fast, and at what cost: transformer memory and speed.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("run", help="run one trial in this process (no Ray) and print its row")
+    p.add_argument("config", help="trial config YAML")
+    _add_set(p)
+    p.add_argument("--store", help="append the row to this store (directory or URI)")
+    p.add_argument("--json", action="store_true", help="print the row as JSON")
+    p.set_defaults(handler="txlab.cli:cmd_run")
+
+    p = sub.add_parser("sweep", help="run a sweep spec's grid through Ray Tune")
+    p.add_argument("spec", help="sweep spec YAML")
+    p.add_argument("--store", help="result store (directory or URI); default: results/<sweep name>")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--dry-run", action="store_true", help="validate every trial config, print counts, run nothing")
+    p.add_argument("--rerun-failed", action="store_true", help="also rerun trials stored with status error")
+    p.set_defaults(handler="sweeps.cli:cmd_sweep")
+
+    p = sub.add_parser("rerun", help="rerun one stored trial locally (no Ray) and compare")
+    p.add_argument("--store", required=True, help="result store (directory or URI)")
+    p.add_argument("--trial", required=True, help="trial key")
+    _add_set(p)
+    p.set_defaults(handler="sweeps.cli:cmd_rerun")
+
+    p = sub.add_parser("plot", help="memory-vs-length, frontier and trade-off plots of a store")
+    p.add_argument("--store", required=True)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--budget-gib", type=float, nargs="+", help="budgets to draw (default: those in the store)")
+    p.set_defaults(handler="analysis.cli:cmd_plot")
+
+    p = sub.add_parser("report", help="one document with the plots and tables of a store")
+    p.add_argument("--store", required=True)
+    p.add_argument("--out", required=True, help="report.html or report.md")
+    p.add_argument("--budget-gib", type=float, nargs="+", help="budgets to draw (default: those in the store)")
+    p.set_defaults(handler="analysis.cli:cmd_report")
+
+    p = sub.add_parser("estimate", help="predict a trial's peak memory without running it (not built yet)")
+    p.add_argument("config")
+    _add_set(p)
+    p.add_argument("--capacity-gib", type=float)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler="txlab.cli:cmd_not_yet")
+
+    p = sub.add_parser("train", help="a full training run (not built yet)")
+    p.add_argument("config")
+    _add_set(p)
+    p.add_argument("--out")
+    p.set_defaults(handler="txlab.cli:cmd_not_yet")
+
+    p = sub.add_parser("generate", help="sample from a trained checkpoint (not built yet)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--prompt", required=True)
+    p.set_defaults(handler="txlab.cli:cmd_not_yet")
+    return parser
+
+
+def _resolve(handler: str) -> Callable[[argparse.Namespace], int]:
+    module, func = handler.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def cmd_not_yet(args: argparse.Namespace) -> int:
+    raise UsageError(f"txlab {args.command}: not implemented yet in this version of txlab")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from txlab.config import load_config
+    from txlab.report import format_row
+    from txlab.trial import run_trial
+
+    cfg = load_config(args.config, args.overrides)
+    store = None
+    if args.store:
+        from txlab.store import Store
+
+        store = Store.open(args.store, create=True)  # fail on a bad store before any work
+    row = run_trial(cfg, progress=not args.json)
+    if store is not None:
+        store.write_row(row)
+    if args.json:
+        print(json.dumps(row, default=str))
+    else:
+        print(format_row(row))
+        if store is not None:
+            print(f"row written to {args.store}")
+    return 1 if row["status"] == "error" else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        return int(_resolve(args.handler)(args) or 0)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except Exception as e:  # noqa: BLE001 - the last line of defence: short message unless --debug
+        if debug:
+            traceback.print_exc()
+        else:
+            print(f"internal error: {e.__class__.__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

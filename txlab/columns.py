@@ -1,0 +1,95 @@
+"""Result-row columns: the contract between trials, the store and analysis (see DESIGN.md).
+
+Analysis may import this module and `txlab.store`, nothing else from txlab.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import fields
+from typing import Literal, get_args, get_origin
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+STATUSES = ("ok", "oom", "over_budget", "error")
+# Statuses that are final: a resumed sweep skips these trial keys (errors are rerun on request).
+FINAL_STATUSES = ("ok", "oom", "over_budget")
+
+IDENTITY: dict[str, pa.DataType] = {
+    "trial_key": pa.string(),  # stable hash of the resolved config
+    "sweep": pa.string(),  # sweep name, null for a lone `txlab run`
+    "status": pa.string(),  # ok | oom | over_budget | error
+    "error": pa.string(),  # message when status != ok
+    "started_at": pa.string(),  # ISO 8601, UTC
+    "duration_s": pa.float64(),  # wall time of the whole trial (build + steps + measurement)
+    "host": pa.string(),
+    "node_id": pa.string(),  # Ray node id when run by a sweep
+    "device": pa.string(),  # "cpu" or the CUDA device name
+    "device_capacity_bytes": pa.int64(),  # RAM (CPU) or device memory (CUDA)
+    "torch_version": pa.string(),
+    "txlab_version": pa.string(),
+    "measured": pa.bool_(),  # true: figures from a run; false: an estimate
+}
+
+FIGURES: dict[str, pa.DataType] = {
+    "peak_bytes": pa.int64(),  # CUDA: allocator peak; CPU: live-tensor tracker peak
+    "params_bytes": pa.int64(),  # breakdown at the peak ...
+    "grads_bytes": pa.int64(),
+    "optimizer_bytes": pa.int64(),
+    "activations_bytes": pa.int64(),
+    "other_bytes": pa.int64(),  # ... the rest: backward temporaries, inputs, allocator slack
+    "tracked_peak_bytes": pa.int64(),  # the tensor tracker's peak (equals peak_bytes on CPU)
+    "reserved_bytes": pa.int64(),  # CUDA caching allocator's reserved peak
+    "peak_rss_bytes": pa.int64(),  # CPU: resident high-water mark above the pre-trial baseline
+    "n_params": pa.int64(),
+    "step_time_s": pa.float64(),  # median of timed steps
+    "tokens_per_s": pa.float64(),
+    "flops_per_token": pa.float64(),  # analytic, training (6N + 12 L H Q T)
+    "mfu": pa.float64(),  # CUDA only: achieved / peak FLOP/s of the device
+    "loss": pa.float64(),  # last timed step's training loss (nats/token)
+    "bits_per_byte": pa.float64(),  # when the data maps tokens to bytes
+}
+
+
+def _arrow_type(annotation) -> pa.DataType:
+    if isinstance(annotation, str):
+        from txlab import config as _config
+
+        annotation = eval(annotation, vars(typing) | vars(_config))
+    origin = get_origin(annotation)
+    if origin is typing.Union:
+        return _arrow_type([a for a in get_args(annotation) if a is not type(None)][0])
+    if origin is Literal or annotation is str:
+        return pa.string()
+    if annotation is bool:
+        return pa.bool_()
+    if annotation is int:
+        return pa.int64()
+    if annotation is float:
+        return pa.float64()
+    raise TypeError(f"no Arrow type for {annotation!r}")
+
+
+def config_columns() -> dict[str, pa.DataType]:
+    """Every config key as a dotted column, typed from the config dataclasses."""
+    from txlab.config import SECTIONS, TrialConfig
+
+    out: dict[str, pa.DataType] = {}
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            out[f"{section}.{f.name}"] = _arrow_type(f.type)
+    for f in fields(TrialConfig):
+        if f.name not in SECTIONS:
+            out[f.name] = _arrow_type(f.type)
+    return out
+
+
+def row_schema() -> pa.Schema:
+    cols = {**IDENTITY, **config_columns(), **FIGURES}
+    return pa.schema(list(cols.items()), metadata={"txlab.schema_version": str(SCHEMA_VERSION)})
+
+
+def column_names() -> list[str]:
+    return row_schema().names
