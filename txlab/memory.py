@@ -1,0 +1,166 @@
+"""One memory monitor for a measured window: peak bytes with a breakdown at the peak, on CPU and CUDA.
+
+The breakdown comes from torch's MemTracker (a dispatch-mode tracker that sees every tensor storage
+and tags it parameter / gradient / optimizer state / activation / temporary). On CPU its peak *is* the
+peak; the process's resident high-water mark is read beside it as a check. On CUDA the caching
+allocator's peak is the peak, and `other_bytes` takes what the allocator held beyond the tracked
+categories (rounding, workspaces, backward temporaries).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+GiB = 2**30
+
+
+class BudgetExceeded(RuntimeError):
+    """Tracked memory went over `measure.budget_gib` on a device without a hard cap (CPU)."""
+
+    def __init__(self, tracked_bytes: int, budget_bytes: int):
+        self.tracked_bytes, self.budget_bytes = tracked_bytes, budget_bytes
+        super().__init__(
+            f"tracked memory reached {tracked_bytes / GiB:.3f} GiB, over the budget of {budget_bytes / GiB:.3f} GiB; "
+            "stopped there (peak_bytes is a lower bound)"
+        )
+
+
+def _mem_tracker_cls():
+    # Imported lazily: torch.distributed is a heavy import and only needed in a measured window.
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    class BudgetedTracker(MemTracker):
+        """MemTracker that stops the step as soon as live tensors exceed a budget, so a CPU trial that
+        would not fit never allocates past it (and never meets the kernel's OOM killer)."""
+
+        def __init__(self, budget_bytes: int | None):
+            super().__init__()
+            self.budget_bytes = budget_bytes
+
+        def _update_peak_stats(self, peak_state) -> None:  # called after every op
+            super()._update_peak_stats(peak_state)
+            if self.budget_bytes is not None:
+                total = sum(snap.get("Total", 0) for snap in self._curr_mem_snap.values())
+                if total > self.budget_bytes:
+                    raise BudgetExceeded(total, self.budget_bytes)
+
+    return BudgetedTracker, _MemRefType
+
+
+@dataclass
+class MemoryStats:
+    peak_bytes: int
+    params_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    other_bytes: int
+    tracked_peak_bytes: int
+    reserved_bytes: int | None
+
+    def as_row(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class MemoryMonitor:
+    """`with MemoryMonitor(device, model, optimizer, inputs, budget) as mon: ...; mon.stats()`."""
+
+    def __init__(self, device: torch.device, model, optimizer, inputs: list[torch.Tensor], budget_bytes: int | None):
+        tracker_cls, self._ref = _mem_tracker_cls()
+        self.device = device
+        # CUDA has a real cap (set_per_process_memory_fraction); the tracker's budget guard is for CPU.
+        self.tracker = tracker_cls(budget_bytes if device.type == "cpu" else None)
+        self.tracker.track_external(model, optimizer, *inputs)
+
+    def __enter__(self) -> "MemoryMonitor":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.tracker.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.tracker.__exit__(*exc)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def end_step(self) -> None:
+        """Call between steps: MemTracker keeps per-module stats for one iteration only."""
+        self.tracker.reset_mod_stats()
+
+    def stats(self) -> MemoryStats:
+        snap = self.tracker.get_tracker_snapshot("peak").get(self.device)
+        if snap is None:  # MemTracker keys CPU tensors as device("cpu"); be lenient about the index
+            snap = next((s for d, s in self.tracker.get_tracker_snapshot("peak").items() if d.type == self.device.type), {})
+        R = self._ref
+        part = {
+            "params_bytes": snap.get(R.PARAM, 0),
+            "grads_bytes": snap.get(R.GRAD, 0),
+            "optimizer_bytes": snap.get(R.OPT, 0),
+            "activations_bytes": snap.get(R.ACT, 0),
+        }
+        tracked = snap.get("Total", 0)
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+            reserved = torch.cuda.max_memory_reserved(self.device)
+        else:
+            peak, reserved = tracked, None
+        other = max(0, peak - sum(part.values()))  # temporaries, buffers, inputs (+ allocator slack on CUDA)
+        return MemoryStats(peak_bytes=peak, other_bytes=other, tracked_peak_bytes=tracked, reserved_bytes=reserved, **part)
+
+
+# --- resident set size (CPU check on the tracker) --------------------------------------------------
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class RssWindow:
+    """Resident high-water mark above the baseline at the start of the window.
+
+    On Linux the kernel's high-water mark is reset at the start (writing 5 to /proc/self/clear_refs),
+    so earlier trials in the same process do not leak into this one. Elsewhere ru_maxrss is used,
+    which cannot be reset: the figure is then only an upper bound.
+    """
+
+    def __enter__(self) -> "RssWindow":
+        self.reset = False
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.reset = True
+        except OSError:
+            pass
+        self.baseline = self._current()
+        self.peak = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        hwm = _status_kib("VmHWM") if self.reset else None
+        if hwm is not None:
+            self.peak = max(0, hwm * 1024 - self.baseline)
+        else:
+            scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+            self.peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale - self.baseline)
+
+    @staticmethod
+    def _current() -> int:
+        kib = _status_kib("VmRSS")
+        if kib is not None:
+            return kib * 1024
+        import psutil
+
+        return psutil.Process().memory_info().rss
