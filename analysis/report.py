@@ -153,8 +153,7 @@ def write_report(store: Source, out: str | Path, budgets=None) -> Path:
         img_dir.mkdir(exist_ok=True)
 
         def save(name, fig):
-            fig.savefig(img_dir / f"{name}.png", dpi=110, bbox_inches="tight")
-            fig.savefig(img_dir / f"{name}.svg", bbox_inches="tight")
+            fig.savefig(img_dir / f"{name}.png", dpi=110, bbox_inches="tight")  # txlab plot writes the SVGs
             return f"{img_dir.name}/{name}.png"
 
         figs = _figures_as(df, budgets, save)

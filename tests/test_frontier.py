@@ -1,0 +1,129 @@
+"""Frontier and baseline numbers against a hand-computed fixture (analysis/frontier.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from analysis.frontier import frontier, frontier_label, frontier_markdown, versus_baseline
+
+GIB = 2**30
+
+
+def row(policy, T, status="ok", peak=None, depth=2, q=512, k=512, step=None, measured=True, budget=None):
+    attention = {"naive": "math", "recompute": "chunked"}.get(policy, "sdpa")
+    return {
+        "trial_key": f"{policy}-{depth}-{T}-{q}-{k}-{measured}", "sweep": "hand", "status": status,
+        "policy.name": policy, "policy.attention": attention, "policy.q_chunk": q, "policy.k_chunk": k,
+        "model.n_layers": depth, "model.size": "debug", "workload.seq_len": T, "workload.kind": "train",
+        "device": "cpu", "measured": measured, "measure.budget_gib": budget,
+        "peak_bytes": None if peak is None else int(peak * GIB), "step_time_s": step,
+    }
+
+
+@pytest.fixture
+def hand() -> pd.DataFrame:
+    rows = [
+        # sdpa, depth 2: fits 1 GiB up to 512; 1024 is ok but 1.5 GiB (fits 2 GiB only); 2048 runs out of memory
+        row("sdpa", 256, peak=0.25, step=1.0), row("sdpa", 512, peak=0.5, step=2.0),
+        row("sdpa", 1024, peak=1.5, step=4.0), row("sdpa", 2048, "oom"),
+        # naive, depth 2: over 1 GiB already at the shortest length
+        row("naive", 256, peak=1.2, step=1.5), row("naive", 512, "oom"),
+        # recompute, depth 2: several chunk settings; over_budget and error rows never count
+        row("recompute", 256, peak=0.1, q=128, k=128, step=1.2),
+        row("recompute", 1024, peak=0.9, q=256, k=256, step=6.0),
+        row("recompute", 1024, peak=1.1, q=512, k=512, step=5.0),
+        row("recompute", 2048, "over_budget", peak=1.2, q=256, k=256),
+        row("recompute", 2048, "error", q=512, k=512),
+        # checkpoint, depth 2: the longest length tried fits; an estimate goes further
+        row("checkpoint", 256, peak=0.2, step=1.3), row("checkpoint", 4096, peak=0.8, step=20.0),
+        row("checkpoint", 8192, peak=0.95, measured=False),
+        # depth 4: sdpa out of memory at the only length tried; naive only errored
+        row("sdpa", 256, "oom", depth=4), row("naive", 256, "error", depth=4),
+    ]
+    return pd.DataFrame(rows)
+
+
+def get(fr, policy, depth, budget, basis="measured"):
+    sel = fr[(fr["policy"] == policy) & (fr["depth"] == depth) & (fr["budget_gib"] == budget) & (fr["basis"] == basis)]
+    assert len(sel) == 1, sel
+    return sel.iloc[0]
+
+
+def test_frontier_matches_hand_computation(hand):
+    fr = frontier(hand, budgets=[1, 2])
+    expect = {  # (policy, depth, budget) -> (longest feasible, label)
+        ("sdpa", 2, 1): (512, "512"), ("sdpa", 2, 2): (1024, "1024"),
+        ("naive", 2, 1): (None, "infeasible at 256"), ("naive", 2, 2): (256, "256"),
+        ("recompute", 2, 1): (1024, "1024"), ("recompute", 2, 2): (1024, "1024"),
+        ("checkpoint", 2, 1): (4096, "4096+"), ("checkpoint", 2, 2): (4096, "4096+"),
+        ("sdpa", 4, 1): (None, "infeasible at 256"), ("sdpa", 4, 2): (None, "infeasible at 256"),
+    }
+    for (p, d, b), (longest, label) in expect.items():
+        r = get(fr, p, d, b)
+        assert (pd.isna(r["longest_feasible_seq_len"]) if longest is None else r["longest_feasible_seq_len"] == longest), (p, d, b)
+        assert r["label"] == label, (p, d, b)
+    # infeasible is null, never zero
+    assert not (fr["longest_feasible_seq_len"] == 0).any()
+    # the best chunk setting at the frontier is the lowest peak among the feasible ones
+    r = get(fr, "recompute", 2, 2)
+    assert (r["q_chunk"], r["k_chunk"]) == (256, 256) and math.isclose(r["peak_gib_at_frontier"], 0.9, rel_tol=1e-6)
+    # errors are not "tried": recompute's longest tried is 2048 (over_budget), naive@4 has no frontier row
+    assert r["longest_tried"] == 2048 and not r["fits_at_longest_tried"]
+    assert fr[(fr["policy"] == "naive") & (fr["depth"] == 4)].empty
+    # estimated frontier includes the estimate beyond the measured lengths, and says so
+    e = get(fr, "checkpoint", 2, 1, basis="estimated")
+    assert e["longest_feasible_seq_len"] == 8192 and e["label"] == "8192+" and e["point_estimated"]
+    assert fr[(fr["basis"] == "estimated") & (fr["policy"] != "checkpoint")].empty
+
+
+def test_frontier_budgets_default_to_store(hand):
+    hand["measure.budget_gib"] = 1.0
+    fr = frontier(hand)
+    assert set(fr["budget_gib"]) == {1.0}
+    assert get(fr, "sdpa", 2, 1)["longest_feasible_seq_len"] == 512
+
+
+def test_frontier_groups_by_batch_size(hand):
+    other = hand[hand["policy.name"] == "sdpa"].assign(**{"workload.batch_size": 4, "trial_key": lambda d: d["trial_key"] + "b4"})
+    other.loc[other["workload.seq_len"] == 512, "status"] = "oom"
+    fr = frontier(pd.concat([hand.assign(**{"workload.batch_size": 1}), other]), budgets=[1])
+    sd = fr[(fr["policy"] == "sdpa") & (fr["depth"] == 2)].set_index("workload.batch_size")
+    assert sd.loc[1, "longest_feasible_seq_len"] == 512 and sd.loc[4, "longest_feasible_seq_len"] == 256
+    assert set(sd["setting"]) == {"batch_size=1", "batch_size=4"}
+
+
+def test_versus_baseline_matches_hand_computation(hand):
+    vs = versus_baseline(hand).set_index(["policy", "depth", "seq_len"])
+    n = vs.loc[("naive", 2, 256)]
+    assert n["baseline"] == "sdpa"
+    assert math.isclose(n["memory_saving"], 1 - 1.2 / 0.25, rel_tol=1e-6) and math.isclose(n["time_overhead"], 1.5, rel_tol=1e-6)
+    c = vs.loc[("checkpoint", 2, 256)]
+    assert math.isclose(c["memory_saving"], 1 - 0.2 / 0.25, rel_tol=1e-6) and math.isclose(c["time_overhead"], 1.3, rel_tol=1e-6)
+    # recompute at 1024: the lowest-peak chunk setting (0.9 GiB, 6 s) against sdpa (1.5 GiB, 4 s)
+    r = vs.loc[("recompute", 2, 1024)]
+    assert math.isclose(r["memory_saving"], 0.4, rel_tol=1e-6) and math.isclose(r["time_overhead"], 1.5, rel_tol=1e-6) and r["q_chunk"] == 256
+    # only shared shapes: checkpoint at 4096 has no sdpa partner
+    assert ("checkpoint", 2, 4096) not in vs.index
+
+
+def test_markdown_tables(hand):
+    md = frontier_markdown(frontier(hand, [1, 2]), versus_baseline(hand), "asked")
+    assert "| policy | depth | 1 GiB | 2 GiB |" in md
+    assert "| naive | 2 | infeasible at 256 | 256 |" in md
+    assert "| checkpoint | 2 | 4096+ / est. 8192+ | 4096+ / est. 8192+ |" in md
+    assert "-20% mem, x1.30 time" in md  # checkpoint at 256 against sdpa
+
+
+def test_single_policy_has_no_baseline(hand):
+    only = hand[hand["policy.name"] == "checkpoint"]
+    assert versus_baseline(only).empty
+    assert "nothing to compare" in frontier_markdown(frontier(only, [1]), versus_baseline(only))
+
+
+def test_labels():
+    assert frontier_label(2048, 256, 4096) == "2048"
+    assert frontier_label(4096, 256, 4096) == "4096+"
+    assert frontier_label(pd.NA, 256, 4096) == "infeasible at 256"
