@@ -9,16 +9,24 @@ DuckDB read `DIR/*.parquet`; names starting with `_` (the marker, temporaries) a
 Layout:
     DIR/_txlab_store.json                 {"format": "txlab-store", "schema_version": N}
     DIR/<trial_key>.<time_ns>.parquet     one row each
+    DIR/_txlab_writer.lock                held (flock) by the one writing sweep, local disk only
+
+Locations: a local path, or a URI pyarrow's filesystems understand (`file:///abs/dir`, `s3://bucket/dir`,
+`gs://bucket/dir`, ...); `Store.open(uri, filesystem=...)` also takes any `pyarrow.fs.FileSystem`, e.g.
+`PyFileSystem(FSSpecHandler(fsspec_fs))`. On object storage a row file is one PUT (atomic there), so no
+temporary file is used; `Store.writer_lock()` is only enforced on local disk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -29,11 +37,18 @@ from txlab.columns import FINAL_STATUSES, SCHEMA_VERSION, STATUSES, row_schema
 from txlab.config import ConfigError
 
 MARKER = "_txlab_store.json"
+LOCK = "_txlab_writer.lock"
+TMP_PREFIX = "_tmp-"
 FORMAT = "txlab-store"
+STALE_TMP_S = 600.0  # temporaries older than this are leftovers of a killed writer
 
 
 class StoreError(ConfigError):
     """A store path or its content that cannot be used: bad input, exit 2."""
+
+
+class StoreLocked(StoreError):
+    """Another process holds the store's writer lock."""
 
 
 def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -66,14 +81,22 @@ class Store:
     """Open with `Store.open(uri, create=...)`; every method is safe to call from one writer process."""
 
     def __init__(self, uri: str, fs: pafs.FileSystem, root: str):
-        self.uri, self.fs, self.root = uri, fs, root.rstrip("/")
+        self.uri, self.fs, self.root = uri, fs, root.rstrip("/") or "/"
+        self.local = isinstance(fs, pafs.LocalFileSystem)
 
     # --- opening ----------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, uri: str, create: bool = False) -> "Store":
-        fs, root = _resolve(str(uri))
-        info = fs.get_file_info(root)
+    def open(cls, uri: str, create: bool = False, filesystem: pafs.FileSystem | None = None) -> "Store":
+        """Open the store at `uri` (path or URI). With `filesystem`, `uri` is a path inside it."""
+        if filesystem is not None:
+            fs, root = filesystem, str(uri)
+        else:
+            fs, root = _resolve(str(uri))
+        try:
+            info = fs.get_file_info(root)
+        except OSError as e:
+            raise StoreError(f"{uri}: cannot reach store location ({e})") from None
         if info.type == pafs.FileType.File:
             raise StoreError(f"{uri}: store path is a file, expected a directory")
         store = cls(str(uri), fs, root)
@@ -112,7 +135,13 @@ class Store:
     # --- writing ----------------------------------------------------------------------------
 
     def _atomic_write(self, path: str, data: bytes) -> None:
-        tmp = f"{self.root}/_tmp-{uuid.uuid4().hex}"
+        if not self.local:
+            # Object stores publish an object whole when its upload completes: one write is atomic,
+            # and a copy-based "rename" would only double the traffic.
+            with self.fs.open_output_stream(path) as f:
+                f.write(data)
+            return
+        tmp = f"{self.root}/{TMP_PREFIX}{uuid.uuid4().hex}"
         try:
             with self.fs.open_output_stream(tmp) as f:
                 f.write(data)
@@ -132,10 +161,62 @@ class Store:
         pq.write_table(table, sink)
         path = f"{self.root}/{row['trial_key']}.{time.time_ns()}.parquet"
         self._atomic_write(path, sink.getvalue().to_pybytes())
-        for old in self._row_files():
-            if old.trial_key == row["trial_key"] and old.path != path:
-                self.fs.delete_file(old.path)
+        # Every older file of this key, including leftovers of a writer killed between write and delete.
+        for p in self._row_files_raw():
+            old = _parse_name(p)
+            if old and old.trial_key == row["trial_key"] and old.path != path:
+                try:
+                    self.fs.delete_file(old.path)
+                except FileNotFoundError:
+                    pass
         return path
+
+    @contextlib.contextmanager
+    def writer_lock(self) -> Iterator["Store"]:
+        """Hold the store's single-writer lock (a sweep holds it for its whole run).
+
+        On local disk this is an flock on DIR/_txlab_writer.lock: the kernel drops it when the holder dies,
+        even by SIGKILL, so a killed sweep never leaves a stale lock. Other filesystems have no lock
+        (object stores offer none that is both cheap and safe); one writer there is the user's promise.
+        Taking the lock also removes stale temporaries left by killed writers.
+        """
+        self._ensure_created()
+        if not self.local:
+            yield self
+            return
+        import fcntl
+
+        path = f"{self.root}/{LOCK}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+                raise StoreLocked(f"{self.uri}: another txlab sweep is writing to this store ({holder})") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+            self._remove_stale_temporaries()
+            yield self
+        finally:
+            try:
+                os.ftruncate(fd, 0)
+            except OSError:
+                pass
+            os.close(fd)  # releases the flock
+
+    def _remove_stale_temporaries(self) -> None:
+        sel = pafs.FileSelector(self.root, allow_not_found=True, recursive=False)
+        now = time.time()
+        for info in self.fs.get_file_info(sel):
+            name = info.path.rsplit("/", 1)[-1]
+            if info.type == pafs.FileType.File and name.startswith(TMP_PREFIX):
+                mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
+                if now - mtime > STALE_TMP_S:
+                    try:
+                        self.fs.delete_file(info.path)
+                    except OSError:
+                        pass
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -152,16 +233,22 @@ class Store:
         return sorted(latest.values(), key=lambda r: r.time_ns)
 
     def read(self) -> pa.Table:
-        files = [rf.path for rf in self._row_files()]
         schema = row_schema()
-        if not files:
-            return schema.empty_table()
-        try:
-            # Row files written by older versions may lack newer columns: read them into today's schema.
-            dataset = pads.dataset(files, schema=schema, format="parquet", filesystem=self.fs)
-            return dataset.to_table()
-        except (pa.ArrowInvalid, OSError) as e:
-            raise StoreError(f"{self.uri}: unreadable row file ({e})") from None
+        for attempt in range(3):
+            files = [rf.path for rf in self._row_files()]
+            if not files:
+                return schema.empty_table()
+            try:
+                # Row files written by older versions may lack newer columns: read them into today's schema.
+                dataset = pads.dataset(files, schema=schema, format="parquet", filesystem=self.fs)
+                return dataset.to_table()
+            except FileNotFoundError:
+                # A writer replaced a row between our listing and our read (a rerun trial): list again.
+                if attempt == 2:
+                    raise StoreError(f"{self.uri}: row files keep changing under the reader; retry") from None
+            except (pa.ArrowInvalid, OSError) as e:
+                raise StoreError(f"{self.uri}: unreadable row file ({e})") from None
+        raise AssertionError("unreachable")
 
     def read_pandas(self):
         return self.read().to_pandas()
