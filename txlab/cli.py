@@ -101,8 +101,6 @@ def cmd_not_yet(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from txlab.config import load_config
-    from txlab.report import format_row
-    from txlab.trial import run_trial
 
     cfg = load_config(args.config, args.overrides)
     store = None
@@ -110,6 +108,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         from txlab.store import Store
 
         store = Store.open(args.store, create=True)  # fail on a bad store before any work
+    from txlab.report import format_row
+    from txlab.trial import run_trial  # imports torch: only once the input is known to be good
+
     row = run_trial(cfg, progress=not args.json)
     if store is not None:
         store.write_row(row)

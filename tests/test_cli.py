@@ -1,0 +1,68 @@
+"""`txlab run`: a summary or the JSON row; bad input exits 2 with one line and no traceback."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--set", "workload.seq_len=256", "--set", "workload.steps=1", "--set", "workload.warmup_steps=0",
+        "--set", "model.n_layers=2", "--set", "model.d_model=64"]
+
+
+def txlab(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "txlab", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_run_prints_summary():
+    r = txlab("run", "examples/debug.yaml", *TINY)
+    assert r.returncode == 0, r.stderr
+    for needle in ("status ok", "peak", "at peak: params", "activations", "step", "tokens/s"):
+        assert needle in r.stdout
+
+
+def test_run_json_row_and_store(tmp_path):
+    store = tmp_path / "store"
+    r = txlab("run", "examples/debug.yaml", *TINY, "--json", "--store", str(store))
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout)
+    from txlab.columns import column_names
+    from txlab.store import read_store
+
+    assert set(row) == set(column_names())
+    assert row["status"] == "ok" and row["measured"] is True and row["peak_bytes"] > 0
+    df = read_store(str(store))
+    assert list(df["trial_key"]) == [row["trial_key"]]
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["run", "examples/debug.yaml", "--set", "model.n_layer=2"], "model.n_layer"),
+        (["run", "examples/debug.yaml", "--set", "model.n_layers=x"], "model.n_layers"),
+        (["run", "examples/debug.yaml", "--set", "model.n_heads=5"], "model.n_heads"),
+        (["run", "examples/debug.yaml", "--set", "model.n_kv_heads=3"], "model.n_kv_heads"),
+        (["run", "examples/debug.yaml", "--set", "policy.q_chunk=0"], "policy.q_chunk"),
+        (["run", "examples/debug.yaml", "--set", "policy.q_chunk=1024"], "policy.q_chunk"),
+        (["run", "examples/debug.yaml", "--set", "policy.name=turbo"], "policy.name"),
+        (["run", "missing.yaml"], "missing.yaml"),
+        (["run"], "config"),
+        (["frobnicate"], "invalid choice"),
+        (["estimate", "examples/debug.yaml"], "not implemented yet"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args, needle, tmp_path):
+    r = txlab(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_bad_store_fails_before_work(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    r = txlab("run", "examples/debug.yaml", *TINY, "--store", str(f))
+    assert r.returncode == 2 and "is a file" in r.stderr and "Traceback" not in r.stderr

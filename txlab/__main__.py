@@ -1,0 +1,5 @@
+import sys
+
+from txlab.cli import main
+
+sys.exit(main())
