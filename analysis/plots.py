@@ -150,6 +150,10 @@ def plot_memory_vs_length(source: Source, budgets: Iterable[float] | None = None
                         ax.scatter(x, s["y"], marker=marker, s=70, c=colors, edgecolors="black", linewidths=0.8, zorder=5)
                     else:  # an estimate that does not fit: hollow
                         ax.scatter(x, s["y"], marker=marker, s=70, facecolors="white", edgecolors=colors, linewidths=1.5, zorder=5)
+            for cap in sorted(set(fs["y"].dropna()) - set(budgets)):  # where failures sit, if not a budget
+                ax.axhline(cap, color="0.6", ls="-.", lw=0.9, zorder=1)
+                ax.annotate(f"{cap:g} GiB (ran under)", xy=(0.01, cap), xycoords=("axes fraction", "data"),
+                            fontsize=7.5, color="0.45", va="bottom")
             for b in budgets:
                 ax.axhline(b, color="0.35", ls=":", lw=1.2, zorder=1)
                 ax.annotate(f"{b:g} GiB", xy=(0.01, b), xycoords=("axes fraction", "data"), fontsize=8,
