@@ -261,6 +261,7 @@ def plot_frontier_heatmap(source: Source, budgets: Iterable[float] | None = None
                     src = meas if (p, d) in meas.index else est
                     if (p, d) in src.index and pd.notna(src.loc[(p, d), "longest_feasible_seq_len"]):
                         val[r, c] = np.log2(float(src.loc[(p, d), "longest_feasible_seq_len"]))
+            ax.grid(False)
             sns.heatmap(val, ax=ax, cmap=cmap, vmin=lo, vmax=max(hi, lo + 1), cbar=False, linewidths=1.5,
                         linecolor="white", xticklabels=[str(int(d)) for d in depths], yticklabels=pols)
             for r, p in enumerate(pols):
@@ -501,15 +502,18 @@ def plot_chunk_sizes(source: Source, max_shapes: int = 2) -> plt.Figure | None:
             vals = s.assign(v=pd.to_numeric(s[col]).where(s["status"] == "ok")).pivot(index="q", columns="k", values="v")
             stat = s.pivot(index="q", columns="k", values="status").reindex_like(vals)
             annot = np.where(vals.notna(), vals.map(lambda v: fmt(v) if pd.notna(v) else ""),
-                             stat.map(lambda v: {"oom": "OOM", "over_budget": "over\nbudget", "error": "error"}.get(v, "")))
+                             stat.map(lambda v: {"oom": "OOM", "over_budget": "over\nbudget", "error": "error"}.get(v, "not run")))
             sns.heatmap(vals, ax=ax, annot=annot, fmt="", cmap="rocket_r", cbar=False, linewidths=1, linecolor="white",
                         annot_kws={"fontsize": 8.5})
+            for r, c in zip(*np.where(vals.isna().to_numpy())):  # heatmap leaves masked cells unlabelled
+                ax.text(c + 0.5, r + 0.5, annot[r, c], ha="center", va="center", fontsize=8.5, color="0.35")
             ax.set_facecolor("0.9")
+            ax.grid(False)
             _title(ax, setting, f"{what}: {pol}, {int(depth)} layers, {fmt_len(t)} tokens")
             ax.set_xlabel("k_chunk (tokens)")
             ax.set_ylabel("q_chunk (tokens)", labelpad=10)
             ax.tick_params(axis="y", rotation=0)
-    note = f"{GIB_NOTE}. Darker = more. Grey cells: the setting did not run ok there (or was not run)."
+    note = f"{GIB_NOTE}. Darker = more (within each panel). Grey cells: the setting did not run ok there, or was not run."
     return _finish(fig, "Chunked attention: chunk sizes", [], [], note)
 
 
