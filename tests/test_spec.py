@@ -1,0 +1,223 @@
+"""Sweep specs: parsing, the skip_if language, grid expansion, validation, and every shipped spec (no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sweeps.driver import format_dry_run, plan
+from sweeps.spec import SkipRule, expand, load_spec, parse_spec
+from txlab.cli import main
+from txlab.config import ConfigError
+
+SPECS = sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml"))
+TINY_BASE = {"model": {"n_layers": 2, "d_model": 64}, "workload": {"steps": 1, "warmup_steps": 0}}
+
+
+def spec_of(**raw):
+    raw.setdefault("name", "t")
+    raw.setdefault("base", TINY_BASE)
+    return parse_spec(raw, path="t.yaml")
+
+
+def write(tmp_path: Path, raw: dict, name: str = "s.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+# --- shipped specs ------------------------------------------------------------------------------
+
+
+def test_every_shipped_spec_is_there():
+    names = {p.stem for p in SPECS}
+    assert {"smoke", "long_context", "gpt2_mem", "attention_chunks"} <= names
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+def test_shipped_spec_loads_and_dry_runs(path, tmp_path, capsys):
+    spec = load_spec(path)
+    e = expand(spec)
+    assert e.trials, f"{path.name}: no trials"
+    assert len(e.trials) + len(e.skipped) + len(e.duplicates) == spec.grid_size
+    assert len({t.key for t in e.trials}) == len(e.trials)
+    assert main(["sweep", str(path), "--store", str(tmp_path / "store"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(e.trials)} trials" in out and "all trial configs valid" in out
+    assert sum(line.startswith("  skipped ") for line in out.splitlines()) == len(e.skipped)
+    assert not (tmp_path / "store").exists(), "a dry run must not create the store"
+
+
+def test_smoke_spec_exercises_statuses():
+    spec = load_spec(next(p for p in SPECS if p.stem == "smoke"))
+    e = expand(spec)
+    assert spec.gpu == 0 and spec.cpu >= 1
+    budgets = {t.config.measure.budget_gib for t in e.trials}
+    assert any(b is not None for b in budgets), "smoke must hold an over-budget case"
+    assert e.skipped, "smoke shows skip_if at work"
+    assert {t.config.model.size for t in e.trials} == {"debug"}
+
+
+def test_long_context_spec_is_the_design_example():
+    spec = load_spec(next(p for p in SPECS if p.stem == "long_context"))
+    assert spec.gpu > 0 and spec.base["measure"]["budget_gib"] == 80
+    assert {"model.n_layers", "workload.seq_len", "policy.name"} <= set(spec.grid)
+
+
+# --- spec errors: one line naming the key ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw, needle",
+    [
+        ({"grid": {"workload.seq_len": [64]}, "gird": 1}, "unknown spec key 'gird'"),
+        ({"grid": {}}, "grid: expected a non-empty mapping"),
+        ({}, "grid: expected a non-empty mapping"),
+        ({"grid": {"workload.seqlen": [64]}}, "'workload.seqlen' is not a config key (did you mean 'workload.seq_len'?)"),
+        ({"grid": {"workload.seq_len": []}}, "grid.workload.seq_len: empty list"),
+        ({"grid": {"workload.seq_len": [64, 64]}}, "grid.workload.seq_len: repeated value"),
+        ({"grid": {"workload.seq_len": [{"a": 1}]}}, "grid.workload.seq_len: values must be scalars"),
+        ({"grid": {"workload.seq_len": [64]}, "resources": {"tpu": 1}}, "unknown resource 'tpu'"),
+        ({"grid": {"workload.seq_len": [64]}, "resources": {"cpu": 0}}, "resources.cpu: expected a number > 0"),
+        ({"grid": {"workload.seq_len": [64]}, "resources": {"gpu": 1.5}}, "resources.gpu: above 1 it must be a whole number"),
+        ({"grid": {"workload.seq_len": [64]}, "max_concurrent": 0}, "max_concurrent: expected a positive integer"),
+        ({"grid": {"workload.seq_len": [64]}, "max_failures": -1}, "max_failures: expected an integer >= 0"),
+        ({"grid": {"workload.seq_len": [64]}, "base": [1]}, "base: expected a mapping"),
+        ({"grid": {"workload.seq_len": [64]}, "name": "a/b"}, "name: expected a non-empty name"),
+    ],
+)
+def test_bad_spec_names_the_key(raw, needle):
+    with pytest.raises(ConfigError) as e:
+        parse_spec(dict(raw), path="t.yaml")
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg and msg.startswith("t.yaml: ")
+
+
+def test_base_key_errors_surface_at_expansion():
+    spec = spec_of(base={"model": {"n_layerz": 2}}, grid={"workload.seq_len": [64]})
+    with pytest.raises(ConfigError, match="unknown key 'model.n_layerz'"):
+        expand(spec)
+
+
+def test_invalid_trial_fails_fast_naming_point_and_key(tmp_path, capsys):
+    raw = {"name": "bad", "base": TINY_BASE, "grid": {"workload.seq_len": [64, 128], "policy.name": ["recompute"],
+                                                      "policy.q_chunk": [128]}}
+    with pytest.raises(ConfigError) as e:
+        expand(parse_spec(raw, path="bad.yaml"))
+    assert "workload.seq_len=64" in str(e.value) and "policy.q_chunk: 128 is larger than workload.seq_len (64)" in str(e.value)
+    # through the CLI: exit 2, one line, nothing run
+    assert main(["sweep", str(write(tmp_path, raw)), "--store", str(tmp_path / "st"), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "policy.q_chunk" in err
+    # ... and skip_if is the cure
+    raw["skip_if"] = ["policy.q_chunk > workload.seq_len"]
+    e2 = expand(parse_spec(raw, path="bad.yaml"))
+    assert len(e2.trials) == 1 and len(e2.skipped) == 1
+
+
+def test_missing_spec_file_is_bad_input(tmp_path, capsys):
+    assert main(["sweep", str(tmp_path / "nope.yaml"), "--dry-run"]) == 2
+    assert "sweep spec file not found" in capsys.readouterr().err
+
+
+# --- skip_if ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "expr, needle",
+    [
+        ("__import__('os').system('true')", "function calls are not allowed"),
+        ("open('/etc/passwd') == 1", "function calls are not allowed"),
+        ("model.n_layers", "is not a comparison"),
+        ("model.n_layers * 2 > 4", "BinOp is not allowed"),
+        ("model.n_layers.__class__ == 1", "unknown config key 'model.n_layers.__class__'"),
+        ("model.nlayers > 2", "unknown config key 'model.nlayers'"),
+        ("[x for x in (1,)] == 1", "ListComp is not allowed"),
+        ("model.n_layers is None", "operator Is is not allowed"),
+        ("lambda: 1", "Lambda is not a comparison"),
+        ("policy.q_chunk >", "is not a valid expression"),
+        ("(1).real == 1", "is not allowed"),
+        ("", "expected an expression string"),
+    ],
+)
+def test_skip_if_rejects_everything_but_comparisons(expr, needle):
+    with pytest.raises(ConfigError) as e:
+        SkipRule.parse(expr, "skip_if[0]")
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "expr, flat, expected",
+    [
+        ("policy.q_chunk > workload.seq_len", {"policy.q_chunk": 128, "workload.seq_len": 64}, True),
+        ("policy.q_chunk > workload.seq_len", {"policy.q_chunk": 64, "workload.seq_len": 64}, False),
+        ("policy.name == 'naive' and workload.seq_len >= 1024", {"policy.name": "naive", "workload.seq_len": 2048}, True),
+        ("policy.name in ['naive', 'sdpa'] or not workload.seq_len < 100", {"policy.name": "x", "workload.seq_len": 50}, False),
+        ("policy.name not in ('naive',)", {"policy.name": "sdpa"}, True),
+        ("measure.budget_gib != null", {"measure.budget_gib": None}, False),
+        ("measure.budget_gib == None", {"measure.budget_gib": None}, True),
+        ("measure.budget_gib > 1", {"measure.budget_gib": None}, False),  # null orders with nothing
+        ("64 <= workload.seq_len < 128", {"workload.seq_len": 64}, True),
+        ("seed == -1", {"seed": -1}, True),
+        ("workload.compile == true", {"workload.compile": False}, False),
+    ],
+)
+def test_skip_if_evaluates(expr, flat, expected):
+    assert SkipRule.parse(expr, "skip_if[0]")(flat) is expected
+
+
+def test_skip_if_type_mismatch_is_bad_input():
+    rule = SkipRule.parse("policy.name > 3", "skip_if[0]")
+    with pytest.raises(ConfigError, match="cannot evaluate"):
+        rule({"policy.name": "sdpa"})
+
+
+# --- expansion -----------------------------------------------------------------------------------------
+
+
+def test_grid_product_order_skips_and_duplicates():
+    spec = spec_of(
+        grid={"workload.seq_len": [64, 128], "policy.name": ["sdpa", "checkpoint"], "model.n_layers": [2, 1]},
+        skip_if=["model.n_layers == 1 and policy.name == 'checkpoint'"],
+    )
+    assert spec.grid_size == 8
+    e = expand(spec)
+    assert [t.point["workload.seq_len"] for t in e.trials] == [64, 64, 64, 128, 128, 128]
+    assert len(e.skipped) == 2 and all(rule.startswith("model.n_layers == 1") for _, rule in e.skipped)
+    # n_layers written in the grid equal to the base's value is the same config: a duplicate, not a second trial
+    spec2 = spec_of(grid={"model.n_layers": [2, 3], "workload.seq_len": [64]}, base={**TINY_BASE})
+    assert not expand(spec2).duplicates
+    spec3 = spec_of(grid={"policy.name": ["sdpa", "custom"], "workload.seq_len": [64]})
+    e3 = expand(spec3)
+    # `custom` keeps the default policy keys, which equal sdpa's: same resolved config except the name
+    assert len(e3.trials) + len(e3.duplicates) == 2
+
+
+def test_skip_if_sees_resolved_presets():
+    # recompute's preset chunk (512) is clamped to the sequence: no skip at seq_len 64 ...
+    spec = spec_of(grid={"workload.seq_len": [64], "policy.name": ["recompute"]}, skip_if=["policy.q_chunk > workload.seq_len"])
+    assert len(expand(spec).trials) == 1
+    # ... but a chunk written in the grid is the user's and is skipped when too large
+    spec = spec_of(grid={"workload.seq_len": [64], "policy.name": ["recompute"], "policy.q_chunk": [128]},
+                   skip_if=["policy.q_chunk > workload.seq_len"])
+    assert len(expand(spec).skipped) == 1
+
+
+def test_dry_run_lists_skipped_and_stored(tmp_path):
+    from txlab.store import Store
+
+    from sweeps.driver import error_row
+
+    spec = spec_of(grid={"workload.seq_len": [64, 128]}, skip_if=["workload.seq_len > 100"])
+    store = tmp_path / "st"
+    p = plan(spec, str(store))
+    assert len(p.to_run) == 1
+    t = p.to_run[0]
+    Store.open(str(store), create=True).write_row(error_row(t.key, t.config.flat(), "t", "boom"))
+    p = plan(spec, str(store))
+    assert p.to_run == [] and "stored (error)" in format_dry_run(p)
+    assert len(plan(spec, str(store), rerun_failed=True).to_run) == 1
+    text = format_dry_run(p)
+    assert "skipped    workload.seq_len=128" in text and "[skip_if: workload.seq_len > 100]" in text
