@@ -120,7 +120,7 @@ def _pythonpath() -> str:
     return os.pathsep.join(dirs + ([rest] if rest else []))
 
 
-def run_in_subprocess(trial_key: str, flat: dict[str, Any], sweep: str) -> dict[str, Any]:
+def run_in_subprocess(trial_key: str, flat: dict[str, Any], sweep: str, python: str | None = None) -> dict[str, Any]:
     """Run one trial in a fresh Python process; always returns a row (an `error` row if it died)."""
     import socket
 
@@ -132,7 +132,7 @@ def run_in_subprocess(trial_key: str, flat: dict[str, Any], sweep: str) -> dict[
         env = dict(os.environ, PYTHONPATH=_pythonpath(), TXLAB_PARENT_PID=str(os.getpid()))
         with open(err_path, "wb") as err:
             proc = subprocess.run(
-                [sys.executable, "-m", "sweeps.worker", config_path, row_path],
+                [python or sys.executable, "-m", "sweeps.worker", config_path, row_path],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env,
             )
         if proc.returncode == 0 and os.path.exists(row_path):

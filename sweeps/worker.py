@@ -44,7 +44,6 @@ def main(argv: list[str]) -> int:
         job = json.load(f)
 
     from txlab.config import config_from_flat
-    from txlab.trial import run_trial
 
     cfg = config_from_flat(job["config"])
     if cfg.trial_key != job["trial_key"]:
@@ -53,6 +52,8 @@ def main(argv: list[str]) -> int:
             f"trial key mismatch: the driver planned {job['trial_key']}, this node resolves {cfg.trial_key} "
             "(is the same txlab version installed on every node?)"
         )
+    from txlab.trial import run_trial  # torch: imported only once the config is known to be right
+
     row = run_trial(cfg, progress=False)
     tmp = f"{row_path}.tmp"
     with open(tmp, "w") as f:

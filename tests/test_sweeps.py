@@ -1,0 +1,166 @@
+"""Sweeps end to end on a local Ray instance, resume after SIGKILL, and the trial process boundary.
+
+The Ray tests run `txlab` as a subprocess, as a user would; each starts its own local Ray instance and
+the test kills whatever that process group left behind, even on failure.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sweeps.driver import error_row, run_in_subprocess
+from txlab.cli import main
+from txlab.config import build_config
+from txlab.store import Store
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_BASE = {"model": {"n_layers": 2, "d_model": 64}, "workload": {"steps": 1, "warmup_steps": 0}}
+
+
+def write_spec(path: Path, grid: dict, **extra) -> Path:
+    raw = {"name": "t", "base": TINY_BASE, "grid": grid, "resources": {"cpu": 1}, **extra}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def txlab_env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def kill_session(leader_pid: int) -> None:
+    """SIGKILL every process of the session started with `leader_pid` (a local Ray leaves agents behind
+    when its driver is killed)."""
+    import psutil
+
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and os.getsid(proc.pid) == leader_pid:
+                proc.kill()
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            pass
+
+
+def run_txlab(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "txlab.cli", *args], env=txlab_env(), cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        kill_session(proc.pid)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+def row_files(store: Path) -> list[str]:
+    return sorted(p.name for p in store.glob("*.parquet"))
+
+
+# --- the trial process boundary (no Ray) ---------------------------------------------------------------
+
+
+def test_killed_trial_process_becomes_an_error_row(tmp_path):
+    cfg = build_config(TINY_BASE)
+    fake_python = tmp_path / "python"
+    fake_python.write_text("#!/bin/sh\necho 'about to die' >&2\nkill -9 $$\n")
+    fake_python.chmod(0o755)
+    row = run_in_subprocess(cfg.trial_key, cfg.flat(), "t", python=str(fake_python))
+    assert row["status"] == "error" and row["trial_key"] == cfg.trial_key
+    assert row["error"].startswith("trial process killed by SIGKILL") and "about to die" in row["error"]
+    assert row["workload.seq_len"] == cfg.workload.seq_len and row["duration_s"] is not None
+    Store.open(str(tmp_path / "s"), create=True).write_row(row)  # a complete row the store accepts
+
+
+def test_version_skew_is_caught_in_the_trial_process(tmp_path):
+    cfg = build_config(TINY_BASE)
+    row = run_in_subprocess("0" * 16, cfg.flat(), "t")
+    assert row["status"] == "error" and "trial key mismatch" in row["error"]
+
+
+def test_error_row_is_complete():
+    cfg = build_config(TINY_BASE)
+    row = error_row(cfg.trial_key, cfg.flat(), "t", "x" * 5000, host="h", bogus=1)
+    assert row["status"] == "error" and len(row["error"]) == 2000 and row["host"] == "h" and "bogus" not in row
+
+
+# --- Ray: local instance -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_local_sweep_resume_extend_and_rerun(tmp_path, capsys):
+    store = tmp_path / "store"
+    grid = {"workload.seq_len": [64, 128], "measure.budget_gib": [None, 0.0001]}
+    spec = write_spec(tmp_path / "t.yaml", grid, skip_if=["measure.budget_gib != null and workload.seq_len != 128"])
+
+    first = run_txlab(["sweep", str(spec), "--store", str(store)])
+    assert first.returncode == 0, first.stdout
+    assert "3 trials, 0 already in the store, 3 to run" in first.stdout and "3/3 done" in first.stdout
+    rows = Store.open(str(store)).read().to_pylist()
+    assert sorted(r["status"] for r in rows) == ["ok", "ok", "over_budget"]
+    for r in rows:
+        assert r["sweep"] == "t" and r["node_id"] and r["host"] and r["device"] == "cpu"
+    files = row_files(store)
+
+    # same spec again: nothing runs (no Ray started), nothing is rewritten
+    again = run_txlab(["sweep", str(spec), "--store", str(store)], timeout=60)
+    assert again.returncode == 0 and "nothing to run" in again.stdout, again.stdout
+    assert row_files(store) == files
+
+    # one more length: only the new trial runs, the old rows stay as they are
+    grid["workload.seq_len"].append(256)
+    write_spec(spec, grid, skip_if=["measure.budget_gib != null and workload.seq_len != 128"])
+    extended = run_txlab(["sweep", str(spec), "--store", str(store)])
+    assert extended.returncode == 0, extended.stdout
+    assert "4 trials, 3 already in the store, 1 to run" in extended.stdout
+    assert set(files) < set(row_files(store)) and len(row_files(store)) == 4
+
+    # rerun one stored trial here, without Ray, and compare
+    files = row_files(store)
+    key = next(r["trial_key"] for r in rows if r["status"] == "ok")
+    assert main(["rerun", "--store", str(store), "--trial", key[:8]]) == 0
+    out = capsys.readouterr().out
+    assert f"rerunning trial {key}" in out and "stored" in out and "peak_bytes" in out
+    assert main(["rerun", "--store", str(store), "--trial", "zzzz"]) == 2
+    assert main(["rerun", "--store", str(store), "--trial", key, "--set", "model.nope=1"]) == 2
+    assert row_files(store) == files  # rerun writes nothing
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_sigkill_driver_then_resume_gives_each_row_once(tmp_path):
+    store = tmp_path / "store"
+    grid = {"workload.seq_len": [64, 96, 128, 160, 192]}
+    spec = write_spec(tmp_path / "t.yaml", grid, max_concurrent=1)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "txlab.cli", "sweep", str(spec), "--store", str(store)], env=txlab_env(), cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while len(row_files(store)) < 2 and time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(0.2)
+        assert 2 <= len(row_files(store)) < 5, "the sweep should be killed half-way"
+        os.kill(driver.pid, signal.SIGKILL)  # the driver only, mid-sweep
+        driver.wait()
+    finally:
+        kill_session(driver.pid)
+    kept = row_files(store)
+
+    resumed = run_txlab(["sweep", str(spec), "--store", str(store)])
+    assert resumed.returncode == 0, resumed.stdout
+    assert f"{len(kept)} already in the store, {5 - len(kept)} to run" in resumed.stdout
+    rows = Store.open(str(store)).read().to_pylist()
+    keys = [r["trial_key"] for r in rows]
+    assert len(rows) == 5 and len(set(keys)) == 5 and all(r["status"] == "ok" for r in rows)
+    assert len(row_files(store)) == 5 and set(kept) <= set(row_files(store))  # finished rows kept, none twice
