@@ -1,0 +1,148 @@
+"""A real two-node Ray cluster on this machine (`ray start --head` + `ray start --address`, both on
+127.0.0.1, token authentication on), a sweep submitted with `ray job submit --working-dir`, and rows from
+both nodes in the store. The cluster's processes are killed by session id afterwards, even on failure,
+so nothing of it outlives the test (and no other Ray on the machine is touched, as `ray stop` would)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from txlab.store import Store
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RAY = str(BIN / "ray")
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.exists(RAY), reason="ray CLI not installed")]
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def kill_session(leader_pid: int) -> None:
+    import psutil
+
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and os.getsid(proc.pid) == leader_pid:
+                proc.kill()
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            pass
+
+
+class LocalCluster:
+    """Head and worker nodes as `ray start --block` processes, each in its own session and temp dir."""
+
+    def __init__(self, root: str):
+        self.root = root  # short: Ray's socket paths live under it
+        self.env = dict(
+            os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0",
+            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        )
+        self.env.pop("RAY_ADDRESS", None)
+        self.gcs_port, self.dashboard_port, self.client_port = free_ports(3)
+        self.nodes: list[subprocess.Popen] = []
+
+    def _start(self, name: str, head: bool, worker_ports: int) -> None:
+        nm, om, al, ag, re_, me = free_ports(6)
+        cmd = [
+            RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
+            f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--dashboard-agent-listen-port={al}",
+            f"--dashboard-agent-grpc-port={ag}", f"--runtime-env-agent-port={re_}", f"--metrics-export-port={me}",
+            f"--min-worker-port={worker_ports}", f"--max-worker-port={worker_ports + 199}",
+            f"--temp-dir={self.root}/{name}", "--disable-usage-stats",
+        ]
+        if head:
+            cmd += [
+                "--head", f"--port={self.gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={self.client_port}",
+            ]
+        else:
+            cmd += [f"--address=127.0.0.1:{self.gcs_port}"]
+        log = open(f"{self.root}/{name}.log", "w")
+        proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.nodes.append(proc)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            text = Path(f"{self.root}/{name}.log").read_text()
+            if "Ray runtime started" in text:
+                return
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start ({name}) exited {proc.returncode}:\n{text[-3000:]}")
+            time.sleep(0.3)
+        raise RuntimeError(f"ray start ({name}) did not come up:\n{text[-3000:]}")
+
+    def start(self) -> "LocalCluster":
+        # Each node its own temp dir: two nodes sharing one would garbage-collect each other's
+        # runtime-env files (the job's working dir) on this single machine.
+        self._start("head", head=True, worker_ports=23000)
+        self._start("worker", head=False, worker_ports=24000)
+        return self
+
+    def submit(self, *entrypoint: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        env = dict(self.env, RAY_ADDRESS=f"http://127.0.0.1:{self.dashboard_port}")
+        return subprocess.run(
+            [RAY, "job", "submit", "--working-dir", str(REPO), "--", *entrypoint],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        )
+
+    def shutdown(self) -> None:
+        for proc in reversed(self.nodes):
+            kill_session(proc.pid)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+@pytest.fixture
+def cluster():
+    root = tempfile.mkdtemp(prefix="txr-", dir="/tmp")
+    c = LocalCluster(root)
+    try:
+        yield c.start()
+    finally:
+        c.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.timeout(420)
+def test_job_submit_sweep_on_two_nodes(cluster, tmp_path):
+    spec = tmp_path / "two_nodes.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "two_nodes",
+        "base": {"model": {"n_layers": 2, "d_model": 64}, "workload": {"steps": 1, "warmup_steps": 0}},
+        "grid": {"workload.seq_len": [64, 96, 128, 160]},
+        "resources": {"cpu": 1},
+    }))
+    store = tmp_path / "store"
+    job = cluster.submit("txlab", "sweep", str(spec), "--store", str(store))
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
+    assert "4/4 done" in job.stdout
+    rows = Store.open(str(store)).read().to_pylist()
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"}
+    assert len({r["node_id"] for r in rows}) == 2, "every trial ran on one node"
+    assert all(r["sweep"] == "two_nodes" and r["host"] and r["device"] == "cpu" for r in rows)
+
+    # token authentication is on: a client without the mode set is turned away
+    env = dict(cluster.env, RAY_ADDRESS=f"http://127.0.0.1:{cluster.dashboard_port}")
+    env.pop("RAY_AUTH_MODE")
+    denied = subprocess.run([RAY, "job", "list"], env=env, capture_output=True, text=True, timeout=60)
+    assert denied.returncode != 0 and "Authentication required" in denied.stdout + denied.stderr
