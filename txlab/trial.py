@@ -20,6 +20,7 @@ import sys
 import time
 import traceback
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -133,13 +134,20 @@ def base_row(cfg: TrialConfig) -> dict[str, Any]:
     return row
 
 
-def _measure(cfg: TrialConfig, device: torch.device, row: dict[str, Any], progress: bool) -> None:
-    m, w = cfg.model, cfg.workload
-    budget = None if cfg.measure.budget_gib is None else int(cfg.measure.budget_gib * GiB)
-    if device.type == "cuda" and budget is not None:
-        # A real cap: allocations past the budget raise OutOfMemoryError, as on a smaller device.
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / row["device_capacity_bytes"]), device)
+@dataclass
+class TrialParts:
+    """What one trial trains: built once, shared by the measured run and the estimator."""
 
+    model: GPT
+    loss_fn: Callable
+    optimizer: torch.optim.Optimizer
+    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    data: SyntheticBatches
+
+
+def build_trial(cfg: TrialConfig, device: torch.device) -> TrialParts:
+    """Model on `device` with the policy applied, AdamW, the step function and the data."""
+    m, w = cfg.model, cfg.workload
     torch.manual_seed(cfg.seed)
     model = GPT(m, w.seq_len).to(device)
     loss_fn = apply_policy(model, cfg.policy)
@@ -147,7 +155,18 @@ def _measure(cfg: TrialConfig, device: torch.device, row: dict[str, Any], progre
         model.compile()
     optimizer = make_optimizer(model, device)
     data = SyntheticBatches(m.vocab_size, w.batch_size, w.seq_len, cfg.seed, device)
-    step = make_step(model, loss_fn, optimizer, device, w.dtype)
+    return TrialParts(model, loss_fn, optimizer, make_step(model, loss_fn, optimizer, device, w.dtype), data)
+
+
+def _measure(cfg: TrialConfig, device: torch.device, row: dict[str, Any], progress: bool) -> None:
+    m, w = cfg.model, cfg.workload
+    budget = None if cfg.measure.budget_gib is None else int(cfg.measure.budget_gib * GiB)
+    if device.type == "cuda" and budget is not None:
+        # A real cap: allocations past the budget raise OutOfMemoryError, as on a smaller device.
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / row["device_capacity_bytes"]), device)
+
+    parts = build_trial(cfg, device)
+    model, optimizer, step, data = parts.model, parts.optimizer, parts.step, parts.data
     row["n_params"] = model.num_params()
     row["flops_per_token"] = flops_per_token(model.num_non_embedding_params(), m.n_layers, m.n_heads, m.d_model // m.n_heads, w.seq_len)
 
