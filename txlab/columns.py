@@ -54,10 +54,6 @@ FIGURES: dict[str, pa.DataType] = {
 
 
 def _arrow_type(annotation) -> pa.DataType:
-    if isinstance(annotation, str):
-        from txlab import config as _config
-
-        annotation = eval(annotation, vars(typing) | vars(_config))
     origin = get_origin(annotation)
     if origin is typing.Union:
         return _arrow_type([a for a in get_args(annotation) if a is not type(None)][0])
@@ -78,11 +74,13 @@ def config_columns() -> dict[str, pa.DataType]:
 
     out: dict[str, pa.DataType] = {}
     for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
         for f in fields(cls):
-            out[f"{section}.{f.name}"] = _arrow_type(f.type)
+            out[f"{section}.{f.name}"] = _arrow_type(hints[f.name])
+    hints = typing.get_type_hints(TrialConfig)
     for f in fields(TrialConfig):
         if f.name not in SECTIONS:
-            out[f.name] = _arrow_type(f.type)
+            out[f.name] = _arrow_type(hints[f.name])
     return out
 
 

@@ -290,8 +290,6 @@ def expand_dotted(tree: dict[str, Any]) -> dict[str, Any]:
 
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
     """Return `value` coerced to the field's type (int -> float only), or raise naming the key."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing) | globals())  # the module's own annotations only
     origin = get_origin(annotation)
     if origin is typing.Union:
         args = [a for a in get_args(annotation) if a is not type(None)]
@@ -334,9 +332,10 @@ def _build_section(name: str, cls: type, raw: dict[str, Any], preset: dict[str, 
                 f"unknown key '{name}.{k}'{_suggest(f'{name}.{k}', dotted)}; allowed: {', '.join(dotted)}"
             )
     kwargs = {}
+    hints = typing.get_type_hints(cls)
     for f in fields(cls):
         if f.name in raw:
-            kwargs[f.name] = _check_type(f"{name}.{f.name}", raw[f.name], f.type)
+            kwargs[f.name] = _check_type(f"{name}.{f.name}", raw[f.name], hints[f.name])
         elif f.name in preset:
             kwargs[f.name] = preset[f.name]
     return cls(**kwargs)
