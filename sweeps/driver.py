@@ -295,20 +295,29 @@ def _error_text(trial) -> str:
 # --- Ray ------------------------------------------------------------------------------------------
 
 
-def connect(address: str | None, quiet: bool = True) -> str:
-    """ray.init: the given address, else RAY_ADDRESS (set inside `ray job submit`), else a local instance."""
+def connect(address: str | None, quiet: bool = True) -> tuple[str, bool]:
+    """ray.init: the given address, else RAY_ADDRESS (set inside `ray job submit`), else a local instance.
+    Returns (where, started_here)."""
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or None
     level = logging.ERROR if quiet else logging.INFO
     if ray.is_initialized():
-        return "existing"
+        return "existing", False
+    if address and address.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"Ray address {address!r} is a dashboard (job server) address: submit the sweep with "
+            f"`ray job submit --working-dir . -- txlab sweep ...`, or give --address the cluster's HOST:6379"
+        )
     if address:
-        ray.init(address=address, logging_level=level, log_to_driver=not quiet)
-        return address
+        try:
+            ray.init(address=address, logging_level=level, log_to_driver=not quiet)
+        except (ConnectionError, TimeoutError, ValueError) as e:
+            raise ConfigError(f"Ray address {address!r}: cannot connect ({str(e).splitlines()[0] if str(e) else e.__class__.__name__})") from None
+        return address, False
     # A laptop: a private local instance, no dashboard (nothing to submit jobs to), quiet logs.
     ray.init(include_dashboard=False, logging_level=level, log_to_driver=not quiet)
-    return "local"
+    return "local", True
 
 
 def _quiet_env() -> None:
@@ -346,7 +355,7 @@ def run_sweep(
     from ray import tune
 
     with plan_.store.writer_lock():
-        where = connect(address, quiet=quiet)
+        where, started_here = connect(address, quiet=quiet)
         cluster = ray.cluster_resources()
         progress.print(
             f"[{spec.name}] {len(plan_.to_run)} trials on Ray ({where}: {int(cluster.get('CPU', 0))} CPU, "
@@ -384,6 +393,8 @@ def run_sweep(
             tuner.fit()
         finally:
             shutil.rmtree(tmp_storage, ignore_errors=True)
+            if started_here:
+                ray.shutdown()
     interrupted = progress.done < progress.total
     if interrupted:
         progress.print(progress.line() + " (stopped early)")

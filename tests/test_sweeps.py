@@ -93,6 +93,13 @@ def test_error_row_is_complete():
     assert row["status"] == "error" and len(row["error"]) == 2000 and row["host"] == "h" and "bogus" not in row
 
 
+def test_dashboard_address_is_refused_with_a_hint(tmp_path, capsys):
+    spec = write_spec(tmp_path / "t.yaml", {"workload.seq_len": [64]})
+    rc = main(["sweep", str(spec), "--store", str(tmp_path / "st"), "--address", "http://127.0.0.1:8265"])
+    assert rc == 2 and "ray job submit" in capsys.readouterr().err
+    assert not list((tmp_path / "st").glob("*.parquet"))
+
+
 # --- Ray: local instance -----------------------------------------------------------------------------
 
 

@@ -77,16 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler="txlab.cli:cmd_not_yet")
 
-    p = sub.add_parser("train", help="a full training run (not built yet)")
-    p.add_argument("config")
+    p = sub.add_parser("train", help="a full training run: evaluation, checkpoints, resume (docs/training.md)")
+    p.add_argument("config", help="trial config YAML (its train: section sets the schedule)")
     _add_set(p)
-    p.add_argument("--out")
-    p.set_defaults(handler="txlab.cli:cmd_not_yet")
+    p.add_argument("--out", help="run directory (default: train.out_dir, else runs/<trial key>); resumes from its checkpoint")
+    p.set_defaults(handler="txlab.cli:cmd_train")
 
-    p = sub.add_parser("generate", help="sample from a trained checkpoint (not built yet)")
-    p.add_argument("--checkpoint", required=True)
+    p = sub.add_parser("generate", help="sample from a trained checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a run directory or its checkpoint.pt")
     p.add_argument("--prompt", required=True)
-    p.set_defaults(handler="txlab.cli:cmd_not_yet")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="sample from the smallest set of tokens holding this probability")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler="txlab.cli:cmd_generate")
     return parser
 
 
@@ -97,6 +102,34 @@ def _resolve(handler: str) -> Callable[[argparse.Namespace], int]:
 
 def cmd_not_yet(args: argparse.Namespace) -> int:
     raise UsageError(f"txlab {args.command}: not implemented yet in this version of txlab")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from txlab.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from txlab.train import train  # imports torch: only once the config is known to be good
+
+    r = train(cfg, args.out, progress=True)
+    e, first = r.last_eval or {}, r.first_eval or {}
+    print(f"{r.status} at step {r.step}/{cfg.train.steps}" + (f": {r.message}" if r.message else ""))
+    if e:
+        bpb = e.get("bits_per_byte")
+        print(f"held-out: loss {first.get('loss', float('nan')):.4f} -> {e['loss']:.4f}"
+              + (f", bits/byte {first['bits_per_byte']:.4f} -> {bpb:.4f}" if bpb is not None else "")
+              + (f" (unigram baseline {r.unigram_bits_per_byte:.4f})" if r.unigram_bits_per_byte is not None else "")
+              + f", accuracy {100 * e['accuracy']:.1f}%")
+    print(f"run directory {r.out_dir} (config.yaml, metrics.jsonl, checkpoint.pt)")
+    return 1 if r.status == "diverged" else 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from txlab.generate import check_sampling, generate
+
+    check_sampling(args)
+    text = generate(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    print(args.prompt + text)
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -88,8 +88,34 @@ class WorkloadConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic (uniform random tokens)
-    tokenizer: str = "bytes"  # bytes (256 values + end-of-text)
+    source: str = "synthetic"  # synthetic (random tokens), corpus, text:PATH, parquet:PATH, hf:NAME[:CONFIG]
+    tokenizer: str = "bytes"  # bytes (256 values + end-of-text = 257 ids) or hf:NAME_OR_PATH
+    text_column: str = "text"  # column holding the text (parquet: and hf: sources)
+    val_fraction: float = 0.05  # share of documents held out for evaluation; 0 = evaluate on training data
+    workers: int = field(default=0, metadata={RUN_ONLY: True})  # data-loader worker processes (txlab train)
+
+
+@dataclass
+class TrainConfig:
+    """`txlab train` only: the optimizer schedule, evaluation and checkpoints (a trial ignores it)."""
+
+    steps: int = 1000  # optimizer steps
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # learning rate at the end of the cosine decay
+    warmup: int = 100  # steps of linear warm-up from 0 to lr
+    hold: int = 0  # steps at lr after warm-up
+    decay: Optional[int] = None  # steps of cosine decay to min_lr; None = the rest of the run
+    weight_decay: float = 0.1  # AdamW, on weight matrices only (not embeddings, norms, biases)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    grad_accum: int = 1  # micro-batches of workload.batch_size per optimizer step
+    eval_every: int = 100  # steps between evaluations (and one at the end)
+    eval_batches: int = 20  # held-out batches per evaluation
+    log_every: int = field(default=10, metadata={RUN_ONLY: True})  # steps between progress lines
+    checkpoint_every: int = field(default=0, metadata={RUN_ONLY: True})  # steps between checkpoints; 0 = at the end only
+    out_dir: Optional[str] = field(default=None, metadata={RUN_ONLY: True})  # run directory; None = runs/<trial key>
+    time_limit_s: Optional[float] = field(default=None, metadata={RUN_ONLY: True})  # stop (with a checkpoint) after this long
 
 
 @dataclass
@@ -105,6 +131,7 @@ class TrialConfig:
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     data: DataConfig = field(default_factory=DataConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0  # seeds weights, data and dropout
 
     def __post_init__(self) -> None:
@@ -128,6 +155,7 @@ SECTIONS: dict[str, type] = {
     "workload": WorkloadConfig,
     "data": DataConfig,
     "measure": MeasureConfig,
+    "train": TrainConfig,
 }
 
 
@@ -164,8 +192,10 @@ NOT_IMPLEMENTED: dict[str, tuple[Any, ...]] = {
     "workload.kind": ("prefill", "decode"),
     "model.quant": ("int4",),
 }
-DATA_SOURCES = ("synthetic",)
-TOKENIZERS = ("bytes",)
+# Names, or prefixes ending in ':' that take an argument (a path, a hub name).
+DATA_SOURCES = ("synthetic", "corpus", "text:", "parquet:", "hf:")
+TOKENIZERS = ("bytes", "hf:")
+BYTE_VOCAB = 257  # the byte tokenizer's ids: 256 byte values + end-of-text
 
 
 # --- flattening, parsing, merging ---------------------------------------------------------------
@@ -379,9 +409,14 @@ def build_config(raw: dict[str, Any] | None = None) -> TrialConfig:
             setattr(policy, k, min(getattr(policy, k), tokens))
 
     data = _build_section("data", DataConfig, raw.get("data", {}), {})
+    if "vocab_size" not in model_raw and data.tokenizer == "bytes" and data.source != "synthetic":
+        # Real text needs the end-of-text id: a preset's vocabulary grows to hold it (a recipe, not a
+        # demand, like preset chunk sizes); a vocab_size the user writes is checked strictly.
+        model.vocab_size = max(model.vocab_size, BYTE_VOCAB)
     measure = _build_section("measure", MeasureConfig, raw.get("measure", {}), {})
+    train = _build_section("train", TrainConfig, raw.get("train", {}), {})
     seed = _check_type("seed", raw.get("seed", 0), int)
-    return TrialConfig(model=model, policy=policy, workload=workload, data=data, measure=measure, seed=seed)
+    return TrialConfig(model=model, policy=policy, workload=workload, data=data, measure=measure, train=train, seed=seed)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> TrialConfig:
@@ -452,16 +487,44 @@ def validate(cfg: TrialConfig) -> None:
         value = getattr(getattr(cfg, section), leaf)
         if value in values:
             raise ConfigError(f"{key}: {value!r} is not implemented yet in this version of txlab")
-    if d.source not in DATA_SOURCES:
-        raise ConfigError(f"data.source: unknown source {d.source!r}; allowed: {', '.join(DATA_SOURCES)}")
-    if d.tokenizer not in TOKENIZERS:
-        raise ConfigError(f"data.tokenizer: unknown tokenizer {d.tokenizer!r}; allowed: {', '.join(TOKENIZERS)}")
+    if not _gate_match(d.source, DATA_SOURCES):
+        allowed = "synthetic, corpus, text:PATH, parquet:PATH, hf:NAME[:CONFIG]"
+        raise ConfigError(f"data.source: unknown source {d.source!r}; allowed: {allowed}")
+    if not _gate_match(d.tokenizer, TOKENIZERS):
+        raise ConfigError(f"data.tokenizer: unknown tokenizer {d.tokenizer!r}; allowed: bytes, hf:NAME_OR_PATH")
+    if d.tokenizer == "bytes" and d.source != "synthetic" and m.vocab_size < BYTE_VOCAB:
+        raise ConfigError(
+            f"model.vocab_size: {m.vocab_size} is too small for data.tokenizer 'bytes' on data.source "
+            f"{d.source!r} ({BYTE_VOCAB} ids: 256 byte values + end-of-text); set model.vocab_size >= {BYTE_VOCAB}"
+        )
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
+    _positive("data.workers", d.workers, allow_zero=True)
+    t = cfg.train
+    for key in ("steps", "grad_accum", "eval_every", "eval_batches", "log_every"):
+        _positive(f"train.{key}", getattr(t, key))
+    for key in ("warmup", "hold", "decay", "checkpoint_every"):
+        _positive(f"train.{key}", getattr(t, key), allow_zero=True)
+    for key in ("lr", "time_limit_s"):
+        _positive(f"train.{key}", getattr(t, key))
+    for key in ("min_lr", "weight_decay", "grad_clip"):
+        _positive(f"train.{key}", getattr(t, key), allow_zero=True)
+    if t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr: {t.min_lr} is above train.lr ({t.lr})")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(t, key) < 1.0:
+            raise ConfigError(f"train.{key}: must be in [0, 1), got {getattr(t, key)}")
 
     dev = ms.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"measure.device: unknown device {dev!r}; allowed: auto, cpu, cuda, cuda:N")
     _positive("measure.budget_gib", ms.budget_gib)
     _positive("seed", cfg.seed, allow_zero=True)
+
+
+def _gate_match(value: str, allowed: tuple[str, ...]) -> bool:
+    """`value` is one of the names, or a prefix ending in ':' followed by a non-empty argument."""
+    return any(value == a if not a.endswith(":") else (value.startswith(a) and len(value) > len(a)) for a in allowed)
 
 
 # --- identity -----------------------------------------------------------------------------------

@@ -158,7 +158,7 @@ def build_trial(cfg: TrialConfig, device: torch.device) -> TrialParts:
     return TrialParts(model, loss_fn, optimizer, make_step(model, loss_fn, optimizer, device, w.dtype), data)
 
 
-def _measure(cfg: TrialConfig, device: torch.device, row: dict[str, Any], progress: bool) -> None:
+def _measure(cfg: TrialConfig, device: torch.device, row: dict[str, Any], progress: bool, real_data=None) -> None:
     m, w = cfg.model, cfg.workload
     budget = None if cfg.measure.budget_gib is None else int(cfg.measure.budget_gib * GiB)
     if device.type == "cuda" and budget is not None:
@@ -166,6 +166,10 @@ def _measure(cfg: TrialConfig, device: torch.device, row: dict[str, Any], progre
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / row["device_capacity_bytes"]), device)
 
     parts = build_trial(cfg, device)
+    if real_data is not None:  # same shapes as the synthetic batches, real text (txlab.data)
+        from txlab.data import TrialBatches
+
+        parts.data = TrialBatches(real_data, device)
     model, optimizer, step, data = parts.model, parts.optimizer, parts.step, parts.data
     row["n_params"] = model.num_params()
     row["flops_per_token"] = flops_per_token(model.num_non_embedding_params(), m.n_layers, m.n_heads, m.d_model // m.n_heads, w.seq_len)
@@ -202,6 +206,10 @@ def _measure(cfg: TrialConfig, device: torch.device, row: dict[str, Any], progre
     row["tokens_per_s"] = w.batch_size * w.seq_len / row["step_time_s"]
     row["mfu"] = mfu(row["flops_per_token"], row["tokens_per_s"], row["device"], w.dtype) if device.type == "cuda" else None
     row["loss"] = float(loss.item())
+    if real_data is not None:  # the same batch's loss over the bytes its targets cover
+        from txlab.data import bits_per_byte
+
+        row["bits_per_byte"] = bits_per_byte(row["loss"], w.batch_size * w.seq_len, data.last_bytes)
     if not math.isfinite(row["loss"]):
         row.update(status="error", error=f"loss is {row['loss']}: training diverged")
         return
@@ -217,10 +225,15 @@ def run_trial(cfg: TrialConfig, progress: bool = False) -> dict[str, Any]:
     row = base_row(cfg)
     device = resolve_device(cfg.measure.device)
     row["device"], row["device_capacity_bytes"] = device_info(device)
+    real_data = None
+    if cfg.data.source != "synthetic":
+        from txlab.data import open_data
+
+        real_data = open_data(cfg)  # bad data input is a ConfigError here, before any work
     _log(progress, f"trial {row['trial_key']}: {cfg.model.size} x{cfg.model.n_layers}, policy {cfg.policy.name}, "
                    f"seq_len {cfg.workload.seq_len}, batch {cfg.workload.batch_size} on {row['device']}")
     try:
-        _measure(cfg, device, row, progress)
+        _measure(cfg, device, row, progress, real_data)
     except Exception as e:  # noqa: BLE001 - every failure becomes a row; OOM is a result, not a crash
         if is_oom(e):
             row.update(status="oom", error=f"{e.__class__.__name__}: {str(e).splitlines()[0][:500]}")
