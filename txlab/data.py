@@ -393,6 +393,11 @@ def open_data(cfg: TrialConfig, batch_size: int | None = None) -> Data:
         val_ids, val_nb = _pack([e for e, m in zip(encoded, mask) if m], tok.eot_id)
         if len(train_ids) < T + 1 or len(val_ids) < T + 1:  # too few documents to split by document
             ids, nb = _pack(encoded, tok.eot_id)
+            if len(ids) < 2 * T + 2:
+                raise ConfigError(
+                    f"data.source: {d.source}: {len(ids) - 1} tokens, too few for a training and a held-out sequence "
+                    f"of workload.seq_len {T}; use more text, a shorter workload.seq_len or data.val_fraction 0"
+                )
             cut = len(ids) - max(T + 1, math.ceil(d.val_fraction * len(ids)))
             train_ids, train_nb, val_ids, val_nb = ids[: cut + 1], nb[: cut + 1], ids[cut:], nb[cut:]
             val_nb = val_nb.copy()
