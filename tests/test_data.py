@@ -14,8 +14,8 @@ import torch
 from conftest_data import TEXT, cfg, one_thread, train_tokenizer  # noqa: F401 - fixture
 from txlab.columns import column_names
 from txlab.config import ConfigError
-from txlab.data import Packed, batches, corpus_documents, open_data
-from txlab.tokenizer import load_tokenizer
+from txlab.data import Packed, Streamed, _pack, batches, corpus_documents, open_data
+from txlab.tokenizer import ByteTokenizer, load_tokenizer
 from txlab.trial import run_trial
 
 
@@ -128,6 +128,7 @@ def test_cli_exits_2_on_bad_data_before_training(tmp_path):
     for args, needle in [
         (["train", "examples/debug.yaml", "--set", "data.source=text:/no/such.txt", "--out", str(tmp_path / "r")], "no such file"),
         (["run", "examples/debug.yaml", "--set", "data.source=corpus", "--set", "data.tokenizer=hf:nobody-here/none"], "cannot load"),
+        (["run", "examples/debug.yaml", "--set", "data.source=hf:nobody-here/no-such-dataset"], "data.source: cannot open hf:nobody-here"),
     ]:
         r = subprocess.run([sys.executable, "-m", "txlab", *args], capture_output=True, text=True, env=env, timeout=120)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
@@ -139,3 +140,17 @@ def test_byte_tokenizer_round_trip():
     assert tok.decode(tok.encode(TEXT)) == TEXT
     (ids, nb), = tok.encode_docs([TEXT])
     assert len(ids) == nb.sum() == len(TEXT.encode())
+
+
+def test_streamed_source_packs_and_shards_like_the_in_memory_one():
+    docs = corpus_documents()[:40]
+    tok = ByteTokenizer()
+    ids, nb = _pack(tok.encode_docs(docs), tok.eot_id)
+    s = Streamed(lambda epoch: iter(docs), tok, seq_len=64, batch_size=4)
+    for _, b in zip(range(6), s.iter_batches(0)):
+        for r in range(4):
+            w = b.index * 4 + r
+            assert b.tokens[r].tolist() == ids[w * 64 : w * 64 + 65].tolist()
+        assert b.nbytes == int(sum(nb[(b.index * 4 + r) * 64 + 1 : (b.index * 4 + r) * 64 + 65].sum() for r in range(4)))
+    assert [b.index for _, b in zip(range(3), s.iter_batches(2, 1, 3))] == [3, 6, 9]
+    assert len(s.eval_batches(3)) == 3

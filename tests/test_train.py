@@ -108,3 +108,11 @@ def test_a_non_finite_loss_stops_the_run_without_stepping(tmp_path, monkeypatch)
     assert r.status == "diverged" and r.step == 2 and "not finite" in r.message
     assert not (tmp_path / "checkpoint.pt").exists()  # nothing saved from the poisoned step
     assert math.isfinite(r.last_eval["loss"])
+
+
+@pytest.mark.parametrize("path", sorted(__import__("glob").glob("examples/train_*.yaml")))
+def test_shipped_training_configs_load(path):
+    from txlab.config import load_config
+
+    c = load_config(path)
+    assert c.workload.kind == "train" and c.data.source != "synthetic"

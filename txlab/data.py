@@ -95,7 +95,9 @@ def _local_files(kind: str, pattern: str) -> list[str]:
 
 def _datasets_quiet():
     import datasets
+    import huggingface_hub
 
+    huggingface_hub.utils.logging.set_verbosity_error()  # no retry chatter: a failure is one line of ours
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     return datasets
