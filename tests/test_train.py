@@ -70,6 +70,9 @@ def test_a_resumed_run_continues_the_same_loss_curve(tmp_path):
     steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
              if json.loads(x)["split"] == "train"]
     assert steps == list(range(1, 9))
+    evals = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["split"] == "val"]
+    assert evals == [0, 4, 8]  # the resumed run does not evaluate step 4 twice
     with pytest.raises(ConfigError, match="holds a run of a different config"):
         train(cfg(data__source="corpus", train__steps=8, train__lr=1e-3), tmp_path / "b", progress=False)
 

@@ -241,7 +241,9 @@ def train(cfg: TrialConfig, out_dir: str | Path | None = None, progress: bool = 
         log(f"eval  step {step:>6}  {_fmt_eval(e)}")
         return e
 
-    result.first_eval = result.last_eval = run_eval()
+    earlier = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if resume is not None else []
+    done = [e for e in earlier if e.get("split") == "val" and e.get("step") == step]
+    result.first_eval = result.last_eval = done[-1] if done else run_eval()  # a resumed run has it already
     it = batches(data.train, data_pos, cfg.data.workers)
     trainable = [p for p in model.parameters() if p.requires_grad]
     t0 = time.perf_counter()
