@@ -70,12 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-gib", type=float, nargs="+", help="budgets to draw (default: those in the store)")
     p.set_defaults(handler="analysis.cli:cmd_report")
 
-    p = sub.add_parser("estimate", help="predict a trial's peak memory without running it (not built yet)")
+    p = sub.add_parser("estimate", help="predict a trial's peak memory on fake tensors, without running it")
     p.add_argument("config")
     _add_set(p)
-    p.add_argument("--capacity-gib", type=float)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler="txlab.cli:cmd_not_yet")
+    p.add_argument("--capacity-gib", type=float, help="device memory to check the prediction against, GiB (2^30 bytes)")
+    p.add_argument("--json", action="store_true", help="print the row as JSON")
+    p.set_defaults(handler="txlab.estimate:cmd_estimate")
 
     p = sub.add_parser("train", help="a full training run: evaluation, checkpoints, resume (docs/training.md)")
     p.add_argument("config", help="trial config YAML (its train: section sets the schedule)")

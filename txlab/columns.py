@@ -50,6 +50,7 @@ FIGURES: dict[str, pa.DataType] = {
     "mfu": pa.float64(),  # CUDA only: achieved / peak FLOP/s of the device
     "loss": pa.float64(),  # last timed step's training loss (nats/token)
     "bits_per_byte": pa.float64(),  # when the data maps tokens to bytes
+    "formula_activation_bytes": pa.int64(),  # closed form of Korthikanti et al. 2022 (txlab.estimate)
 }
 
 

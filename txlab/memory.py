@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import resource
 import sys
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,13 +44,67 @@ def _mem_tracker_cls():
             self.budget_bytes = budget_bytes
 
         def _update_peak_stats(self, peak_state) -> None:  # called after every op
-            super()._update_peak_stats(peak_state)
+            # Only the global peak and its breakdown: MemTracker's per-module peaks (a walk over every
+            # tracked module after every op, most of its cost) are not read by the monitor.
+            for dev, dev_snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < dev_snap["Total"]:
+                    self._peak_mem[dev] = dev_snap["Total"]
+                    self._peak_mem_snap[dev] = dict(dev_snap)
             if self.budget_bytes is not None:
                 total = sum(snap.get("Total", 0) for snap in self._curr_mem_snap.values())
                 if total > self.budget_bytes:
                     raise BudgetExceeded(total, self.budget_bytes)
 
     return BudgetedTracker, _MemRefType
+
+
+# --- the CUDA caching allocator's rounding, for estimates made on fake CPU tensors -----------------
+
+CUDA_MIN_BLOCK = 512  # every request is rounded up to a multiple of 512 bytes (kMinBlockSize)
+CUDA_SMALL_SIZE = 2**20  # requests up to 1 MiB come from the small pool (kSmallSize)
+CUDA_LARGE_SEGMENT = 10 * 2**20  # requests from 10 MiB get their own segment, rounded to 2 MiB (kMinLargeAlloc)
+CUDA_ROUND_LARGE = 2 * 2**20  # kRoundLarge
+
+
+def cuda_block_bytes(nbytes: int) -> int:
+    """Bytes `torch.cuda.memory_allocated` counts for one storage of `nbytes` (default allocator config).
+
+    Modelled: the 512-byte rounding of every request, and the large-segment rule: a request of
+    10 MiB or more gets a fresh segment rounded up to 2 MiB, which is split only when more than 1 MiB
+    would remain, so a request just under a 2 MiB multiple is charged the whole segment. Not modelled:
+    best-fit reuse of cached blocks (a reused block larger than the request by at most 1 MiB is
+    charged whole), which depends on the allocation history.
+    """
+    if nbytes <= 0:
+        return 0
+    size = -(-nbytes // CUDA_MIN_BLOCK) * CUDA_MIN_BLOCK
+    if size >= CUDA_LARGE_SEGMENT:
+        segment = -(-size // CUDA_ROUND_LARGE) * CUDA_ROUND_LARGE
+        if segment - size <= CUDA_SMALL_SIZE:
+            return segment
+    return size
+
+
+@contextmanager
+def _cuda_accounting():
+    """Charge every storage the tracker sees as the CUDA allocator would (see cuda_block_bytes).
+
+    MemTracker rounds only storages on a CUDA device, and only to 512 bytes; the estimator runs on
+    fake CPU tensors (fake CUDA tensors need a CUDA build), so it swaps in this accounting for the window.
+    """
+    from torch.distributed._tools import mem_tracker
+
+    base = mem_tracker._WeakRefInfo
+
+    class CudaWeakRefInfo(base):
+        def _calculate_mem_consumed(self) -> int:
+            return cuda_block_bytes(self.size * self.element_size)
+
+    mem_tracker._WeakRefInfo = CudaWeakRefInfo
+    try:
+        yield
+    finally:
+        mem_tracker._WeakRefInfo = base
 
 
 @dataclass
@@ -68,14 +123,26 @@ class MemoryStats:
 
 
 class MemoryMonitor:
-    """`with MemoryMonitor(device, model, optimizer, inputs, budget) as mon: ...; mon.stats()`."""
+    """`with MemoryMonitor(device, model, optimizer, inputs, budget) as mon: ...; mon.stats()`.
 
-    def __init__(self, device: torch.device, model, optimizer, inputs: list[torch.Tensor], budget_bytes: int | None):
+    `cuda_accounting=True` (the estimator) charges storages as the CUDA allocator would while the
+    tensors themselves are fake CPU tensors; the peak is then the tracker's.
+    """
+
+    def __init__(self, device: torch.device, model, optimizer, inputs: list[torch.Tensor], budget_bytes: int | None,
+                 cuda_accounting: bool = False):
         tracker_cls, self._ref = _mem_tracker_cls()
         self.device = device
+        self._stack = ExitStack()
+        if cuda_accounting:  # before track_external, so parameters and optimizer state are charged alike
+            self._stack.enter_context(_cuda_accounting())
         # CUDA has a real cap (set_per_process_memory_fraction); the tracker's budget guard is for CPU.
-        self.tracker = tracker_cls(budget_bytes if device.type == "cpu" else None)
-        self.tracker.track_external(model, optimizer, *inputs)
+        try:
+            self.tracker = tracker_cls(budget_bytes if device.type == "cpu" else None)
+            self.tracker.track_external(model, optimizer, *inputs)
+        except BaseException:
+            self._stack.close()
+            raise
 
     def __enter__(self) -> "MemoryMonitor":
         if self.device.type == "cuda":
@@ -85,7 +152,10 @@ class MemoryMonitor:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.tracker.__exit__(*exc)
+        try:
+            self.tracker.__exit__(*exc)
+        finally:
+            self._stack.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

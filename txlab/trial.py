@@ -79,11 +79,13 @@ class SyntheticBatches:
         return tokens[:, :-1], tokens[:, 1:]
 
 
-def make_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, device: torch.device, fused: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW; fused (one kernel, no per-parameter temporaries) on CUDA unless `fused` says otherwise."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95),
+                             fused=device.type == "cuda" if fused is None else fused)
 
 
 def make_step(model, loss_fn, optimizer, device: torch.device, dtype: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -145,15 +147,22 @@ class TrialParts:
     data: SyntheticBatches
 
 
-def build_trial(cfg: TrialConfig, device: torch.device) -> TrialParts:
-    """Model on `device` with the policy applied, AdamW, the step function and the data."""
+def build_trial(cfg: TrialConfig, device: torch.device, fused_optimizer: bool | None = None) -> TrialParts:
+    """Model on `device` with the policy applied, AdamW, the step function and the data.
+
+    Works under a FakeTensorMode too (the estimator): the model is built on the CPU and moved only
+    when `device` is not the CPU. `fused_optimizer` lets the estimator build CUDA's fused AdamW on
+    fake CPU tensors (None: fused on CUDA only).
+    """
     m, w = cfg.model, cfg.workload
     torch.manual_seed(cfg.seed)
-    model = GPT(m, w.seq_len).to(device)
+    model = GPT(m, w.seq_len)
+    if device.type != "cpu":  # a no-op on the CPU, and one fake tensors cannot take (Module._apply swaps)
+        model = model.to(device)
     loss_fn = apply_policy(model, cfg.policy)
     if w.compile:
         model.compile()
-    optimizer = make_optimizer(model, device)
+    optimizer = make_optimizer(model, device, fused_optimizer)
     data = SyntheticBatches(m.vocab_size, w.batch_size, w.seq_len, cfg.seed, device)
     return TrialParts(model, loss_fn, optimizer, make_step(model, loss_fn, optimizer, device, w.dtype), data)
 
@@ -173,6 +182,9 @@ def _measure(cfg: TrialConfig, device: torch.device, row: dict[str, Any], progre
     model, optimizer, step, data = parts.model, parts.optimizer, parts.step, parts.data
     row["n_params"] = model.num_params()
     row["flops_per_token"] = flops_per_token(model.num_non_embedding_params(), m.n_layers, m.n_heads, m.d_model // m.n_heads, w.seq_len)
+    from txlab.estimate import formula_activation_bytes  # lazily: txlab.estimate imports this module
+
+    row["formula_activation_bytes"] = formula_activation_bytes(cfg)
 
     batches = [data.next() for _ in range(MEMORY_STEPS)]
     inputs = [t for b in batches for t in b]

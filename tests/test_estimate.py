@@ -1,0 +1,131 @@
+"""The estimator: fake-tensor predictions against measured CPU peaks, cost at full size, the closed form,
+CUDA rounding, statuses and the command line."""
+
+import json
+import math
+
+import pytest
+
+from txlab.cli import main
+from txlab.columns import column_names
+from txlab.config import load_config
+from txlab.estimate import estimate_trial, formula_activation_bytes
+from txlab.memory import GiB, RssWindow, cuda_block_bytes
+from txlab.trial import run_trial
+
+TINY = {"model.n_layers": 2, "model.d_model": 64, "model.n_heads": 4, "model.vocab_size": 64,
+        "workload.steps": 1, "workload.warmup_steps": 0, "measure.device": "cpu"}
+
+# A small grid of shapes: lengths, batch, dropout, grouped KV + RoPE + SwiGLU + RMSNorm.
+SHAPES = {
+    "T96-dropout": {"workload.seq_len": 96, "model.dropout": 0.1},
+    "T160-b2-gqa-rope": {"workload.seq_len": 160, "workload.batch_size": 2, "model.n_kv_heads": 2,
+                         "model.pos": "rope", "model.mlp": "swiglu", "model.norm": "rmsnorm", "model.n_layers": 3},
+}
+PRESETS = ["naive", "sdpa", "checkpoint", "selective", "recompute"]
+
+
+def cfg_of(over: dict):
+    return load_config(None, {**TINY, **over})
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("preset", PRESETS)
+def test_estimate_within_5_percent_of_measured_cpu_peak(preset, shape):
+    over = {**SHAPES[shape], "policy.name": preset}
+    if preset == "recompute":  # a few tiles and loss chunks per sequence
+        T = over["workload.seq_len"]
+        over.update({"policy.q_chunk": T // 2, "policy.k_chunk": T // 2, "policy.loss_chunk": T // 2})
+    cfg = cfg_of(over)
+    measured = run_trial(cfg)
+    est = estimate_trial(cfg, "cpu")
+    assert measured["status"] == "ok", measured["error"]
+    assert est["status"] == "ok", est["error"]
+    assert est["measured"] is False and measured["measured"] is True
+    err = abs(est["peak_bytes"] / measured["peak_bytes"] - 1)
+    assert err <= 0.05, (preset, shape, est["peak_bytes"], measured["peak_bytes"])
+    for part in ("params_bytes", "optimizer_bytes"):  # the breakdown is the same kind of figure
+        assert est[part] == pytest.approx(measured[part], rel=0.05), part
+    assert est["n_params"] == measured["n_params"]
+    assert est["formula_activation_bytes"] == measured["formula_activation_bytes"] > 0
+
+
+def test_estimate_row_has_every_column_and_no_time_figures():
+    row = estimate_trial(cfg_of({"workload.seq_len": 64}), "cpu")
+    assert set(row) == set(column_names())
+    assert row["status"] == "ok" and row["error"] is None and row["measured"] is False
+    parts = ["params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "other_bytes"]
+    assert sum(row[p] for p in parts) == row["peak_bytes"]
+    assert row["step_time_s"] is None and row["loss"] is None and row["peak_rss_bytes"] is None
+
+
+def test_gpt2_xl_at_32k_in_seconds_allocating_little():
+    """gpt2-xl at seq_len 32768 would need ~190 GiB with fused attention; predicted on fake tensors."""
+    cfg = load_config(None, {"model.size": "gpt2-xl", "workload.seq_len": 32768, "policy.name": "sdpa"})
+    with RssWindow() as rss:
+        row = estimate_trial(cfg, "cuda", capacity_bytes=80 * GiB)
+    assert row["status"] == "over_budget" and "capacity" in row["error"]
+    n = row["n_params"]
+    assert 1.5e9 < n < 1.7e9
+    assert row["params_bytes"] >= 4 * n and row["optimizer_bytes"] >= 8 * n
+    assert row["peak_bytes"] > 100 * GiB  # activations of 48 layers x 32k tokens x 1600 wide
+    assert rss.peak < 1 * GiB, rss.peak  # bookkeeping only: nothing of that size is allocated
+    assert row["duration_s"] < 120, row["duration_s"]  # ~20 s on a busy 2-core machine
+
+
+def test_cuda_rounding_model():
+    assert cuda_block_bytes(1) == 512 and cuda_block_bytes(512) == 512 and cuda_block_bytes(513) == 1024
+    assert cuda_block_bytes(3 * 2**20 + 1) == 3 * 2**20 + 512  # from a 20 MiB segment, split
+    assert cuda_block_bytes(12 * 2**20 - 4096) == 12 * 2**20  # fresh segment, remainder too small to split
+    assert cuda_block_bytes(11 * 2**20 - 4096) == 11 * 2**20 - 4096  # remainder over 1 MiB: split
+    cfg = cfg_of({"workload.seq_len": 64})
+    cpu, cuda = estimate_trial(cfg, "cpu"), estimate_trial(cfg, "cuda")
+    assert cuda["peak_bytes"] > cpu["peak_bytes"]  # many small tensors, each rounded up to 512 bytes
+    assert cuda["peak_bytes"] % 512 == 0
+    assert cuda["params_bytes"] == cpu["params_bytes"] + sum(  # bias vectors of 64 x 4 bytes round to 512
+        (-(-p // 512) * 512 - p) for p in _param_sizes(cfg))
+
+
+def _param_sizes(cfg):
+    from txlab.model import GPT
+
+    return [p.numel() * 4 for p in GPT(cfg.model, cfg.workload.seq_len).parameters()]
+
+
+def test_over_budget_is_predicted_not_run():
+    row = estimate_trial(cfg_of({"workload.seq_len": 64, "measure.budget_gib": 0.0001}), "cpu")
+    assert row["status"] == "over_budget" and "over the budget" in row["error"]
+    assert row["peak_bytes"] > 0.0001 * GiB and row["measured"] is False
+
+
+def test_formula_matches_the_paper():
+    # GPT-3 175B-like layer at 16 bits with dropout: s*b*h*(34 + 5*a*s/h) per layer
+    s, b, h, a, L = 2048, 1, 12288, 96, 2
+    cfg = load_config(None, {"model.n_layers": L, "model.d_model": h, "model.n_heads": a, "model.dropout": 0.1,
+                             "workload.seq_len": s, "workload.dtype": "bf16", "policy.name": "naive"})
+    # txlab never drops attention probabilities: the paper's a*s^2*b mask term is left out
+    assert formula_activation_bytes(cfg) == L * (s * b * h * 34 + 4 * a * s * s * b)
+    fused = load_config(None, {**{k: v for k, v in cfg.flat().items() if k.startswith(("model", "workload"))},
+                               "policy.name": "sdpa"})
+    assert formula_activation_bytes(fused) == L * s * b * h * 34
+    full = load_config(None, {**{k: v for k, v in cfg.flat().items() if k.startswith(("model", "workload"))},
+                              "policy.name": "checkpoint"})
+    assert formula_activation_bytes(full) == L * 2 * s * b * h  # the paper's full recomputation: 2sbhL
+
+
+def test_cli_estimate_json_and_summary(capsys):
+    assert main(["estimate", "/dev/null", "--set", "workload.seq_len=64", "--set", "model.n_layers=1", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["measured"] is False and row["status"] == "ok" and row["peak_bytes"] > 0
+    assert main(["estimate", "/dev/null", "--set", "workload.seq_len=64", "--set", "model.n_layers=1",
+                 "--capacity-gib", "0.001"]) == 0
+    out = capsys.readouterr().out
+    assert "status over_budget" in out and "predicted peak" in out
+
+
+def test_cli_estimate_bad_input_exits_2(capsys):
+    assert main(["estimate", "missing.yaml"]) == 2
+    assert main(["estimate", "/dev/null", "--set", "model.nope=1"]) == 2
+    assert main(["estimate", "/dev/null", "--capacity-gib", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 3
