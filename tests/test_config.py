@@ -134,3 +134,10 @@ def test_every_named_size_builds():
     for size in MODEL_SIZES:
         cfg = load_config(None, [f"model.size={size}"])
         assert cfg.model.d_model % cfg.model.n_heads == 0
+
+
+def test_exponent_floats_without_a_dot():
+    assert load_config(None, ["measure.budget_gib=5e-1"]).measure.budget_gib == 0.5
+    assert load_config(None, {"model.dropout": "1E-1"}).model.dropout == 0.1
+    with pytest.raises(ConfigError, match="measure.budget_gib: expected a number"):
+        load_config(None, ["measure.budget_gib=lots"])

@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -318,6 +319,9 @@ def expand_dotted(tree: dict[str, Any]) -> dict[str, Any]:
 # --- building -----------------------------------------------------------------------------------
 
 
+_YAML11_EXPONENT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
+
+
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
     """Return `value` coerced to the field's type (int -> float only), or raise naming the key."""
     origin = get_origin(annotation)
@@ -341,6 +345,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r} ({type(value).__name__})")
         return value
     if annotation is float:
+        if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
+            value = float(value)  # PyYAML (YAML 1.1) reads 1e-3 as a string: it wants 1.0e-3
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r} ({type(value).__name__})")
         if not math.isfinite(value):
