@@ -35,12 +35,15 @@ def sequential_phase(spec_path: str, store: str) -> None:
     from txlab.store import Store
     from txlab.trial import run_trial
 
+    from txlab.columns import column_names
+
     spec = load_spec(spec_path)
     st = Store.open(store, create=True)
+    names = set(column_names())
     for trial in expand(spec).trials:
         row = run_trial(trial.config)
         row["sweep"] = spec.name
-        st.write_row(row)
+        st.write_row({k: v for k, v in row.items() if k in names})
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:

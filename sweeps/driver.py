@@ -223,6 +223,7 @@ class Progress:
 
 
 def _make_callback_class():
+    import pyarrow as pa
     from ray import tune
 
     class StoreWriter(tune.Callback):
@@ -237,7 +238,18 @@ def _make_callback_class():
             key = row["trial_key"]
             if key in self.written:
                 return
-            self.plan.store.write_row(row)
+            try:
+                self.plan.store.write_row(row)
+            except (ValueError, TypeError, pa.ArrowException) as e:
+                if isinstance(e, OSError):
+                    raise  # the store itself is unreachable: stop, the rows so far are kept
+                # A row the store refuses (a column or type outside the schema: txlab versions differ)
+                # is stored as an `error` row saying so, rather than ending the whole sweep.
+                flat = self.jobs[key]["config"] if key in self.jobs else {}
+                row = error_row(key, flat, self.plan.spec.name, f"row refused by the store: {e}",
+                                host=row.get("host"), node_id=row.get("node_id"), started_at=row.get("started_at"),
+                                duration_s=row.get("duration_s"), device=row.get("device"))
+                self.plan.store.write_row(row)
             self.written.add(key)
             self.progress.counts[row["status"]] += 1
             figure = ""

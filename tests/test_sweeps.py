@@ -93,6 +93,34 @@ def test_error_row_is_complete():
     assert row["status"] == "error" and len(row["error"]) == 2000 and row["host"] == "h" and "bogus" not in row
 
 
+def test_row_the_store_refuses_becomes_an_error_row(tmp_path):
+    """A row with a column outside the schema (driver and node on different txlab versions) is stored as
+    an `error` row saying so; the sweep goes on."""
+    import io
+    import json
+    from types import SimpleNamespace
+
+    from sweeps.driver import Progress, _make_callback_class, plan
+    from sweeps.spec import parse_spec
+
+    spec = parse_spec({"name": "t", "base": TINY_BASE, "grid": {"workload.seq_len": [64, 128]}})
+    p = plan(spec, str(tmp_path / "st"))
+    jobs = {t.key: {"config": t.config.flat()} for t in p.to_run}
+    progress = Progress("t", total=2, stream=io.StringIO())
+    writer = _make_callback_class()(p, jobs, progress, heartbeat_s=1e9)
+    good, bad = p.to_run
+    for trial, extra in ((good, {}), (bad, {"from_the_future": 1})):
+        row = {**error_row(trial.key, trial.config.flat(), "t", ""), "status": "ok", "error": None, **extra}
+        fake = SimpleNamespace(config={"trial_key": trial.key}, status="RUNNING")
+        writer.on_trial_result(iteration=1, trials=[fake], trial=fake, result={"row": json.dumps(row)})
+    stored = Store.open(str(tmp_path / "st")).read().to_pylist()
+    by_key = {r["trial_key"]: r for r in stored}
+    assert by_key[good.key]["status"] == "ok"
+    assert by_key[bad.key]["status"] == "error" and "row refused by the store" in by_key[bad.key]["error"]
+    assert progress.counts == {"ok": 1, "oom": 0, "over_budget": 0, "error": 1}
+    assert "2/2 done" in progress.stream.getvalue()
+
+
 def test_dashboard_address_is_refused_with_a_hint(tmp_path, capsys):
     spec = write_spec(tmp_path / "t.yaml", {"workload.seq_len": [64]})
     rc = main(["sweep", str(spec), "--store", str(tmp_path / "st"), "--address", "http://127.0.0.1:8265"])
@@ -171,3 +199,42 @@ def test_sigkill_driver_then_resume_gives_each_row_once(tmp_path):
     keys = [r["trial_key"] for r in rows]
     assert len(rows) == 5 and len(set(keys)) == 5 and all(r["status"] == "ok" for r in rows)
     assert len(row_files(store)) == 5 and set(kept) <= set(row_files(store))  # finished rows kept, none twice
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_dead_trial_actor_is_retried_by_tune(tmp_path):
+    """A trial whose Ray worker dies (what a lost node looks like to Tune) is retried (FailureConfig);
+    its trial process dies with it (no orphan), and the retry's row is the one stored."""
+    import psutil
+
+    store = tmp_path / "store"
+    base = {"model": {"n_layers": 2, "d_model": 64}, "workload": {"steps": 40, "warmup_steps": 0, "seq_len": 256}}
+    spec = tmp_path / "t.yaml"
+    spec.write_text(yaml.safe_dump({"name": "t", "base": base, "grid": {"seed": [1]}, "max_failures": 1}))
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "txlab.cli", "sweep", str(spec), "--store", str(store)], env=txlab_env(), cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        trial_proc = None
+        deadline = time.monotonic() + 180
+        while trial_proc is None and time.monotonic() < deadline:
+            for proc in psutil.process_iter(["cmdline"]):
+                try:
+                    if os.getsid(proc.pid) == driver.pid and "sweeps.worker" in (proc.info["cmdline"] or []):
+                        trial_proc = proc
+                except (psutil.Error, ProcessLookupError):
+                    pass
+            time.sleep(0.2)
+        assert trial_proc is not None, "no trial process appeared"
+        actor = trial_proc.parent()
+        actor.kill()  # the Ray worker holding the trial
+        trial_proc.wait(timeout=30)  # ... takes its trial process with it
+        out, _ = driver.communicate(timeout=240)
+    finally:
+        kill_session(driver.pid)
+    assert driver.returncode == 0, out
+    assert "retrying" in out and "1 retried" in out
+    rows = Store.open(str(store)).read().to_pylist()
+    assert len(rows) == 1 and rows[0]["status"] == "ok"
