@@ -114,6 +114,9 @@ def main() -> int:
     print(f"{'mode':<11} {'trials':>6} {'wall s':>8} {'sum of trial s':>15} {'x sequential':>13}")
     for r in summary.itertuples():
         print(f"{r.mode:<11} {r.trials:>6} {r.wall_s:>8.1f} {r.sum_trial_s:>15.1f} {r.ratio_to_sequential:>13.2f}")
+    for mode in ["sequential", "ray"]:
+        counts = trials.loc[trials["mode"] == mode, "status"].value_counts().to_dict()
+        print(f"{mode} statuses: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     print(f"({cpus} CPUs, 1-minute load average {load:.1f} after the runs; trial time in the ray column is per process, "
           "trials overlap)")
 
