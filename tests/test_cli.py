@@ -50,7 +50,8 @@ def test_run_json_row_and_store(tmp_path):
         (["run", "missing.yaml"], "missing.yaml"),
         (["run"], "config"),
         (["frobnicate"], "invalid choice"),
-        (["estimate", "examples/debug.yaml"], "not implemented yet"),
+        (["estimate", "examples/debug.yaml", "--capacity-gib", "0"], "--capacity-gib"),
+        (["estimate", "examples/debug.yaml", "--set", "policy.name=planned"], "measure.budget_gib"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, needle, tmp_path):

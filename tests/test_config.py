@@ -76,7 +76,7 @@ def test_file_then_overrides(tmp_path):
         (["policy.attention=chunked", "policy.k_chunk=4096"], r"policy.k_chunk: 4096 is larger than workload.seq_len \(1024\)"),
         (["policy.loss=chunked", "policy.loss_chunk=2048"], r"policy.loss_chunk: 2048 is larger than workload.seq_len"),
         (["policy.remat=every", "policy.remat_every=9"], r"policy.remat_every: 9 is larger than model.n_layers \(4\)"),
-        (["policy.name=planned"], r"policy.name: 'planned' is not implemented yet"),
+        (["policy.name=planned"], r"policy.remat: 'planned' chooses what to recompute for measure.budget_gib; set measure.budget_gib"),
         (["workload.kind=decode"], r"workload.kind: 'decode' is not implemented yet"),
         (["workload.seq_len=0"], r"workload.seq_len: must be > 0"),
         (["workload.warmup_steps=-1"], r"workload.warmup_steps: must be >= 0"),

@@ -51,6 +51,7 @@ FIGURES: dict[str, pa.DataType] = {
     "loss": pa.float64(),  # last timed step's training loss (nats/token)
     "bits_per_byte": pa.float64(),  # when the data maps tokens to bytes
     "formula_activation_bytes": pa.int64(),  # closed form of Korthikanti et al. 2022 (txlab.estimate)
+    "plan": pa.string(),  # policy.remat=planned: the runs chosen, predicted peak and recompute cost (txlab.planner)
 }
 
 

@@ -188,8 +188,6 @@ _CHUNK_KEYS = ("q_chunk", "k_chunk", "loss_chunk")
 
 # Not built yet: refused with a clear error instead of being silently ignored.
 NOT_IMPLEMENTED: dict[str, tuple[Any, ...]] = {
-    "policy.name": ("planned",),
-    "policy.remat": ("planned",),
     "workload.kind": ("prefill", "decode"),
     "model.quant": ("int4",),
 }
@@ -485,6 +483,8 @@ def validate(cfg: TrialConfig) -> None:
         raise ConfigError(f"policy.loss_chunk: {p.loss_chunk} is larger than workload.seq_len ({w.seq_len})")
     if p.remat == "every" and p.remat_every > m.n_layers:
         raise ConfigError(f"policy.remat_every: {p.remat_every} is larger than model.n_layers ({m.n_layers})")
+    if p.remat == "planned" and ms.budget_gib is None:
+        raise ConfigError("policy.remat: 'planned' chooses what to recompute for measure.budget_gib; set measure.budget_gib")
     if p.kv == "grouped" and m.n_kv_heads == m.n_heads:
         raise ConfigError("policy.kv: 'grouped' needs model.n_kv_heads < model.n_heads")
 

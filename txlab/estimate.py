@@ -82,6 +82,14 @@ def _formula_segments(cfg: TrialConfig) -> list[tuple[int, int, bool]]:
     return segments(L, p.remat, p.remat_every)
 
 
+def plan_segments(plan: list[tuple[int, int, str]] | None) -> list[tuple[int, int, bool]] | None:
+    """A plan's runs in the formula's terms: `full` runs keep their input only; `keep` and `selective`
+    blocks keep the linear terms (the paper's selective recomputation)."""
+    if plan is None:
+        return None
+    return [(a, b, mode == "full") for a, b, mode in plan]
+
+
 # --- the estimator --------------------------------------------------------------------------------
 
 
@@ -107,7 +115,7 @@ def _default_capacity(kind: str) -> tuple[str, int | None]:
     return "cpu", int(psutil.virtual_memory().total)
 
 
-def fake_step_memory(cfg: TrialConfig, kind: str = "cpu") -> tuple[dict[str, Any], Any]:
+def fake_step_memory(cfg: TrialConfig, kind: str = "cpu", plan: list[tuple[int, int, str]] | None = None) -> tuple[dict[str, Any], Any]:
     """Run `build_trial` and `MEMORY_STEPS` steps on fake tensors under the MemoryMonitor.
 
     Returns the monitor's figures (as a row fragment) and the built model (fake), so callers can
@@ -119,7 +127,7 @@ def fake_step_memory(cfg: TrialConfig, kind: str = "cpu") -> tuple[dict[str, Any
 
     cpu = torch.device("cpu")
     with FakeTensorMode(allow_non_fake_inputs=False):
-        parts = build_trial(cfg, cpu, fused_optimizer=kind == "cuda")
+        parts = build_trial(cfg, cpu, fused_optimizer=kind == "cuda", plan=plan)
         batches = [parts.data.next() for _ in range(MEMORY_STEPS)]
         inputs = [t for b in batches for t in b]
         with MemoryMonitor(cpu, parts.model, parts.optimizer, inputs, None, cuda_accounting=kind == "cuda") as monitor:
@@ -150,12 +158,23 @@ def estimate_trial(cfg: TrialConfig, device_kind: str | None = None, capacity_by
     row["device_capacity_bytes"] = capacity_bytes if capacity_bytes is not None else default_capacity
     m, w = cfg.model, cfg.workload
     try:
-        stats, model = fake_step_memory(cfg, kind)
+        plan = None
+        if cfg.policy.remat == "planned":
+            from txlab.planner import NoFeasiblePlan, plan_trial
+
+            try:
+                chosen = plan_trial(cfg, kind)
+            except NoFeasiblePlan as e:
+                row.update(status="over_budget", error=str(e), peak_bytes=e.smallest_bytes, plan=e.plan.describe())
+                row["duration_s"] = time.perf_counter() - t0
+                return row
+            plan, row["plan"] = chosen.runs, chosen.describe()
+        stats, model = fake_step_memory(cfg, kind, plan)
         row.update(stats)
         row["n_params"] = model.num_params()
         row["flops_per_token"] = flops_per_token(model.num_non_embedding_params(), m.n_layers, m.n_heads,
                                                  m.d_model // m.n_heads, w.seq_len)
-        row["formula_activation_bytes"] = formula_activation_bytes(cfg)
+        row["formula_activation_bytes"] = formula_activation_bytes(cfg, plan_segments(plan))
         row["status"] = "ok"
         budget = None if cfg.measure.budget_gib is None else int(cfg.measure.budget_gib * GiB)
         if budget is not None and row["peak_bytes"] > budget:
@@ -191,6 +210,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         if row.get("formula_activation_bytes") is not None:
             print(f"formula   Korthikanti et al. 2022 activations {row['formula_activation_bytes'] / GiB:.3f} GiB"
                   f"  (estimated {row['activations_bytes'] / GiB:.3f} GiB)" if row.get("activations_bytes") is not None else "")
+        if row.get("plan"):
+            print(f"plan      {row['plan']}")
         if capacity is not None:
             print(f"capacity  {capacity / GiB:g} GiB: {'fits' if row['status'] == 'ok' else row['status']}")
     return 1 if row["status"] == "error" else 0

@@ -83,12 +83,30 @@ def apply_remat(model: nn.Module, policy: str, every: int = 1) -> nn.Module:
     """Wrap `model.blocks` in place for `policy`; parameters stay the same objects."""
     if policy == "none":
         return model
+    if policy == "planned":
+        raise ValueError("remat 'planned' needs a plan: txlab.planner chooses it and apply_plan applies it")
+    mode = "selective" if policy == "selective" else "full"
+    return apply_plan(model, [(a, b, mode if r else "keep") for a, b, r in segments(len(model.blocks), policy, every)])
+
+
+# Modes of a run of blocks in a plan: keep everything, recompute the whole run from its input, or keep
+# the matmul and attention outputs and recompute the cheap ops (one block per run).
+PLAN_MODES = ("keep", "full", "selective")
+
+
+def apply_plan(model: nn.Module, runs: list[tuple[int, int, str]]) -> nn.Module:
+    """Wrap `model.blocks` in place by (start, stop, mode) runs covering every block in order."""
     blocks = list(model.blocks)
+    if [r[0] for r in runs] != [0] + [r[1] for r in runs[:-1]] or runs[-1][1] != len(blocks):
+        raise ValueError(f"plan runs {runs} do not cover blocks 0..{len(blocks)} in order")
     wrapped: list[nn.Module] = []
-    for start, stop, recompute in segments(len(blocks), policy, every):
-        if recompute:
-            wrapped.append(Recomputed(blocks[start:stop], selective=policy == "selective"))
-        else:
-            wrapped.extend(blocks[start:stop])
+    for start, stop, mode in runs:
+        match mode:
+            case "keep":
+                wrapped.extend(blocks[start:stop])
+            case "full" | "selective":
+                wrapped.append(Recomputed(blocks[start:stop], selective=mode == "selective"))
+            case _:
+                raise ValueError(f"unknown plan mode {mode!r}; known: {', '.join(PLAN_MODES)}")
     model.blocks = nn.ModuleList(wrapped)
     return model

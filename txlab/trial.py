@@ -11,6 +11,7 @@ second is a steady-state step; the peak is taken over both), then `warmup_steps`
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import gc
 import math
@@ -31,6 +32,7 @@ from txlab.config import TrialConfig
 from txlab.memory import GiB, BudgetExceeded, MemoryMonitor, RssWindow
 from txlab.model import GPT
 from txlab.policy import apply_policy
+from txlab.remat import apply_plan
 from txlab.throughput import flops_per_token, mfu
 
 MEMORY_STEPS = 2
@@ -147,19 +149,27 @@ class TrialParts:
     data: SyntheticBatches
 
 
-def build_trial(cfg: TrialConfig, device: torch.device, fused_optimizer: bool | None = None) -> TrialParts:
+def build_trial(cfg: TrialConfig, device: torch.device, fused_optimizer: bool | None = None,
+                plan: list[tuple[int, int, str]] | None = None) -> TrialParts:
     """Model on `device` with the policy applied, AdamW, the step function and the data.
 
     Works under a FakeTensorMode too (the estimator): the model is built on the CPU and moved only
     when `device` is not the CPU. `fused_optimizer` lets the estimator build CUDA's fused AdamW on
-    fake CPU tensors (None: fused on CUDA only).
+    fake CPU tensors (None: fused on CUDA only). `plan`: the runs chosen by txlab.planner, required
+    with policy.remat = planned.
     """
     m, w = cfg.model, cfg.workload
     torch.manual_seed(cfg.seed)
     model = GPT(m, w.seq_len)
     if device.type != "cpu":  # a no-op on the CPU, and one fake tensors cannot take (Module._apply swaps)
         model = model.to(device)
-    loss_fn = apply_policy(model, cfg.policy)
+    if cfg.policy.remat == "planned":
+        if plan is None:
+            raise ValueError("policy.remat = planned needs a plan (txlab.planner.plan_trial)")
+        loss_fn = apply_policy(model, dataclasses.replace(cfg.policy, remat="none"))
+        apply_plan(model, plan)
+    else:
+        loss_fn = apply_policy(model, cfg.policy)
     if w.compile:
         model.compile()
     optimizer = make_optimizer(model, device, fused_optimizer)
@@ -174,7 +184,18 @@ def _measure(cfg: TrialConfig, device: torch.device, row: dict[str, Any], progre
         # A real cap: allocations past the budget raise OutOfMemoryError, as on a smaller device.
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / row["device_capacity_bytes"]), device)
 
-    parts = build_trial(cfg, device)
+    plan = None
+    if cfg.policy.remat == "planned":
+        from txlab.planner import NoFeasiblePlan, plan_trial
+
+        try:
+            chosen = plan_trial(cfg, device.type)
+        except NoFeasiblePlan as e:
+            row.update(status="over_budget", measured=False, error=str(e), peak_bytes=e.smallest_bytes, plan=e.plan.describe())
+            return
+        plan, row["plan"] = chosen.runs, chosen.describe()
+        _log(progress, f"  plan: {row['plan']}")
+    parts = build_trial(cfg, device, plan=plan)
     if real_data is not None:  # same shapes as the synthetic batches, real text (txlab.data)
         from txlab.data import TrialBatches
 
@@ -182,9 +203,9 @@ def _measure(cfg: TrialConfig, device: torch.device, row: dict[str, Any], progre
     model, optimizer, step, data = parts.model, parts.optimizer, parts.step, parts.data
     row["n_params"] = model.num_params()
     row["flops_per_token"] = flops_per_token(model.num_non_embedding_params(), m.n_layers, m.n_heads, m.d_model // m.n_heads, w.seq_len)
-    from txlab.estimate import formula_activation_bytes  # lazily: txlab.estimate imports this module
+    from txlab.estimate import formula_activation_bytes, plan_segments  # lazily: txlab.estimate imports this module
 
-    row["formula_activation_bytes"] = formula_activation_bytes(cfg)
+    row["formula_activation_bytes"] = formula_activation_bytes(cfg, plan_segments(plan))
 
     batches = [data.next() for _ in range(MEMORY_STEPS)]
     inputs = [t for b in batches for t in b]
