@@ -3,7 +3,7 @@ this machine: for each depth, every fixed policy (none, every k for k = 1..4, sq
 once (`run_trial`: peak and median step time); for each budget, `planned` is measured with that budget.
 A fixed policy fits a budget when its measured peak is at most the budget.
 
-    python benchmarks/planner.py [--depths 4 8 12] [--seq-len 512] [--out results/benchmarks/planner]
+    python benchmarks/planner.py [--depths 4 8 12] [--seq-len 512] [--vocab 50257] [--out results/benchmarks/planner]
 
 Prints, per (depth, budget), the best fitting `every k`/`sqrt` policy and its step time beside the
 planner's, and whether the planner fits wherever they do with step time no higher than theirs + 5%.
@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--budgets", type=int, default=3, help="budgets per depth, between recompute-all and keep-all peaks")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--vocab", type=int, default=50257, help="vocabulary (a small one saves CPU time on the logits)")
     ap.add_argument("--out", default="results/benchmarks/planner")
     args = ap.parse_args()
 
@@ -50,7 +52,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = {"model.size": "gpt2-small", "workload.seq_len": args.seq_len, "measure.device": "cpu",
-            "workload.steps": args.steps, "workload.warmup_steps": 1}
+            "workload.steps": args.steps, "workload.warmup_steps": args.warmup, "model.vocab_size": args.vocab}
     rows, table = [], []
     t0 = time.perf_counter()
     for L in args.depths:

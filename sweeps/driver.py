@@ -120,15 +120,17 @@ def _pythonpath() -> str:
     return os.pathsep.join(dirs + ([rest] if rest else []))
 
 
-def run_in_subprocess(trial_key: str, flat: dict[str, Any], sweep: str, python: str | None = None) -> dict[str, Any]:
-    """Run one trial in a fresh Python process; always returns a row (an `error` row if it died)."""
+def run_in_subprocess(trial_key: str, flat: dict[str, Any], sweep: str, python: str | None = None,
+                      mode: str = "measure", precheck: bool = True) -> dict[str, Any]:
+    """Run one trial in a fresh Python process; always returns a row (an `error` row if it died).
+    `mode` and `precheck`: the spec's (see sweeps.spec)."""
     import socket
 
     started, t0 = _now(), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="txlab-trial-") as tmp:
         config_path, row_path, err_path = (os.path.join(tmp, n) for n in ("config.json", "row.json", "stderr.txt"))
         with open(config_path, "w") as f:
-            json.dump({"trial_key": trial_key, "config": flat}, f)
+            json.dump({"trial_key": trial_key, "config": flat, "mode": mode, "precheck": precheck}, f)
         env = dict(os.environ, PYTHONPATH=_pythonpath(), TXLAB_PARENT_PID=str(os.getpid()))
         with open(err_path, "wb") as err:
             proc = subprocess.run(
@@ -158,13 +160,14 @@ def run_in_subprocess(trial_key: str, flat: dict[str, Any], sweep: str, python: 
     )
 
 
-def _trainable(config: dict[str, Any], jobs: dict[str, dict[str, Any]] | None = None, sweep: str = "") -> None:
+def _trainable(config: dict[str, Any], jobs: dict[str, dict[str, Any]] | None = None, sweep: str = "",
+               mode: str = "measure", precheck: bool = True) -> None:
     """The Tune function trainable: one trial, one row, one `tune.report`."""
     import ray
     from ray import tune
 
     key = config["trial_key"]
-    row = run_in_subprocess(key, jobs[key], sweep)
+    row = run_in_subprocess(key, jobs[key], sweep, mode=mode, precheck=precheck)
     row["sweep"] = sweep
     row["node_id"] = ray.get_runtime_context().get_node_id()
     tune.report({"row": json.dumps(row, default=str), "status": row["status"]})
@@ -376,7 +379,8 @@ def run_sweep(
         _check_fits(spec, cluster)
         jobs = {t.key: {"config": t.config.flat()} for t in plan_.to_run}
         trainable = tune.with_resources(
-            tune.with_parameters(_trainable, jobs={k: v["config"] for k, v in jobs.items()}, sweep=spec.name),
+            tune.with_parameters(_trainable, jobs={k: v["config"] for k, v in jobs.items()}, sweep=spec.name,
+                                 mode=spec.mode, precheck=spec.precheck),
             {"cpu": spec.cpu, "gpu": spec.gpu},
         )
         callback = _make_callback_class()(plan_, jobs, progress, heartbeat_s)

@@ -13,6 +13,10 @@ A spec is small on purpose (see docs/sweeps.md):
     resources: {cpu: 1, gpu: 0}           # per trial; gpu may be fractional (0.5 = two trials per GPU)
     max_concurrent: null                  # cap on trials running at once; null = as many as resources allow
     max_failures: 3                       # retries of a trial whose node or worker process died
+    mode: measure                         # measure (run each trial) or estimate (txlab.estimate: fake
+                                          # tensors, rows with measured = false, no GPU needed)
+    precheck: true                        # measure mode: estimate first; a trial predicted over its budget
+                                          # or over the memory free is stored over_budget and not run
 
 `skip_if` expressions are parsed with `ast` and may only hold comparisons (==, !=, <, <=, >, >=, in,
 not in), `and`/`or`/`not`, dotted config keys and literals (numbers, strings, true/false/null, lists of
@@ -42,7 +46,8 @@ from txlab.config import (
     read_yaml_mapping,
 )
 
-SPEC_KEYS = ("name", "description", "base", "grid", "skip_if", "resources", "max_concurrent", "max_failures")
+SPEC_KEYS = ("name", "description", "base", "grid", "skip_if", "resources", "max_concurrent", "max_failures", "mode", "precheck")
+MODES = ("measure", "estimate")
 RESOURCE_KEYS = ("cpu", "gpu")
 DEFAULT_MAX_FAILURES = 3
 
@@ -194,6 +199,8 @@ class SweepSpec:
     max_failures: int = DEFAULT_MAX_FAILURES
     description: str = ""
     path: str = ""
+    mode: str = "measure"  # measure | estimate
+    precheck: bool = True  # measure mode: consult the estimator before running a trial
 
     @property
     def grid_size(self) -> int:
@@ -294,9 +301,17 @@ def parse_spec(raw: dict[str, Any], path: str = "", default_name: str = "sweep")
     if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0:
         raise ConfigError(f"{_where(path, 'max_failures')}: expected an integer >= 0, got {max_failures!r}")
 
+    mode = raw.get("mode", "measure")
+    if mode not in MODES:
+        raise ConfigError(f"{_where(path, 'mode')}: unknown mode {mode!r}; allowed: {', '.join(MODES)}")
+    precheck = raw.get("precheck", True)
+    if not isinstance(precheck, bool):
+        raise ConfigError(f"{_where(path, 'precheck')}: expected true or false, got {precheck!r}")
+
     return SweepSpec(
         name=name.strip(), base=base, grid=clean_grid, skip_if=rules, cpu=cpu, gpu=gpu,
         max_concurrent=max_concurrent, max_failures=max_failures, description=description, path=path,
+        mode=mode, precheck=precheck,
     )
 
 

@@ -5,7 +5,9 @@ leaks, CUDA context and any crash (a segfault, the kernel's OOM killer) stay in 
 the actor survives to report an `error` row, and only the failures Ray itself sees (a lost node, a
 killed actor) reach Tune's retry logic (FailureConfig).
 
-CONFIG.json holds the trial's flat config; ROW.json receives the row written by `txlab.trial.run_trial`.
+CONFIG.json holds the trial's flat config, the spec's mode and precheck; ROW.json receives the row written
+by `txlab.trial.run_trial`, or by `txlab.estimate.estimate_trial` in estimate mode or when the precheck
+predicts the trial over its budget or over the memory free (then it is not run).
 Exit status 0 when the row was written (whatever its status), 1 otherwise (traceback on stderr).
 """
 
@@ -52,9 +54,15 @@ def main(argv: list[str]) -> int:
             f"trial key mismatch: the driver planned {job['trial_key']}, this node resolves {cfg.trial_key} "
             "(is the same txlab version installed on every node?)"
         )
-    from txlab.trial import run_trial  # torch: imported only once the config is known to be right
+    from txlab.estimate import estimate_trial, precheck  # torch: imported only once the config is right
+    from txlab.trial import run_trial
 
-    row = run_trial(cfg, progress=False)
+    if job.get("mode", "measure") == "estimate":
+        row = estimate_trial(cfg)
+    else:
+        row = precheck(cfg) if job.get("precheck", True) else None
+        if row is None:
+            row = run_trial(cfg, progress=False)
     tmp = f"{row_path}.tmp"
     with open(tmp, "w") as f:
         json.dump(row, f, default=str)

@@ -129,3 +129,53 @@ def test_cli_estimate_bad_input_exits_2(capsys):
     assert main(["estimate", "/dev/null", "--capacity-gib", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 3
+
+
+# --- sweeps: estimate mode and the pre-run check (the trial process, without Ray) ----------------------
+
+
+def test_spec_mode_and_precheck_are_validated():
+    from txlab.config import ConfigError
+    from sweeps.spec import parse_spec
+
+    spec = parse_spec({"grid": {"workload.seq_len": [64]}, "mode": "estimate", "precheck": False})
+    assert spec.mode == "estimate" and spec.precheck is False
+    assert parse_spec({"grid": {"workload.seq_len": [64]}}).mode == "measure"
+    with pytest.raises(ConfigError, match="mode: unknown mode 'guess'"):
+        parse_spec({"grid": {"workload.seq_len": [64]}, "mode": "guess"})
+    with pytest.raises(ConfigError, match="precheck: expected true or false"):
+        parse_spec({"grid": {"workload.seq_len": [64]}, "precheck": "yes"})
+
+
+def _worker(tmp_path, cfg, **job):
+    """What the sweep's trial process does with a job (sweeps.worker.main), in this process."""
+    from sweeps import worker
+
+    config_path, row_path = tmp_path / "config.json", tmp_path / "row.json"
+    config_path.write_text(json.dumps({"trial_key": cfg.trial_key, "config": cfg.flat(), **job}))
+    assert worker.main([str(config_path), str(row_path)]) == 0
+    return json.loads(row_path.read_text())
+
+
+def test_trial_process_estimates_or_prechecks(tmp_path):
+    fits = cfg_of({"workload.seq_len": 64})
+    over = cfg_of({"workload.seq_len": 64, "measure.budget_gib": 0.001})
+    est = _worker(tmp_path, fits, mode="estimate")
+    assert est["status"] == "ok" and est["measured"] is False and est["step_time_s"] is None
+    skipped = _worker(tmp_path, over, mode="measure", precheck=True)  # predicted over budget: not run
+    assert skipped["status"] == "over_budget" and skipped["measured"] is False and "(not run)" in skipped["error"]
+    ran = _worker(tmp_path, over, mode="measure", precheck=False)  # the spec asks to run it anyway
+    assert ran["status"] == "over_budget" and ran["measured"] is True and "tracked memory" in ran["error"]
+    assert _worker(tmp_path, fits)["measured"] is True  # an old job file (no mode): measured, prechecked
+
+
+def test_frontier_estimate_spec_is_an_estimate_sweep_for_80_gib():
+    from sweeps.spec import expand, load_spec
+
+    spec = load_spec("sweeps/frontier_estimate.yaml")
+    assert spec.mode == "estimate" and spec.gpu == 0
+    trials = expand(spec).trials
+    sizes = {t.config.model.size for t in trials}
+    assert sizes == {"gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"}
+    assert max(t.config.workload.seq_len for t in trials) == 65536
+    assert {t.config.measure.budget_gib for t in trials} == {80} and {t.config.measure.device for t in trials} == {"cuda"}

@@ -215,3 +215,36 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         if capacity is not None:
             print(f"capacity  {capacity / GiB:g} GiB: {'fits' if row['status'] == 'ok' else row['status']}")
     return 1 if row["status"] == "error" else 0
+
+
+# --- before a measured trial ------------------------------------------------------------------------
+
+
+def free_bytes(kind: str) -> int | None:
+    """Memory the machine has free for a trial now: available RAM (CPU), free device memory (CUDA)."""
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            return None
+        return int(torch.cuda.mem_get_info()[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def precheck(cfg: TrialConfig) -> dict[str, Any] | None:
+    """The estimate's row when the trial is predicted over its budget or over the memory free now (on
+    CPU an allocation past RAM may end the process instead of raising), else None: run it.
+
+    A `planned` trial is not prechecked here: its planner already checks its plan with the estimator.
+    """
+    if cfg.policy.remat == "planned":
+        return None
+    kind = _device_kind(cfg, None)
+    row = estimate_trial(cfg, kind, capacity_bytes=free_bytes(kind))
+    if row["status"] == "over_budget":
+        if "capacity" in (row["error"] or ""):
+            row["error"] = row["error"].replace("over the capacity of", "over the memory free now,") + " (not run)"
+        else:
+            row["error"] += " (not run)"
+        return row
+    return None
