@@ -62,10 +62,21 @@ class Plan:
     peak_bytes: int | None = None  # the estimator's figure for this plan (when checked)
 
     def describe(self) -> str:
-        parts = []
+        """e.g. `0-3:full/block 4-5:full 6-17:selective 18-23:keep`: `full/block` is each block
+        recomputed on its own, `full` one run recomputed whole from its input; `selective` is per block."""
+        groups: list[list] = []  # [start, stop, label]
         for a, b, mode in self.runs:
+            label = "full/block" if mode == "full" and b == a + 1 else mode
+            if groups and groups[-1][2] == label and label in ("full/block", "selective", "keep"):
+                groups[-1][1] = b
+            else:
+                groups.append([a, b, label])
+        parts = []
+        for a, b, label in groups:
+            if label == "full/block" and b == a + 1:
+                label = "full"
             blocks = f"{a}" if b == a + 1 else f"{a}-{b - 1}"
-            parts.append(f"{blocks}:{mode}")
+            parts.append(f"{blocks}:{label}")
         peak = self.peak_bytes if self.peak_bytes is not None else self.model_peak
         return f"{' '.join(parts)} | peak {peak / GiB:.3f} GiB | recompute {self.cost_s * 1e3:.1f} ms/step"
 
