@@ -220,12 +220,14 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 # --- before a measured trial ------------------------------------------------------------------------
 
 
-def free_bytes(kind: str) -> int | None:
-    """Memory the machine has free for a trial now: available RAM (CPU), free device memory (CUDA)."""
+def free_bytes(kind: str, device: str = "auto") -> int | None:
+    """Memory the machine has free for a trial now: available RAM (CPU), free memory of the CUDA device
+    `device` names (`measure.device`; the current one for auto/cuda)."""
     if kind == "cuda":
         if not torch.cuda.is_available():
             return None
-        return int(torch.cuda.mem_get_info()[0])
+        index = int(device[5:]) if device.startswith("cuda:") else torch.cuda.current_device()
+        return int(torch.cuda.mem_get_info(index)[0])
     import psutil
 
     return int(psutil.virtual_memory().available)
@@ -240,7 +242,8 @@ def precheck(cfg: TrialConfig) -> dict[str, Any] | None:
     if cfg.policy.remat == "planned":
         return None
     kind = _device_kind(cfg, None)
-    row = estimate_trial(cfg, kind, capacity_bytes=free_bytes(kind))
+    row = estimate_trial(cfg, kind, capacity_bytes=free_bytes(kind, cfg.measure.device))
+    row["device_capacity_bytes"] = _default_capacity(kind)[1]  # the device's memory, not what was free
     if row["status"] == "over_budget":
         if "capacity" in (row["error"] or ""):
             row["error"] = row["error"].replace("over the capacity of", "over the memory free now,") + " (not run)"
