@@ -176,7 +176,7 @@ def test_local_sweep_resume_extend_and_rerun(tmp_path, capsys):
 def test_sigkill_driver_then_resume_gives_each_row_once(tmp_path):
     store = tmp_path / "store"
     grid = {"workload.seq_len": [64, 96, 128, 160, 192]}
-    spec = write_spec(tmp_path / "t.yaml", grid, max_concurrent=1)
+    spec = write_spec(tmp_path / "t.yaml", grid, max_concurrent=1, precheck=False)
     driver = subprocess.Popen(
         [sys.executable, "-m", "txlab.cli", "sweep", str(spec), "--store", str(store)], env=txlab_env(), cwd=REPO,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -211,7 +211,7 @@ def test_dead_trial_actor_is_retried_by_tune(tmp_path):
     store = tmp_path / "store"
     base = {"model": {"n_layers": 2, "d_model": 64}, "workload": {"steps": 40, "warmup_steps": 0, "seq_len": 256}}
     spec = tmp_path / "t.yaml"
-    spec.write_text(yaml.safe_dump({"name": "t", "base": base, "grid": {"seed": [1]}, "max_failures": 1}))
+    spec.write_text(yaml.safe_dump({"name": "t", "base": base, "grid": {"seed": [1]}, "max_failures": 1, "precheck": False}))
     driver = subprocess.Popen(
         [sys.executable, "-m", "txlab.cli", "sweep", str(spec), "--store", str(store)], env=txlab_env(), cwd=REPO,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
