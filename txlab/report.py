@@ -27,6 +27,8 @@ def format_row(row: dict[str, Any]) -> str:
         f"policy    {policy} ({', '.join(detail)})",
         f"workload  {row['workload.kind']}  seq_len {row['workload.seq_len']}  batch {row['workload.batch_size']}  {row['workload.dtype']}",
     ]
+    if row.get("plan"):
+        lines.append(f"plan      {row['plan']}")
     if row.get("error"):
         lines.append(f"error     {row['error']}")
     if row.get("peak_bytes") is not None:
