@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.test_sweeps import kill_session
 from txlab.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,17 +35,6 @@ def free_ports(n: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
-
-
-def kill_session(leader_pid: int) -> None:
-    import psutil
-
-    for proc in psutil.process_iter():
-        try:
-            if proc.pid != os.getpid() and os.getsid(proc.pid) == leader_pid:
-                proc.kill()
-        except (psutil.Error, ProcessLookupError, PermissionError):
-            pass
 
 
 class LocalCluster:

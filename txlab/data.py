@@ -162,7 +162,21 @@ def _pack(encoded: list[tuple[np.ndarray, np.ndarray]], eot: int) -> tuple[np.nd
     return np.concatenate(ids), np.concatenate(nbytes)
 
 
-class Synthetic:
+class _Indexed:
+    """Sources whose batch g is a pure function of (seed, g): worker `rank` of `world` takes g = rank,
+    rank + world, ... so shards never overlap and a checkpoint needs only g."""
+
+    def batch(self, g: int) -> Batch:
+        raise NotImplementedError
+
+    def iter_batches(self, start: int = 0, rank: int = 0, world: int = 1) -> Iterator[Batch]:
+        g = start + rank
+        while True:
+            yield self.batch(g)
+            g += world
+
+
+class Synthetic(_Indexed):
     """Uniform random tokens; batch g is drawn from its own generator seeded by (seed, g)."""
 
     def __init__(self, vocab_size: int, seq_len: int, batch_size: int, seed: int):
@@ -172,17 +186,11 @@ class Synthetic:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + g)
         return Batch(torch.randint(0, self.vocab_size, (self.batch_size, self.seq_len + 1), generator=gen), None, g)
 
-    def iter_batches(self, start: int = 0, rank: int = 0, world: int = 1) -> Iterator[Batch]:
-        g = start + rank
-        while True:
-            yield self.batch(g)
-            g += world
-
     def eval_batches(self, n: int) -> list[Batch]:
         return [self.batch(-1 - i) for i in range(n)]
 
 
-class Packed:
+class Packed(_Indexed):
     """An in-memory token stream (ids and bytes per token) cut into windows and served in shuffled epochs."""
 
     def __init__(self, ids: np.ndarray, nbytes: np.ndarray, seq_len: int, batch_size: int, seed: int):
@@ -209,12 +217,6 @@ class Packed:
         for j in range(g * self.batch_size, (g + 1) * self.batch_size):
             windows.append(int(self._epoch_perm(j // self.n_windows)[j % self.n_windows]))
         return self._batch_of(windows, g)
-
-    def iter_batches(self, start: int = 0, rank: int = 0, world: int = 1) -> Iterator[Batch]:
-        g = start + rank
-        while True:
-            yield self.batch(g)
-            g += world
 
     def eval_batches(self, n: int) -> list[Batch]:
         """The first n*B windows in stream order (no shuffle), the last batch possibly smaller."""
