@@ -33,6 +33,7 @@ def test_run_json_row_and_store(tmp_path):
 
     assert set(row) == set(column_names())
     assert row["status"] == "ok" and row["measured"] is True and row["peak_bytes"] > 0
+    assert row["peak_rss_bytes"] > 0  # a fresh process grows while the trial runs
     df = read_store(str(store))
     assert list(df["trial_key"]) == [row["trial_key"]]
 

@@ -26,7 +26,9 @@ def test_row_has_every_column_and_sane_figures():
     n = row["n_params"]
     assert row["params_bytes"] == 4 * n  # fp32, tied embedding counted once
     assert row["optimizer_bytes"] >= 8 * n  # AdamW: two fp32 moments per parameter (+ step counters)
-    assert row["peak_rss_bytes"] > 0 and row["step_time_s"] > 0 and math.isfinite(row["loss"])
+    # In a warm process (the test session) a tiny trial may reuse pages already resident: growth can be 0.
+    # tests/test_cli.py checks it is > 0 in a fresh process.
+    assert row["peak_rss_bytes"] >= 0 and row["step_time_s"] > 0 and math.isfinite(row["loss"])
     assert row["tokens_per_s"] == pytest.approx(128 / row["step_time_s"])
     assert row["device"] == "cpu" and row["mfu"] is None and row["reserved_bytes"] is None
 
