@@ -150,13 +150,13 @@ class TrialParts:
 
 
 def build_trial(cfg: TrialConfig, device: torch.device, fused_optimizer: bool | None = None,
-                plan: list[tuple[int, int, str]] | None = None) -> TrialParts:
+                plan: list[tuple[int, int, str]] | None = None, data=None) -> TrialParts:
     """Model on `device` with the policy applied, AdamW, the step function and the data.
 
     Works under a FakeTensorMode too (the estimator): the model is built on the CPU and moved only
     when `device` is not the CPU. `fused_optimizer` lets the estimator build CUDA's fused AdamW on
     fake CPU tensors (None: fused on CUDA only). `plan`: the runs chosen by txlab.planner, required
-    with policy.remat = planned.
+    with policy.remat = planned. `data`: the batches to train on (default: synthetic tokens).
     """
     m, w = cfg.model, cfg.workload
     torch.manual_seed(cfg.seed)
@@ -173,7 +173,8 @@ def build_trial(cfg: TrialConfig, device: torch.device, fused_optimizer: bool | 
     if w.compile:
         model.compile()
     optimizer = make_optimizer(model, device, fused_optimizer)
-    data = SyntheticBatches(m.vocab_size, w.batch_size, w.seq_len, cfg.seed, device)
+    if data is None:
+        data = SyntheticBatches(m.vocab_size, w.batch_size, w.seq_len, cfg.seed, device)
     return TrialParts(model, loss_fn, optimizer, make_step(model, loss_fn, optimizer, device, w.dtype), data)
 
 
@@ -195,11 +196,12 @@ def _measure(cfg: TrialConfig, device: torch.device, row: dict[str, Any], progre
             return
         plan, row["plan"] = chosen.runs, chosen.describe()
         _log(progress, f"  plan: {row['plan']}")
-    parts = build_trial(cfg, device, plan=plan)
+    data = None
     if real_data is not None:  # same shapes as the synthetic batches, real text (txlab.data)
         from txlab.data import TrialBatches
 
-        parts.data = TrialBatches(real_data, device)
+        data = TrialBatches(real_data, device)
+    parts = build_trial(cfg, device, plan=plan, data=data)
     model, optimizer, step, data = parts.model, parts.optimizer, parts.step, parts.data
     row["n_params"] = model.num_params()
     row["flops_per_token"] = flops_per_token(model.num_non_embedding_params(), m.n_layers, m.n_heads, m.d_model // m.n_heads, w.seq_len)
