@@ -100,10 +100,6 @@ def _resolve(handler: str) -> Callable[[argparse.Namespace], int]:
     return getattr(importlib.import_module(module), func)
 
 
-def cmd_not_yet(args: argparse.Namespace) -> int:
-    raise UsageError(f"txlab {args.command}: not implemented yet in this version of txlab")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from txlab.config import load_config
 
