@@ -52,6 +52,15 @@ FIGURES: dict[str, pa.DataType] = {
     "bits_per_byte": pa.float64(),  # when the data maps tokens to bytes
     "formula_activation_bytes": pa.int64(),  # closed form of Korthikanti et al. 2022 (txlab.estimate)
     "plan": pa.string(),  # policy.remat=planned: the runs chosen, predicted peak and recompute cost (txlab.planner)
+    # prefill / decode (txlab.inference); null on training rows
+    "kv_cache_bytes": pa.int64(),  # K/V held between steps, in the peak (a breakdown column: taken out of activations)
+    "kv_inputs_bytes": pa.int64(),  # policy.kv=recompute: layer inputs kept to recompute K/V from (part of activations)
+    "prefill_time_s": pa.float64(),  # median time of the prefill forward over seq_len tokens
+    "time_per_token_s": pa.float64(),  # decode: median time of one generated token (step_time_s too)
+    "weight_bytes": pa.int64(),  # model weights as held (int4: packed projections + fp16 scales)
+    "weight_bytes_fp": pa.int64(),  # the same weights at full precision
+    "logit_rel_error": pa.float64(),  # int4: ||logits - full-precision logits|| / ||full-precision logits||, over the prompt
+    "next_token_agreement": pa.float64(),  # int4: share of prompt positions whose argmax matches full precision
 }
 
 

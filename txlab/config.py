@@ -58,8 +58,8 @@ class ModelConfig:
     mlp: Mlp = "gelu"  # 4x GELU MLP or SwiGLU (hidden 8/3 x d_model, rounded to 64)
     dropout: float = 0.0  # on embeddings and residual branches (never on attention probabilities)
     tie_weights: bool = True  # output projection shares the token embedding
-    quant: Quant = "none"  # weight-only projection quantization (inference issue)
-    quant_group: int = 128  # values per int4 scale group
+    quant: Quant = "none"  # int4: weight-only attention/MLP projections, 2 values per byte (prefill/decode only)
+    quant_group: int = 128  # weights per int4 scale (along the input dim); even, divides the projections' input widths
 
 
 @dataclass
@@ -72,12 +72,12 @@ class PolicyConfig:
     remat_every: int = 1  # with remat=every: recompute blocks 0, k, 2k, ...
     loss: Loss = "full"  # full T x V logits, or projection + cross-entropy per loss_chunk tokens
     loss_chunk: int = 1024  # tokens per chunk of the chunked loss
-    kv: Kv = "cache"  # KV-cache policy for prefill/decode (inference issue)
+    kv: Kv = "cache"  # prefill/decode: keep K/V (cache; grouped = GQA model) or recompute them from kept layer inputs
 
 
 @dataclass
 class WorkloadConfig:
-    kind: Kind = "train"  # train = forward + backward + AdamW step
+    kind: Kind = "train"  # train = forward + backward + AdamW step; prefill = one no-grad forward; decode = prefill + decode_tokens
     seq_len: int = 1024  # tokens per sequence
     batch_size: int = 1  # sequences per step
     steps: int = 3  # timed steps (median step time over these)
@@ -186,11 +186,8 @@ POLICY_PRESETS: dict[str, dict[str, Any]] = {
 # chunk sizes a user writes are checked strictly.
 _CHUNK_KEYS = ("q_chunk", "k_chunk", "loss_chunk")
 
-# Not built yet: refused with a clear error instead of being silently ignored.
-NOT_IMPLEMENTED: dict[str, tuple[Any, ...]] = {
-    "workload.kind": ("prefill", "decode"),
-    "model.quant": ("int4",),
-}
+# Not built yet: refused with a clear error instead of being silently ignored (none at the moment).
+NOT_IMPLEMENTED: dict[str, tuple[Any, ...]] = {}
 # Names, or prefixes ending in ':' that take an argument (a path, a hub name).
 DATA_SOURCES = ("synthetic", "corpus", "text:", "parquet:", "hf:")
 TOKENIZERS = ("bytes", "hf:")
@@ -487,6 +484,7 @@ def validate(cfg: TrialConfig) -> None:
         raise ConfigError("policy.remat: 'planned' chooses what to recompute for measure.budget_gib; set measure.budget_gib")
     if p.kv == "grouped" and m.n_kv_heads == m.n_heads:
         raise ConfigError("policy.kv: 'grouped' needs model.n_kv_heads < model.n_heads")
+    _validate_inference(m, p, w)
 
     for key, values in NOT_IMPLEMENTED.items():
         section, leaf = key.split(".")
@@ -526,6 +524,38 @@ def validate(cfg: TrialConfig) -> None:
         raise ConfigError(f"measure.device: unknown device {dev!r}; allowed: auto, cpu, cuda, cuda:N")
     _positive("measure.budget_gib", ms.budget_gib)
     _positive("seed", cfg.seed, allow_zero=True)
+
+
+def mlp_hidden(m: ModelConfig) -> int:
+    """Hidden width of the MLP (4 d for gelu; 8/3 d rounded up to 64 for swiglu), as txlab.model builds it."""
+    return 4 * m.d_model if m.mlp == "gelu" else 64 * math.ceil(8 * m.d_model / 3 / 64)
+
+
+def _validate_inference(m: ModelConfig, p: PolicyConfig, w: WorkloadConfig) -> None:
+    inference = w.kind in ("prefill", "decode")
+    if m.quant == "int4":
+        if not inference:
+            raise ConfigError(f"model.quant: 'int4' is inference only (weight-only, no gradients); "
+                              f"allowed with workload.kind prefill or decode, got workload.kind {w.kind!r}")
+        widths = sorted({m.d_model, mlp_hidden(m)})
+        if m.quant_group % 2 or any(x % m.quant_group for x in widths):
+            raise ConfigError(f"model.quant_group: {m.quant_group} must be even and divide the projections' input "
+                              f"widths ({', '.join(map(str, widths))}), e.g. 64 or 128")
+    if not inference:
+        if p.kv != "cache":
+            raise ConfigError(f"policy.kv: {p.kv!r} applies to workload.kind prefill or decode; "
+                              f"with workload.kind {w.kind!r} leave it at 'cache'")
+        return
+    if p.remat == "planned":
+        raise ConfigError(f"policy.remat: 'planned' plans recomputation for training; "
+                          f"workload.kind {w.kind!r} runs no backward (use another policy.name)")
+    if w.compile:
+        raise ConfigError(f"workload.compile: not supported for workload.kind {w.kind!r}; allowed: false")
+    if w.kind == "decode" and m.pos == "learned" and m.n_positions is not None and w.seq_len + w.decode_tokens > m.n_positions:
+        raise ConfigError(
+            f"workload.decode_tokens: seq_len {w.seq_len} + decode_tokens {w.decode_tokens} is over model.n_positions "
+            f"({m.n_positions}); raise model.n_positions or leave it null"
+        )
 
 
 def _gate_match(value: str, allowed: tuple[str, ...]) -> bool:

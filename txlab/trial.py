@@ -1,5 +1,8 @@
 """One measured trial in the current process: build, apply the policy, train a few steps, measure.
 
+`workload.kind` prefill / decode trials are measured by `txlab.inference.measure_inference` (same
+monitor, same timing rules); this module dispatches to it.
+
 `run_trial(cfg) -> row` never raises for out-of-memory or over-budget: those are statuses. Other
 failures during the run become an `error` row with the message. Config errors are raised before
 any work (the config is validated when it is built).
@@ -180,6 +183,16 @@ def build_trial(cfg: TrialConfig, device: torch.device, fused_optimizer: bool | 
 
 def _measure(cfg: TrialConfig, device: torch.device, row: dict[str, Any], progress: bool, real_data=None) -> None:
     m, w = cfg.model, cfg.workload
+    if w.kind in ("prefill", "decode"):  # no-grad forward (+ decode steps) under a KV policy: txlab.inference
+        from txlab.inference import measure_inference
+
+        data = SyntheticBatches(m.vocab_size, w.batch_size, w.seq_len, cfg.seed, device)
+        if real_data is not None:
+            from txlab.data import TrialBatches
+
+            data = TrialBatches(real_data, device)
+        measure_inference(cfg, device, row, progress, data)
+        return
     budget = None if cfg.measure.budget_gib is None else int(cfg.measure.budget_gib * GiB)
     if device.type == "cuda" and budget is not None:
         # A real cap: allocations past the budget raise OutOfMemoryError, as on a smaller device.
