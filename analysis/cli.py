@@ -54,7 +54,14 @@ def write_plots(source, out: str | Path, budgets=None, echo=print) -> dict[str, 
     return written
 
 
+def _check_budgets(budgets) -> None:
+    for b in budgets or []:
+        if not b > 0 or b == float("inf"):
+            raise AnalysisError(f"--budget-gib: must be > 0 and finite, got {b}")
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
+    _check_budgets(args.budget_gib)
     write_plots(args.store, args.out, args.budget_gib)
     return 0
 
@@ -62,6 +69,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from analysis.report import write_report
 
+    _check_budgets(getattr(args, "budget_gib", None))
     path = write_report(args.store, args.out, getattr(args, "budget_gib", None))
     print(f"wrote {path}")
     return 0

@@ -22,10 +22,12 @@ def _in_ray_job_working_dir(store: str) -> bool:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from sweeps.driver import format_dry_run, plan, run_sweep
+    from sweeps.driver import check_address, format_dry_run, plan, run_sweep
     from sweeps.spec import load_spec
 
     spec = load_spec(args.spec)
+    if not args.dry_run:
+        check_address(args.address)  # before the store is made
     store = args.store or default_store(spec.name)
     p = plan(spec, store, rerun_failed=args.rerun_failed)
     if args.dry_run:

@@ -310,6 +310,16 @@ def _error_text(trial) -> str:
 # --- Ray ------------------------------------------------------------------------------------------
 
 
+def check_address(address: str | None) -> None:
+    """Refuse a dashboard URL as a Ray address (before anything is created)."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"Ray address {address!r} is a dashboard (job server) address: submit the sweep with "
+            f"`ray job submit --working-dir . -- txlab sweep ...`, or give --address the cluster's HOST:6379"
+        )
+
+
 def connect(address: str | None, quiet: bool = True) -> tuple[str, bool]:
     """ray.init: the given address, else RAY_ADDRESS (set inside `ray job submit`), else a local instance.
     Returns (where, started_here)."""
@@ -319,11 +329,7 @@ def connect(address: str | None, quiet: bool = True) -> tuple[str, bool]:
     level = logging.ERROR if quiet else logging.INFO
     if ray.is_initialized():
         return "existing", False
-    if address and address.startswith(("http://", "https://")):
-        raise ConfigError(
-            f"Ray address {address!r} is a dashboard (job server) address: submit the sweep with "
-            f"`ray job submit --working-dir . -- txlab sweep ...`, or give --address the cluster's HOST:6379"
-        )
+    check_address(address)
     if address:
         try:
             ray.init(address=address, logging_level=level, log_to_driver=not quiet)

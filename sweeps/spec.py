@@ -240,7 +240,9 @@ def _where(path: str, key: str) -> str:
 def parse_spec(raw: dict[str, Any], path: str = "", default_name: str = "sweep") -> SweepSpec:
     for k in raw:
         if k not in SPEC_KEYS:
-            raise ConfigError(f"{_where(path, str(k))}: unknown spec key '{k}'; allowed: {', '.join(SPEC_KEYS)}")
+            close = difflib.get_close_matches(str(k), SPEC_KEYS, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{_where(path, str(k))}: unknown spec key '{k}'{hint}; allowed: {', '.join(SPEC_KEYS)}")
 
     name = raw.get("name", default_name)
     if not isinstance(name, str) or not name.strip() or "/" in name:

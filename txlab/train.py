@@ -140,16 +140,38 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GP
         p = p / CHECKPOINT
     if not p.is_file():
         raise ConfigError(f"--checkpoint: {path}: no checkpoint there (expected a {CHECKPOINT} file or a run directory)")
+    state = _load_checkpoint(p, f"--checkpoint: {path}")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=False)
         cfg = build_config(state["config"])
-    except ConfigError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a file that is not our checkpoint is bad input
-        raise ConfigError(f"--checkpoint: {path}: not a txlab checkpoint ({e.__class__.__name__}: {e})") from None
+    except ConfigError as e:
+        raise ConfigError(f"--checkpoint: {path}: its config is not valid here ({e})") from None
     model = GPT(cfg.model, cfg.workload.seq_len)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise ConfigError(f"--checkpoint: {path}: weights do not fit its config ({str(e).splitlines()[0][:200]})") from None
     return model.to(device).eval(), cfg
+
+
+def _load_checkpoint(path: Path, where: str) -> dict[str, Any]:
+    """A checkpoint as tensors and plain values only (`weights_only`: a file holding pickled code is
+    refused, never run). Anything else is bad input named by `where`."""
+    import pickle
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note on pickle protocols: noise on a refused file
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ConfigError(f"{where}: not a txlab checkpoint (it holds objects other than tensors and plain "
+                          "values; refused, nothing in it was run)") from None
+    except Exception as e:  # noqa: BLE001 - a file that is not our checkpoint is bad input
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"{where}: not a txlab checkpoint ({e.__class__.__name__}: {first[:200]})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or not isinstance(state.get("model"), dict):
+        raise ConfigError(f"{where}: not a txlab checkpoint (no config and model state)")
+    return state
 
 
 def _differences(a: TrialConfig, b_dict: dict[str, Any]) -> list[str]:
@@ -186,7 +208,7 @@ def train(cfg: TrialConfig, out_dir: str | Path | None = None, progress: bool = 
     ckpt_path = out / CHECKPOINT
     resume = None
     if ckpt_path.exists():
-        resume = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        resume = _load_checkpoint(ckpt_path, f"--out: {ckpt_path}")
         diff = _differences(cfg, resume["config"])
         if diff:
             raise ConfigError(f"--out: {out} holds a run of a different config (differs in {', '.join(diff[:6])}); "

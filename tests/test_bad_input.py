@@ -1,0 +1,379 @@
+"""A corpus of bad inputs for every command: exit 2, one line on stderr naming the problem and the key or
+path, no traceback, and nothing written (the test's whole directory is compared before and after).
+
+Most cases run in this process through `txlab.cli.main` (fast); a few run as `python -m txlab` to prove the
+exit status and stderr end to end. Unexpected internal errors: a one-line message by default (exit 1), the
+traceback with `--debug`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sweeps.driver import error_row
+from txlab.cli import main
+from txlab.config import build_config
+from txlab.store import MARKER, Store
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"model": {"n_layers": 2, "d_model": 64}, "workload": {"seq_len": 64, "steps": 1, "warmup_steps": 0}}
+GRID = {"workload.seq_len": [64]}
+
+
+class _RunsCode:
+    """A pickle that runs a shell command when unpickled: what a hostile checkpoint looks like."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def make_assets(d: Path) -> None:
+    """Every file a case points at, made before the snapshot (so only what a command writes shows)."""
+    (d / "good.yaml").write_text(yaml.safe_dump(TINY))
+    (d / "malformed.yaml").write_text("model: {n_layers: 2\nworkload: [\n")
+    (d / "list.yaml").write_text("- model\n- policy\n")
+    (d / "scalar.yaml").write_text("just a string\n")
+    (d / "binary.yaml").write_bytes(b"model:\n  n_layers: \xff\xfe\x00\x81\n")
+    (d / "typo_top.yaml").write_text("modle: {n_layers: 2}\n")
+    (d / "typo_nested.yaml").write_text("model: {n_layer: 2}\n")
+    (d / "section_scalar.yaml").write_text("model: 3\n")
+    (d / "adir.yaml").mkdir()
+    (d / "a_file").write_text("not a directory\n")
+
+    def spec(filename: str, **raw) -> None:
+        raw.setdefault("name", "t")
+        raw.setdefault("base", TINY)
+        raw.setdefault("grid", GRID)
+        (d / filename).write_text(yaml.safe_dump({k: v for k, v in raw.items() if v is not ...}))
+
+    spec("spec_typo.yaml", gird=GRID)
+    spec("spec_empty_grid.yaml", grid={})
+    spec("spec_no_grid.yaml", grid=...)
+    spec("spec_grid_key.yaml", grid={"model.n_layer": [2, 4]})
+    spec("spec_grid_section.yaml", grid={"modle.n_layers": [2, 4]})
+    spec("spec_grid_empty_values.yaml", grid={"workload.seq_len": []})
+    spec("spec_grid_bad_point.yaml", grid={"model.n_heads": [4, 5]})
+    spec("spec_grid_bad_type.yaml", grid={"workload.seq_len": ["long"]})
+    spec("spec_skip_arith.yaml", skip_if=["workload.seq_len + 1"])
+    spec("spec_skip_code.yaml", skip_if=[f"__import__('os').system('touch {d / 'PWNED'}')"])
+    spec("spec_skip_dunder.yaml", skip_if=["().__class__.__bases__[0] == 1"])
+    spec("spec_skip_lambda.yaml", skip_if=["(lambda: 1)() == 1"])
+    spec("spec_skip_unknown.yaml", skip_if=["workload.seq_lenn > 1"])
+    spec("spec_skip_syntax.yaml", skip_if=["workload.seq_len >"])
+    spec("spec_base_typo.yaml", base={"model": {"d_modle": 64}})
+    spec("spec_base_scalar.yaml", base=[1, 2])
+    spec("spec_resources.yaml", resources={"cpu": -1})
+    spec("spec_resource_name.yaml", resources={"tpu": 1})
+    spec("spec_concurrent.yaml", max_concurrent=0)
+    spec("spec_mode.yaml", mode="guess")
+    spec("spec_budget.yaml", grid={"measure.budget_gib": [1, 0]})
+    spec("spec_name.yaml", name="a/b")
+    (d / "spec_list.yaml").write_text("- grid\n")
+
+    def store(name: str, marker=None, rows: int = 0, truncate: bool = False) -> None:
+        s = Store.open(str(d / name), create=True)
+        if rows:
+            for seq in (64, 128)[:rows]:
+                cfg = build_config({**TINY, "workload": {**TINY["workload"], "seq_len": seq}})
+                s.write_row({**error_row(cfg.trial_key, cfg.flat(), "t", "boom"), "status": "ok", "error": None,
+                             "peak_bytes": 1000, "measured": True})
+        else:
+            s._ensure_created()
+        if marker is not None:
+            (d / name / MARKER).write_text(marker)
+        if truncate:
+            f = sorted((d / name).glob("*.parquet"))[0]
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+    store("store_ok", rows=2)
+    store("store_empty")
+    store("store_foreign", marker='{"format": "somebody-else", "schema_version": 1}')
+    store("store_newer", marker='{"format": "txlab-store", "schema_version": 999}', rows=1)
+    store("store_marker_junk", marker="{not json")
+    store("store_truncated", rows=2, truncate=True)
+    (d / "plain_parquet").mkdir()
+    (d / "plain_parquet" / "x.parquet").write_bytes(b"PAR1")
+
+    (d / "not_a_checkpoint.pt").write_text("hello\n")
+    with open(d / "hostile.pt", "wb") as f:
+        pickle.dump({"config": _RunsCode(d / "PWNED"), "model": {}}, f)
+    (d / "run_dir").mkdir()
+
+
+def case(*argv: str, needle: str, id: str):
+    return pytest.param(list(argv), needle, id=id)
+
+
+# `{d}` in an argument is the test's directory.
+CASES = [
+    # --- run: config files ------------------------------------------------------------------------
+    case("run", "{d}/malformed.yaml", needle="malformed.yaml: malformed YAML at line", id="run-malformed-yaml"),
+    case("run", "{d}/list.yaml", needle="list.yaml: the config must be a YAML mapping, got list", id="run-yaml-list"),
+    case("run", "{d}/scalar.yaml", needle="must be a YAML mapping, got str", id="run-yaml-scalar"),
+    case("run", "{d}/missing.yaml", needle="missing.yaml: config file not found", id="run-missing-file"),
+    case("run", "{d}/adir.yaml", needle="adir.yaml: is a directory", id="run-config-is-dir"),
+    case("run", "{d}/binary.yaml", needle="binary.yaml: cannot read config file", id="run-unreadable-bytes"),
+    case("run", "{d}/typo_top.yaml", needle="unknown key 'modle' (did you mean 'model'?)", id="run-typo-section"),
+    case("run", "{d}/typo_nested.yaml", needle="unknown key 'model.n_layer' (did you mean 'model.n_layers'?)", id="run-typo-key-file"),
+    case("run", "{d}/section_scalar.yaml", needle="model: must be a mapping", id="run-section-scalar"),
+    # --- run: overrides -----------------------------------------------------------------------------
+    case("run", "{d}/good.yaml", "--set", "policy.nmae=sdpa", needle="unknown key 'policy.nmae' (did you mean 'policy.name'?)", id="run-typo-set"),
+    case("run", "{d}/good.yaml", "--set", "polcy.name=sdpa", needle="no section 'polcy' (did you mean 'policy'?)", id="run-typo-set-section"),
+    case("run", "{d}/good.yaml", "--set", "workload.seq_len", needle="--set 'workload.seq_len': expected KEY=VALUE", id="run-set-no-equals"),
+    case("run", "{d}/good.yaml", "--set", "model.n_layers=two", needle="model.n_layers: expected an integer, got 'two'", id="run-type-int"),
+    case("run", "{d}/good.yaml", "--set", "model.n_layers=2.5", needle="model.n_layers: expected an integer", id="run-type-float-for-int"),
+    case("run", "{d}/good.yaml", "--set", "model.tie_weights=1", needle="model.tie_weights: expected true or false", id="run-type-bool"),
+    case("run", "{d}/good.yaml", "--set", "model.size=[1]", needle="model.size: expected a string", id="run-type-list"),
+    case("run", "{d}/good.yaml", "--set", "measure.budget_gib=.nan", needle="measure.budget_gib: expected a finite number", id="run-nan"),
+    case("run", "{d}/good.yaml", "--set", "model.n_layers=0", needle="model.n_layers: must be > 0, got 0", id="run-zero-layers"),
+    case("run", "{d}/good.yaml", "--set", "model.d_model=-64", needle="model.d_model: must be > 0, got -64", id="run-negative-width"),
+    case("run", "{d}/good.yaml", "--set", "workload.batch_size=0", needle="workload.batch_size: must be > 0", id="run-zero-batch"),
+    case("run", "{d}/good.yaml", "--set", "workload.seq_len=-1", needle="workload.seq_len: must be > 0", id="run-negative-seq"),
+    case("run", "{d}/good.yaml", "--set", "model.vocab_size=0", needle="model.vocab_size: must be > 0", id="run-zero-vocab"),
+    case("run", "{d}/good.yaml", "--set", "model.n_heads=3", needle="model.n_heads: must divide model.d_model (64 % 3 != 0)", id="run-heads-divide"),
+    case("run", "{d}/good.yaml", "--set", "model.n_kv_heads=3", needle="model.n_kv_heads: must divide model.n_heads", id="run-kv-heads-divide"),
+    case("run", "{d}/good.yaml", "--set", "model.n_kv_heads=8", needle="model.n_kv_heads: must be <= model.n_heads", id="run-kv-heads-over"),
+    case("run", "{d}/good.yaml", "--set", "policy.attention=chunked", "--set", "policy.q_chunk=0", needle="policy.q_chunk: must be > 0, got 0", id="run-chunk-zero"),
+    case("run", "{d}/good.yaml", "--set", "policy.k_chunk=-8", needle="policy.k_chunk: must be > 0", id="run-chunk-negative"),
+    case("run", "{d}/good.yaml", "--set", "policy.attention=chunked", "--set", "policy.q_chunk=128", needle="policy.q_chunk: 128 is larger than workload.seq_len (64)", id="run-chunk-over-seq"),
+    case("run", "{d}/good.yaml", "--set", "policy.loss=chunked", "--set", "policy.loss_chunk=65", needle="policy.loss_chunk: 65 is larger than workload.seq_len (64)", id="run-loss-chunk-over-seq"),
+    case("run", "{d}/good.yaml", "--set", "model.n_positions=32", needle="workload.seq_len: 64 is over model.n_positions (32)", id="run-seq-over-positions"),
+    case("run", "{d}/good.yaml", "--set", "model.size=gpt2-smal", needle="model.size: unknown size 'gpt2-smal' (did you mean 'gpt2-small'?)", id="run-unknown-size"),
+    case("run", "{d}/good.yaml", "--set", "policy.name=recompte", needle="policy.name: unknown value 'recompte' (did you mean 'recompute'?)", id="run-unknown-preset"),
+    case("run", "{d}/good.yaml", "--set", "policy.attention=flash", needle="policy.attention: unknown value 'flash'", id="run-unknown-attention"),
+    case("run", "{d}/good.yaml", "--set", "policy.remat=blocks", needle="policy.remat: unknown value 'blocks' (did you mean 'block'?)", id="run-unknown-remat"),
+    case("run", "{d}/good.yaml", "--set", "policy.loss=fused", needle="policy.loss: unknown value 'fused'", id="run-unknown-loss"),
+    case("run", "{d}/good.yaml", "--set", "policy.kv=paged", needle="policy.kv: unknown value 'paged'", id="run-unknown-kv"),
+    case("run", "{d}/good.yaml", "--set", "measure.budget_gib=0", needle="measure.budget_gib: must be > 0, got 0", id="run-budget-zero"),
+    case("run", "{d}/good.yaml", "--set", "measure.budget_gib=-2", needle="measure.budget_gib: must be > 0", id="run-budget-negative"),
+    case("run", "{d}/good.yaml", "--set", "measure.device=tpu", needle="measure.device: unknown device 'tpu'", id="run-unknown-device"),
+    # --- run: stores --------------------------------------------------------------------------------
+    case("run", "{d}/good.yaml", "--store", "{d}/a_file", needle="a_file: store path is a file", id="run-store-is-file"),
+    case("run", "{d}/good.yaml", "--store", "{d}/store_foreign", needle="foreign store format", id="run-store-foreign"),
+    case("run", "{d}/good.yaml", "--store", "{d}/store_newer", needle="store schema version 999 is newer", id="run-store-newer"),
+    case("run", "{d}/good.yaml", "--store", "{d}/store_marker_junk", needle="unreadable store marker", id="run-store-marker-junk"),
+    case("run", "{d}/good.yaml", "--store", "{d}/plain_parquet", needle="plain_parquet: directory holds Parquet files but no", id="run-store-not-txlab"),
+    case("run", needle="txlab run: the following arguments are required: config", id="run-no-config"),
+    case("frobnicate", needle="invalid choice: 'frobnicate'", id="unknown-command"),
+    # --- sweep (and --dry-run) ------------------------------------------------------------------
+    case("sweep", "{d}/malformed.yaml", needle="malformed.yaml: malformed YAML", id="sweep-malformed-yaml"),
+    case("sweep", "{d}/spec_list.yaml", "--dry-run", needle="spec_list.yaml: the sweep spec must be a YAML mapping", id="sweep-yaml-list"),
+    case("sweep", "{d}/missing.yaml", needle="missing.yaml: sweep spec file not found", id="sweep-missing-file"),
+    case("sweep", "{d}/binary.yaml", needle="binary.yaml: cannot read sweep spec file", id="sweep-unreadable-bytes"),
+    case("sweep", "{d}/spec_typo.yaml", "--dry-run", needle="unknown spec key 'gird' (did you mean 'grid'?)", id="sweep-typo-spec-key"),
+    case("sweep", "{d}/spec_empty_grid.yaml", "--dry-run", needle="spec_empty_grid.yaml: grid: expected a non-empty mapping", id="sweep-empty-grid"),
+    case("sweep", "{d}/spec_no_grid.yaml", needle="spec_no_grid.yaml: grid: expected a non-empty mapping", id="sweep-no-grid"),
+    case("sweep", "{d}/spec_grid_key.yaml", "--dry-run", needle="'model.n_layer' is not a config key (did you mean 'model.n_layers'?)", id="sweep-grid-unknown-key"),
+    case("sweep", "{d}/spec_grid_section.yaml", needle="'modle.n_layers' is not a config key (did you mean 'model.n_layers'?)", id="sweep-grid-typo-section"),
+    case("sweep", "{d}/spec_grid_empty_values.yaml", needle="grid.workload.seq_len: empty list of values", id="sweep-grid-empty-values"),
+    case("sweep", "{d}/spec_grid_bad_point.yaml", "--dry-run", needle="model.n_heads: must divide model.d_model", id="sweep-grid-bad-point"),
+    case("sweep", "{d}/spec_grid_bad_type.yaml", needle="workload.seq_len: expected an integer, got 'long'", id="sweep-grid-bad-type"),
+    case("sweep", "{d}/spec_budget.yaml", "--dry-run", needle="measure.budget_gib: must be > 0", id="sweep-grid-budget-zero"),
+    case("sweep", "{d}/spec_skip_arith.yaml", "--dry-run", needle="skip_if[0]: 'workload.seq_len + 1': BinOp is not a comparison", id="sweep-skip-not-comparison"),
+    case("sweep", "{d}/spec_skip_code.yaml", "--dry-run", needle="skip_if[0]", id="sweep-skip-runs-code"),
+    case("sweep", "{d}/spec_skip_dunder.yaml", needle="skip_if[0]", id="sweep-skip-dunder"),
+    case("sweep", "{d}/spec_skip_lambda.yaml", needle="function calls are not allowed", id="sweep-skip-lambda"),
+    case("sweep", "{d}/spec_skip_unknown.yaml", needle="unknown config key 'workload.seq_lenn'", id="sweep-skip-unknown-key"),
+    case("sweep", "{d}/spec_skip_syntax.yaml", needle="is not a valid expression", id="sweep-skip-syntax"),
+    case("sweep", "{d}/spec_base_typo.yaml", "--dry-run", needle="unknown key 'model.d_modle' (did you mean 'model.d_model'?)", id="sweep-base-typo"),
+    case("sweep", "{d}/spec_base_scalar.yaml", needle="base: expected a mapping", id="sweep-base-not-mapping"),
+    case("sweep", "{d}/spec_resources.yaml", needle="resources.cpu: expected a number > 0, got -1", id="sweep-negative-cpu"),
+    case("sweep", "{d}/spec_resource_name.yaml", needle="unknown resource 'tpu'", id="sweep-unknown-resource"),
+    case("sweep", "{d}/spec_concurrent.yaml", needle="max_concurrent: expected a positive integer", id="sweep-zero-concurrency"),
+    case("sweep", "{d}/spec_mode.yaml", needle="mode: unknown mode 'guess'", id="sweep-unknown-mode"),
+    case("sweep", "{d}/spec_name.yaml", needle="name: expected a non-empty name without '/'", id="sweep-bad-name"),
+    case("sweep", "{d}/good.yaml", needle="good.yaml: model: unknown spec key 'model'", id="sweep-config-given-as-spec"),
+    case("sweep", "{d}/spec_grid_key.yaml", "--store", "{d}/store_ok", needle="is not a config key", id="sweep-bad-spec-good-store"),
+    case("sweep", "{d}/spec_empty_grid.yaml", "--store", "{d}/new_store", needle="grid: expected a non-empty mapping", id="sweep-no-half-made-store"),
+    case("sweep", "{d}/spec_typo.yaml", needle="gird", id="sweep-default-store-not-made"),
+    case("sweep", "{d}/good_spec.yaml", "--dry-run", "--store", "{d}/a_file", needle="a_file: store path is a file", id="sweep-store-is-file"),
+    case("sweep", "{d}/good_spec.yaml", "--store", "{d}/store_foreign", needle="foreign store format", id="sweep-store-foreign"),
+    case("sweep", "{d}/good_spec.yaml", "--dry-run", "--store", "{d}/store_newer", needle="store schema version 999 is newer", id="sweep-store-newer"),
+    case("sweep", "{d}/good_spec.yaml", "--store", "{d}/store_truncated", needle="store_truncated", id="sweep-store-truncated"),
+    case("sweep", "{d}/good_spec.yaml", "--store", "{d}/plain_parquet", needle="not a txlab store", id="sweep-store-not-txlab"),
+    case("sweep", "{d}/good_spec.yaml", "--address", "http://127.0.0.1:8265", "--store", "{d}/new_store", needle="dashboard (job server) address", id="sweep-dashboard-address"),
+    # --- rerun ----------------------------------------------------------------------------------
+    case("rerun", "--store", "{d}/store_ok", "--trial", "ffffffffffffffff", needle="--trial ffffffffffffffff: no such trial key in", id="rerun-unknown-key"),
+    case("rerun", "--store", "{d}/store_ok", "--trial", "", needle="--trial", id="rerun-empty-key"),
+    case("rerun", "--store", "{d}/nowhere", "--trial", "abc", needle="nowhere: store not found", id="rerun-missing-store"),
+    case("rerun", "--store", "{d}/a_file", "--trial", "abc", needle="a_file: store path is a file", id="rerun-store-is-file"),
+    case("rerun", "--store", "{d}/store_empty", "--trial", "abc", needle="no such trial key", id="rerun-empty-store"),
+    case("rerun", "--store", "{d}/store_truncated", "--trial", "abc", needle="store_truncated", id="rerun-truncated-parquet"),
+    case("rerun", "--store", "{d}/store_newer", "--trial", "abc", needle="newer than this txlab reads", id="rerun-store-newer"),
+    case("rerun", "--store", "{d}/store_foreign", "--trial", "abc", needle="foreign store format", id="rerun-store-foreign"),
+    case("rerun", "--store", "{d}/store_ok", "--trial", "{key}", "--set", "model.nope=1", needle="unknown key 'model.nope'", id="rerun-bad-set"),
+    case("rerun", "--store", "{d}/store_ok", "--trial", "{key}", "--set", "model.n_heads=5", needle="model.n_heads: must divide", id="rerun-set-invalid"),
+    case("rerun", "--trial", "abc", needle="the following arguments are required: --store", id="rerun-no-store"),
+    # --- estimate -------------------------------------------------------------------------------
+    case("estimate", "{d}/malformed.yaml", needle="malformed YAML", id="estimate-malformed-yaml"),
+    case("estimate", "{d}/missing.yaml", needle="missing.yaml: config file not found", id="estimate-missing-file"),
+    case("estimate", "{d}/good.yaml", "--set", "model.n_heads=5", needle="model.n_heads: must divide", id="estimate-heads"),
+    case("estimate", "{d}/good.yaml", "--capacity-gib", "0", needle="--capacity-gib: must be > 0", id="estimate-capacity-zero"),
+    case("estimate", "{d}/good.yaml", "--capacity-gib", "-3", needle="--capacity-gib: must be > 0", id="estimate-capacity-negative"),
+    case("estimate", "{d}/good.yaml", "--capacity-gib", "lots", needle="--capacity-gib: invalid float value: 'lots'", id="estimate-capacity-type"),
+    case("estimate", "{d}/good.yaml", "--set", "policy.name=planned", needle="set measure.budget_gib", id="estimate-planned-needs-budget"),
+    # --- train ----------------------------------------------------------------------------------
+    case("train", "{d}/malformed.yaml", needle="malformed YAML", id="train-malformed-yaml"),
+    case("train", "{d}/good.yaml", "--set", "train.lr=0", needle="train.lr: must be > 0", id="train-zero-lr"),
+    case("train", "{d}/good.yaml", "--set", "train.steps=-5", needle="train.steps: must be > 0", id="train-negative-steps"),
+    case("train", "{d}/good.yaml", "--set", "train.stpes=5", needle="did you mean 'train.steps'?", id="train-typo"),
+    case("train", "{d}/good.yaml", "--out", "{d}/a_file", needle="a_file exists and is not a directory", id="train-out-is-file"),
+    case("train", "{d}/good.yaml", "--set", "data.source=text:{d}/missing.txt", "--out", "{d}/run_new", needle="missing.txt", id="train-missing-data"),
+    # --- generate -------------------------------------------------------------------------------
+    case("generate", "--checkpoint", "{d}/missing.pt", "--prompt", "x", needle="missing.pt: no checkpoint there", id="generate-missing"),
+    case("generate", "--checkpoint", "{d}/run_dir", "--prompt", "x", needle="run_dir: no checkpoint there", id="generate-empty-run-dir"),
+    case("generate", "--checkpoint", "{d}/not_a_checkpoint.pt", "--prompt", "x", needle="not a txlab checkpoint", id="generate-not-checkpoint"),
+    case("generate", "--checkpoint", "{d}/hostile.pt", "--prompt", "x", needle="hostile.pt: not a txlab checkpoint", id="generate-hostile-pickle"),
+    case("generate", "--checkpoint", "{d}/run_dir", "--prompt", "x", "--temperature", "-1", needle="--temperature: must be >= 0", id="generate-temperature"),
+    case("generate", "--checkpoint", "{d}/run_dir", "--prompt", "x", "--top-p", "2", needle="--top-p: must be in (0, 1]", id="generate-top-p"),
+    case("generate", "--checkpoint", "{d}/run_dir", "--prompt", "x", "--top-k", "0", needle="--top-k: must be > 0", id="generate-top-k"),
+    case("generate", "--checkpoint", "{d}/run_dir", "--prompt", "x", "--max-new-tokens", "0", needle="--max-new-tokens: must be > 0", id="generate-zero-tokens"),
+    case("generate", "--prompt", "x", needle="required: --checkpoint", id="generate-no-checkpoint"),
+    # --- plot -----------------------------------------------------------------------------------
+    case("plot", "--store", "{d}/nowhere", "--out", "{d}/plots", needle="nowhere: store not found", id="plot-missing-store"),
+    case("plot", "--store", "{d}/a_file", "--out", "{d}/plots", needle="a_file: store path is a file", id="plot-store-is-file"),
+    case("plot", "--store", "{d}/store_empty", "--out", "{d}/plots", needle="store_empty: the store has no rows yet", id="plot-empty-store"),
+    case("plot", "--store", "{d}/store_truncated", "--out", "{d}/plots", needle="store_truncated", id="plot-truncated-parquet"),
+    case("plot", "--store", "{d}/store_foreign", "--out", "{d}/plots", needle="foreign store format", id="plot-store-foreign"),
+    case("plot", "--store", "{d}/store_newer", "--out", "{d}/plots", needle="store schema version 999", id="plot-store-newer"),
+    case("plot", "--store", "{d}/plain_parquet", "--out", "{d}/plots", needle="plain_parquet: directory holds Parquet files", id="plot-not-txlab"),
+    case("plot", "--store", "{d}/store_ok", "--out", "{d}/a_file", needle="a_file", id="plot-out-is-file"),
+    case("plot", "--store", "{d}/store_ok", "--out", "{d}/plots", "--budget-gib", "0", needle="--budget-gib: must be > 0", id="plot-budget-zero"),
+    case("plot", "--store", "{d}/store_ok", "--out", "{d}/plots", "--budget-gib", "-1", needle="--budget-gib: must be > 0", id="plot-budget-negative"),
+    # --- report ---------------------------------------------------------------------------------
+    case("report", "--store", "{d}/store_ok", "--out", "{d}/report.pdf", needle="report.pdf: report must end in .html or .md", id="report-bad-suffix"),
+    case("report", "--store", "{d}/nowhere", "--out", "{d}/r.html", needle="nowhere: store not found", id="report-missing-store"),
+    case("report", "--store", "{d}/store_newer", "--out", "{d}/r.html", needle="store schema version 999", id="report-store-newer"),
+    case("report", "--store", "{d}/store_truncated", "--out", "{d}/r.html", needle="store_truncated", id="report-truncated-parquet"),
+    case("report", "--store", "{d}/store_empty", "--out", "{d}/r.md", needle="the store has no rows yet", id="report-empty-store"),
+    case("report", "--store", "{d}/store_ok", "--out", "{d}/a_file/r.html", needle="a_file", id="report-out-under-file"),
+    case("report", "--store", "{d}/store_ok", "--out", "{d}/r.html", "--budget-gib", "0", needle="--budget-gib: must be > 0", id="report-budget-zero"),
+]
+
+
+def snapshot(d: Path) -> dict[str, tuple[int, int]]:
+    out = {}
+    for root, dirs, files in os.walk(d):
+        for name in dirs + files:
+            p = Path(root) / name
+            st = p.stat()
+            out[str(p.relative_to(d))] = (st.st_size, st.st_mtime_ns if p.is_file() else 0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    make_assets(d)
+    (d / "good_spec.yaml").write_text(yaml.safe_dump({"name": "t", "base": TINY, "grid": GRID}))
+    key = Store.open(str(d / "store_ok")).read().to_pylist()[0]["trial_key"]
+    return d, key
+
+
+def fill(argv: list[str], d: Path, key: str) -> list[str]:
+    return [a.replace("{d}", str(d)).replace("{key}", key) for a in argv]
+
+
+def test_corpus_is_large_and_covers_every_command():
+    commands = {p.values[0][0] for p in CASES}
+    assert len(CASES) >= 40
+    assert {"run", "sweep", "rerun", "estimate", "train", "generate", "plot", "report"} <= commands
+    assert any("--dry-run" in p.values[0] for p in CASES)
+
+
+@pytest.mark.parametrize("argv, needle", CASES)
+def test_bad_input(argv, needle, assets, capsys, monkeypatch):
+    d, key = assets
+    monkeypatch.chdir(d)  # a relative default (results/<sweep name>, runs/<key>) would land here
+    before = snapshot(d)
+    rc = main(fill(argv, d, key))
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert rc == 2, (rc, out, err)
+    assert len(lines) == 1, err
+    assert needle.replace("{d}", str(d)) in lines[0], err
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    assert snapshot(d) == before, "bad input wrote something"
+    assert not (d / "PWNED").exists()
+
+
+# --- end to end: the real process, its exit status and stderr -------------------------------------
+
+
+def txlab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "txlab", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["run", "{d}/good.yaml", "--set", "model.n_heads=3"], "model.n_heads: must divide"),
+        (["sweep", "{d}/spec_skip_code.yaml", "--store", "{d}/s"], "skip_if[0]"),
+        (["plot", "--store", "{d}/store_truncated", "--out", "{d}/p"], "store_truncated"),
+        (["generate", "--checkpoint", "{d}/hostile.pt", "--prompt", "x"], "not a txlab checkpoint"),
+    ],
+    ids=["run", "sweep-skip-code", "plot-truncated", "generate-hostile"],
+)
+def test_bad_input_end_to_end(argv, needle, assets):
+    d, key = assets
+    before = snapshot(d)
+    r = txlab(*fill(argv, d, key), cwd=d)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout == ""
+    assert snapshot(d) == before and not (d / "PWNED").exists()
+
+
+# --- unexpected internal errors: short by default, the traceback with --debug ----------------------
+
+
+def _boom(args):
+    raise RuntimeError("the planets are misaligned")
+
+
+def test_internal_error_is_one_line_without_debug(monkeypatch, capsys, assets):
+    d, _ = assets
+    monkeypatch.setattr("txlab.cli.cmd_run", _boom)
+    assert main(["run", str(d / "good.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "internal error: RuntimeError: the planets are misaligned (rerun with --debug for the traceback)"
+    ]
+
+
+def test_internal_error_shows_traceback_with_debug(monkeypatch, capsys, assets):
+    d, _ = assets
+    monkeypatch.setattr("txlab.cli.cmd_run", _boom)
+    assert main(["--debug", "run", str(d / "good.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "_boom" in err and "the planets are misaligned" in err
+
+
+def test_internal_error_end_to_end(assets):
+    """A real process with an injected fault: exit 1 and one line; the traceback only with --debug."""
+    d, _ = assets
+    code = ("import sys, txlab.cli as c\n"
+            "def boom(a): raise RuntimeError('injected')\n"
+            "c.cmd_run = boom\n"
+            "sys.exit(c.main(sys.argv[1:]))\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for debug in (False, True):
+        argv = [sys.executable, "-c", code, *(["--debug"] if debug else []), "run", str(d / "good.yaml")]
+        r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode == 1, r.stderr
+        if debug:
+            assert "Traceback" in r.stderr and "RuntimeError: injected" in r.stderr
+        else:
+            assert r.stderr.strip().splitlines() == ["internal error: RuntimeError: injected (rerun with --debug for the traceback)"]
