@@ -141,6 +141,13 @@ def fake_step_memory(cfg: TrialConfig, kind: str = "cpu", plan: list[tuple[int, 
     return stats, parts.model
 
 
+def refuse_inference(cfg: TrialConfig) -> None:
+    """The estimator models training steps only: a prefill / decode trial is bad input here."""
+    if cfg.workload.kind != "train":
+        raise ConfigError(f"workload.kind: txlab estimate predicts training steps only, got {cfg.workload.kind!r}; "
+                          "allowed: train (measure prefill/decode with txlab run)")
+
+
 def estimate_trial(cfg: TrialConfig, device_kind: str | None = None, capacity_bytes: int | None = None,
                    progress: bool = False) -> dict[str, Any]:
     """The row `run_trial(cfg)` would produce, predicted on fake tensors: `measured = False`, memory
@@ -150,6 +157,7 @@ def estimate_trial(cfg: TrialConfig, device_kind: str | None = None, capacity_by
     from txlab.throughput import flops_per_token
     from txlab.trial import base_row
 
+    refuse_inference(cfg)
     t0 = time.perf_counter()
     kind = _device_kind(cfg, device_kind)
     row = base_row(cfg)
@@ -239,7 +247,7 @@ def precheck(cfg: TrialConfig) -> dict[str, Any] | None:
 
     A `planned` trial is not prechecked here: its planner already checks its plan with the estimator.
     """
-    if cfg.policy.remat == "planned":
+    if cfg.policy.remat == "planned" or cfg.workload.kind != "train":  # inference: not modelled, run it
         return None
     kind = _device_kind(cfg, None)
     row = estimate_trial(cfg, kind, capacity_bytes=free_bytes(kind, cfg.measure.device))

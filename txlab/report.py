@@ -36,7 +36,13 @@ def format_row(row: dict[str, Any]) -> str:
         lines.append(
             f"peak      {_gib(row['peak_bytes'])} GiB (GiB = 2^30 bytes)" + (f"  budget {budget:g} GiB" if budget else "")
         )
-    if row.get("params_bytes") is not None:
+    if row.get("params_bytes") is not None and row.get("workload.kind") in ("prefill", "decode"):
+        lines.append(
+            "  at peak: weights {}  KV cache {}  activations {}  other {}  GiB".format(
+                *(_gib(row[k]) for k in ("params_bytes", "kv_cache_bytes", "activations_bytes", "other_bytes"))
+            )
+        )
+    elif row.get("params_bytes") is not None:
         lines.append(
             "  at peak: params {}  grads {}  optimizer {}  activations {}  other {}  GiB".format(
                 *(_gib(row[k]) for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "other_bytes"))
@@ -46,7 +52,9 @@ def format_row(row: dict[str, Any]) -> str:
         lines.append(f"  allocator reserved {_gib(row['reserved_bytes'])} GiB")
     if row.get("peak_rss_bytes") is not None:
         lines.append(f"  resident set high-water mark above baseline {_gib(row['peak_rss_bytes'])} GiB (check on the tracker)")
-    if row.get("step_time_s") is not None:
+    if row.get("workload.kind") in ("prefill", "decode"):
+        lines += _inference_lines(row)
+    elif row.get("step_time_s") is not None:
         mfu = f"  MFU {row['mfu']:.1%}" if row.get("mfu") is not None else ""
         lines.append(
             f"step      {row['step_time_s']:.4f} s (median of {row['workload.steps']})  "
@@ -54,3 +62,30 @@ def format_row(row: dict[str, Any]) -> str:
         )
     lines.append(f"took      {row['duration_s']:.1f} s")
     return "\n".join(lines)
+
+
+def _inference_lines(row: dict[str, Any]) -> list[str]:
+    """prefill / decode rows: KV policy, times per token, int4 figures."""
+    out = []
+    kv = row.get("kv_cache_bytes")
+    detail = f"kv {row['policy.kv']}"
+    if kv is not None:
+        detail += f": K/V held {_gib(kv)} GiB"
+    if row.get("kv_inputs_bytes") is not None:
+        detail += f", layer inputs kept {_gib(row['kv_inputs_bytes'])} GiB"
+    out.append(f"kv        {detail}")
+    if row.get("prefill_time_s") is not None:
+        mfu = f"  MFU {row['mfu']:.1%}" if row.get("mfu") is not None else ""
+        out.append(f"prefill   {row['prefill_time_s']:.4f} s (median of {row['workload.steps']})"
+                   + (f"  {row['tokens_per_s']:.0f} tokens/s{mfu}" if row["workload.kind"] == "prefill" else ""))
+    if row.get("time_per_token_s") is not None:
+        out.append(f"decode    {row['workload.decode_tokens']} tokens: {row['time_per_token_s']:.4f} s/token (median)  "
+                   f"{row['tokens_per_s']:.1f} tokens/s")
+    if row.get("model.quant") == "int4" and row.get("weight_bytes") is not None:
+        line = (f"int4      weights {_gib(row['weight_bytes_fp'])} -> {_gib(row['weight_bytes'])} GiB "
+                f"(group {row['model.quant_group']})")
+        if row.get("logit_rel_error") is not None:
+            line += (f"  logit relative error {row['logit_rel_error']:.4f}  next-token agreement "
+                     f"{row['next_token_agreement']:.1%}")
+        out.append(line)
+    return out
