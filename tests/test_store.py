@@ -179,3 +179,38 @@ def test_lock_removes_stale_temporaries_only(tmp_path):
     with store.writer_lock():
         pass
     assert not old.exists() and fresh.exists()
+
+
+def test_check_store_finds_every_kind_of_damage(tmp_path):
+    from txlab.store import check_store
+
+    root = tmp_path / "s"
+    store = Store.open(str(root), create=True)
+    paths = [store.write_row(make_row(n, status=s)) for n, s in ((64, "ok"), (128, "oom"), (256, "error"))]
+    good = check_store(str(root))
+    assert good.ok and good.rows == 3 and good.statuses == {"ok": 1, "oom": 1, "error": 1}
+    assert "store check: 3 rows (error 1, ok 1, oom 1); every file reads" in good.summary()
+
+    # harmless leftovers: an older file of a key (writer killed between rename and delete), a temporary
+    key = make_row(64)["trial_key"]
+    t = int(paths[0].rsplit(".", 2)[1])
+    pq.write_table(pq.read_table(paths[0]), root / f"{key}.{t - 1}.parquet")
+    (root / f"{TMP_PREFIX}dead").write_bytes(b"PAR1 half")
+    leftovers = check_store(str(root))
+    assert leftovers.ok and leftovers.rows == 3 and leftovers.superseded == 1 and leftovers.temporaries == 1
+
+    # damage: a truncated file, a row whose key is not its file name, a file of two rows, a stray name
+    data = open(paths[1], "rb").read()
+    open(paths[1], "wb").write(data[: len(data) // 2])
+    other = make_row(512)
+    pq.write_table(pa.Table.from_pylist([other], schema=row_schema()), root / f"{'f' * 16}.1.parquet")
+    pq.write_table(pa.Table.from_pylist([make_row(1024), make_row(2048)], schema=row_schema()), root / f"{'e' * 16}.1.parquet")
+    (root / "notes.parquet").write_bytes(b"x")
+    bad = check_store(str(root))
+    assert not bad.ok and bad.rows == 3  # 64, 256 and the misnamed one read; the truncated one does not
+    text = " | ".join(bad.problems)
+    assert f"{os.path.basename(paths[1])}: unreadable" in text
+    assert f"{'f' * 16}.1.parquet: row's trial_key {other['trial_key']!r} differs from its file name" in text
+    assert f"{'e' * 16}.1.parquet: holds 2 rows, expected 1" in text
+    assert "notes.parquet: not a row file name" in text
+    assert "4 problem(s)" in bad.summary()

@@ -282,3 +282,80 @@ def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
 def read_store(uri: str):
     """The store as a pandas DataFrame (one row per trial): what analysis reads."""
     return Store.open(uri).read_pandas()
+
+
+# --- integrity ------------------------------------------------------------------------------------
+
+
+@dataclass
+class StoreCheck:
+    """What `check_store` found. `problems` is empty for a sound store; superseded files (a writer killed
+    between writing a trial's new row and deleting its old one) and temporaries are harmless leftovers that
+    readers ignore, counted apart."""
+
+    uri: str
+    rows: int = 0  # trials with a readable row
+    files: int = 0  # row files
+    superseded: int = 0  # older row files of a key that has a newer one
+    temporaries: int = 0  # _tmp-* files of writers that died mid-write
+    statuses: dict[str, int] | None = None
+    problems: list[str] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted((self.statuses or {}).items()))
+        extra = "".join([
+            f", {self.superseded} superseded file(s)" if self.superseded else "",
+            f", {self.temporaries} temporary file(s)" if self.temporaries else "",
+        ])
+        head = f"store check: {self.rows} rows ({counts or 'none'}){extra}"
+        if self.ok:
+            return head + "; every file reads, one row each, keys unique, schema version " + str(SCHEMA_VERSION)
+        return head + f"; {len(self.problems)} problem(s): " + "; ".join(self.problems[:5])
+
+
+def check_store(uri: str, filesystem: pafs.FileSystem | None = None) -> StoreCheck:
+    """Check a store whole: the marker and its schema version (by opening it), every row file on its own
+    (reads as Parquet in the store schema, exactly one row, a known status, the trial key its name says),
+    and one row per trial key. Raises StoreError only when the store cannot be opened at all."""
+    store = Store.open(uri, filesystem=filesystem)
+    out = StoreCheck(uri=str(uri), problems=[], statuses={})
+    schema = row_schema()
+    raw = store._row_files_raw()
+    newest = {rf.trial_key: rf.path for rf in store._row_files()}
+    keys: dict[str, str] = {}
+    for path in sorted(raw):
+        name = path.rsplit("/", 1)[-1]
+        rf = _parse_name(path)
+        if rf is None:
+            if not name.startswith(("_", ".")):
+                out.problems.append(f"{name}: not a row file name (<trial_key>.<time_ns>.parquet)")
+            continue
+        out.files += 1
+        if newest.get(rf.trial_key) != path:
+            out.superseded += 1
+            continue
+        try:
+            table = pads.dataset([path], schema=schema, format="parquet", filesystem=store.fs).to_table()
+        except (pa.ArrowException, OSError, ValueError) as e:
+            out.problems.append(f"{name}: unreadable ({str(e).splitlines()[0][:200]})")
+            continue
+        if table.num_rows != 1:
+            out.problems.append(f"{name}: holds {table.num_rows} rows, expected 1")
+            continue
+        row = table.to_pylist()[0]
+        if row["trial_key"] != rf.trial_key:
+            out.problems.append(f"{name}: row's trial_key {row['trial_key']!r} differs from its file name")
+        if row["status"] not in STATUSES:
+            out.problems.append(f"{name}: unknown status {row['status']!r}")
+        if row["trial_key"] in keys:
+            out.problems.append(f"{name}: trial key {row['trial_key']} also in {keys[row['trial_key']]}")
+        keys[row["trial_key"]] = name
+        out.rows += 1
+        out.statuses[row["status"]] = out.statuses.get(row["status"], 0) + 1
+    sel = pafs.FileSelector(store.root, allow_not_found=True, recursive=False)
+    out.temporaries = sum(1 for i in store.fs.get_file_info(sel) if i.path.rsplit("/", 1)[-1].startswith(TMP_PREFIX))
+    return out
