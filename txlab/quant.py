@@ -31,7 +31,8 @@ def pack_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"int4 packing needs an even group dividing the input width ({in_f} % {group})")
     g = w.detach().float().reshape(out_f, in_f // group, group)  # (out, n_groups, group)
     scale = (g.abs().amax(dim=-1) / QMAX).to(SCALE_DTYPE)  # (out, n_groups)
-    s = scale.float().clamp_min(torch.finfo(SCALE_DTYPE).tiny).unsqueeze(-1)
+    s = scale.float().unsqueeze(-1)
+    s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero group (or one under fp16's range) packs as zeros
     q = torch.clamp(torch.round(g / s), QMIN, QMAX).to(torch.int16) - QMIN  # 0..15
     q = q.reshape(out_f, in_f).to(torch.uint8)
     packed = q[:, 0::2] | (q[:, 1::2] << 4)  # (out, in/2): two values per byte

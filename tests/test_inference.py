@@ -1,0 +1,199 @@
+"""Prefill and decode under every KV policy: same logits and greedy tokens as the cache, KV bytes, trials."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from txlab.cli import main
+from txlab.config import load_config
+from txlab.inference import Inference, build_model, generate_greedy, kv_cache_analytic_bytes
+from txlab.trial import run_trial
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny shapes: one intra-op thread is faster, and steadier on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = {"model.n_layers": 2, "model.d_model": 64, "model.n_heads": 4, "model.vocab_size": 97}
+PROMPT, NEW = 40, 6
+
+
+def cfg_of(**over):
+    over = {**TINY, "workload.kind": "decode", "workload.seq_len": PROMPT, "workload.decode_tokens": NEW,
+            "measure.device": "cpu", **{k.replace("__", "."): v for k, v in over.items()}}
+    return load_config(None, over)
+
+
+def _prompt(cfg, batch=2, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.model.vocab_size, (batch, cfg.workload.seq_len), generator=g)
+
+
+MODELS = {
+    "mha-learned-gelu": {},
+    "gqa-rope-swiglu": {"model.n_kv_heads": 2, "model.pos": "rope", "model.mlp": "swiglu", "model.norm": "rmsnorm"},
+    "mqa-learned": {"model.n_kv_heads": 1},
+}
+
+
+@pytest.mark.parametrize("shape", list(MODELS))
+def test_every_kv_policy_gives_the_cache_logits_and_greedy_tokens(shape):
+    cfg = load_config(None, {**TINY, **MODELS[shape], "workload.kind": "decode", "workload.seq_len": PROMPT,
+                             "workload.decode_tokens": NEW})
+    model = build_model(cfg, torch.device("cpu"))
+    prompt = _prompt(cfg)
+    ref_tokens, ref_logits, _ = generate_greedy(model, dataclasses.replace(cfg.policy, kv="cache"), prompt, NEW)
+    ref_logits = torch.stack(ref_logits)  # (NEW + 1, B, V)
+    # the cache itself against the model's own forward over the whole generated sequence
+    full = torch.cat([prompt, ref_tokens], dim=1)
+    with torch.no_grad():
+        whole = F.linear(model(full), model.lm_head.weight)[:, PROMPT - 1 :].transpose(0, 1)
+    torch.testing.assert_close(ref_logits, whole, rtol=1e-4, atol=1e-5)
+    cases = [("cache", "math", 7), ("cache", "chunked", 7),
+             # recompute: tiles of one position, ragged tiles, one tile covering the whole context
+             ("recompute", "sdpa", 1), ("recompute", "chunked", 7), ("recompute", "math", PROMPT + NEW)]
+    if cfg.model.n_kv_heads < cfg.model.n_heads:
+        cases += [("grouped", "sdpa", 7), ("grouped", "chunked", 7)]
+    for kv, attention, k_chunk in cases:
+        policy = dataclasses.replace(cfg.policy, kv=kv, attention=attention, q_chunk=16, k_chunk=k_chunk)
+        tokens, logits, _ = generate_greedy(model, policy, prompt, NEW)
+        assert torch.equal(tokens, ref_tokens), (kv, attention, k_chunk)
+        torch.testing.assert_close(torch.stack(logits), ref_logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv,n_kv_heads", [("cache", 4), ("grouped", 2), ("grouped", 1), ("recompute", 4), ("recompute", 2)])
+def test_kv_cache_bytes_are_the_analytic_size(kv, n_kv_heads):
+    cfg = cfg_of(model__n_kv_heads=n_kv_heads, policy__kv=kv)
+    model = build_model(cfg, torch.device("cpu"))
+    _, _, run = generate_greedy(model, cfg.policy, _prompt(cfg, batch=1), NEW)
+    m = cfg.model
+    T = PROMPT + NEW
+    analytic = kv_cache_analytic_bytes(m.n_layers, m.n_kv_heads, m.d_model // m.n_heads, T, 4)
+    if kv == "recompute":
+        assert run.kv_cache_bytes == 0
+        assert run.kv_inputs_bytes == m.n_layers * T * m.d_model * 4  # what it keeps instead
+    else:
+        assert run.kv_cache_bytes == analytic
+        assert run.kv_inputs_bytes == 0
+
+
+def test_grouped_cache_shrinks_by_the_head_ratio():
+    sizes = {}
+    for n_kv in (4, 2, 1):
+        cfg = cfg_of(model__n_kv_heads=n_kv, policy__kv="cache" if n_kv == 4 else "grouped")
+        sizes[n_kv] = Inference(build_model(cfg, torch.device("cpu")), cfg.policy, PROMPT, 1).kv_cache_bytes
+    assert sizes[4] == 2 * sizes[2] == 4 * sizes[1]
+
+
+def test_step_past_the_end_is_refused():
+    cfg = cfg_of()
+    run = Inference(build_model(cfg, torch.device("cpu")), cfg.policy, PROMPT, 1)
+    run.prefill(_prompt(cfg, batch=1))
+    with pytest.raises(ValueError, match="all are used"):
+        run.step(torch.tensor([1]))
+
+
+# --- trials -------------------------------------------------------------------------------------
+
+
+def test_prefill_trial_row():
+    cfg = cfg_of(workload__kind="prefill", workload__steps=1, workload__warmup_steps=0, policy__attention="chunked",
+                 policy__q_chunk=8, policy__k_chunk=8)
+    row = run_trial(cfg)
+    assert row["status"] == "ok", row["error"]
+    m = cfg.model
+    assert row["kv_cache_bytes"] == kv_cache_analytic_bytes(m.n_layers, m.n_kv_heads, m.d_model // m.n_heads, PROMPT, 4)
+    parts = ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "kv_cache_bytes", "other_bytes")
+    assert sum(row[k] for k in parts) == row["peak_bytes"]  # the KV cache is a breakdown column of the peak
+    assert row["grads_bytes"] == 0 and row["optimizer_bytes"] == 0
+    assert row["params_bytes"] == row["weight_bytes"] == row["weight_bytes_fp"]
+    assert row["prefill_time_s"] > 0 and row["step_time_s"] == row["prefill_time_s"]
+    assert row["tokens_per_s"] == pytest.approx(PROMPT / row["prefill_time_s"])
+    assert row["time_per_token_s"] is None and row["kv_inputs_bytes"] is None and row["logit_rel_error"] is None
+
+
+def test_decode_trial_rows_and_recompute_holds_less():
+    rows = {}
+    for kv in ("cache", "recompute"):
+        cfg = cfg_of(model__n_layers=6, workload__seq_len=128, workload__decode_tokens=4, workload__steps=1,
+                     workload__warmup_steps=0, policy__kv=kv, policy__k_chunk=32)
+        rows[kv] = row = run_trial(cfg)
+        assert row["status"] == "ok", row["error"]
+        assert row["time_per_token_s"] > 0 and row["step_time_s"] == row["time_per_token_s"]
+        assert row["tokens_per_s"] == pytest.approx(1 / row["time_per_token_s"])
+    m = cfg.model
+    assert rows["cache"]["kv_cache_bytes"] == kv_cache_analytic_bytes(m.n_layers, m.n_kv_heads, m.d_model // m.n_heads, 132, 4)
+    assert rows["recompute"]["kv_cache_bytes"] == 0
+    assert rows["recompute"]["kv_inputs_bytes"] == m.n_layers * 132 * m.d_model * 4
+    assert rows["recompute"]["peak_bytes"] < rows["cache"]["peak_bytes"]
+
+
+def test_decode_bf16_keeps_a_2_byte_cache():
+    cfg = cfg_of(workload__dtype="bf16", workload__steps=1, workload__warmup_steps=0)
+    row = run_trial(cfg)
+    assert row["status"] == "ok", row["error"]
+    m = cfg.model
+    assert row["kv_cache_bytes"] == kv_cache_analytic_bytes(m.n_layers, m.n_kv_heads, m.d_model // m.n_heads, PROMPT + NEW, 2)
+
+
+def test_decode_over_budget_is_a_status():
+    row = run_trial(cfg_of(measure__budget_gib=0.0001, workload__steps=1, workload__warmup_steps=0))
+    assert row["status"] == "over_budget"
+
+
+def test_training_row_leaves_inference_columns_null():
+    row = run_trial(load_config(None, {**TINY, "workload.seq_len": 16, "workload.steps": 1, "workload.warmup_steps": 0,
+                                       "measure.device": "cpu"}))
+    assert row["status"] == "ok"
+    for k in ("kv_cache_bytes", "kv_inputs_bytes", "prefill_time_s", "time_per_token_s", "weight_bytes",
+              "logit_rel_error", "next_token_agreement"):
+        assert row[k] is None, k
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+def _sets(**over):
+    out = []
+    for k, v in {**TINY, "measure.device": "cpu", "workload.steps": 1, "workload.warmup_steps": 0, **over}.items():
+        out += ["--set", f"{k}={v}"]
+    return out
+
+
+def test_cli_runs_prefill_and_decode(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("workload: {seq_len: 32}\n")
+    assert main(["run", str(cfg), *_sets(**{"workload.kind": "prefill"}), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["workload.kind"] == "prefill" and row["kv_cache_bytes"] > 0
+    store = tmp_path / "store"
+    assert main(["run", str(cfg), *_sets(**{"workload.kind": "decode", "workload.decode_tokens": 3, "policy.kv": "recompute"}),
+                 "--store", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "decode    3 tokens" in out and "kv        kv recompute: K/V held 0.000 GiB" in out
+    from txlab.store import read_store
+
+    df = read_store(str(store))
+    assert list(df["workload.kind"]) == ["decode"] and int(df["kv_cache_bytes"].iloc[0]) == 0
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run"], "model.quant: 'int4' is inference only"),
+    (["estimate"], "workload.kind: txlab estimate predicts training steps only"),
+])
+def test_cli_bad_inference_input_exits_2(tmp_path, capsys, args, needle):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("workload: {seq_len: 32}\n")
+    extra = {"model.quant": "int4"} if args == ["run"] else {"workload.kind": "decode"}
+    assert main([*args, str(cfg), *_sets(**extra)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
