@@ -44,7 +44,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"nothing to run: every trial is in {store}" + ("" if args.rerun_failed else " (error rows rerun with --rerun-failed)"))
         return 0
     result = run_sweep(p, address=args.address)
+    if result.store_error:
+        print(f"error: {result.store_error}", file=sys.stderr)
+        return 1
     print(f"store: {store} ({len(p.store)} rows); plots: txlab plot --store {store} --out plots/{spec.name}")
+    from txlab.store import check_store
+
+    check = check_store(store)
+    print(check.summary(), flush=True)
+    if not check.ok:
+        print(f"error: store {store} failed its integrity check: {'; '.join(check.problems[:3])}", file=sys.stderr)
+        return 1
     if result.interrupted:
         print(f"stopped before every trial finished; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -236,23 +236,34 @@ def _make_callback_class():
             self.plan, self.jobs, self.progress, self.heartbeat_s = plan, jobs, progress, heartbeat_s
             self.written: set[str] = set()
             self.labels = {t.key: t.label() for t in plan.to_run}
+            self.store_error: str | None = None  # set when the store cannot be written: the sweep stops
 
         def _write(self, row: dict[str, Any]) -> None:
             key = row["trial_key"]
-            if key in self.written:
+            if key in self.written or self.store_error:
                 return
             try:
-                self.plan.store.write_row(row)
-            except (ValueError, TypeError, pa.ArrowException) as e:
-                if isinstance(e, OSError):
-                    raise  # the store itself is unreachable: stop, the rows so far are kept
-                # A row the store refuses (a column or type outside the schema: txlab versions differ)
-                # is stored as an `error` row saying so, rather than ending the whole sweep.
-                flat = self.jobs[key]["config"] if key in self.jobs else {}
-                row = error_row(key, flat, self.plan.spec.name, f"row refused by the store: {e}",
-                                host=row.get("host"), node_id=row.get("node_id"), started_at=row.get("started_at"),
-                                duration_s=row.get("duration_s"), device=row.get("device"))
-                self.plan.store.write_row(row)
+                try:
+                    self.plan.store.write_row(row)
+                except OSError:
+                    raise
+                except (ValueError, TypeError, pa.ArrowException) as e:
+                    # A row the store refuses (a column or type outside the schema: txlab versions differ)
+                    # is stored as an `error` row saying so, rather than ending the whole sweep.
+                    flat = self.jobs[key]["config"] if key in self.jobs else {}
+                    row = error_row(key, flat, self.plan.spec.name, f"row refused by the store: {e}",
+                                    host=row.get("host"), node_id=row.get("node_id"), started_at=row.get("started_at"),
+                                    duration_s=row.get("duration_s"), device=row.get("device"))
+                    self.plan.store.write_row(row)
+            except OSError as e:
+                # Disk full, store made read-only, bucket gone: no row is half-written (temporary + rename),
+                # so stop the whole sweep (the stopper below) rather than run trials whose rows cannot land.
+                why = e.strerror or (str(e).splitlines() or [e.__class__.__name__])[0]
+                self.store_error = (f"store {self.plan.store.uri}: cannot write the row of trial {key} ({why}); "
+                                    f"sweep stopped, {len(self.written)} row(s) written this run are kept; "
+                                    "fix the store (space, permissions) and rerun the same command to resume")
+                self.progress.print(f"  store write failed: {key}: {why}")
+                return
             self.written.add(key)
             self.progress.counts[row["status"]] += 1
             figure = ""
@@ -295,6 +306,19 @@ def _make_callback_class():
             if time.monotonic() - self.progress.last_line_at >= self.heartbeat_s:
                 self.progress.print(self.progress.line())
 
+    class StopOnStoreError(tune.Stopper):
+        """Ends the experiment once the StoreWriter cannot write (Tune stops the running trials)."""
+
+        def __init__(self, writer: StoreWriter):
+            self.writer = writer
+
+        def __call__(self, trial_id, result) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            return self.writer.store_error is not None
+
+    StoreWriter.Stopper = StopOnStoreError
     return StoreWriter
 
 
@@ -355,6 +379,7 @@ class SweepResult:
     counts: dict[str, int]
     wall_s: float
     interrupted: bool = False
+    store_error: str | None = None  # the store could not be written: the sweep stopped (rerun to resume)
 
 
 def run_sweep(
@@ -407,6 +432,7 @@ def run_sweep(
                     storage_path=tmp_storage,  # Tune's bookkeeping only; the store is the record
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                     callbacks=[callback],
+                    stop=callback.Stopper(callback),
                     verbose=0,
                     log_to_file=False,
                 ),
@@ -420,7 +446,7 @@ def run_sweep(
     interrupted = progress.done < progress.total
     if interrupted:
         progress.print(progress.line() + " (stopped early)")
-    return SweepResult(plan_, progress.counts, time.monotonic() - t0, interrupted)
+    return SweepResult(plan_, progress.counts, time.monotonic() - t0, interrupted, callback.store_error)
 
 
 def _check_fits(spec: SweepSpec, cluster: dict[str, float]) -> None:
