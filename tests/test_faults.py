@@ -137,3 +137,29 @@ def test_full_disk_stops_the_sweep_cleanly_and_a_second_sweep_is_refused(tmp_pat
     finally:
         if real_disk:
             subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_run_with_a_full_store_prints_the_row_and_fails_cleanly(tmp_path, monkeypatch, capsys):
+    """`txlab run --store`: the trial's row still reaches stdout, one line says the store refused it."""
+    import json
+
+    from sweeps.driver import error_row
+    from txlab.cli import main
+    from txlab.config import build_config
+
+    cfg = build_config({"model": {"n_layers": 2, "d_model": 64}})
+    row = {**error_row(cfg.trial_key, cfg.flat(), None, ""), "status": "ok", "error": None}
+    monkeypatch.setattr("txlab.trial.run_trial", lambda cfg, progress=True: row)
+
+    def full(self, row):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.uri)
+
+    monkeypatch.setattr(Store, "write_row", full)
+    (tmp_path / "c.yaml").write_text("model: {n_layers: 2, d_model: 64}\n")
+    rc = main(["run", str(tmp_path / "c.yaml"), "--store", str(tmp_path / "s"), "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and json.loads(out)["trial_key"] == cfg.trial_key
+    assert err.strip().splitlines() == [
+        f"error: store {tmp_path / 's'}: cannot write the row (No space left on device); nothing was written"
+    ]
+    assert not (tmp_path / "s").exists()

@@ -141,14 +141,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     from txlab.trial import run_trial  # imports torch: only once the input is known to be good
 
     row = run_trial(cfg, progress=not args.json)
+    write_error = None
     if store is not None:
-        store.write_row(row)
+        try:
+            store.write_row(row)  # whole or not at all (temporary + rename)
+        except OSError as e:  # disk full, store made read-only: the row is still printed below
+            write_error = f"error: store {args.store}: cannot write the row ({e.strerror or e}); nothing was written"
     if args.json:
         print(json.dumps(row, default=str))
     else:
         print(format_row(row))
-        if store is not None:
+        if store is not None and write_error is None:
             print(f"row written to {args.store}")
+    if write_error:
+        print(write_error, file=sys.stderr)
+        return 1
     return 1 if row["status"] == "error" else 0
 
 
