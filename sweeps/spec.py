@@ -28,6 +28,7 @@ from __future__ import annotations
 import ast
 import difflib
 import itertools
+import math
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ SPEC_KEYS = ("name", "description", "base", "grid", "skip_if", "resources", "max
 MODES = ("measure", "estimate")
 RESOURCE_KEYS = ("cpu", "gpu")
 DEFAULT_MAX_FAILURES = 3
+MAX_GRID_POINTS = 100_000  # a grid this large is a typo (or hostile); each point is validated before any runs
 
 
 # --- skip_if: a tiny, safe expression language over config keys ------------------------------------
@@ -277,6 +279,10 @@ def parse_spec(raw: dict[str, Any], path: str = "", default_name: str = "sweep")
         if len(set(map(repr, values))) != len(values):
             raise ConfigError(f"{_where(path, 'grid.' + key)}: repeated value in {values!r}")
         clean_grid[key] = values
+
+    points = math.prod(len(v) for v in clean_grid.values())
+    if points > MAX_GRID_POINTS:
+        raise ConfigError(f"{_where(path, 'grid')}: {points} grid points, more than {MAX_GRID_POINTS}; split the sweep")
 
     rules_raw = raw.get("skip_if") or []
     if isinstance(rules_raw, str):

@@ -159,6 +159,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if row["status"] == "error" else 0
 
 
+def _one_line(message: str, limit: int = 1000) -> str:
+    """Bad input is reported in one line of bounded length, whatever value the input held."""
+    message = " ".join(message.split())
+    return message if len(message) <= limit else message[:limit] + " ... (truncated)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -166,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return int(_resolve(args.handler)(args) or 0)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -177,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         else:
-            print(f"internal error: {e.__class__.__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+            print(f"internal error: {e.__class__.__name__}: {_one_line(str(e), 500)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
 
 

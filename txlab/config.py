@@ -253,9 +253,24 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return key, value
+
+
+MAX_DEPTH = 16  # nesting a config or spec file may have (they need 3); deeper is hostile or a mistake
+
+
+def _depth(node: Any, limit: int = MAX_DEPTH + 1, seen: dict[int, int] | None = None) -> int:
+    """Nesting depth of mappings and lists, counted no further than `limit`; a node shared through YAML
+    aliases is measured once (so an alias "bomb" costs its size in the file, not its expansion)."""
+    if limit <= 0 or not isinstance(node, (dict, list)):
+        return 0
+    seen = {} if seen is None else seen
+    if id(node) not in seen:
+        children = node.values() if isinstance(node, dict) else node
+        seen[id(node)] = 1 + max((_depth(c, limit - 1, seen) for c in children), default=0)
+    return seen[id(node)]
 
 
 def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
@@ -275,8 +290,12 @@ def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: {what} nested too deeply to be a txlab {what}") from None
     if data is None:
         return {}
+    if _depth(data) > MAX_DEPTH:
+        raise ConfigError(f"{path}: {what} nested deeper than {MAX_DEPTH} levels; a txlab {what} is a few levels deep")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the {what} must be a YAML mapping, got {type(data).__name__}")
     return data
