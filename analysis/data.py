@@ -10,7 +10,7 @@ A store (DESIGN.md) is one row per trial with dotted config columns. Analysis ne
   on (`device`) joins the key instead. Presets clamp chunk sizes to short sequences, which is one more
   reason they cannot be part of the key.
 - **Labels**: `policy` is `policy.name`, plus any other policy key that varies within one preset name
-  (e.g. `custom (remat=every)`); `setting` names whatever else varies between groups (model size, batch,
+  (e.g. `custom (remat=every)`), plus the KV policy on prefill/decode rows (`sdpa (kv=recompute)`); `setting` names whatever else varies between groups (model size, batch,
   dtype, workload kind, device ...), empty when one setting covers the whole store. Plots facet by
   `setting` (rows) and depth (columns).
 - **Basis**: `measured` (from a run) or `estimated` (`measured == false`); kept apart everywhere.
@@ -33,6 +33,8 @@ GIB = 2**30  # GiB = 2^30 bytes, everywhere in analysis
 
 POLICY, DEPTH, SIZE, SEQ, KIND = "policy.name", "model.n_layers", "model.size", "workload.seq_len", "workload.kind"
 BUDGET = "measure.budget_gib"
+KV = "policy.kv"
+INFERENCE_KINDS = ("prefill", "decode")  # rows whose policy label names the KV policy (policy.kv)
 CHUNK_KEYS = ("policy.q_chunk", "policy.k_chunk", "policy.loss_chunk")
 # Config columns that do not define the experiment a length belongs to (see module docstring).
 NOT_GROUPING = {SEQ, *CHUNK_KEYS, BUDGET, "measure.device", "workload.steps", "workload.warmup_steps", "seed"}
@@ -40,7 +42,8 @@ NOT_GROUPING = {SEQ, *CHUNK_KEYS, BUDGET, "measure.device", "workload.steps", "w
 POLICY_ORDER = ("naive", "sdpa", "checkpoint", "selective", "recompute", "planned", "custom")
 # Policies a recompute overhead is measured against, first present wins.
 BASELINES = ("sdpa", "naive")
-COMPONENTS = ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "other_bytes")
+COMPONENTS = ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "kv_cache_bytes", "other_bytes")
+OPTIONAL_COMPONENTS = ("kv_cache_bytes",)  # only inference rows have it; plots leave it out when no row does
 
 Source = Union[str, Path, pd.DataFrame]
 
@@ -101,8 +104,13 @@ def setting_keys(df: pd.DataFrame) -> list[str]:
 
 
 def policy_keys(df: pd.DataFrame) -> list[str]:
-    """Policy columns (besides the name and chunk sizes) that vary within one preset name."""
-    return [k for k in group_keys() if k.startswith("policy.") and k != POLICY and _varies_within(df, POLICY, k)]
+    """Policy columns (besides the name, chunk sizes and the KV policy) that vary within one preset name.
+    The KV policy is always named on prefill/decode rows and never on training rows (see `prepare`)."""
+    return [k for k in group_keys() if k.startswith("policy.") and k not in (POLICY, KV) and _varies_within(df, POLICY, k)]
+
+
+def is_inference(df: pd.DataFrame) -> pd.Series:
+    return df[KIND].isin(INFERENCE_KINDS)
 
 
 def prepare(source: Source) -> pd.DataFrame:
@@ -122,7 +130,7 @@ def prepare(source: Source) -> pd.DataFrame:
     pkeys, skeys = policy_keys(df), setting_keys(df)
 
     def policy_label(r) -> str:
-        extra = ", ".join(f"{short(k)}={_fmt(r[k])}" for k in pkeys)
+        extra = ", ".join(([f"kv={_fmt(r[KV])}"] if r[KIND] in INFERENCE_KINDS else []) + [f"{short(k)}={_fmt(r[k])}" for k in pkeys])
         return f"{r[POLICY]} ({extra})" if extra else str(r[POLICY])
 
     def setting_label(r) -> str:

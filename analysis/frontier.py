@@ -10,6 +10,11 @@ length with a feasible row, over all chunk settings tried at that length. Each e
 lengths too costly to run; `point_estimated` says whether the frontier point itself is an estimate).
 Error rows are not evidence either way: they
 are left out of "lengths tried" and listed by the report instead.
+
+Inference rows (`workload.kind` prefill / decode) are experiments of their own (the kind is part of
+the group); for decode the frontier is the longest prompt (`seq_len`) that still fits with its
+`decode_tokens` generated: the longest context that fits the budget. Their baseline is the baseline
+policy with `policy.kv: cache`.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ import pandas as pd
 from analysis.data import (
     BASELINES,
     GIB,
+    KV,
     POLICY,
     Source,
+    is_inference,
     budgets_of,
     policy_order,
     prepare,
@@ -121,6 +128,11 @@ def baseline_name(df: pd.DataFrame) -> str | None:
     return next((b for b in BASELINES if b in names), None)
 
 
+def is_baseline(df: pd.DataFrame, base: str | None) -> pd.Series:
+    """Rows of the baseline policy: its preset name, and on prefill/decode rows the full KV cache."""
+    return (df[POLICY] == base) & (~is_inference(df) | (df[KV] == "cache"))
+
+
 def best_ok(df: pd.DataFrame) -> pd.DataFrame:
     """Measured ok rows, one per (group, seq_len): the lowest peak when several chunk settings ran."""
     ok = df[(df["status"] == "ok") & (df["basis"] == "measured") & df["peak_bytes"].notna()].copy()
@@ -147,14 +159,14 @@ def versus_baseline(source: Source) -> pd.DataFrame:
     ok = best_ok(df)
     if ok.empty:
         return pd.DataFrame(columns=cols)
-    b = ok[ok[POLICY] == base][["shape", "seq_len", "peak_gib", "step_time_s"]]
+    base_rows = is_baseline(ok, base)
+    b = ok[base_rows][["shape", "seq_len", "peak_gib", "step_time_s", "policy"]]
     # several baseline rows per shape (e.g. a grid over chunk sizes that sdpa ignores): the lowest peak
     b = b.sort_values("peak_gib").drop_duplicates(["shape", "seq_len"])
-    b = b.rename(columns={"peak_gib": "baseline_peak_gib", "step_time_s": "baseline_step_time_s"})
-    m = ok[ok[POLICY] != base].merge(b, on=["shape", "seq_len"], how="inner")
+    b = b.rename(columns={"peak_gib": "baseline_peak_gib", "step_time_s": "baseline_step_time_s", "policy": "baseline"})
+    m = ok[~base_rows].merge(b, on=["shape", "seq_len"], how="inner")
     if m.empty:
         return pd.DataFrame(columns=cols)
-    m["baseline"] = base
     m["memory_saving"] = 1 - m["peak_gib"] / m["baseline_peak_gib"]
     m["time_overhead"] = pd.to_numeric(m["step_time_s"]) / pd.to_numeric(m["baseline_step_time_s"])
     chunked = m["policy.attention"] == "chunked"
@@ -217,12 +229,13 @@ def versus_pivot(vs: pd.DataFrame) -> pd.DataFrame:
 
 def frontier_markdown(fr: pd.DataFrame, vs: pd.DataFrame, budget_source: str = "") -> str:
     parts = ["## Feasibility frontier: longest feasible sequence length (tokens)\n",
+             "Decode rows: the longest prompt that fits with its generated tokens. "
              "Feasible: status ok and peak memory <= budget (GiB = 2^30 bytes). `N+`: the longest length tried "
              "still fits, so the limit lies beyond it. `infeasible at N`: even the shortest length tried does not "
              "fit. `est.`: from estimated rows (measured = false)."
              + (f" Budgets from: {budget_source}." if budget_source else "") + "\n",
              md_table(frontier_pivot(fr))]
-    base = vs["baseline"].iloc[0] if len(vs) else None
+    base = ", ".join(dict.fromkeys(vs["baseline"])) if len(vs) else None
     parts.append(f"\n## Against {base or 'the baseline'} at shared shapes\n")
     if base:
         parts.append(f"Peak memory change and step-time ratio of each policy against `{base}` at the same shape "

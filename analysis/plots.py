@@ -26,6 +26,8 @@ from analysis.data import (  # noqa: E402
     BUDGET,
     COMPONENTS,
     GIB,
+    KIND,
+    OPTIONAL_COMPONENTS,
     Source,
     budgets_of,
     fmt_gib,
@@ -33,7 +35,7 @@ from analysis.data import (  # noqa: E402
     policy_order,
     prepare,
 )
-from analysis.frontier import baseline_name, best_ok, frontier  # noqa: E402
+from analysis.frontier import baseline_name, best_ok, frontier, is_baseline  # noqa: E402
 
 GIB_NOTE = "GiB = 2^30 bytes"
 STATUS_MARKERS = {"oom": ("X", "out of memory"), "over_budget": ("^", "over budget")}
@@ -190,6 +192,8 @@ def plot_memory_breakdown(source: Source, depth: int | None = None) -> plt.Figur
     df = prepare(source)
     ok = best_ok(df)
     ok = ok[ok[list(COMPONENTS)].notna().any(axis=1)] if len(ok) else ok
+    # the KV cache is a component of inference rows only: drawn when some row has it
+    comps = [c for c in COMPONENTS if c not in OPTIONAL_COMPONENTS or (len(ok) and pd.to_numeric(ok[c]).fillna(0).gt(0).any())]
     if ok.empty:
         SKIPPED["memory_breakdown"] = "no measured ok rows with a memory breakdown"
         return None
@@ -205,14 +209,15 @@ def plot_memory_breakdown(source: Source, depth: int | None = None) -> plt.Figur
     lengths = sorted(sel["seq_len"].unique())
     fig, axes = _grid(len(rows), len(pols), max(2.2, 0.45 * len(lengths) + 1), 3.4, sharex=False)
     comp_colors = dict(zip(COMPONENTS, sns.color_palette("Set2", len(COMPONENTS))))
+    comp_colors["kv_cache_bytes"], comp_colors["other_bytes"] = comp_colors["other_bytes"], comp_colors["kv_cache_bytes"]
     for i, setting in enumerate(rows):
         for j, pol in enumerate(pols):
             ax = axes[i][j]
             s = sel[(sel["setting"] == setting) & (sel["policy"] == pol)].set_index("seq_len")
             s = s.reindex(lengths)
-            stack = (s[list(COMPONENTS)].apply(pd.to_numeric, errors="coerce").fillna(0) / GIB)
+            stack = (s[comps].apply(pd.to_numeric, errors="coerce").fillna(0) / GIB)
             stack.index = [fmt_len(t) for t in lengths]
-            stack.plot.bar(stacked=True, ax=ax, color=[comp_colors[c] for c in COMPONENTS], width=0.8, legend=False)
+            stack.plot.bar(stacked=True, ax=ax, color=[comp_colors[c] for c in comps], width=0.8, legend=False)
             for k, t in enumerate(lengths):
                 if pd.isna(s.loc[t, "status"]):
                     ax.text(k, 0, "not\nok", ha="center", va="bottom", fontsize=7, color="0.4")
@@ -220,8 +225,8 @@ def plot_memory_breakdown(source: Source, depth: int | None = None) -> plt.Figur
             ax.set_xlabel("sequence length (tokens)" if i == len(rows) - 1 else "")
             ax.set_ylabel("memory at the peak (GiB)" if j == 0 else "")
             ax.tick_params(axis="x", labelrotation=45)
-    handles = [Patch(color=comp_colors[c]) for c in reversed(COMPONENTS)]
-    labels = [c.removesuffix("_bytes") for c in reversed(COMPONENTS)]
+    handles = [Patch(color=comp_colors[c]) for c in reversed(comps)]
+    labels = [c.removesuffix("_bytes") for c in reversed(comps)]
     note = (f"{GIB_NOTE}. Measured ok trials at depth {depth}; 'not ok' = no ok trial at that length "
             "(oom, over budget, error or not run). Chunked policies: the chunk setting with the lowest peak.")
     return _finish(fig, f"What the peak is made of ({depth} layers)", handles, labels, note)
@@ -410,7 +415,7 @@ def plot_time_vs_memory(source: Source) -> plt.Figure | None:
         SKIPPED["time_vs_memory"] = "no measured ok rows with a step time"
         return None
     base = baseline_name(df)
-    ok["is_baseline"] = ok["policy.name"] == base
+    ok["is_baseline"] = is_baseline(ok, base)
     shapes = tradeoff_shapes(ok)
     pal = palette(df["policy"])
     n_rows = len({s for s, _, _ in shapes})
@@ -460,7 +465,9 @@ def plot_time_vs_memory(source: Source) -> plt.Figure | None:
         missing = f"\n(no ok {base} run here: no ratio)" if base and ref.empty else ""
         _title(ax, setting, f"{int(depth)} layers, {fmt_len(t)} tokens{missing}")
         ax.set_xlabel("peak memory (log2)")
-        ax.set_ylabel("step time (s)")
+        kinds = set(s[KIND])
+        ax.set_ylabel("time per generated token (s)" if kinds == {"decode"} else "prefill time (s)" if kinds == {"prefill"}
+                      else "step time (s)")
     handles = [Line2D([], [], marker="o", ls="", color=c, markersize=7) for c in pal.values()]
     labels = list(pal)
     handles += [Line2D([], [], marker="o", ls="--", color="0.5", markerfacecolor="none", markeredgecolor="black", markersize=11)]
