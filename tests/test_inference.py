@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -197,3 +198,60 @@ def test_cli_bad_inference_input_exits_2(tmp_path, capsys, args, needle):
     assert main([*args, str(cfg), *_sets(**extra)]) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1
+
+
+# --- analysis of inference rows -------------------------------------------------------------------------
+
+GIB = 2**30
+
+
+def _row(kind, T, peak, kv="cache", policy="sdpa", status="ok", step=1.0, kv_bytes=None):
+    return {
+        "trial_key": f"{kind}-{kv}-{policy}-{T}", "sweep": "hand", "status": status, "policy.name": policy,
+        "policy.attention": "sdpa", "policy.kv": kv, "model.n_layers": 2, "model.size": "debug",
+        "workload.seq_len": T, "workload.kind": kind, "device": "cpu", "measured": True,
+        "peak_bytes": int(peak * GIB), "step_time_s": step, "params_bytes": int(0.1 * GIB),
+        "activations_bytes": 0, "other_bytes": 0, "kv_cache_bytes": kv_bytes,
+    }
+
+
+def _store():
+    return pd.DataFrame([
+        _row("train", 1024, 0.8), _row("train", 2048, 1.6), _row("train", 1024, 0.5, policy="checkpoint", step=1.5),
+        _row("decode", 1024, 0.3, kv_bytes=int(0.2 * GIB)), _row("decode", 4096, 0.9, kv_bytes=int(0.8 * GIB)),
+        _row("decode", 8192, 1.7, kv_bytes=int(1.6 * GIB)),
+        _row("decode", 1024, 0.2, kv="recompute", step=3.0, kv_bytes=0),
+        _row("decode", 8192, 0.9, kv="recompute", step=9.0, kv_bytes=0),
+    ])
+
+
+def test_frontier_and_baseline_handle_decode_rows():
+    from analysis.frontier import frontier, versus_baseline
+
+    fr = frontier(_store(), budgets=[1])
+    got = {(r.setting, r.policy): r.longest_feasible_seq_len for r in fr.itertuples()}
+    assert got == {  # decode: the longest prompt that fits; the kv policy names the line; train rows unchanged
+        ("kind=decode", "sdpa (kv=cache)"): 4096, ("kind=decode", "sdpa (kv=recompute)"): 8192,
+        ("kind=train", "sdpa"): 1024, ("kind=train", "checkpoint"): 1024,
+    }
+    vs = versus_baseline(_store())
+    dec = vs[vs["setting"] == "kind=decode"]
+    assert list(dec["policy"]) == ["sdpa (kv=recompute)", "sdpa (kv=recompute)"]
+    assert set(dec["baseline"]) == {"sdpa (kv=cache)"}
+    assert list(dec["time_overhead"]) == [3.0, 9.0]
+    assert set(vs[vs["setting"] == "kind=train"]["baseline"]) == {"sdpa"}
+
+
+def test_plots_draw_mixed_training_and_inference_rows():
+    from analysis.plots import all_figures
+
+    figs = all_figures(_store(), budgets=[1])
+    for name in ("memory_vs_length", "memory_breakdown", "frontier_heatmap", "frontier_steps", "time_vs_memory"):
+        assert figs[name] is not None, name
+    labels = [t.get_text() for t in figs["memory_breakdown"].legends[0].get_texts()]
+    assert "kv_cache" in labels
+    ylabels = {ax.get_ylabel() for ax in figs["time_vs_memory"].axes if ax.get_visible()}
+    assert "time per generated token (s)" in ylabels
+    train_only = all_figures(_store().query("`workload.kind` == 'train'"), budgets=[1])
+    labels = [t.get_text() for t in train_only["memory_breakdown"].legends[0].get_texts()]
+    assert "kv_cache" not in labels  # training plots as before
