@@ -171,34 +171,93 @@ def test_local_sweep_resume_extend_and_rerun(tmp_path, capsys):
     assert row_files(store) == files  # rerun writes nothing
 
 
+def trial_processes(session: int) -> list:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if os.getsid(proc.pid) == session and "sweeps.worker" in (proc.info["cmdline"] or []):
+                found.append(proc)
+        except (psutil.Error, ProcessLookupError):
+            pass
+    return found
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(420)
-def test_sigkill_driver_then_resume_gives_each_row_once(tmp_path):
+@pytest.mark.timeout(600)
+def test_sigkill_driver_repeatedly_and_a_trial_process_then_resume_gives_each_row_once(tmp_path):
+    """The driver SIGKILLed at random moments, three times over one sweep (while Ray starts, just after a row
+    lands, while trials run); then the last run has one of its trial processes SIGKILLed from outside: that
+    trial is an `error` row and the sweep goes on. The store ends with exactly the grid's rows, each once,
+    every file whole."""
+    import random
+
+    from txlab.store import check_store
+
+    rng = random.Random(int(os.environ.get("TXLAB_FAULT_SEED", "9")))
     store = tmp_path / "store"
-    grid = {"workload.seq_len": [64, 96, 128, 160, 192]}
-    spec = write_spec(tmp_path / "t.yaml", grid, max_concurrent=1, precheck=False)
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "txlab.cli", "sweep", str(spec), "--store", str(store)], env=txlab_env(), cwd=REPO,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    grid = {"workload.seq_len": [64, 96, 128, 160, 192, 224]}
+    total = len(grid["workload.seq_len"])
+    spec = write_spec(tmp_path / "t.yaml", grid, max_concurrent=2, precheck=False)
+    cmd = [sys.executable, "-m", "txlab.cli", "sweep", str(spec), "--store", str(store)]
+    kills = []
+    for round_ in range(3):
+        before = len(row_files(store))
+        if before + 3 > total:
+            break  # leave trials for the last run
+        driver = subprocess.Popen(cmd, env=txlab_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            t0 = time.monotonic()
+            if round_ == 0:  # a random moment from the start: Ray starting, the first trials running
+                moment = rng.uniform(1.5, 9.0)
+                while time.monotonic() - t0 < moment and driver.poll() is None:
+                    time.sleep(0.05)
+            else:  # a random moment shortly after the next row lands (the writer at work)
+                while len(row_files(store)) <= before and time.monotonic() - t0 < 240 and driver.poll() is None:
+                    time.sleep(0.02)
+                time.sleep(rng.uniform(0.0, 0.3))
+            assert driver.poll() is None, "the sweep finished before it could be killed"
+            os.kill(driver.pid, signal.SIGKILL)  # the driver only
+            driver.wait()
+            kills.append(round(time.monotonic() - t0, 2))
+        finally:
+            kill_session(driver.pid)
+        if (store / "_txlab_store.json").exists():  # a kill while Ray starts may come before the store is made
+            check = check_store(str(store))
+            assert check.ok, check.summary()  # after every kill: every file whole, keys unique
+    assert len(kills) >= 2, kills
+    kept = row_files(store)
+    assert len(kept) <= total - 2
+
+    driver = subprocess.Popen(cmd, env=txlab_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
     try:
+        victim = None
         deadline = time.monotonic() + 240
-        while len(row_files(store)) < 2 and time.monotonic() < deadline and driver.poll() is None:
-            time.sleep(0.2)
-        assert 2 <= len(row_files(store)) < 5, "the sweep should be killed half-way"
-        os.kill(driver.pid, signal.SIGKILL)  # the driver only, mid-sweep
-        driver.wait()
+        while victim is None and time.monotonic() < deadline and driver.poll() is None:
+            procs = trial_processes(driver.pid)
+            victim = procs[0] if procs else None
+            time.sleep(0.1)
+        assert victim is not None, "no trial process to kill"
+        victim.kill()  # from outside, as the kernel's OOM killer would
+        out, _ = driver.communicate(timeout=300)
     finally:
         kill_session(driver.pid)
-    kept = row_files(store)
-
-    resumed = run_txlab(["sweep", str(spec), "--store", str(store)])
-    assert resumed.returncode == 0, resumed.stdout
-    assert f"{len(kept)} already in the store, {5 - len(kept)} to run" in resumed.stdout
+    assert driver.returncode == 1, out  # one trial ended in error; the rest ran
+    assert f"{len(kept)} already in the store, {total - len(kept)} to run" in out
+    assert "1 trial(s) ended in error" in out
     rows = Store.open(str(store)).read().to_pylist()
     keys = [r["trial_key"] for r in rows]
-    assert len(rows) == 5 and len(set(keys)) == 5 and all(r["status"] == "ok" for r in rows)
-    assert len(row_files(store)) == 5 and set(kept) <= set(row_files(store))  # finished rows kept, none twice
+    assert len(rows) == total and len(set(keys)) == total, (len(rows), kills)
+    errors = [r for r in rows if r["status"] == "error"]
+    assert len(errors) == 1 and errors[0]["error"].startswith("trial process killed by SIGKILL")
+    assert sum(r["status"] == "ok" for r in rows) == total - 1
+    assert len(row_files(store)) == total and set(kept) <= set(row_files(store))  # finished rows kept, none twice
+    check = check_store(str(store))
+    assert check.ok and check.rows == total and check.superseded == 0, check.summary()
+    assert f"store check: {total} rows (error 1, ok {total - 1})" in out
 
 
 @pytest.mark.slow
