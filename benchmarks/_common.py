@@ -1,0 +1,323 @@
+"""What the comparison benchmarks share: the contenders (txlab presets and Hugging Face GPT-2) behind one
+interface, peak memory through txlab's MemoryMonitor (real or fake tensors), interleaved timing with
+medians and spread, Parquet output and plot hygiene.
+
+Not a library: imported by the scripts in this folder (which put the repository on sys.path).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch._subclasses.fake_tensor
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from txlab.memory import GiB, BudgetExceeded, MemoryMonitor  # noqa: E402
+
+CPU = torch.device("cpu")
+TXLAB_PRESETS = ["naive", "sdpa", "checkpoint", "selective", "recompute"]
+HF_VARIANTS = ["hf", "hf-gc", "hf-eager"]  # HF default attention, + gradient checkpointing, eager attention
+
+
+# --- the machine ---------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    """What a figure came from: CPU count, load, versions, time (UTC)."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {
+        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_1m": round(load[0], 2),
+        "load_5m": round(load[1], 2), "torch": torch.__version__, "python": platform.python_version(),
+        "utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def machine_line() -> str:
+    m = machine()
+    return (f"# {m['utc']}  {m['cpus']} CPUs ({m['torch_threads']} torch threads), load {m['load_1m']} (1 min) "
+            f"{m['load_5m']} (5 min), torch {m['torch']}")
+
+
+# --- the contenders ------------------------------------------------------------------------------
+
+
+def label(variant: str) -> str:
+    return {"hf": "HF default", "hf-gc": "HF + grad ckpt", "hf-eager": "HF eager"}.get(variant, f"txlab {variant}")
+
+
+@contextmanager
+def fake_mode(hf: bool = False):
+    """Fake tensors: shapes, dtypes and storages the tracker counts, no data and no arithmetic.
+
+    `hf`: transformers treats fake tensors as tracing and will not read them, so it cannot rule out packed
+    sequences and builds a (T, T) causal mask that the real run skips (one unpadded sequence: SDPA with
+    is_causal=True). Inside this window the two checks are answered as the real run answers them, so the
+    fake run takes the real run's path (checked: fake and real peaks agree to the byte).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with ExitStack() as stack:
+        if hf:
+            from unittest import mock
+
+            import transformers.masking_utils as mu
+
+            real_ignore = mu._ignore_causal_mask_sdpa
+
+            def ignore(padding_mask, q_length, kv_length, q_offset, kv_offset, *args, **kwargs):
+                # q_offset is the cache position (a tensor; 0 here, no cache); reading a fake one is refused
+                if padding_mask is None and isinstance(q_offset, torch.Tensor):
+                    q_offset = 0
+                return real_ignore(padding_mask, q_length, kv_length, q_offset, kv_offset, *args, **kwargs)
+
+            stack.enter_context(mock.patch.object(mu, "_ignore_causal_mask_sdpa", ignore))
+            # positions are 0..T-1 (one sequence, no packing): the real run finds no packed sequences
+            stack.enter_context(mock.patch.object(mu, "find_packed_sequence_indices", lambda position_ids: None))
+        stack.enter_context(FakeTensorMode(allow_non_fake_inputs=False))
+        yield
+
+
+@dataclass
+class Contender:
+    """A model and `loss(x, y)`: forward to the mean next-token loss over (B, T) inputs `x`, targets `y`."""
+
+    variant: str
+    model: torch.nn.Module
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    note: str  # what the variant resolved to (HF's attention implementation, txlab's policy)
+
+
+def build(variant: str, seq_len: int, size: str = "gpt2-small", seed: int = 0, overrides: dict | None = None) -> Contender:
+    """gpt2-`size` shapes, dropout off, position table of `seq_len` rows, random weights, train mode."""
+    torch.manual_seed(seed)
+    if variant.startswith("hf"):
+        return _build_hf(variant, seq_len, size, overrides or {})
+    return _build_txlab(variant, seq_len, size, overrides or {})
+
+
+def _build_txlab(preset: str, seq_len: int, size: str, overrides: dict) -> Contender:
+    from txlab.config import load_config
+    from txlab.model import GPT
+    from txlab.policy import apply_policy
+
+    cfg = load_config(None, {
+        "model.size": size, "model.dropout": 0.0, "workload.seq_len": seq_len, "policy.name": preset,
+        # the chunk sizes presets_gpt2.py uses, capped at the length
+        "policy.q_chunk": min(512, seq_len), "policy.k_chunk": min(512, seq_len), "policy.loss_chunk": min(1024, seq_len),
+        **overrides,
+    })
+    model = GPT(cfg.model, seq_len)
+    loss_fn = apply_policy(model, cfg.policy)
+    model.train()
+    p = cfg.policy
+    note = f"attention {p.attention}" + (f" {p.q_chunk}x{p.k_chunk}" if p.attention == "chunked" else "") + \
+           f", remat {p.remat}, loss {p.loss}" + (f" {p.loss_chunk}" if p.loss == "chunked" else "")
+    return Contender(preset, model, lambda x, y: loss_fn(model(x), model.lm_head.weight, y), note)
+
+
+def hf_config(seq_len: int, size: str, overrides: dict):
+    from transformers import GPT2Config
+
+    shapes = {"gpt2-small": (12, 768, 12), "gpt2-medium": (24, 1024, 16), "gpt2-large": (36, 1280, 20),
+              "gpt2-xl": (48, 1600, 25), "debug": (4, 256, 4)}
+    n_layer, n_embd, n_head = shapes[size]
+    vocab = 256 if size == "debug" else 50257
+    return GPT2Config(vocab_size=overrides.get("model.vocab_size", vocab), n_positions=seq_len,
+                      n_layer=overrides.get("model.n_layers", n_layer), n_embd=overrides.get("model.d_model", n_embd),
+                      n_head=overrides.get("model.n_heads", n_head),
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, loss_type="ForCausalLM")
+
+
+def _build_hf(variant: str, seq_len: int, size: str, overrides: dict) -> Contender:
+    import transformers
+    from transformers import GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    cfg = hf_config(seq_len, size, overrides)
+    if variant == "hf-eager":
+        cfg._attn_implementation = "eager"
+    model = GPT2LMHeadModel(cfg)
+    model.train()  # gradient checkpointing is active only in training mode; dropout is 0 anyway
+    if variant == "hf-gc":
+        with warnings.catch_warnings():  # 5.x: deprecated in favour of activation_checkpointing_enable, same effect
+            warnings.simplefilter("ignore", FutureWarning)
+            model.gradient_checkpointing_enable()
+    elif variant not in ("hf", "hf-eager"):
+        raise ValueError(f"unknown HF variant {variant!r}; known: {', '.join(HF_VARIANTS)}")
+    note = f"transformers {transformers.__version__}, attn_implementation {model.config._attn_implementation}" + (
+        ", gradient_checkpointing_enable()" if variant == "hf-gc" else "")
+
+    # What a user writes: labels = input ids, HF shifts them inside (so T-1 predicted positions, not T).
+    def loss(x, y):
+        return model(input_ids=x, labels=x).loss
+
+    return Contender(variant, model, loss, note)
+
+
+def tokens(vocab: int, seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same (1, T) inputs and next-token targets for every contender."""
+    t = torch.randint(0, vocab, (1, seq_len + 1), generator=torch.Generator().manual_seed(seed))
+    return t[:, :-1], t[:, 1:]
+
+
+def vocab_of(c: Contender) -> int:
+    return c.model.config.vocab_size if c.variant.startswith("hf") else c.model.lm_head.weight.shape[0]
+
+
+def make_step(c: Contender, optimizer: torch.optim.Optimizer | None):
+    """One training step: forward + backward (+ the optimizer step when given); grads freed after."""
+
+    def step(x, y):
+        loss = c.loss(x, y)
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+        (optimizer or c.model).zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def tracked_steps(c: Contender, optimizer, batches, budget_bytes: int | None = None) -> dict:
+    """Run the steps under txlab's MemoryMonitor: the peak and its breakdown (status over_budget, and the
+    peak a lower bound, when the tracker stopped the step at the budget)."""
+    step = make_step(c, optimizer)
+    row = {"status": "ok", "loss": None}
+    try:
+        with MemoryMonitor(CPU, c.model, optimizer, [t for b in batches for t in b], budget_bytes) as mon:
+            for x, y in batches:
+                loss = step(x, y)
+                mon.end_step()
+        s = mon.stats()
+        row.update(peak_bytes=s.peak_bytes, params_bytes=s.params_bytes, grads_bytes=s.grads_bytes,
+                   optimizer_bytes=s.optimizer_bytes, activations_bytes=s.activations_bytes, other_bytes=s.other_bytes)
+        if not isinstance(loss, torch._subclasses.fake_tensor.FakeTensor):
+            row["loss"] = float(loss)
+    except BudgetExceeded as e:
+        row.update(status="over_budget", peak_bytes=e.tracked_bytes)
+    return row
+
+
+def measure_memory(variant: str, seq_len: int, *, fake: bool, budget_bytes: int | None = None, optimizer: bool = False,
+                   size: str = "gpt2-small", overrides: dict | None = None) -> dict:
+    """Peak tracked bytes of one step (two with an optimizer: the first creates its state) under txlab's
+    MemoryMonitor, on fake tensors (exact accounting, no arithmetic) or real ones. With a budget the
+    tracker stops the step as soon as live tensors pass it (status over_budget, peak a lower bound).
+    """
+    from txlab.trial import make_optimizer
+
+    t0 = time.perf_counter()
+    with fake_mode(hf=variant.startswith("hf")) if fake else nullcontext():
+        c = build(variant, seq_len, size, overrides=overrides)
+        opt = make_optimizer(c.model, CPU, fused=False) if optimizer else None
+        batches = [tokens(vocab_of(c), seq_len, seed=i) for i in range(2 if optimizer else 1)]
+        row = {"variant": variant, "seq_len": seq_len, "fake": fake, "note": c.note,
+               "n_params": sum(p.numel() for p in c.model.parameters())}
+        row.update(tracked_steps(c, opt, batches, budget_bytes))
+    row["measure_s"] = time.perf_counter() - t0
+    return row
+
+
+# --- timing --------------------------------------------------------------------------------------
+
+
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1, log: bool = True) -> dict[str, list[float]]:
+    """Wall seconds of each callable, `warmup` untimed rounds then `reps` timed rounds; within a round every
+    contender runs once and the order rotates per round, so a change in machine load hits all alike."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(warmup + reps):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            fns[n]()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[n].append(dt)
+            if log:
+                print(f"  {'warm-up' if r < warmup else f'rep {r - warmup + 1}/{reps}'}  {n}: {dt:.2f} s",
+                      file=sys.stderr, flush=True)
+    return times
+
+
+def spread(ts: list[float]) -> dict:
+    """Median, min, max and the spread (max - min) / median of repeated timings."""
+    if not ts:
+        return {"time_s": None, "time_min_s": None, "time_max_s": None, "spread": None, "reps": 0}
+    med = statistics.median(ts)
+    return {"time_s": med, "time_min_s": min(ts), "time_max_s": max(ts), "spread": (max(ts) - min(ts)) / med, "reps": len(ts)}
+
+
+def loglog_slope(xs, ys) -> float:
+    """Least-squares slope of log y against log x (the growth exponent: 1 linear, 2 quadratic)."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x and y and x > 0 and y > 0]
+    if len(pts) < 2:
+        return float("nan")
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx if sxx else float("nan")
+
+
+# --- output --------------------------------------------------------------------------------------
+
+
+def print_table(df, floatfmt: str = "{:.3f}") -> None:
+    import pandas as pd
+
+    with pd.option_context("display.width", 250, "display.max_columns", 50, "display.float_format", floatfmt.format):
+        print(df.to_string(index=False))
+
+
+def write_parquet(df, out: Path, name: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.parquet"
+    df.to_parquet(path, index=False)
+    return path
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", font_scale=0.9)
+    return plt
+
+
+def save_fig(fig, path: Path, dpi: int = 100) -> Path:
+    """PNG small enough to commit (the docs show it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def log2_axis(ax, values) -> None:
+    """x axis in powers of two, labelled with the token counts."""
+    ax.set_xscale("log", base=2)
+    vals = sorted(set(int(v) for v in values))
+    ax.set_xticks(vals)
+    ax.set_xticklabels([f"{v // 1024}k" if v >= 1024 and v % 1024 == 0 else str(v) for v in vals])
+    ax.minorticks_off()
