@@ -86,12 +86,14 @@ class LocalCluster:
         self._start("worker", head=False, worker_ports=24000)
         return self
 
-    def submit(self, *entrypoint: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    def submit(self, *entrypoint: str, timeout: float = 300, no_wait: str | None = None) -> subprocess.CompletedProcess:
+        """`ray job submit`; with `no_wait` (a submission id) it returns once the job is accepted."""
+        extra = ["--no-wait", "--submission-id", no_wait] if no_wait else []
+        return self.job("submit", *extra, "--working-dir", str(REPO), "--", *entrypoint, timeout=timeout)
+
+    def job(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         env = dict(self.env, RAY_ADDRESS=f"http://127.0.0.1:{self.dashboard_port}")
-        return subprocess.run(
-            [RAY, "job", "submit", "--working-dir", str(REPO), "--", *entrypoint],
-            env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-        )
+        return subprocess.run([RAY, "job", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
     def shutdown(self) -> None:
         for proc in reversed(self.nodes):
@@ -113,24 +115,53 @@ def cluster():
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.mark.timeout(420)
-def test_job_submit_sweep_on_two_nodes(cluster, tmp_path):
+@pytest.mark.timeout(480)
+def test_job_submit_sweep_on_two_nodes_survives_a_lost_worker(cluster, tmp_path):
+    """Rows from both nodes; then the worker node is stopped (every process of it SIGKILLed) while it runs a
+    trial: Tune retries that trial on the head and the store ends complete, each trial once."""
+    from tests.test_sweeps import trial_processes
+    from txlab.store import check_store
+
     spec = tmp_path / "two_nodes.yaml"
+    lengths = [64, 96, 128, 160, 192, 224]
     spec.write_text(yaml.safe_dump({
         "name": "two_nodes",
         "base": {"model": {"n_layers": 2, "d_model": 64}, "workload": {"steps": 1, "warmup_steps": 0}},
-        "grid": {"workload.seq_len": [64, 96, 128, 160]},
+        "grid": {"workload.seq_len": lengths},
         "resources": {"cpu": 1},
+        "max_failures": 3,
         "precheck": False,  # the Ray machinery is under test here, not the estimator
     }))
     store = tmp_path / "store"
-    job = cluster.submit("txlab", "sweep", str(spec), "--store", str(store))
+    job_id = "txlab-two-nodes"
+    job = cluster.submit("txlab", "sweep", str(spec), "--store", str(store), no_wait=job_id)
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
-    assert "4/4 done" in job.stdout
+
+    worker_session = cluster.nodes[1].pid
+    stopped_while_running = False
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        nodes = {r["node_id"] for r in Store.open(str(store)).read().to_pylist()} if (store / "_txlab_store.json").exists() else set()
+        if len(nodes) == 2 and trial_processes(worker_session):
+            kill_session(worker_session)  # the worker node: raylet, its workers, the trial process
+            stopped_while_running = True
+            break
+        time.sleep(0.2)
+    assert stopped_while_running, "the worker node never ran a second trial"
+    rows_at_stop = len(list(store.glob("*.parquet")))
+
+    logs = cluster.job("logs", job_id, "--follow", timeout=360)
+    status = cluster.job("status", job_id)
+    assert f"Job '{job_id}' succeeded" in status.stdout + status.stderr, logs.stdout[-4000:] + status.stdout[-2000:]
+    assert f"{len(lengths)}/{len(lengths)} done" in logs.stdout and "retrying" in logs.stdout, logs.stdout[-4000:]
     rows = Store.open(str(store)).read().to_pylist()
-    assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"}
-    assert len({r["node_id"] for r in rows}) == 2, "every trial ran on one node"
+    assert len(rows) == len(lengths) and {r["status"] for r in rows} == {"ok"}, rows
+    assert sorted(r["workload.seq_len"] for r in rows) == lengths
+    assert len({r["node_id"] for r in rows}) == 2, "rows from both nodes"
     assert all(r["sweep"] == "two_nodes" and r["host"] and r["device"] == "cpu" for r in rows)
+    check = check_store(str(store))
+    assert check.ok and check.rows == len(lengths) and check.superseded == 0, check.summary()
+    assert rows_at_stop < len(lengths)
 
     # token authentication is on: a client without the mode set is turned away
     env = dict(cluster.env, RAY_ADDRESS=f"http://127.0.0.1:{cluster.dashboard_port}")
