@@ -72,6 +72,8 @@ def longest(oracle: Oracle, budget: int, start: int, step: int, max_len: int) ->
             break
     if hi is None:
         return lo, True
+    if lo == 0:  # not even `start` fits
+        return 0, False
     while hi - lo > step:
         mid = (lo + hi) // 2 // step * step
         if mid <= lo:
@@ -95,7 +97,7 @@ def run(budgets_gib, variants, max_len: int, optimizer: bool = False, start: int
             T, capped = longest(oracle, budget, start, step, max_len)
             rows.append({"variant": v, "contender": C.label(v), "budget_GiB": b, "longest_seq_len": T, "capped": capped,
                          "peak_at_longest_GiB": oracle.peaks[T] / C.GiB if T else None,
-                         "shown": (f">= {T}" if capped else str(T)), "step": "fwd+bwd+AdamW" if optimizer else "fwd+bwd"})
+                         "shown": (f">= {T}" if capped else str(T) if T else f"< {start}"), "step": "fwd+bwd+AdamW" if optimizer else "fwd+bwd"})
         rows[-1]["search_runs"], rows[-1]["search_s"] = oracle.runs, oracle.seconds  # on the variant's last row
     df = pd.DataFrame(rows).sort_values(["budget_GiB"], kind="stable").reset_index(drop=True)
     for b, grp in df.groupby("budget_GiB"):
