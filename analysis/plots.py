@@ -462,7 +462,8 @@ def plot_time_vs_memory(source: Source) -> plt.Figure | None:
         ax.set_xlim(lo / 1.25, hi * 1.8)
         tl, th = both["step_time_s"].min(), both["step_time_s"].max()
         ax.set_ylim(max(0, tl - 0.15 * (th - tl + 1e-12) - 0.05 * tl), th + 0.3 * (th - tl + 1e-12) + 0.05 * th)
-        missing = f"\n(no ok {base} run here: no ratio)" if base and ref.empty else ""
+        base_label = f"{base} (kv=cache)" if base and set(s[KIND]) <= {"prefill", "decode"} else base
+        missing = f"\n(no ok {base_label} run here: no ratio)" if base and ref.empty else ""
         _title(ax, setting, f"{int(depth)} layers, {fmt_len(t)} tokens{missing}")
         ax.set_xlabel("peak memory (log2)")
         kinds = set(s[KIND])
