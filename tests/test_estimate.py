@@ -50,6 +50,37 @@ def test_estimate_within_5_percent_of_measured_cpu_peak(preset, shape):
     assert est["formula_activation_bytes"] == measured["formula_activation_bytes"] > 0
 
 
+BREAKDOWN = ["peak_bytes", "params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "other_bytes"]
+
+
+@pytest.mark.parametrize("kind", ["cpu", "cuda"])
+@pytest.mark.parametrize("preset", ["naive", "checkpoint", "selective"])
+def test_one_steady_step_gives_the_figures_of_the_measured_two(preset, kind):
+    """The estimator makes AdamW's state up front and watches one step; replaying the measured run's
+    two steps (state made lazily in the first) must give the same figures, byte for byte."""
+    from txlab.estimate import fake_step_memory
+
+    cfg = cfg_of({"workload.seq_len": 96, "model.dropout": 0.1, "workload.dtype": "bf16", "policy.name": preset})
+    steady, replay = fake_step_memory(cfg, kind, steady=True)[0], fake_step_memory(cfg, kind, steady=False)[0]
+    assert {k: steady[k] for k in BREAKDOWN} == {k: replay[k] for k in BREAKDOWN}
+
+
+@pytest.mark.parametrize("T,q_chunk,k_chunk,kv_heads", [(250, 32, 16, 2), (192, 16, 48, 4)])
+def test_fake_chunked_attention_runs_representative_tiles_with_the_same_figures(monkeypatch, T, q_chunk, k_chunk, kv_heads):
+    """On fake tensors the chunked kernel skips tiles that repeat another's allocations; the figures
+    must equal those of running every tile."""
+    import txlab.attention as attention
+    from txlab.estimate import fake_step_memory
+
+    cfg = cfg_of({"workload.seq_len": T, "model.n_kv_heads": kv_heads, "policy.name": "recompute",
+                  "policy.q_chunk": q_chunk, "policy.k_chunk": k_chunk, "policy.loss_chunk": 64})
+    skipped = fake_step_memory(cfg, "cuda")[0]
+    monkeypatch.setattr(attention, "SKIP_REPEATED_FAKE_TILES", False)
+    every = fake_step_memory(cfg, "cuda")[0]
+    assert {k: skipped[k] for k in BREAKDOWN} == {k: every[k] for k in BREAKDOWN}
+    assert len(attention._q_tiles(T, q_chunk, True)) < len(attention._q_tiles(T, q_chunk, False))
+
+
 def test_estimate_row_has_every_column_and_no_time_figures():
     row = estimate_trial(cfg_of({"workload.seq_len": 64}), "cpu")
     assert set(row) == set(column_names())
