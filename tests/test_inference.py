@@ -180,7 +180,7 @@ def test_cli_runs_prefill_and_decode(tmp_path, capsys):
     assert main(["run", str(cfg), *_sets(**{"workload.kind": "decode", "workload.decode_tokens": 3, "policy.kv": "recompute"}),
                  "--store", str(store)]) == 0
     out = capsys.readouterr().out
-    assert "decode    3 tokens" in out and "kv        kv recompute: K/V held 0.000 GiB" in out
+    assert "decode    3 tokens" in out and "kv recompute (tiles of 32)" in out and "kv        K/V held 0.000 GiB, layer inputs kept" in out
     from txlab.store import read_store
 
     df = read_store(str(store))

@@ -16,8 +16,11 @@ def format_row(row: dict[str, Any]) -> str:
     detail = [f"attention {row['policy.attention']}"]
     if row["policy.attention"] == "chunked":
         detail[-1] += f" {row['policy.q_chunk']}x{row['policy.k_chunk']}"
-    detail.append(f"remat {row['policy.remat']}" + (f"/{row['policy.remat_every']}" if row["policy.remat"] == "every" else ""))
-    detail.append(f"loss {row['policy.loss']}" + (f" {row['policy.loss_chunk']}" if row["policy.loss"] == "chunked" else ""))
+    if row.get("workload.kind") in ("prefill", "decode"):  # no backward, last position's logits only
+        detail.append(f"kv {row['policy.kv']}" + (f" (tiles of {row['policy.k_chunk']})" if row["policy.kv"] == "recompute" else ""))
+    else:
+        detail.append(f"remat {row['policy.remat']}" + (f"/{row['policy.remat_every']}" if row["policy.remat"] == "every" else ""))
+        detail.append(f"loss {row['policy.loss']}" + (f" {row['policy.loss_chunk']}" if row["policy.loss"] == "chunked" else ""))
     n_params = row.get("n_params")
     params = f", {n_params / 1e6:.1f}M params" if n_params else ""
     lines = [
@@ -68,12 +71,11 @@ def _inference_lines(row: dict[str, Any]) -> list[str]:
     """prefill / decode rows: KV policy, times per token, int4 figures."""
     out = []
     kv = row.get("kv_cache_bytes")
-    detail = f"kv {row['policy.kv']}"
     if kv is not None:
-        detail += f": K/V held {_gib(kv)} GiB"
-    if row.get("kv_inputs_bytes") is not None:
-        detail += f", layer inputs kept {_gib(row['kv_inputs_bytes'])} GiB"
-    out.append(f"kv        {detail}")
+        detail = f"K/V held {_gib(kv)} GiB"
+        if row.get("kv_inputs_bytes") is not None:
+            detail += f", layer inputs kept {_gib(row['kv_inputs_bytes'])} GiB"
+        out.append(f"kv        {detail}")
     if row.get("prefill_time_s") is not None:
         mfu = f"  MFU {row['mfu']:.1%}" if row.get("mfu") is not None else ""
         out.append(f"prefill   {row['prefill_time_s']:.4f} s (median of {row['workload.steps']})"
