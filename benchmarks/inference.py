@@ -164,12 +164,13 @@ def main(argv=None) -> int:
     ap.add_argument("--k-chunk", type=int, default=512, help="recompute: positions of K/V rebuilt per tile")
     ap.add_argument("--quant-group", type=int, default=128)
     ap.add_argument("--no-quant", action="store_true", help="skip the int4 comparison")
+    ap.add_argument("--no-kv", action="store_true", help="only the int4 comparison")
     ap.add_argument("--store", default="results/bench_inference")
     args = ap.parse_args(argv)
 
     store = Store.open(args.store, create=True)
     done = store.final_keys()
-    cfgs = list(kv_configs(args)) + ([] if args.no_quant else list(quant_configs(args)))
+    cfgs = ([] if args.no_kv else list(kv_configs(args))) + ([] if args.no_quant else list(quant_configs(args)))
     for cfg in cfgs:
         if cfg.trial_key in done:
             continue

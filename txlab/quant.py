@@ -109,11 +109,3 @@ def quantize_model(model: nn.Module, group: int) -> nn.Module:
         setattr(parent, leaf, Int4Linear(getattr(parent, leaf), group))
     return model
 
-
-@torch.no_grad()
-def logit_error(logits_q: torch.Tensor, logits_ref: torch.Tensor) -> tuple[float, float]:
-    """(relative error ||Lq - L|| / ||L|| over all positions, share of positions with the same argmax)."""
-    a, b = logits_q.float(), logits_ref.float()
-    rel = float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
-    agree = float((a.argmax(-1) == b.argmax(-1)).float().mean())
-    return rel, agree
