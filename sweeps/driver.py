@@ -9,7 +9,8 @@ Shape of a run:
      resources (`tune.with_resources`), `reuse_actors=False`, `max_concurrent_trials` and
      `FailureConfig(max_failures)`.
   3. Each trial (a Ray actor, placed by Ray on a node with the resources) starts `python -m sweeps.worker`
-     in a fresh process, waits for its row, adds `sweep` and `node_id`, and reports the row to Tune. An
+     in a fresh process, waits for its row, adds `sweep` and `node_id`, and reports the row to Tune.
+     Estimate-mode trials (fake tensors, nothing allocated) run in the actor, and actors are reused. An
      exception inside the trial is already an `error` row (txlab.trial); a trial process that dies (signal,
      kernel OOM killer) becomes an `error` row here. Neither is retried. Only failures Ray sees (a lost
      node, a killed actor) go to Tune's FailureConfig, which retries them.
@@ -160,6 +161,20 @@ def run_in_subprocess(trial_key: str, flat: dict[str, Any], sweep: str, python: 
     )
 
 
+def estimate_in_actor(trial_key: str, flat: dict[str, Any], sweep: str) -> dict[str, Any]:
+    """An estimate-mode trial in this process (the actor, reused across trials): always returns a row."""
+    import socket
+
+    from sweeps.worker import row_for
+
+    started, t0 = _now(), time.perf_counter()
+    try:
+        return row_for({"trial_key": trial_key, "config": flat, "mode": "estimate"})
+    except Exception as e:  # noqa: BLE001 - estimate_trial makes its own error rows; this is a key mismatch
+        return error_row(trial_key, flat, sweep, f"{e.__class__.__name__}: {e}", host=socket.gethostname(),
+                         started_at=started, duration_s=time.perf_counter() - t0, measured=False)
+
+
 def _trainable(config: dict[str, Any], jobs: dict[str, dict[str, Any]] | None = None, sweep: str = "",
                mode: str = "measure", precheck: bool = True) -> None:
     """The Tune function trainable: one trial, one row, one `tune.report`."""
@@ -167,7 +182,10 @@ def _trainable(config: dict[str, Any], jobs: dict[str, dict[str, Any]] | None = 
     from ray import tune
 
     key = config["trial_key"]
-    row = run_in_subprocess(key, jobs[key], sweep, mode=mode, precheck=precheck)
+    if mode == "estimate":
+        row = estimate_in_actor(key, jobs[key], sweep)
+    else:
+        row = run_in_subprocess(key, jobs[key], sweep, mode=mode, precheck=precheck)
     row["sweep"] = sweep
     row["node_id"] = ray.get_runtime_context().get_node_id()
     tune.report({"row": json.dumps(row, default=str), "status": row["status"]})
@@ -423,7 +441,9 @@ def run_sweep(
                 tune_config=tune.TuneConfig(
                     num_samples=1,
                     max_concurrent_trials=spec.max_concurrent,
-                    reuse_actors=False,  # a fresh actor (and trial process) per trial
+                    # Measured trials: a fresh actor (and trial process) per trial. Estimates run in
+                    # the actor itself, so reusing it pays the torch import once per actor.
+                    reuse_actors=spec.mode == "estimate",
                     trial_name_creator=lambda t: f"{spec.name}-{t.config['trial_key']}",
                     trial_dirname_creator=lambda t: t.config["trial_key"],
                 ),

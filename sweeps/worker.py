@@ -6,8 +6,10 @@ the actor survives to report an `error` row, and only the failures Ray itself se
 killed actor) reach Tune's retry logic (FailureConfig).
 
 CONFIG.json holds the trial's flat config, the spec's mode and precheck; ROW.json receives the row written
-by `txlab.trial.run_trial`, or by `txlab.estimate.estimate_trial` in estimate mode or when the precheck
-predicts the trial over its budget or over the memory free (then it is not run).
+by `txlab.trial.run_trial`, or by `txlab.estimate.estimate_trial` when the precheck predicts the trial
+over its budget or over the memory free (then it is not run). Estimate-mode sweeps call `row_for` in
+the (reused) actor instead: fake tensors allocate nothing, so a process per estimate buys no isolation,
+only a torch import per trial.
 Exit status 0 when the row was written (whatever its status), 1 otherwise (traceback on stderr).
 """
 
@@ -36,15 +38,9 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: python -m sweeps.worker CONFIG.json ROW.json", file=sys.stderr)
-        return 2
-    config_path, row_path = argv
-    _die_with_parent()
-    with open(config_path) as f:
-        job = json.load(f)
-
+def row_for(job: dict) -> dict:
+    """The row of one job (`{"trial_key", "config", "mode", "precheck"}`): an estimate in estimate mode
+    or when the precheck predicts the trial over its budget or over the memory free, else a measured run."""
     from txlab.config import config_from_flat
 
     cfg = config_from_flat(job["config"])
@@ -58,11 +54,20 @@ def main(argv: list[str]) -> int:
     from txlab.trial import run_trial
 
     if job.get("mode", "measure") == "estimate":
-        row = estimate_trial(cfg)
-    else:
-        row = precheck(cfg) if job.get("precheck", True) else None
-        if row is None:
-            row = run_trial(cfg, progress=False)
+        return estimate_trial(cfg)
+    row = precheck(cfg) if job.get("precheck", True) else None
+    return run_trial(cfg, progress=False) if row is None else row
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m sweeps.worker CONFIG.json ROW.json", file=sys.stderr)
+        return 2
+    config_path, row_path = argv
+    _die_with_parent()
+    with open(config_path) as f:
+        job = json.load(f)
+    row = row_for(job)
     tmp = f"{row_path}.tmp"
     with open(tmp, "w") as f:
         json.dump(row, f, default=str)

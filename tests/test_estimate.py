@@ -210,3 +210,13 @@ def test_frontier_estimate_spec_is_an_estimate_sweep_for_80_gib():
     assert sizes == {"gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"}
     assert max(t.config.workload.seq_len for t in trials) == 65536
     assert {t.config.measure.budget_gib for t in trials} == {80} and {t.config.measure.device for t in trials} == {"cuda"}
+
+
+def test_estimate_mode_trials_run_in_the_actor_and_always_return_a_row():
+    from sweeps.driver import estimate_in_actor
+
+    cfg = cfg_of({"workload.seq_len": 64})
+    row = estimate_in_actor(cfg.trial_key, cfg.flat(), "s")
+    assert row["status"] == "ok" and row["measured"] is False and row["trial_key"] == cfg.trial_key
+    wrong = estimate_in_actor("0" * 16, cfg.flat(), "s")  # the node resolves the config to another key
+    assert wrong["status"] == "error" and wrong["measured"] is False and "trial key mismatch" in wrong["error"]
