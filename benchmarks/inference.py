@@ -154,6 +154,47 @@ def plot(tab: pd.DataFrame, path: Path, title: str) -> None:
     fig.savefig(path, dpi=130)
 
 
+def interleaved(args) -> pd.DataFrame:
+    """Time per token of every KV policy measured in turns, step by step, in one process: each length's
+    policies see the same machine load (the trials above run minutes apart on a shared machine)."""
+    import statistics
+    import time
+
+    import torch
+
+    from txlab.inference import Inference, build_model
+
+    rows = []
+    for T in args.lengths:
+        states = {}
+        for kv in args.kv:
+            extra = {"model.n_kv_heads": args.grouped_kv_heads} if kv == "grouped" else {}
+            cfg = load_config(None, {**base(args.size, T, args.decode_tokens, args.k_chunk), "policy.kv": kv, **extra})
+            model = build_model(cfg, torch.device("cpu"))
+            prompt = torch.randint(0, cfg.model.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
+            run = Inference(model, cfg.policy, T + args.decode_tokens, 1)
+            with torch.no_grad():
+                nxt = run.logits(run.prefill(prompt)[:, -1]).argmax(-1)
+            states[kv] = [run, nxt, []]
+            print(f"  interleaved: {kv} prefilled {T} tokens", file=sys.stderr, flush=True)
+        for _ in range(args.decode_tokens):
+            for kv, st in states.items():
+                run, nxt, times = st
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    st[1] = run.logits(run.step(nxt)).argmax(-1)
+                times.append(time.perf_counter() - t0)
+        for kv, (_, _, times) in states.items():
+            rows.append({"seq_len": T, "kv": kv, "s_per_token": statistics.median(times), "tokens": len(times)})
+        del states
+    out = pd.DataFrame(rows)
+    for T, grp in out.groupby("seq_len"):
+        ref = grp[grp["kv"] == "cache"]["s_per_token"]
+        if len(ref):
+            out.loc[grp.index, "vs_cache"] = grp["s_per_token"] / ref.iloc[0]
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
@@ -165,9 +206,20 @@ def main(argv=None) -> int:
     ap.add_argument("--quant-group", type=int, default=128)
     ap.add_argument("--no-quant", action="store_true", help="skip the int4 comparison")
     ap.add_argument("--no-kv", action="store_true", help="only the int4 comparison")
+    ap.add_argument("--interleaved", action="store_true",
+                    help="only time decode steps of the KV policies in turns in this process (no trials, no memory)")
     ap.add_argument("--store", default="results/bench_inference")
     args = ap.parse_args(argv)
 
+    if args.interleaved:
+        tab = interleaved(args)
+        with pd.option_context("display.float_format", "{:.3f}".format):
+            print(f"{args.size}: decode time per token, policies stepped in turns ({args.decode_tokens} tokens each, median)")
+            print(tab.to_string(index=False))
+        path = Path(args.store).parent / f"{Path(args.store).name}_interleaved.parquet"
+        tab.to_parquet(path)
+        print(f"wrote {path}")
+        return 0
     store = Store.open(args.store, create=True)
     done = store.final_keys()
     cfgs = ([] if args.no_kv else list(kv_configs(args))) + ([] if args.no_quant else list(quant_configs(args)))
