@@ -111,7 +111,8 @@ def run(memory_lengths, time_lengths, chunks, reps: int, budget_gib: float, ram_
     for T, grp in df.groupby("seq_len"):
         base = grp[grp["kernel"] == "sdpa"]
         if len(base):
-            df.loc[grp.index, "peak_vs_sdpa"] = grp["peak_GiB"] / base["peak_GiB"].iloc[0]
+            ok = grp[grp["status"] == "ok"]  # a stopped point's peak is only a lower bound: no ratio
+            df.loc[ok.index, "peak_vs_sdpa"] = ok["peak_GiB"] / base["peak_GiB"].iloc[0]
             if base["time_s"].notna().iloc[0]:
                 df.loc[grp.index, "time_vs_sdpa"] = grp["time_s"] / base["time_s"].iloc[0]
     df["shown"] = [f"{p:.3f}" if s == "ok" else f"> {budget_gib:g} (skipped)" for s, p in zip(df["status"], df["peak_GiB"])]
@@ -148,12 +149,15 @@ def plot(df, path: Path, budget_gib: float) -> Path:
             ax2.errorbar(t["seq_len"], t["time_s"], yerr=[t["time_s"] - t["time_min_s"], t["time_max_s"] - t["time_s"]],
                          marker="o", color=colors[name], label=name, capsize=2)
     ax1.axhline(budget_gib, color="grey", ls=":", lw=1)
-    ax1.text(df["seq_len"].min(), budget_gib * 1.08, f"budget {budget_gib:g} GiB (points above: skipped)", fontsize=7, color="grey")
+    ax1.text(df["seq_len"].max(), budget_gib * 0.8, f"budget {budget_gib:g} GiB: points above it skipped", fontsize=7,
+             color="grey", ha="right", va="top")
+    C.log2_axis(ax1, df["seq_len"])
+    C.log2_axis(ax2, df.loc[df["time_s"].notna(), "seq_len"])
+    ax1.legend(fontsize=8, loc="lower right")
+    ax2.legend(fontsize=8, loc="upper left")
     for ax in (ax1, ax2):
-        C.log2_axis(ax, df["seq_len"])
         ax.set_yscale("log")
         ax.set_xlabel("sequence length (tokens)")
-        ax.legend(fontsize=8, loc="upper left")
     ax1.set_ylabel("peak tracked memory, GiB (2^30 B), log scale")
     ax1.set_title("forward + backward, peak memory")
     ax2.set_ylabel("seconds (median; whiskers min..max), log scale")
@@ -172,15 +176,25 @@ def main(argv=None) -> int:
     ap.add_argument("--ram-cap-gib", type=float, default=4.0, help="time only points whose peak is under this")
     ap.add_argument("--out", default="results/benchmarks/attention_alone")
     ap.add_argument("--plot", default="docs/img/attention_alone.png")
+    ap.add_argument("--from", dest="stored", help="reprint and redraw a stored attention_alone.parquet, run nothing")
     args = ap.parse_args(argv)
 
-    print(C.machine_line())
-    df = run(args.memory_lengths, args.time_lengths, args.chunks, args.reps, args.budget_gib, args.ram_cap_gib)
+    if args.stored:
+        import pandas as pd
+
+        df = pd.read_parquet(args.stored)
+        df.loc[df["status"] != "ok", "peak_vs_sdpa"] = None
+    else:
+        print(C.machine_line())
+        df = run(args.memory_lengths, args.time_lengths, args.chunks, args.reps, args.budget_gib, args.ram_cap_gib)
     cols = ["seq_len", "kernel", "shown", "peak_vs_sdpa", "time_s", "time_min_s", "time_max_s", "spread", "reps", "time_vs_sdpa"]
     C.print_table(df[cols].rename(columns={"shown": "peak_GiB"}))
     ex = exponents(df)
     print("growth exponents (log-log slope; 1 = linear, 2 = quadratic):")
     C.print_table(ex, "{:.2f}")
+    if args.stored:
+        print(f"wrote {plot(df, Path(args.plot), args.budget_gib)}")
+        return 0
     print(C.machine_line())
     path = C.write_parquet(df, Path(args.out), "attention_alone")
     C.write_parquet(ex, Path(args.out), "exponents")
