@@ -362,6 +362,21 @@ def check_address(address: str | None) -> None:
         )
 
 
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A HOST:PORT that accepts no TCP connection is refused at once: ray.init would retry it for
+    minutes. Other forms (`auto`, `ray://...`) are left to Ray."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or "://" in address:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(f"Ray address {address!r}: cannot connect ({e.strerror or e.__class__.__name__}); "
+                          "is the cluster up (`ray up cluster.yaml`), and is this HOST:6379?") from None
+
+
 def connect(address: str | None, quiet: bool = True) -> tuple[str, bool]:
     """ray.init: the given address, else RAY_ADDRESS (set inside `ray job submit`), else a local instance.
     Returns (where, started_here)."""
@@ -373,6 +388,7 @@ def connect(address: str | None, quiet: bool = True) -> tuple[str, bool]:
         return "existing", False
     check_address(address)
     if address:
+        _check_reachable(address)
         try:
             ray.init(address=address, logging_level=level, log_to_driver=not quiet)
         except (ConnectionError, TimeoutError, ValueError) as e:
@@ -418,51 +434,54 @@ def run_sweep(
     import ray
     from ray import tune
 
-    with plan_.store.writer_lock():
-        where, started_here = connect(address, quiet=quiet)
+    # Connect before taking the lock: an unreachable cluster (bad --address) leaves no store behind.
+    where, started_here = connect(address, quiet=quiet)
+    try:
         cluster = ray.cluster_resources()
-        progress.print(
-            f"[{spec.name}] {len(plan_.to_run)} trials on Ray ({where}: {int(cluster.get('CPU', 0))} CPU, "
-            f"{cluster.get('GPU', 0):g} GPU); each trial {spec.cpu:g} CPU, {spec.gpu:g} GPU; store {plan_.store.uri}"
-        )
-        _check_fits(spec, cluster)
-        jobs = {t.key: {"config": t.config.flat()} for t in plan_.to_run}
-        trainable = tune.with_resources(
-            tune.with_parameters(_trainable, jobs={k: v["config"] for k, v in jobs.items()}, sweep=spec.name,
-                                 mode=spec.mode, precheck=spec.precheck),
-            {"cpu": spec.cpu, "gpu": spec.gpu},
-        )
-        callback = _make_callback_class()(plan_, jobs, progress, heartbeat_s)
-        tmp_storage = tempfile.mkdtemp(prefix="txlab-tune-")
-        try:
-            tuner = tune.Tuner(
-                trainable,
-                param_space={"trial_key": tune.grid_search([t.key for t in plan_.to_run])},
-                tune_config=tune.TuneConfig(
-                    num_samples=1,
-                    max_concurrent_trials=spec.max_concurrent,
-                    # Measured trials: a fresh actor (and trial process) per trial. Estimates run in
-                    # the actor itself, so reusing it pays the torch import once per actor.
-                    reuse_actors=spec.mode == "estimate",
-                    trial_name_creator=lambda t: f"{spec.name}-{t.config['trial_key']}",
-                    trial_dirname_creator=lambda t: t.config["trial_key"],
-                ),
-                run_config=tune.RunConfig(
-                    name=spec.name,
-                    storage_path=tmp_storage,  # Tune's bookkeeping only; the store is the record
-                    failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                    callbacks=[callback],
-                    stop=callback.Stopper(callback),
-                    verbose=0,
-                    log_to_file=False,
-                ),
+        with plan_.store.writer_lock():
+            progress.print(
+                f"[{spec.name}] {len(plan_.to_run)} trials on Ray ({where}: {int(cluster.get('CPU', 0))} CPU, "
+                f"{cluster.get('GPU', 0):g} GPU); each trial {spec.cpu:g} CPU, {spec.gpu:g} GPU; store {plan_.store.uri}"
             )
-            progress.trials_started = time.monotonic()
-            tuner.fit()
-        finally:
-            shutil.rmtree(tmp_storage, ignore_errors=True)
-            if started_here:
-                ray.shutdown()
+            _check_fits(spec, cluster)
+            jobs = {t.key: {"config": t.config.flat()} for t in plan_.to_run}
+            trainable = tune.with_resources(
+                tune.with_parameters(_trainable, jobs={k: v["config"] for k, v in jobs.items()}, sweep=spec.name,
+                                     mode=spec.mode, precheck=spec.precheck),
+                {"cpu": spec.cpu, "gpu": spec.gpu},
+            )
+            callback = _make_callback_class()(plan_, jobs, progress, heartbeat_s)
+            tmp_storage = tempfile.mkdtemp(prefix="txlab-tune-")
+            try:
+                tuner = tune.Tuner(
+                    trainable,
+                    param_space={"trial_key": tune.grid_search([t.key for t in plan_.to_run])},
+                    tune_config=tune.TuneConfig(
+                        num_samples=1,
+                        max_concurrent_trials=spec.max_concurrent,
+                        # Measured trials: a fresh actor (and trial process) per trial. Estimates run in
+                        # the actor itself, so reusing it pays the torch import once per actor.
+                        reuse_actors=spec.mode == "estimate",
+                        trial_name_creator=lambda t: f"{spec.name}-{t.config['trial_key']}",
+                        trial_dirname_creator=lambda t: t.config["trial_key"],
+                    ),
+                    run_config=tune.RunConfig(
+                        name=spec.name,
+                        storage_path=tmp_storage,  # Tune's bookkeeping only; the store is the record
+                        failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                        callbacks=[callback],
+                        stop=callback.Stopper(callback),
+                        verbose=0,
+                        log_to_file=False,
+                    ),
+                )
+                progress.trials_started = time.monotonic()
+                tuner.fit()
+            finally:
+                shutil.rmtree(tmp_storage, ignore_errors=True)
+    finally:
+        if started_here:
+            ray.shutdown()
     interrupted = progress.done < progress.total
     if interrupted:
         progress.print(progress.line() + " (stopped early)")

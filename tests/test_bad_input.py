@@ -215,6 +215,7 @@ CASES = [
     case("sweep", "{d}/good_spec.yaml", "--store", "{d}/store_truncated", needle="store_truncated", id="sweep-store-truncated"),
     case("sweep", "{d}/good_spec.yaml", "--store", "{d}/plain_parquet", needle="not a txlab store", id="sweep-store-not-txlab"),
     case("sweep", "{d}/good_spec.yaml", "--address", "http://127.0.0.1:8265", "--store", "{d}/new_store", needle="dashboard (job server) address", id="sweep-dashboard-address"),
+    case("sweep", "{d}/good_spec.yaml", "--address", "127.0.0.1:1", "--store", "{d}/new_store", needle="'127.0.0.1:1': cannot connect", id="sweep-unreachable-address"),
     # --- rerun ----------------------------------------------------------------------------------
     case("rerun", "--store", "{d}/store_ok", "--trial", "ffffffffffffffff", needle="--trial ffffffffffffffff: no such trial key in", id="rerun-unknown-key"),
     case("rerun", "--store", "{d}/store_ok", "--trial", "", needle="--trial", id="rerun-empty-key"),
