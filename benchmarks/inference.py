@@ -24,6 +24,7 @@ import pandas as pd
 
 from txlab.config import load_config
 from txlab.inference import kv_cache_analytic_bytes
+from txlab.quant import quantize_model
 from txlab.store import Store
 from txlab.trial import run_trial
 
@@ -101,7 +102,7 @@ def quant_table(df: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values("quant").reset_index(drop=True)
 
 
-def plot(tab: pd.DataFrame, path: Path, title: str) -> None:
+def plot(tab: pd.DataFrame, path: Path, title: str, turns: pd.DataFrame | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,6 +142,9 @@ def plot(tab: pd.DataFrame, path: Path, title: str) -> None:
     for kv in kvs:
         sub = tab[tab["kv"] == kv].sort_values("seq_len")
         ax_t.plot(sub["seq_len"], sub["s_per_token"], marker="o", color=pal[kv], label=f"{kv} ({int(sub['kv_heads'].iloc[0])} KV heads)")
+        if turns is not None and (turns["kv"] == kv).any():
+            t = turns[turns["kv"] == kv].sort_values("seq_len")
+            ax_t.plot(t["seq_len"], t["s_per_token"], marker="s", ls="--", color=pal[kv], alpha=0.8, label=f"{kv}, in turns")
     ax_t.set_xscale("log", base=2)
     ax_t.set_xticks(lengths, [str(t) for t in lengths])
     ax_t.minorticks_off()
@@ -148,7 +152,8 @@ def plot(tab: pd.DataFrame, path: Path, title: str) -> None:
     ax_t.set_ylabel("time per generated token, s (median)")
     ax_t.set_ylim(0, None)
     ax_t.legend(fontsize=8)
-    ax_t.set_title("decode time per token (shared 2-core CPU: noisy)", fontsize=10)
+    ax_t.set_title("decode time per token (shared 2-core CPU: noisy)" + ("\nsolid: the trials; dashed: policies timed in turns"
+                   if turns is not None else ""), fontsize=10)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
@@ -195,6 +200,46 @@ def interleaved(args) -> pd.DataFrame:
     return out
 
 
+def trained_int4(run_dir: str, group: int, batches: int = 8) -> pd.DataFrame:
+    """int4 against full precision on a model `txlab train` trained (a run directory), over held-out
+    batches of its own data (the corpus for examples/train_debug.yaml): logit error, next-token agreement,
+    and each model's accuracy and loss on the true next tokens."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from txlab.data import open_data
+    from txlab.quant import weight_bytes
+    from txlab.train import load_model
+
+    model, cfg = load_model(run_dir, "cpu")
+    model.eval()
+    qmodel = quantize_model(copy.deepcopy(model), group)
+    diff2 = ref2 = 0.0
+    agree = n = 0
+    stats = {"fp": [0, 0.0], "int4": [0, 0.0]}
+    with torch.no_grad():
+        for b in open_data(cfg).val.eval_batches(batches):
+            x, y = b.tokens[:, :-1], b.tokens[:, 1:]
+            lf = F.linear(model(x), model.lm_head.weight).float()
+            lq = F.linear(qmodel(x), qmodel.lm_head.weight).float()
+            diff2 += float(((lq - lf) ** 2).sum())
+            ref2 += float((lf ** 2).sum())
+            agree += int((lq.argmax(-1) == lf.argmax(-1)).sum())
+            n += y.numel()
+            for name, lg in (("fp", lf), ("int4", lq)):
+                stats[name][0] += int((lg.argmax(-1) == y).sum())
+                stats[name][1] += float(F.cross_entropy(lg.flatten(0, 1), y.flatten(), reduction="sum"))
+    return pd.DataFrame([{
+        "model": f"{cfg.model.size} trained ({run_dir})", "group": group, "positions": n,
+        "weights_fp_MiB": weight_bytes(model) / MIB, "weights_MiB": weight_bytes(qmodel) / MIB,
+        "logit_rel_error": (diff2 / ref2) ** 0.5, "next_token_agreement": agree / n,
+        "accuracy_fp": stats["fp"][0] / n, "accuracy_int4": stats["int4"][0] / n,
+        "loss_fp": stats["fp"][1] / n, "loss_int4": stats["int4"][1] / n,
+    }])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
@@ -206,11 +251,18 @@ def main(argv=None) -> int:
     ap.add_argument("--quant-group", type=int, default=128)
     ap.add_argument("--no-quant", action="store_true", help="skip the int4 comparison")
     ap.add_argument("--no-kv", action="store_true", help="only the int4 comparison")
+    ap.add_argument("--trained", metavar="RUN_DIR", help="only int4 against full precision on a model trained by "
+                    "`txlab train` (e.g. examples/train_debug.yaml), on its held-out data")
     ap.add_argument("--interleaved", action="store_true",
                     help="only time decode steps of the KV policies in turns in this process (no trials, no memory)")
     ap.add_argument("--store", default="results/bench_inference")
     args = ap.parse_args(argv)
 
+    if args.trained:
+        tab = trained_int4(args.trained, args.quant_group)
+        with pd.option_context("display.width", 250, "display.max_columns", 30, "display.float_format", "{:.4f}".format):
+            print(tab.to_string(index=False))
+        return 0
     if args.interleaved:
         tab = interleaved(args)
         with pd.option_context("display.float_format", "{:.3f}".format):
@@ -246,8 +298,10 @@ def main(argv=None) -> int:
             print(qtab.to_string(index=False))
             qtab.to_parquet(out.parent / f"{out.name}_int4.parquet")
             written.append(out.parent / f"{out.name}_int4.parquet")
+    turns_path = out.parent / f"{out.name}_interleaved.parquet"  # from --interleaved, when it was run
+    turns = pd.read_parquet(turns_path) if turns_path.exists() else None
     plot(tab, out.parent / f"{out.name}.png",
-         f"{args.size}: decode (prefill + {args.decode_tokens} tokens) under each KV policy, fp32, batch 1, CPU tracker")
+         f"{args.size}: decode (prefill + {args.decode_tokens} tokens) under each KV policy, fp32, batch 1, CPU tracker", turns)
     written.append(out.parent / f"{out.name}.png")
     print("wrote " + ", ".join(map(str, written)))
     return 0
