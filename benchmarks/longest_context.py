@@ -97,7 +97,7 @@ def run(budgets_gib, variants, max_len: int, optimizer: bool = False, start: int
             T, capped = longest(oracle, budget, start, step, max_len)
             rows.append({"variant": v, "contender": C.label(v), "budget_GiB": b, "longest_seq_len": T, "capped": capped,
                          "peak_at_longest_GiB": oracle.peaks[T] / C.GiB if T else None,
-                         "shown": (f">= {T}" if capped else str(T) if T else f"< {start}"), "step": "fwd+bwd+AdamW" if optimizer else "fwd+bwd"})
+                         "shown": (f">= {T}" if capped else str(T) if T else f"< {start}"), "max_len": max_len, "step": "fwd+bwd+AdamW" if optimizer else "fwd+bwd"})
         rows[-1]["search_runs"], rows[-1]["search_s"] = oracle.runs, oracle.seconds  # on the variant's last row
     df = pd.DataFrame(rows).sort_values(["budget_GiB"], kind="stable").reset_index(drop=True)
     for b, grp in df.groupby("budget_GiB"):
@@ -113,6 +113,22 @@ def wide(df):
     t.columns = [f"{b:g} GiB" for b in t.columns]
     order = list(dict.fromkeys(df["contender"]))
     return t.loc[order].reset_index()
+
+
+def merge(frames):
+    """Runs with different caps or starts (an extension of a capped search): per contender and budget the
+    longest length found wins (a longer fit is a fit; a capped row is only a lower bound)."""
+    import pandas as pd
+
+    df = pd.concat(frames, ignore_index=True)
+    order = {v: i for i, v in enumerate(dict.fromkeys(df["variant"]))}
+    df = df.sort_values("longest_seq_len", ascending=False, kind="stable").drop_duplicates(["variant", "budget_GiB"])
+    df = df.sort_values(["budget_GiB", "variant"], key=lambda s: s.map(order) if s.name == "variant" else s).reset_index(drop=True)
+    for b, grp in df.groupby("budget_GiB"):
+        base = grp[grp["variant"] == "hf"]
+        if len(base) and base["longest_seq_len"].iloc[0]:
+            df.loc[grp.index, "x_hf"] = grp["longest_seq_len"] / base["longest_seq_len"].iloc[0]
+    return df
 
 
 def plot(df, path: Path, max_len: int) -> Path:
@@ -134,13 +150,19 @@ def plot(df, path: Path, max_len: int) -> Path:
                     ha="center", va="bottom", fontsize=6.5, rotation=90)
         del bars
     ax.set_yscale("log", base=2)
-    ax.set_ylim(256, max_len * 4)
+    top = int(df["longest_seq_len"].max())
+    ax.set_ylim(256, top * 4)
+    ticks = [2**k for k in range(8, top.bit_length() + 2)]
+    ax.set_yticks(ticks)
+    ax.set_yticklabels([f"{t // 1024}k" if t >= 1024 else str(t) for t in ticks])
+    ax.minorticks_off()
     ax.set_xticks(range(len(budgets)))
     ax.set_xticklabels([f"budget {b:g} GiB" for b in budgets])
     ax.set_ylabel("longest seq_len that fits (tokens, log2)")
     step = df["step"].iloc[0]
+    caps = " or ".join(str(int(c)) for c in sorted(df.loc[df["capped"], "max_len"].fillna(max_len).unique())) or str(max_len)
     ax.set_title(f"gpt2-small, batch 1, fp32, {step}: longest context under a tracked-memory budget\n"
-                 f"(hatched, +: still fits at the search cap of {max_len} tokens)", fontsize=10)
+                 f"(hatched, +: still fits at the search cap, {caps} tokens)", fontsize=10)
     ax.legend(fontsize=8, ncol=4, loc="upper left")
     return C.save_fig(fig, path)
 
@@ -151,13 +173,29 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=C.HF_VARIANTS + C.TXLAB_PRESETS)
     ap.add_argument("--max-len", type=int, default=8192, help="search cap (tokens)")
     ap.add_argument("--step", type=int, default=256, help="bisection resolution (tokens)")
+    ap.add_argument("--start", type=int, default=256, help="first length tried (a power of two times --step)")
     ap.add_argument("--optimizer", action="store_true", help="two full train steps with AdamW instead of fwd+bwd")
     ap.add_argument("--out", default="results/benchmarks/longest_context", help="Parquet folder")
     ap.add_argument("--plot", default="docs/img/longest_context.png")
+    ap.add_argument("--from", dest="stored", nargs="+", help="merge stored longest_context parquet files (e.g. a run "
+                    "and its extension past the cap), reprint and redraw; run nothing (--max-len: the cap of files without one)")
     args = ap.parse_args(argv)
 
+    if args.stored:
+        import pandas as pd
+
+        frames = [pd.read_parquet(p) for p in args.stored]
+        for f in frames:
+            if "max_len" not in f:
+                f["max_len"] = args.max_len
+        df = merge(frames)
+        print(f"longest seq_len (tokens) whose {df['step'].iloc[0]} fits the budget; gpt2-small, batch 1, fp32, tracked peak:")
+        C.print_table(wide(df))
+        C.print_table(df[["contender", "budget_GiB", "shown", "peak_at_longest_GiB", "x_hf"]])
+        print(f"wrote {plot(df, Path(args.plot), args.max_len)}")
+        return 0
     print(C.machine_line())
-    df = run(args.budgets, args.variants, args.max_len, args.optimizer, step=args.step)
+    df = run(args.budgets, args.variants, args.max_len, args.optimizer, start=args.start, step=args.step)
     print(f"longest seq_len (tokens) whose {df['step'].iloc[0]} fits the budget; gpt2-small, batch 1, fp32, tracked peak:")
     C.print_table(wide(df))
     C.print_table(df[["contender", "budget_GiB", "shown", "peak_at_longest_GiB", "x_hf"]])
