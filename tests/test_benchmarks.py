@@ -74,3 +74,16 @@ def test_vs_hf_debug(tmp_path):
     assert all(abs(loss - math.log(256)) < 1.0 for loss in timed["loss"])  # random weights: about ln(vocab)
     assert set(df.loc[df["variant"] == "hf", "peak_vs_hf"]) == {1.0}
     assert V.plot(df, tmp_path / "vs.png").stat().st_size > 0
+
+
+def test_longest_merge_prefers_the_longer_fit():
+    import pandas as pd
+
+    import longest_context as L
+
+    first = pd.DataFrame([{"variant": "hf", "budget_GiB": 2, "longest_seq_len": 768, "capped": False},
+                          {"variant": "recompute", "budget_GiB": 2, "longest_seq_len": 8192, "capped": True}])
+    ext = pd.DataFrame([{"variant": "recompute", "budget_GiB": 2, "longest_seq_len": 14080, "capped": False}])
+    got = L.merge([first, ext]).set_index("variant")
+    assert got.loc["recompute", "longest_seq_len"] == 14080 and not got.loc["recompute", "capped"]
+    assert got.loc["recompute", "x_hf"] == pytest.approx(14080 / 768)
