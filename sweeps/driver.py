@@ -352,16 +352,6 @@ def _error_text(trial) -> str:
 # --- Ray ------------------------------------------------------------------------------------------
 
 
-def check_address(address: str | None) -> None:
-    """Refuse a dashboard URL as a Ray address (before anything is created)."""
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address and address.startswith(("http://", "https://")):
-        raise ConfigError(
-            f"Ray address {address!r} is a dashboard (job server) address: submit the sweep with "
-            f"`ray job submit --working-dir . -- txlab sweep ...`, or give --address the cluster's HOST:6379"
-        )
-
-
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """A HOST:PORT that accepts no TCP connection is refused at once: ray.init would retry it for
     minutes. Other forms (`auto`, `ray://...`) are left to Ray."""
@@ -377,6 +367,18 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
                           "is the cluster up (`ray up cluster.yaml`), and is this HOST:6379?") from None
 
 
+def check_address(address: str | None) -> None:
+    """Refuse a dashboard URL, or a HOST:PORT nothing listens on, as a Ray address (before anything is created)."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"Ray address {address!r} is a dashboard (job server) address: submit the sweep with "
+            f"`ray job submit --working-dir . -- txlab sweep ...`, or give --address the cluster's HOST:6379"
+        )
+    if address:
+        _check_reachable(address)
+
+
 def connect(address: str | None, quiet: bool = True) -> tuple[str, bool]:
     """ray.init: the given address, else RAY_ADDRESS (set inside `ray job submit`), else a local instance.
     Returns (where, started_here)."""
@@ -388,7 +390,6 @@ def connect(address: str | None, quiet: bool = True) -> tuple[str, bool]:
         return "existing", False
     check_address(address)
     if address:
-        _check_reachable(address)
         try:
             ray.init(address=address, logging_level=level, log_to_driver=not quiet)
         except (ConnectionError, TimeoutError, ValueError) as e:
@@ -434,11 +435,12 @@ def run_sweep(
     import ray
     from ray import tune
 
-    # Connect before taking the lock: an unreachable cluster (bad --address) leaves no store behind.
-    where, started_here = connect(address, quiet=quiet)
-    try:
-        cluster = ray.cluster_resources()
-        with plan_.store.writer_lock():
+    # The lock first: a second sweep on this store is refused before it starts a Ray instance. (A bad
+    # --address is refused earlier, by check_address in `txlab sweep`, before the store is made.)
+    with plan_.store.writer_lock():
+        where, started_here = connect(address, quiet=quiet)
+        try:
+            cluster = ray.cluster_resources()
             progress.print(
                 f"[{spec.name}] {len(plan_.to_run)} trials on Ray ({where}: {int(cluster.get('CPU', 0))} CPU, "
                 f"{cluster.get('GPU', 0):g} GPU); each trial {spec.cpu:g} CPU, {spec.gpu:g} GPU; store {plan_.store.uri}"
@@ -479,9 +481,9 @@ def run_sweep(
                 tuner.fit()
             finally:
                 shutil.rmtree(tmp_storage, ignore_errors=True)
-    finally:
-        if started_here:
-            ray.shutdown()
+        finally:
+            if started_here:
+                ray.shutdown()
     interrupted = progress.done < progress.total
     if interrupted:
         progress.print(progress.line() + " (stopped early)")
