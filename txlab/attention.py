@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -51,23 +51,30 @@ def _tile_scores(qi: torch.Tensor, kj: torch.Tensor, q0: int, k0: int, scale: fl
     return s
 
 
-# On fake tensors (txlab.estimate) a tile's values do not exist, only its allocations, and tiles of
-# the same shape and masking allocate the same temporaries and free them before the next tile. So
-# the estimator runs one representative of each kind: the first q tiles and the last (which may be
-# short), and within a q tile the first k tiles and every tile at or near the diagonal (masked, or
-# short). Same allocations in the same order up to repetition, hence the same peak (tested), in
-# O(T / chunk) dispatched ops instead of O((T / chunk)^2).
+# On fake tensors (txlab.estimate) a tile's values do not exist, only its allocations, and a tile's
+# allocations depend only on its kind: (query rows, key columns, masked or not). Each tile frees its
+# temporaries before the next, and a q tile's own buffers depend only on its rows. So the estimator
+# runs the first tile of each kind and skips the repeats: the same peak (tested against running every
+# tile), in a handful of tiles per call instead of (T / chunk)^2 / 2.
 SKIP_REPEATED_FAKE_TILES = True
 
 
-def _q_tiles(T: int, q_chunk: int, fake: bool) -> list[int]:
-    starts = list(range(0, T, q_chunk))
-    return starts[:2] + starts[-1:] if fake and len(starts) > 3 else starts
-
-
-def _k_tiles(q0: int, q1: int, k_chunk: int, fake: bool) -> list[int]:
-    starts = range(0, q1, k_chunk)  # causal: keys at or before the tile's last query
-    return [k0 for k0 in starts if k0 < 2 * k_chunk or k0 + 2 * k_chunk > q0] if fake else list(starts)
+def _tiles(T: int, q_chunk: int, k_chunk: int, fake: bool) -> Iterator[tuple[int, int, list[int]]]:
+    """(q0, q1, [k0, ...]) per q tile; causal: key tiles up to the tile's last query. On fake tensors
+    only the first tile of each kind, and no q tile whose key tiles were all seen."""
+    seen: set[tuple[int, int, bool]] = set()
+    for q0 in range(0, T, q_chunk):
+        q1 = min(q0 + q_chunk, T)
+        starts = []
+        for k0 in range(0, q1, k_chunk):
+            k1 = min(k0 + k_chunk, q1)
+            kind = (q1 - q0, k1 - k0, k1 - 1 > q0)  # masked as in _tile_scores
+            if fake and kind in seen:
+                continue
+            seen.add(kind)
+            starts.append(k0)
+        if starts:
+            yield q0, q1, starts
 
 
 def _is_fake(t: torch.Tensor) -> bool:
@@ -93,14 +100,12 @@ class _ChunkedAttention(torch.autograd.Function):
         qg = q.reshape(B, Hkv, G, T, D)
         out = torch.empty(B, Hkv, G, T, D, dtype=q.dtype, device=q.device)
         lse = torch.empty(B, Hkv, G, T, dtype=torch.float32, device=q.device)
-        fake = _is_fake(q)
-        for q0 in _q_tiles(T, q_chunk, fake):
-            q1 = min(q0 + q_chunk, T)
+        for q0, q1, k_starts in _tiles(T, q_chunk, k_chunk, _is_fake(q)):
             qi = qg[..., q0:q1, :]
             row_max = torch.full(qi.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
             row_sum = torch.zeros_like(row_max)
             acc = torch.zeros(qi.shape, dtype=torch.float32, device=q.device)
-            for k0 in _k_tiles(q0, q1, k_chunk, fake):
+            for k0 in k_starts:
                 k1 = min(k0 + k_chunk, q1)
                 s = _tile_scores(qi, k[:, :, k0:k1], q0, k0, scale)
                 new_max = torch.maximum(row_max, s.amax(dim=-1))
@@ -130,12 +135,10 @@ class _ChunkedAttention(torch.autograd.Function):
         dq = torch.zeros(qg.shape, dtype=torch.float32, device=q.device)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
-        fake = _is_fake(q)
-        for q0 in _q_tiles(T, q_chunk, fake):
-            q1 = min(q0 + q_chunk, T)
+        for q0, q1, k_starts in _tiles(T, q_chunk, k_chunk, _is_fake(q)):
             qi, doi = qg[..., q0:q1, :], dout[..., q0:q1, :]
             lse_i, delta_i = lse[..., q0:q1].unsqueeze(-1), delta[..., q0:q1].unsqueeze(-1)
-            for k0 in _k_tiles(q0, q1, k_chunk, fake):
+            for k0 in k_starts:
                 k1 = min(k0 + k_chunk, q1)
                 kj, vj = k[:, :, k0:k1], v[:, :, k0:k1]
                 p = torch.exp(_tile_scores(qi, kj, q0, k0, scale) - lse_i)  # (B, Hkv, G, tq, tk)
