@@ -67,10 +67,19 @@ def _log2_mem_axis(ax) -> None:
     ax.yaxis.set_minor_locator(mticker.NullLocator())
 
 
-def _facets(df: pd.DataFrame) -> tuple[list[str], list]:
+def _panels(df: pd.DataFrame, max_cols: int = 4) -> tuple[list[list[tuple[str, float] | None]], bool]:
+    """The (setting, depth) panels that hold rows, laid out setting x depth when the grid is full, else
+    wrapped (model sizes with their own depths would leave most of a full grid empty). Returns the
+    layout (None: no panel there) and whether it is the full grid."""
     rows = sorted(df["setting"].unique())
     cols = sorted(df["depth"].dropna().unique())
-    return rows, cols
+    present = sorted({(s, d) for s, d in zip(df["setting"], df["depth"]) if pd.notna(d)})
+    if len(present) == len(rows) * len(cols):
+        return [[(s, d) for d in cols] for s in rows], True
+    n_cols = min(max_cols, len(present))
+    layout = [present[i:i + n_cols] for i in range(0, len(present), n_cols)]
+    layout[-1] = layout[-1] + [None] * (n_cols - len(layout[-1]))
+    return layout, False
 
 
 def _grid(n_rows: int, n_cols: int, w: float, h: float, sharey=True, sharex=True):
@@ -119,15 +128,20 @@ def plot_memory_vs_length(source: Source, budgets: Iterable[float] | None = None
     budgets, _ = budgets_of(df, budgets)
     pal = palette(df["policy"])
     order = list(pal)
-    rows, cols = _facets(valid)
-    fig, axes = _grid(len(rows), len(cols), 3.6, 3.2)
+    layout, _ = _panels(valid)
+    fig, axes = _grid(len(layout), len(layout[0]), 3.6, 3.2)
     ok = valid[(valid["status"] == "ok") & valid["peak_gib"].notna()]
     ok = ok.loc[ok.groupby(["group", "seq_len", "basis"])["peak_gib"].idxmin().values] if len(ok) else ok
     failed = valid[valid["status"].isin(list(STATUS_MARKERS))].copy()
     failed["y"] = [_row_cap_gib(r, budgets) for _, r in failed.iterrows()]
-    for i, setting in enumerate(rows):
-        for j, depth in enumerate(cols):
+    for i, panel_row in enumerate(layout):
+        for j, panel in enumerate(panel_row):
             ax = axes[i][j]
+            if panel is None:
+                ax.set_visible(False)
+                continue
+            setting, depth = panel
+            last_row = i == len(layout) - 1 or layout[i + 1][j] is None
             sel = ok[(ok["setting"] == setting) & (ok["depth"] == depth)]
             if len(sel):
                 # estimated lines start from the last measured point, so they read as an extension
@@ -163,7 +177,9 @@ def plot_memory_vs_length(source: Source, budgets: Iterable[float] | None = None
             _log2_len_axis(ax, valid["seq_len"].dropna())
             _log2_mem_axis(ax)
             _title(ax, setting, f"{int(depth)} layers")
-            ax.set_xlabel("sequence length (tokens, log2)" if i == len(rows) - 1 else "")
+            ax.set_xlabel("sequence length (tokens, log2)" if last_row else "")
+            if last_row:  # shared x: the bottom panel of each column shows the ticks
+                ax.tick_params(axis="x", labelbottom=True)
             ax.set_ylabel("peak memory (log2)" if j == 0 else "")
             ax.tick_params(axis="x", labelrotation=45)
     handles = [Line2D([], [], color=c, marker="o", lw=2) for c in pal.values()]

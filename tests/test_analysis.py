@@ -122,3 +122,20 @@ def test_report_html_and_markdown(store, tmp_path):
     assert "| synthetic | measured |" in md and "_Not drawn: no measured chunked-attention rows._" in md
     with pytest.raises(AnalysisError, match=".html or .md"):
         write_report(store, tmp_path / "report.pdf")
+
+
+def test_memory_panels_wrap_when_sizes_have_their_own_depths():
+    """gpt2 sizes each come with one depth: a size x depth grid would be mostly empty panels."""
+    import pandas as pd
+
+    from analysis.plots import _panels
+
+    own = pd.DataFrame({"setting": ["small", "medium", "xl"], "depth": [12, 24, 48]})
+    layout, full = _panels(own)
+    assert not full and layout == [[("medium", 24), ("small", 12), ("xl", 48)]]
+    crossed = pd.DataFrame({"setting": ["a", "a", "b", "b"], "depth": [2, 4, 2, 4]})
+    layout, full = _panels(crossed)
+    assert full and layout == [[("a", 2), ("a", 4)], [("b", 2), ("b", 4)]]
+    many = pd.DataFrame({"setting": list("abcdef"), "depth": [1, 2, 3, 4, 5, 6]})
+    layout, _ = _panels(many)
+    assert [len(r) for r in layout] == [4, 4] and layout[1][2:] == [None, None]
