@@ -14,14 +14,7 @@ from txlab.cli import main
 from txlab.config import load_config
 from txlab.inference import Inference, build_model, generate_greedy, kv_cache_analytic_bytes
 from txlab.trial import run_trial
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: one intra-op thread is faster, and steadier on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from conftest_data import one_thread  # noqa: F401 - autouse fixture: one intra-op thread
 
 
 TINY = {"model.n_layers": 2, "model.d_model": 64, "model.n_heads": 4, "model.vocab_size": 97}

@@ -11,15 +11,7 @@ from txlab.config import load_config
 from txlab.inference import build_model
 from txlab.quant import Int4Linear, QMAX, pack_int4, projection_names, quantize_model, unpack_int4, weight_bytes
 from txlab.trial import run_trial
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: one intra-op thread is faster, and steadier on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from conftest_data import one_thread  # noqa: F401 - autouse fixture: one intra-op thread
 
 
 def test_pack_round_trips_representable_weights_exactly():

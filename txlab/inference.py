@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from txlab.config import PolicyConfig, TrialConfig
 from txlab.memory import GiB, BudgetExceeded, MemoryMonitor, RssWindow
 from txlab.model import GPT, apply_rope
 from txlab.quant import Int4Linear, quantize_model, quantized_bytes, unpack_int4, weight_bytes
+from txlab.trial import _log, _sync
 
 
 def context_length(cfg: TrialConfig) -> int:
@@ -280,16 +280,6 @@ def generate_greedy(model: GPT, policy: PolicyConfig, prompt: torch.Tensor, n_ne
 
 
 # --- the measured trial ---------------------------------------------------------------------------
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _log(progress: bool, msg: str) -> None:
-    if progress:
-        print(msg, file=sys.stderr, flush=True)
 
 
 @dataclass
