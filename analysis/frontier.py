@@ -241,6 +241,7 @@ def frontier_markdown(fr: pd.DataFrame, vs: pd.DataFrame, budget_source: str = "
         parts.append(f"Peak memory change and step-time ratio of each policy against `{base}` at the same shape "
                      "(both measured, both ok). `-60% mem, x1.30 time`: 60% less memory, 30% slower.\n")
     else:
-        parts.append("No shape was run both under sdpa (or naive) and under another policy, so there is nothing to compare.\n")
+        parts.append("No shape was measured (status ok) both under sdpa (or naive) and under another policy, so there is "
+                     "nothing to compare. Estimated rows take no part: they have no step times.\n")
     parts.append(md_table(versus_pivot(vs)))
     return "\n".join(parts)
