@@ -6,7 +6,7 @@ Shape of a run:
      touches Ray until the whole plan is valid.
   2. `run_sweep()` connects to Ray (local instance, `--address` or RAY_ADDRESS) and runs a `tune.Tuner`
      whose param space is `tune.grid_search` over the remaining trials, each trial with the spec's
-     resources (`tune.with_resources`), `reuse_actors=False`, `max_concurrent_trials` and
+     resources (`tune.with_resources`), `reuse_actors` (estimate mode only), `max_concurrent_trials` and
      `FailureConfig(max_failures)`.
   3. Each trial (a Ray actor, placed by Ray on a node with the resources) starts `python -m sweeps.worker`
      in a fresh process, waits for its row, adds `sweep` and `node_id`, and reports the row to Tune.
