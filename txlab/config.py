@@ -546,7 +546,7 @@ def validate(cfg: TrialConfig) -> None:
 
 
 def mlp_hidden(m: ModelConfig) -> int:
-    """Hidden width of the MLP (4 d for gelu; 8/3 d rounded up to 64 for swiglu), as txlab.model builds it."""
+    """Hidden width of the MLP: 4 d for gelu; 8/3 d rounded up to 64 for swiglu (txlab.model builds it from this)."""
     return 4 * m.d_model if m.mlp == "gelu" else 64 * math.ceil(8 * m.d_model / 3 / 64)
 
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from txlab.attention import AttentionFn, sdpa_attention
-from txlab.config import ModelConfig
+from txlab.config import ModelConfig, mlp_hidden
 
 
 def make_norm(kind: str, d_model: int) -> nn.Module:
@@ -71,15 +71,12 @@ class MLP(nn.Module):
         super().__init__()
         self.kind = cfg.mlp
         d = cfg.d_model
-        if cfg.mlp == "gelu":
-            self.fc = nn.Linear(d, 4 * d)
-            self.proj = nn.Linear(4 * d, d)
-        elif cfg.mlp == "swiglu":
-            hidden = 64 * math.ceil(8 * d / 3 / 64)  # same parameter count as 4x GELU, rounded for kernels
-            self.fc = nn.Linear(d, 2 * hidden)  # gate and up projections in one matmul
-            self.proj = nn.Linear(hidden, d)
-        else:
+        if cfg.mlp not in ("gelu", "swiglu"):
             raise ValueError(f"unknown mlp {cfg.mlp!r}; known: gelu, swiglu")
+        hidden = mlp_hidden(cfg)  # swiglu: 8/3 d, the parameter count of 4x GELU; shared with the int4 check
+        # swiglu: gate and up projections in one matmul
+        self.fc = nn.Linear(d, 2 * hidden if cfg.mlp == "swiglu" else hidden)
+        self.proj = nn.Linear(hidden, d)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
