@@ -345,9 +345,7 @@ def measure_inference(cfg: TrialConfig, device: torch.device, row: dict[str, Any
     from txlab.throughput import flops_per_token, mfu
 
     m, w = cfg.model, cfg.workload
-    budget = None if cfg.measure.budget_gib is None else int(cfg.measure.budget_gib * GiB)
-    if device.type == "cuda" and budget is not None:
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / row["device_capacity_bytes"]), device)
+    budget = None if cfg.measure.budget_gib is None else int(cfg.measure.budget_gib * GiB)  # CUDA: capped by _measure
     model = build_model(cfg, device, quant=False)
     row["n_params"] = model.num_params()
     row["weight_bytes_fp"] = weight_bytes(model)

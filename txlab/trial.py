@@ -183,20 +183,22 @@ def build_trial(cfg: TrialConfig, device: torch.device, fused_optimizer: bool | 
 
 def _measure(cfg: TrialConfig, device: torch.device, row: dict[str, Any], progress: bool, real_data=None) -> None:
     m, w = cfg.model, cfg.workload
-    if w.kind in ("prefill", "decode"):  # no-grad forward (+ decode steps) under a KV policy: txlab.inference
-        from txlab.inference import measure_inference
-
-        data = SyntheticBatches(m.vocab_size, w.batch_size, w.seq_len, cfg.seed, device)
-        if real_data is not None:
-            from txlab.data import TrialBatches
-
-            data = TrialBatches(real_data, device)
-        measure_inference(cfg, device, row, progress, data)
-        return
     budget = None if cfg.measure.budget_gib is None else int(cfg.measure.budget_gib * GiB)
     if device.type == "cuda" and budget is not None:
         # A real cap: allocations past the budget raise OutOfMemoryError, as on a smaller device.
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / row["device_capacity_bytes"]), device)
+    data = None
+    if real_data is not None:  # same shapes as the synthetic batches, real text (txlab.data)
+        from txlab.data import TrialBatches
+
+        data = TrialBatches(real_data, device)
+    if w.kind in ("prefill", "decode"):  # no-grad forward (+ decode steps) under a KV policy: txlab.inference
+        from txlab.inference import measure_inference
+
+        if data is None:
+            data = SyntheticBatches(m.vocab_size, w.batch_size, w.seq_len, cfg.seed, device)
+        measure_inference(cfg, device, row, progress, data)
+        return
 
     plan = None
     if cfg.policy.remat == "planned":
@@ -209,11 +211,6 @@ def _measure(cfg: TrialConfig, device: torch.device, row: dict[str, Any], progre
             return
         plan, row["plan"] = chosen.runs, chosen.describe()
         _log(progress, f"  plan: {row['plan']}")
-    data = None
-    if real_data is not None:  # same shapes as the synthetic batches, real text (txlab.data)
-        from txlab.data import TrialBatches
-
-        data = TrialBatches(real_data, device)
     parts = build_trial(cfg, device, plan=plan, data=data)
     model, optimizer, step, data = parts.model, parts.optimizer, parts.step, parts.data
     row["n_params"] = model.num_params()
