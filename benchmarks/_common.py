@@ -15,10 +15,10 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch._subclasses.fake_tensor
@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from txlab.memory import GiB, BudgetExceeded, MemoryMonitor  # noqa: E402
+from txlab.measure.budget import BudgetExceeded
+from txlab.measure.memory import MemoryMonitor
 
 CPU = torch.device("cpu")
 TXLAB_PRESETS = ["naive", "sdpa", "checkpoint", "selective", "recompute"]
@@ -41,16 +42,22 @@ def machine() -> dict:
     """What a figure came from: CPU count, load, versions, time (UTC)."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     return {
-        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_1m": round(load[0], 2),
-        "load_5m": round(load[1], 2), "torch": torch.__version__, "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_1m": round(load[0], 2),
+        "load_5m": round(load[1], 2),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
         "utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
 def machine_line() -> str:
     m = machine()
-    return (f"# {m['utc']}  {m['cpus']} CPUs ({m['torch_threads']} torch threads), load {m['load_1m']} (1 min) "
-            f"{m['load_5m']} (5 min), torch {m['torch']}")
+    return (
+        f"# {m['utc']}  {m['cpus']} CPUs ({m['torch_threads']} torch threads), load {m['load_1m']} (1 min) "
+        f"{m['load_5m']} (5 min), torch {m['torch']}"
+    )
 
 
 # --- the contenders ------------------------------------------------------------------------------
@@ -102,7 +109,9 @@ class Contender:
     note: str  # what the variant resolved to (HF's attention implementation, txlab's policy)
 
 
-def build(variant: str, seq_len: int, size: str = "gpt2-small", seed: int = 0, overrides: dict | None = None) -> Contender:
+def build(
+    variant: str, seq_len: int, size: str = "gpt2-small", seed: int = 0, overrides: dict | None = None
+) -> Contender:
     """gpt2-`size` shapes, dropout off, position table of `seq_len` rows, random weights, train mode."""
     torch.manual_seed(seed)
     if variant.startswith("hf"):
@@ -112,35 +121,60 @@ def build(variant: str, seq_len: int, size: str = "gpt2-small", seed: int = 0, o
 
 def _build_txlab(preset: str, seq_len: int, size: str, overrides: dict) -> Contender:
     from txlab.config import load_config
-    from txlab.model import GPT
-    from txlab.policy import apply_policy
+    from txlab.model.gpt import GPT
+    from txlab.policy.apply import apply_policy
 
-    cfg = load_config(None, {
-        "model.size": size, "model.dropout": 0.0, "workload.seq_len": seq_len, "policy.name": preset,
-        # the chunk sizes presets_gpt2.py uses, capped at the length
-        "policy.q_chunk": min(512, seq_len), "policy.k_chunk": min(512, seq_len), "policy.loss_chunk": min(1024, seq_len),
-        **overrides,
-    })
+    cfg = load_config(
+        None,
+        {
+            "model.size": size,
+            "model.dropout": 0.0,
+            "workload.seq_len": seq_len,
+            "policy.name": preset,
+            # the chunk sizes presets_gpt2.py uses, capped at the length
+            "policy.q_chunk": min(512, seq_len),
+            "policy.k_chunk": min(512, seq_len),
+            "policy.loss_chunk": min(1024, seq_len),
+            **overrides,
+        },
+    )
     model = GPT(cfg.model, seq_len)
     loss_fn = apply_policy(model, cfg.policy)
     model.train()
     p = cfg.policy
-    note = f"attention {p.attention}" + (f" {p.q_chunk}x{p.k_chunk}" if p.attention == "chunked" else "") + \
-           f", remat {p.remat}, loss {p.loss}" + (f" {p.loss_chunk}" if p.loss == "chunked" else "")
+    note = (
+        f"attention {p.attention}"
+        + (f" {p.q_chunk}x{p.k_chunk}" if p.attention == "chunked" else "")
+        + f", remat {p.remat}, loss {p.loss}"
+        + (f" {p.loss_chunk}" if p.loss == "chunked" else "")
+    )
     return Contender(preset, model, lambda x, y: loss_fn(model(x), model.lm_head.weight, y), note)
 
 
 def hf_config(seq_len: int, size: str, overrides: dict):
     from transformers import GPT2Config
 
-    shapes = {"gpt2-small": (12, 768, 12), "gpt2-medium": (24, 1024, 16), "gpt2-large": (36, 1280, 20),
-              "gpt2-xl": (48, 1600, 25), "debug": (4, 256, 4)}
+    shapes = {
+        "gpt2-small": (12, 768, 12),
+        "gpt2-medium": (24, 1024, 16),
+        "gpt2-large": (36, 1280, 20),
+        "gpt2-xl": (48, 1600, 25),
+        "debug": (4, 256, 4),
+    }
     n_layer, n_embd, n_head = shapes[size]
     vocab = 256 if size == "debug" else 50257
-    return GPT2Config(vocab_size=overrides.get("model.vocab_size", vocab), n_positions=seq_len,
-                      n_layer=overrides.get("model.n_layers", n_layer), n_embd=overrides.get("model.d_model", n_embd),
-                      n_head=overrides.get("model.n_heads", n_head),
-                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, loss_type="ForCausalLM")
+    return GPT2Config(
+        vocab_size=overrides.get("model.vocab_size", vocab),
+        n_positions=seq_len,
+        n_layer=overrides.get("model.n_layers", n_layer),
+        n_embd=overrides.get("model.d_model", n_embd),
+        n_head=overrides.get("model.n_heads", n_head),
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        use_cache=False,
+        loss_type="ForCausalLM",
+    )
 
 
 def _build_hf(variant: str, seq_len: int, size: str, overrides: dict) -> Contender:
@@ -161,7 +195,8 @@ def _build_hf(variant: str, seq_len: int, size: str, overrides: dict) -> Contend
     elif variant not in ("hf", "hf-eager"):
         raise ValueError(f"unknown HF variant {variant!r}; known: {', '.join(HF_VARIANTS)}")
     note = f"transformers {transformers.__version__}, attn_implementation {model.config._attn_implementation}" + (
-        ", gradient_checkpointing_enable()" if variant == "hf-gc" else "")
+        ", gradient_checkpointing_enable()" if variant == "hf-gc" else ""
+    )
 
     # What a user writes: labels = input ids, HF shifts them inside (so T-1 predicted positions, not T).
     def loss(x, y):
@@ -205,8 +240,14 @@ def tracked_steps(c: Contender, optimizer, batches, budget_bytes: int | None = N
                 loss = step(x, y)
                 mon.end_step()
         s = mon.stats()
-        row.update(peak_bytes=s.peak_bytes, params_bytes=s.params_bytes, grads_bytes=s.grads_bytes,
-                   optimizer_bytes=s.optimizer_bytes, activations_bytes=s.activations_bytes, other_bytes=s.other_bytes)
+        row.update(
+            peak_bytes=s.peak_bytes,
+            params_bytes=s.params_bytes,
+            grads_bytes=s.grads_bytes,
+            optimizer_bytes=s.optimizer_bytes,
+            activations_bytes=s.activations_bytes,
+            other_bytes=s.other_bytes,
+        )
         if not isinstance(loss, torch._subclasses.fake_tensor.FakeTensor):
             row["loss"] = float(loss)
     except BudgetExceeded as e:
@@ -214,21 +255,34 @@ def tracked_steps(c: Contender, optimizer, batches, budget_bytes: int | None = N
     return row
 
 
-def measure_memory(variant: str, seq_len: int, *, fake: bool, budget_bytes: int | None = None, optimizer: bool = False,
-                   size: str = "gpt2-small", overrides: dict | None = None) -> dict:
+def measure_memory(
+    variant: str,
+    seq_len: int,
+    *,
+    fake: bool,
+    budget_bytes: int | None = None,
+    optimizer: bool = False,
+    size: str = "gpt2-small",
+    overrides: dict | None = None,
+) -> dict:
     """Peak tracked bytes of one step (two with an optimizer: the first creates its state) under txlab's
     MemoryMonitor, on fake tensors (exact accounting, no arithmetic) or real ones. With a budget the
     tracker stops the step as soon as live tensors pass it (status over_budget, peak a lower bound).
     """
-    from txlab.trial import make_optimizer
+    from txlab.measure.step import make_optimizer
 
     t0 = time.perf_counter()
     with fake_mode(hf=variant.startswith("hf")) if fake else nullcontext():
         c = build(variant, seq_len, size, overrides=overrides)
         opt = make_optimizer(c.model, CPU, fused=False) if optimizer else None
         batches = [tokens(vocab_of(c), seq_len, seed=i) for i in range(2 if optimizer else 1)]
-        row = {"variant": variant, "seq_len": seq_len, "fake": fake, "note": c.note,
-               "n_params": sum(p.numel() for p in c.model.parameters())}
+        row = {
+            "variant": variant,
+            "seq_len": seq_len,
+            "fake": fake,
+            "note": c.note,
+            "n_params": sum(p.numel() for p in c.model.parameters()),
+        }
         row.update(tracked_steps(c, opt, batches, budget_bytes))
     row["measure_s"] = time.perf_counter() - t0
     return row
@@ -237,13 +291,15 @@ def measure_memory(variant: str, seq_len: int, *, fake: bool, budget_bytes: int 
 # --- timing --------------------------------------------------------------------------------------
 
 
-def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1, log: bool = True) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1, log: bool = True
+) -> dict[str, list[float]]:
     """Wall seconds of each callable, `warmup` untimed rounds then `reps` timed rounds; within a round every
     contender runs once and the order rotates per round, so a change in machine load hits all alike."""
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(warmup + reps):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             t0 = time.perf_counter()
             fns[n]()
@@ -251,8 +307,11 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1
             if r >= warmup:
                 times[n].append(dt)
             if log:
-                print(f"  {'warm-up' if r < warmup else f'rep {r - warmup + 1}/{reps}'}  {n}: {dt:.2f} s",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  {'warm-up' if r < warmup else f'rep {r - warmup + 1}/{reps}'}  {n}: {dt:.2f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     return times
 
 
@@ -261,7 +320,13 @@ def spread(ts: list[float]) -> dict:
     if not ts:
         return {"time_s": None, "time_min_s": None, "time_max_s": None, "spread": None, "reps": 0}
     med = statistics.median(ts)
-    return {"time_s": med, "time_min_s": min(ts), "time_max_s": max(ts), "spread": (max(ts) - min(ts)) / med, "reps": len(ts)}
+    return {
+        "time_s": med,
+        "time_min_s": min(ts),
+        "time_max_s": max(ts),
+        "spread": (max(ts) - min(ts)) / med,
+        "reps": len(ts),
+    }
 
 
 def loglog_slope(xs, ys) -> float:

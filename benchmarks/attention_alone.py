@@ -35,7 +35,7 @@ def kernels(chunks) -> dict[str, tuple[str, int]]:
 
 
 def _fn(kind: str, chunk: int):
-    from txlab.attention import get_attention
+    from txlab.model.attention import get_attention
 
     return get_attention(kind, chunk or 512, chunk or 512)
 
@@ -74,8 +74,17 @@ def memory(kind: str, chunk: int, T: int, budget_bytes: int, heads: int = HEADS,
     return row
 
 
-def run(memory_lengths, time_lengths, chunks, reps: int, budget_gib: float, ram_cap_gib: float,
-        heads: int = HEADS, head_dim: int = HEAD_DIM, log: bool = True):
+def run(
+    memory_lengths,
+    time_lengths,
+    chunks,
+    reps: int,
+    budget_gib: float,
+    ram_cap_gib: float,
+    heads: int = HEADS,
+    head_dim: int = HEAD_DIM,
+    log: bool = True,
+):
     import pandas as pd
 
     ks = kernels(chunks)
@@ -85,11 +94,19 @@ def run(memory_lengths, time_lengths, chunks, reps: int, budget_gib: float, ram_
             if chunk and chunk > T:
                 continue
             r = memory(kind, chunk, T, int(budget_gib * C.GiB), heads, head_dim)
-            rows[(name, T)] = {"kernel": name, "seq_len": T, "status": r["status"], "peak_GiB": r["peak_bytes"] / C.GiB,
-                               **C.spread([])}
+            rows[(name, T)] = {
+                "kernel": name,
+                "seq_len": T,
+                "status": r["status"],
+                "peak_GiB": r["peak_bytes"] / C.GiB,
+                **C.spread([]),
+            }
             if log:
-                print(f"fake  {name:<13} T={T:<6} {r['status']:<11} {r['peak_bytes'] / C.GiB:.3f} GiB ({r['measure_s']:.1f} s)",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"fake  {name:<13} T={T:<6} {r['status']:<11} {r['peak_bytes'] / C.GiB:.3f} GiB ({r['measure_s']:.1f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
     for T in sorted(time_lengths):
         fns = {}
         for name, (kind, chunk) in ks.items():
@@ -100,7 +117,7 @@ def run(memory_lengths, time_lengths, chunks, reps: int, budget_gib: float, ram_
                 r["time_note"] = "not timed: over the budget or the RAM cap"
                 continue
             fn = _fn(kind, chunk)
-            fns[name] = (lambda fn=fn: fwd_bwd(fn, *inputs))
+            fns[name] = lambda fn=fn: fwd_bwd(fn, *inputs)
         inputs = _inputs(T, heads, head_dim)
         if log:
             print(f"timing T={T}: {', '.join(fns)}", file=sys.stderr, flush=True)
@@ -115,7 +132,9 @@ def run(memory_lengths, time_lengths, chunks, reps: int, budget_gib: float, ram_
             df.loc[ok.index, "peak_vs_sdpa"] = ok["peak_GiB"] / base["peak_GiB"].iloc[0]
             if base["time_s"].notna().iloc[0]:
                 df.loc[grp.index, "time_vs_sdpa"] = grp["time_s"] / base["time_s"].iloc[0]
-    df["shown"] = [f"{p:.3f}" if s == "ok" else f"> {budget_gib:g} (skipped)" for s, p in zip(df["status"], df["peak_GiB"])]
+    df["shown"] = [
+        f"{p:.3f}" if s == "ok" else f"> {budget_gib:g} (skipped)" for s, p in zip(df["status"], df["peak_GiB"])
+    ]
     return df
 
 
@@ -126,11 +145,18 @@ def exponents(df):
     for name, grp in df.groupby("kernel", sort=False):
         ok = grp[grp["status"] == "ok"]
         timed = ok[ok["time_s"].notna()]
-        out.append({"kernel": name, "memory_exponent": C.loglog_slope(ok["seq_len"], ok["peak_GiB"]),
-                    "memory_points": f"{ok['seq_len'].min()}..{ok['seq_len'].max()} ({len(ok)})",
-                    # the last doubling alone: the asymptotic exponent, less the O(T) inputs' share
-                    "memory_exponent_last": C.loglog_slope(ok["seq_len"].iloc[-2:], ok["peak_GiB"].iloc[-2:]) if len(ok) > 1 else None,
-                    "time_exponent": C.loglog_slope(timed["seq_len"], timed["time_s"]) if len(timed) > 1 else None})
+        out.append(
+            {
+                "kernel": name,
+                "memory_exponent": C.loglog_slope(ok["seq_len"], ok["peak_GiB"]),
+                "memory_points": f"{ok['seq_len'].min()}..{ok['seq_len'].max()} ({len(ok)})",
+                # the last doubling alone: the asymptotic exponent, less the O(T) inputs' share
+                "memory_exponent_last": C.loglog_slope(ok["seq_len"].iloc[-2:], ok["peak_GiB"].iloc[-2:])
+                if len(ok) > 1
+                else None,
+                "time_exponent": C.loglog_slope(timed["seq_len"], timed["time_s"]) if len(timed) > 1 else None,
+            }
+        )
     return pd.DataFrame(out)
 
 
@@ -146,11 +172,25 @@ def plot(df, path: Path, budget_gib: float) -> Path:
         ax1.plot(sub["seq_len"], sub["peak_GiB"], marker="o", color=colors[name], label=name)
         t = sub[sub["time_s"].notna()]
         if len(t):
-            ax2.errorbar(t["seq_len"], t["time_s"], yerr=[t["time_s"] - t["time_min_s"], t["time_max_s"] - t["time_s"]],
-                         marker="o", color=colors[name], label=name, capsize=2)
+            ax2.errorbar(
+                t["seq_len"],
+                t["time_s"],
+                yerr=[t["time_s"] - t["time_min_s"], t["time_max_s"] - t["time_s"]],
+                marker="o",
+                color=colors[name],
+                label=name,
+                capsize=2,
+            )
     ax1.axhline(budget_gib, color="grey", ls=":", lw=1)
-    ax1.text(df["seq_len"].max(), budget_gib * 0.8, f"budget {budget_gib:g} GiB: points above it skipped", fontsize=7,
-             color="grey", ha="right", va="top")
+    ax1.text(
+        df["seq_len"].max(),
+        budget_gib * 0.8,
+        f"budget {budget_gib:g} GiB: points above it skipped",
+        fontsize=7,
+        color="grey",
+        ha="right",
+        va="top",
+    )
     C.log2_axis(ax1, df["seq_len"])
     C.log2_axis(ax2, df.loc[df["time_s"].notna(), "seq_len"])
     ax1.legend(fontsize=8, loc="lower right")
@@ -187,7 +227,18 @@ def main(argv=None) -> int:
     else:
         print(C.machine_line())
         df = run(args.memory_lengths, args.time_lengths, args.chunks, args.reps, args.budget_gib, args.ram_cap_gib)
-    cols = ["seq_len", "kernel", "shown", "peak_vs_sdpa", "time_s", "time_min_s", "time_max_s", "spread", "reps", "time_vs_sdpa"]
+    cols = [
+        "seq_len",
+        "kernel",
+        "shown",
+        "peak_vs_sdpa",
+        "time_s",
+        "time_min_s",
+        "time_max_s",
+        "spread",
+        "reps",
+        "time_vs_sdpa",
+    ]
     C.print_table(df[cols].rename(columns={"shown": "peak_GiB"}))
     ex = exponents(df)
     print("growth exponents (log-log slope; 1 = linear, 2 = quadratic):")

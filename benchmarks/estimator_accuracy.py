@@ -31,9 +31,19 @@ def grid(quick: bool) -> list[dict]:
     for T, (L, d, h), batch, dropout in itertools.product(lengths, widths, [1, 2], [0.0, 0.1]):
         if quick and (batch, dropout) not in ((1, 0.0), (2, 0.1)):
             continue
-        shapes.append({"model.n_layers": L, "model.d_model": d, "model.n_heads": h, "model.vocab_size": 256,
-                       "workload.seq_len": T, "workload.batch_size": batch, "model.dropout": dropout,
-                       "workload.steps": 1, "workload.warmup_steps": 0})
+        shapes.append(
+            {
+                "model.n_layers": L,
+                "model.d_model": d,
+                "model.n_heads": h,
+                "model.vocab_size": 256,
+                "workload.seq_len": T,
+                "workload.batch_size": batch,
+                "model.dropout": dropout,
+                "workload.steps": 1,
+                "workload.warmup_steps": 0,
+            }
+        )
     return shapes
 
 
@@ -47,8 +57,9 @@ def main() -> None:
     import pandas as pd
 
     from txlab.config import load_config
-    from txlab.estimate import estimate_trial
-    from txlab.trial import resolve_device, run_trial
+    from txlab.measure.device import resolve_device
+    from txlab.measure.estimate import estimate_trial
+    from txlab.measure.trial import run_trial
 
     device = resolve_device(args.device)
     out = Path(args.out)
@@ -65,25 +76,36 @@ def main() -> None:
         est = estimate_trial(cfg, device.type)
         rec = {k: v for k, v in cfg.flat().items() if k.startswith(("model.", "workload.", "policy."))}
         rec.update(
-            device=measured["device"], status=measured["status"], est_status=est["status"],
-            measured_peak_bytes=measured["peak_bytes"], estimated_peak_bytes=est["peak_bytes"],
+            device=measured["device"],
+            status=measured["status"],
+            est_status=est["status"],
+            measured_peak_bytes=measured["peak_bytes"],
+            estimated_peak_bytes=est["peak_bytes"],
             measured_rss_bytes=measured["peak_rss_bytes"],  # CPU: resident high-water mark, the tracker's check
-            measured_activations_bytes=measured["activations_bytes"], estimated_activations_bytes=est["activations_bytes"],
-            formula_activation_bytes=est["formula_activation_bytes"], estimate_s=est["duration_s"],
+            measured_activations_bytes=measured["activations_bytes"],
+            estimated_activations_bytes=est["activations_bytes"],
+            formula_activation_bytes=est["formula_activation_bytes"],
+            estimate_s=est["duration_s"],
             measure_s=measured["duration_s"],
         )
         if measured["peak_bytes"] and est["peak_bytes"]:
             rec["rel_error"] = est["peak_bytes"] / measured["peak_bytes"] - 1
         records.append(rec)
-        print(f"{preset:10s} L{shape['model.n_layers']} d{shape['model.d_model']} T{shape['workload.seq_len']:5d} "
-              f"b{shape['workload.batch_size']} drop {shape['model.dropout']}: measured {measured['peak_bytes'] / 2**20:8.2f} MiB "
-              f"estimated {est['peak_bytes'] / 2**20:8.2f} MiB  error {rec.get('rel_error', float('nan')):+.4%}", flush=True)
+        print(
+            f"{preset:10s} L{shape['model.n_layers']} d{shape['model.d_model']} T{shape['workload.seq_len']:5d} "
+            f"b{shape['workload.batch_size']} drop {shape['model.dropout']}: measured {measured['peak_bytes'] / 2**20:8.2f} MiB "
+            f"estimated {est['peak_bytes'] / 2**20:8.2f} MiB  error {rec.get('rel_error', float('nan')):+.4%}",
+            flush=True,
+        )
 
     rows = pd.DataFrame(records)
     rows.to_parquet(out / "rows.parquet")
     rows["abs_error"] = rows["rel_error"].abs()
-    table = (rows.groupby("policy.name", sort=False)["abs_error"]
-             .agg(trials="count", max_error="max", median_error="median").reset_index())
+    table = (
+        rows.groupby("policy.name", sort=False)["abs_error"]
+        .agg(trials="count", max_error="max", median_error="median")
+        .reset_index()
+    )
     table.to_parquet(out / "errors.parquet")
     print()
     print(f"device {rows['device'].iloc[0]}, {len(rows)} trials, {time.perf_counter() - t_start:.0f} s")
@@ -106,8 +128,13 @@ def plot(rows, path: Path) -> None:
         ax2.scatter([preset] * len(g), g["rel_error"] * 100, s=18)
     lim = [rows["measured_peak_bytes"].min() / 2**20 * 0.8, rows["measured_peak_bytes"].max() / 2**20 * 1.25]
     ax1.plot(lim, lim, color="grey", lw=0.8, ls="--", label="estimate = measured")
-    ax1.set(xscale="log", yscale="log", xlabel="measured peak (MiB, 2^20 bytes)", ylabel="estimated peak (MiB)",
-            title=f"Estimated vs measured peak ({rows['device'].iloc[0]})")
+    ax1.set(
+        xscale="log",
+        yscale="log",
+        xlabel="measured peak (MiB, 2^20 bytes)",
+        ylabel="estimated peak (MiB)",
+        title=f"Estimated vs measured peak ({rows['device'].iloc[0]})",
+    )
     from matplotlib.ticker import ScalarFormatter
 
     for axis in (ax1.xaxis, ax1.yaxis):

@@ -46,8 +46,15 @@ class Oracle:
             return self.peaks[T] <= budget
         if self.misses.get(T, -1) >= budget:
             return False
-        r = C.measure_memory(self.variant, T, fake=True, budget_bytes=budget, optimizer=self.optimizer, size=self.size,
-                             overrides=self.overrides)
+        r = C.measure_memory(
+            self.variant,
+            T,
+            fake=True,
+            budget_bytes=budget,
+            optimizer=self.optimizer,
+            size=self.size,
+            overrides=self.overrides,
+        )
         self.runs += 1
         self.seconds += r["measure_s"]
         if r["status"] == "ok":
@@ -55,9 +62,12 @@ class Oracle:
         else:
             self.misses[T] = max(budget, self.misses.get(T, -1))
         if self.log:
-            print(f"  {C.label(self.variant):<18} T={T:<6} budget {budget / C.GiB:g} GiB: {r['status']} "
-                  f"({r['peak_bytes'] / C.GiB:.3f} GiB{'' if r['status'] == 'ok' else '+'}, {r['measure_s']:.1f} s)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  {C.label(self.variant):<18} T={T:<6} budget {budget / C.GiB:g} GiB: {r['status']} "
+                f"({r['peak_bytes'] / C.GiB:.3f} GiB{'' if r['status'] == 'ok' else '+'}, {r['measure_s']:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
         return r["status"] == "ok"
 
 
@@ -85,8 +95,17 @@ def longest(oracle: Oracle, budget: int, start: int, step: int, max_len: int) ->
     return lo, False
 
 
-def run(budgets_gib, variants, max_len: int, optimizer: bool = False, start: int = 256, step: int = 256,
-        size: str = "gpt2-small", overrides: dict | None = None, log: bool = True):
+def run(
+    budgets_gib,
+    variants,
+    max_len: int,
+    optimizer: bool = False,
+    start: int = 256,
+    step: int = 256,
+    size: str = "gpt2-small",
+    overrides: dict | None = None,
+    log: bool = True,
+):
     import pandas as pd
 
     rows = []
@@ -95,9 +114,19 @@ def run(budgets_gib, variants, max_len: int, optimizer: bool = False, start: int
         for b in sorted(budgets_gib, reverse=True):  # the largest first: its exact peaks answer the smaller budgets
             budget = int(b * C.GiB)
             T, capped = longest(oracle, budget, start, step, max_len)
-            rows.append({"variant": v, "contender": C.label(v), "budget_GiB": b, "longest_seq_len": T, "capped": capped,
-                         "peak_at_longest_GiB": oracle.peaks[T] / C.GiB if T else None,
-                         "shown": (f">= {T}" if capped else str(T) if T else f"< {start}"), "max_len": max_len, "step": "fwd+bwd+AdamW" if optimizer else "fwd+bwd"})
+            rows.append(
+                {
+                    "variant": v,
+                    "contender": C.label(v),
+                    "budget_GiB": b,
+                    "longest_seq_len": T,
+                    "capped": capped,
+                    "peak_at_longest_GiB": oracle.peaks[T] / C.GiB if T else None,
+                    "shown": (f">= {T}" if capped else str(T) if T else f"< {start}"),
+                    "max_len": max_len,
+                    "step": "fwd+bwd+AdamW" if optimizer else "fwd+bwd",
+                }
+            )
         rows[-1]["search_runs"], rows[-1]["search_s"] = oracle.runs, oracle.seconds  # on the variant's last row
     df = pd.DataFrame(rows).sort_values(["budget_GiB"], kind="stable").reset_index(drop=True)
     for b, grp in df.groupby("budget_GiB"):
@@ -123,7 +152,9 @@ def merge(frames):
     df = pd.concat(frames, ignore_index=True)
     order = {v: i for i, v in enumerate(dict.fromkeys(df["variant"]))}
     df = df.sort_values("longest_seq_len", ascending=False, kind="stable").drop_duplicates(["variant", "budget_GiB"])
-    df = df.sort_values(["budget_GiB", "variant"], key=lambda s: s.map(order) if s.name == "variant" else s).reset_index(drop=True)
+    df = df.sort_values(
+        ["budget_GiB", "variant"], key=lambda s: s.map(order) if s.name == "variant" else s
+    ).reset_index(drop=True)
     for b, grp in df.groupby("budget_GiB"):
         base = grp[grp["variant"] == "hf"]
         if len(base) and base["longest_seq_len"].iloc[0]:
@@ -143,11 +174,25 @@ def plot(df, path: Path, max_len: int) -> Path:
     for i, (v, c) in enumerate(zip(variants, colors)):
         sub = df[df["variant"] == v].set_index("budget_GiB").loc[budgets]
         xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(budgets))]
-        bars = ax.bar(xs, sub["longest_seq_len"], width, color=c, label=C.label(v),
-                      hatch=["//" if cap else "" for cap in sub["capped"]], edgecolor="white")
+        bars = ax.bar(
+            xs,
+            sub["longest_seq_len"],
+            width,
+            color=c,
+            label=C.label(v),
+            hatch=["//" if cap else "" for cap in sub["capped"]],
+            edgecolor="white",
+        )
         for x, r in zip(xs, sub.itertuples()):
-            ax.text(x, max(r.longest_seq_len, 1), f"{r.longest_seq_len}" + ("+" if r.capped else ""),
-                    ha="center", va="bottom", fontsize=6.5, rotation=90)
+            ax.text(
+                x,
+                max(r.longest_seq_len, 1),
+                f"{r.longest_seq_len}" + ("+" if r.capped else ""),
+                ha="center",
+                va="bottom",
+                fontsize=6.5,
+                rotation=90,
+            )
         del bars
     ax.set_yscale("log", base=2)
     top = int(df["longest_seq_len"].max())
@@ -160,9 +205,14 @@ def plot(df, path: Path, max_len: int) -> Path:
     ax.set_xticklabels([f"budget {b:g} GiB" for b in budgets])
     ax.set_ylabel("longest seq_len that fits (tokens, log2)")
     step = df["step"].iloc[0]
-    caps = " or ".join(str(int(c)) for c in sorted(df.loc[df["capped"], "max_len"].fillna(max_len).unique())) or str(max_len)
-    note = f"\n(hatched, +: still fits at the search cap, {caps} tokens)" if df["capped"].any() else \
-        "\n(tokens; powers of two, then bisection to 256)"
+    caps = " or ".join(str(int(c)) for c in sorted(df.loc[df["capped"], "max_len"].fillna(max_len).unique())) or str(
+        max_len
+    )
+    note = (
+        f"\n(hatched, +: still fits at the search cap, {caps} tokens)"
+        if df["capped"].any()
+        else "\n(tokens; powers of two, then bisection to 256)"
+    )
     ax.set_title(f"gpt2-small, batch 1, fp32, {step}: longest context under a tracked-memory budget{note}", fontsize=10)
     ax.legend(fontsize=8, ncol=4, loc="upper left")
     return C.save_fig(fig, path)
@@ -178,8 +228,13 @@ def main(argv=None) -> int:
     ap.add_argument("--optimizer", action="store_true", help="two full train steps with AdamW instead of fwd+bwd")
     ap.add_argument("--out", default="results/benchmarks/longest_context", help="Parquet folder")
     ap.add_argument("--plot", default="docs/img/longest_context.png")
-    ap.add_argument("--from", dest="stored", nargs="+", help="merge stored longest_context parquet files (e.g. a run "
-                    "and its extension past the cap), reprint and redraw; run nothing (--max-len: the cap of files without one)")
+    ap.add_argument(
+        "--from",
+        dest="stored",
+        nargs="+",
+        help="merge stored longest_context parquet files (e.g. a run "
+        "and its extension past the cap), reprint and redraw; run nothing (--max-len: the cap of files without one)",
+    )
     args = ap.parse_args(argv)
 
     if args.stored:
@@ -190,18 +245,24 @@ def main(argv=None) -> int:
             if "max_len" not in f:
                 f["max_len"] = args.max_len
         df = merge(frames)
-        print(f"longest seq_len (tokens) whose {df['step'].iloc[0]} fits the budget; gpt2-small, batch 1, fp32, tracked peak:")
+        print(
+            f"longest seq_len (tokens) whose {df['step'].iloc[0]} fits the budget; gpt2-small, batch 1, fp32, tracked peak:"
+        )
         C.print_table(wide(df))
         C.print_table(df[[c for c in ("contender", "budget_GiB", "shown", "peak_at_longest_GiB", "x_hf") if c in df]])
         print(f"wrote {plot(df, Path(args.plot), args.max_len)}")
         return 0
     print(C.machine_line())
     df = run(args.budgets, args.variants, args.max_len, args.optimizer, start=args.start, step=args.step)
-    print(f"longest seq_len (tokens) whose {df['step'].iloc[0]} fits the budget; gpt2-small, batch 1, fp32, tracked peak:")
+    print(
+        f"longest seq_len (tokens) whose {df['step'].iloc[0]} fits the budget; gpt2-small, batch 1, fp32, tracked peak:"
+    )
     C.print_table(wide(df))
     C.print_table(df[[c for c in ("contender", "budget_GiB", "shown", "peak_at_longest_GiB", "x_hf") if c in df]])
     runs = df.dropna(subset=["search_runs"])
-    print("search: " + ", ".join(f"{r.contender} {int(r.search_runs)} runs {r.search_s:.0f} s" for r in runs.itertuples()))
+    print(
+        "search: " + ", ".join(f"{r.contender} {int(r.search_runs)} runs {r.search_s:.0f} s" for r in runs.itertuples())
+    )
     print(C.machine_line())
     path = C.write_parquet(df, Path(args.out), "longest_context" + ("_adamw" if args.optimizer else ""))
     png = plot(df, Path(args.plot), args.max_len)

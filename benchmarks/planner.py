@@ -30,14 +30,19 @@ def fixed_policies(L: int) -> dict[str, dict]:
         out[f"every{k}"] = {"policy.remat": "every", "policy.remat_every": k}
     out["sqrt"] = {"policy.remat": "sqrt"}
     out["selective"] = {"policy.remat": "selective"}
-    return {name: {"policy.name": "custom", "policy.attention": "sdpa", "policy.loss": "full", **o} for name, o in out.items()}
+    return {
+        name: {"policy.name": "custom", "policy.attention": "sdpa", "policy.loss": "full", **o}
+        for name, o in out.items()
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--depths", type=int, nargs="+", default=[4, 8, 12])
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--budgets", type=int, default=3, help="budgets per depth, between recompute-all and keep-all peaks")
+    ap.add_argument(
+        "--budgets", type=int, default=3, help="budgets per depth, between recompute-all and keep-all peaks"
+    )
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--vocab", type=int, default=50257, help="vocabulary (a small one saves CPU time on the logits)")
@@ -47,12 +52,18 @@ def main() -> None:
     import pandas as pd
 
     from txlab.config import load_config
-    from txlab.trial import run_trial
+    from txlab.measure.trial import run_trial
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = {"model.size": "gpt2-small", "workload.seq_len": args.seq_len, "measure.device": "cpu",
-            "workload.steps": args.steps, "workload.warmup_steps": args.warmup, "model.vocab_size": args.vocab}
+    base = {
+        "model.size": "gpt2-small",
+        "workload.seq_len": args.seq_len,
+        "measure.device": "cpu",
+        "workload.steps": args.steps,
+        "workload.warmup_steps": args.warmup,
+        "model.vocab_size": args.vocab,
+    }
     rows, table = [], []
     t0 = time.perf_counter()
     for L in args.depths:
@@ -61,32 +72,62 @@ def main() -> None:
             row = run_trial(load_config(None, {**base, "model.n_layers": L, **over}))
             assert row["status"] == "ok", row["error"]
             fixed[name] = row
-            rows.append({"depth": L, "policy": name, "budget_gib": None, "peak_gib": row["peak_bytes"] / GiB,
-                         "step_time_s": row["step_time_s"], "plan": None, "status": row["status"]})
-            print(f"L{L:3d} {name:10s} peak {row['peak_bytes'] / GiB:7.3f} GiB  step {row['step_time_s']:.3f} s", flush=True)
+            rows.append(
+                {
+                    "depth": L,
+                    "policy": name,
+                    "budget_gib": None,
+                    "peak_gib": row["peak_bytes"] / GiB,
+                    "step_time_s": row["step_time_s"],
+                    "plan": None,
+                    "status": row["status"],
+                }
+            )
+            print(
+                f"L{L:3d} {name:10s} peak {row['peak_bytes'] / GiB:7.3f} GiB  step {row['step_time_s']:.3f} s",
+                flush=True,
+            )
         lo = min(r["peak_bytes"] for r in fixed.values())
         hi = fixed["none"]["peak_bytes"]
         budgets = [lo + (hi - lo) * (i + 0.5) / args.budgets for i in range(args.budgets)] + [lo * 0.999]
         for budget in budgets:
-            cfg = load_config(None, {**base, "model.n_layers": L, "policy.name": "planned", "measure.budget_gib": budget / GiB})
+            cfg = load_config(
+                None, {**base, "model.n_layers": L, "policy.name": "planned", "measure.budget_gib": budget / GiB}
+            )
             row = run_trial(cfg)
-            rows.append({"depth": L, "policy": "planned", "budget_gib": budget / GiB,
-                         "peak_gib": None if row["peak_bytes"] is None else row["peak_bytes"] / GiB,
-                         "step_time_s": row["step_time_s"], "plan": row["plan"], "status": row["status"]})
+            rows.append(
+                {
+                    "depth": L,
+                    "policy": "planned",
+                    "budget_gib": budget / GiB,
+                    "peak_gib": None if row["peak_bytes"] is None else row["peak_bytes"] / GiB,
+                    "step_time_s": row["step_time_s"],
+                    "plan": row["plan"],
+                    "status": row["status"],
+                }
+            )
             fits = {n: r for n, r in fixed.items() if n.startswith(("every", "sqrt")) and r["peak_bytes"] <= budget}
             best = min(fits.items(), key=lambda kv: kv[1]["step_time_s"]) if fits else None
             planned_fits = row["status"] == "ok" and row["peak_bytes"] <= budget
-            rec = {"depth": L, "budget_gib": budget / GiB,
-                   "best_fixed": best[0] if best else None,
-                   "best_fixed_step_s": best[1]["step_time_s"] if best else None,
-                   "planned_status": row["status"], "planned_fits": planned_fits,
-                   "planned_peak_gib": None if row["peak_bytes"] is None else row["peak_bytes"] / GiB,
-                   "planned_step_s": row["step_time_s"], "plan": row["plan"] or row["error"]}
+            rec = {
+                "depth": L,
+                "budget_gib": budget / GiB,
+                "best_fixed": best[0] if best else None,
+                "best_fixed_step_s": best[1]["step_time_s"] if best else None,
+                "planned_status": row["status"],
+                "planned_fits": planned_fits,
+                "planned_peak_gib": None if row["peak_bytes"] is None else row["peak_bytes"] / GiB,
+                "planned_step_s": row["step_time_s"],
+                "plan": row["plan"] or row["error"],
+            }
             rec["ok"] = (best is None) or (planned_fits and row["step_time_s"] <= 1.05 * best[1]["step_time_s"])
             table.append(rec)
-            print(f"L{L:3d} budget {budget / GiB:7.3f} GiB  best fixed {rec['best_fixed']} "
-                  f"{rec['best_fixed_step_s'] or float('nan'):.3f} s  planned {row['status']} "
-                  f"{row['step_time_s'] or float('nan'):.3f} s  {'OK' if rec['ok'] else 'WORSE'}  {rec['plan']}", flush=True)
+            print(
+                f"L{L:3d} budget {budget / GiB:7.3f} GiB  best fixed {rec['best_fixed']} "
+                f"{rec['best_fixed_step_s'] or float('nan'):.3f} s  planned {row['status']} "
+                f"{row['step_time_s'] or float('nan'):.3f} s  {'OK' if rec['ok'] else 'WORSE'}  {rec['plan']}",
+                flush=True,
+            )
     pd.DataFrame(rows).to_parquet(out / "rows.parquet")
     tab = pd.DataFrame(table)
     tab.to_parquet(out / "table.parquet")
@@ -115,7 +156,11 @@ def plot(rows, tab, path: Path) -> None:
         ax.scatter(p["peak_gib"], p["step_time_s"], marker="*", s=120, color="black", label="planned", zorder=3)
         for b in tab[tab["depth"] == L]["budget_gib"]:
             ax.axvline(b, color="grey", lw=0.6, ls=":")
-        ax.set(xlabel="measured peak (GiB, 2^30 bytes)", ylabel="median step time (s)", title=f"gpt2-small shape, {L} layers")
+        ax.set(
+            xlabel="measured peak (GiB, 2^30 bytes)",
+            ylabel="median step time (s)",
+            title=f"gpt2-small shape, {L} layers",
+        )
         ax.legend(fontsize=8)
     fig.suptitle("Step time vs peak: fixed recomputation policies and the planner (dotted: budgets)", fontsize=10)
     fig.tight_layout()

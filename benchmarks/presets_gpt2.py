@@ -17,8 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 from txlab.config import load_config
-from txlab.store import Store
-from txlab.trial import run_trial
+from txlab.measure.trial import run_trial
+from txlab.results.store import Store
 
 GIB = 2**30
 PRESETS = ["naive", "sdpa", "checkpoint", "selective", "recompute"]
@@ -29,25 +29,37 @@ def configs(lengths, presets, steps, size, skip_naive_above):
         for p in presets:
             if p == "naive" and T > skip_naive_above:
                 continue
-            yield load_config(None, {
-                "model.size": size, "workload.seq_len": T, "workload.batch_size": 1, "policy.name": p,
-                "policy.q_chunk": min(512, T), "policy.k_chunk": min(512, T), "policy.loss_chunk": min(1024, T),
-                "workload.steps": steps, "workload.warmup_steps": 0, "measure.device": "auto",
-            })
+            yield load_config(
+                None,
+                {
+                    "model.size": size,
+                    "workload.seq_len": T,
+                    "workload.batch_size": 1,
+                    "policy.name": p,
+                    "policy.q_chunk": min(512, T),
+                    "policy.k_chunk": min(512, T),
+                    "policy.loss_chunk": min(1024, T),
+                    "workload.steps": steps,
+                    "workload.warmup_steps": 0,
+                    "measure.device": "auto",
+                },
+            )
 
 
 def table(df: pd.DataFrame) -> pd.DataFrame:
-    out = pd.DataFrame({
-        "seq_len": df["workload.seq_len"],
-        "policy": df["policy.name"],
-        "status": df["status"],
-        "peak_GiB": df["peak_bytes"] / GIB,
-        "activations_GiB": df["activations_bytes"] / GIB,
-        "other_GiB": df["other_bytes"] / GIB,
-        "params+grads+opt_GiB": (df["params_bytes"] + df["grads_bytes"] + df["optimizer_bytes"]) / GIB,
-        "rss_GiB": df["peak_rss_bytes"] / GIB,
-        "step_s": df["step_time_s"],
-    })
+    out = pd.DataFrame(
+        {
+            "seq_len": df["workload.seq_len"],
+            "policy": df["policy.name"],
+            "status": df["status"],
+            "peak_GiB": df["peak_bytes"] / GIB,
+            "activations_GiB": df["activations_bytes"] / GIB,
+            "other_GiB": df["other_bytes"] / GIB,
+            "params+grads+opt_GiB": (df["params_bytes"] + df["grads_bytes"] + df["optimizer_bytes"]) / GIB,
+            "rss_GiB": df["peak_rss_bytes"] / GIB,
+            "step_s": df["step_time_s"],
+        }
+    )
     order = {p: i for i, p in enumerate(PRESETS)}
     out = out.sort_values(["seq_len", "policy"], key=lambda s: s.map(order) if s.name == "policy" else s)
     # ratios side by side within one length: memory and time against sdpa
@@ -69,7 +81,11 @@ def plot(tab: pd.DataFrame, path: Path) -> None:
     sns.set_theme(style="whitegrid")
     lengths = sorted(tab["seq_len"].unique())
     fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4.2), squeeze=False, sharey=True)
-    parts = [("params+grads+opt_GiB", "params + grads + optimizer"), ("activations_GiB", "activations"), ("other_GiB", "other")]
+    parts = [
+        ("params+grads+opt_GiB", "params + grads + optimizer"),
+        ("activations_GiB", "activations"),
+        ("other_GiB", "other"),
+    ]
     colors = sns.color_palette("deep", 3)
     for ax, T in zip(axes[0], lengths):
         sub = tab[tab["seq_len"] == T]
@@ -78,7 +94,14 @@ def plot(tab: pd.DataFrame, path: Path) -> None:
             ax.bar(sub["policy"], sub[col], bottom=bottom, label=label, color=c)
             bottom += sub[col]
         for x, (_, r) in enumerate(sub.iterrows()):
-            ax.text(x, r["peak_GiB"], f"{r['peak_GiB']:.2f} GiB\n{r['step_s']:.1f} s/step", ha="center", va="bottom", fontsize=8)
+            ax.text(
+                x,
+                r["peak_GiB"],
+                f"{r['peak_GiB']:.2f} GiB\n{r['step_s']:.1f} s/step",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
         ax.set_title(f"seq_len {T}")
         ax.set_xlabel("policy preset")
         ax.set_ylim(0, tab["peak_GiB"].max() * 1.25)

@@ -31,11 +31,10 @@ sys.path.insert(0, str(REPO))
 
 def sequential_phase(spec_path: str, store: str) -> None:
     """Child process: every trial of the spec, one after another, rows into `store`."""
-    from sweeps.spec import expand, load_spec
-    from txlab.store import Store
-    from txlab.trial import run_trial
-
-    from txlab.columns import column_names
+    from txlab.measure.trial import run_trial
+    from txlab.results.columns import column_names
+    from txlab.results.store import Store
+    from txlab.sweeps.spec import expand, load_spec
 
     spec = load_spec(spec_path)
     st = Store.open(store, create=True)
@@ -61,8 +60,8 @@ def main() -> int:
 
     import pandas as pd
 
-    from sweeps.spec import expand, load_spec
-    from txlab.store import Store
+    from txlab.results.store import Store
+    from txlab.sweeps.spec import expand, load_spec
 
     spec = load_spec(args.spec)
     n_trials = len(expand(spec).trials)
@@ -89,8 +88,19 @@ def main() -> int:
             walls[mode] = wall
         frames = []
         for mode in order:
-            df = Store.open(stores[mode]).read_pandas()[["trial_key", "status", "duration_s", "step_time_s", "peak_bytes",
-                                                         "workload.seq_len", "policy.name", "measure.budget_gib", "host"]]
+            df = Store.open(stores[mode]).read_pandas()[
+                [
+                    "trial_key",
+                    "status",
+                    "duration_s",
+                    "step_time_s",
+                    "peak_bytes",
+                    "workload.seq_len",
+                    "policy.name",
+                    "measure.budget_gib",
+                    "host",
+                ]
+            ]
             df.insert(0, "mode", mode)
             frames.append(df)
         trials = pd.concat(frames, ignore_index=True)
@@ -99,15 +109,22 @@ def main() -> int:
 
     cpus = os.cpu_count()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    summary = pd.DataFrame([
-        {
-            "mode": mode, "spec": spec.name, "trials": n_trials, "wall_s": walls[mode],
-            "sum_trial_s": trials.loc[trials["mode"] == mode, "duration_s"].sum(),
-            "ratio_to_sequential": walls[mode] / walls["sequential"],
-            "cpus": cpus, "load_avg_1m_after": load, "python": platform.python_version(),
-        }
-        for mode in ["sequential", "ray"]
-    ])
+    summary = pd.DataFrame(
+        [
+            {
+                "mode": mode,
+                "spec": spec.name,
+                "trials": n_trials,
+                "wall_s": walls[mode],
+                "sum_trial_s": trials.loc[trials["mode"] == mode, "duration_s"].sum(),
+                "ratio_to_sequential": walls[mode] / walls["sequential"],
+                "cpus": cpus,
+                "load_avg_1m_after": load,
+                "python": platform.python_version(),
+            }
+            for mode in ["sequential", "ray"]
+        ]
+    )
     summary["overhead_per_trial_s"] = (summary["wall_s"] - summary["wall_s"].iloc[0]) / n_trials
 
     print()
@@ -117,8 +134,10 @@ def main() -> int:
     for mode in ["sequential", "ray"]:
         counts = trials.loc[trials["mode"] == mode, "status"].value_counts().to_dict()
         print(f"{mode} statuses: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    print(f"({cpus} CPUs, 1-minute load average {load:.1f} after the runs; trial time in the ray column is per process, "
-          "trials overlap)")
+    print(
+        f"({cpus} CPUs, 1-minute load average {load:.1f} after the runs; trial time in the ray column is per process, "
+        "trials overlap)"
+    )
 
     summary.to_parquet(out / "summary.parquet", index=False)
     trials.to_parquet(out / "trials.parquet", index=False)

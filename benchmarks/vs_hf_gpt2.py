@@ -33,8 +33,16 @@ import _common as C  # noqa: E402
 DEFAULT_VARIANTS = ["hf", "hf-gc", "sdpa", "checkpoint", "selective", "recompute"]
 
 
-def run(lengths, memory_lengths, variants, reps: int, ram_cap_gib: float, size: str = "gpt2-small",
-        overrides: dict | None = None, log: bool = True):
+def run(
+    lengths,
+    memory_lengths,
+    variants,
+    reps: int,
+    ram_cap_gib: float,
+    size: str = "gpt2-small",
+    overrides: dict | None = None,
+    log: bool = True,
+):
     """The table as a DataFrame: one row per (variant, seq_len)."""
     import pandas as pd
     import torch
@@ -43,12 +51,24 @@ def run(lengths, memory_lengths, variants, reps: int, ram_cap_gib: float, size: 
     for T in sorted(set(memory_lengths) | set(lengths)):
         for v in variants:
             r = C.measure_memory(v, T, fake=True, size=size, overrides=overrides)
-            rows[(v, T)] = {"variant": v, "seq_len": T, "note": r["note"], "n_params": r["n_params"],
-                            "peak_GiB": r["peak_bytes"] / C.GiB, "activations_GiB": r["activations_bytes"] / C.GiB,
-                            "other_GiB": r["other_bytes"] / C.GiB, "real_peak_GiB": None, "loss": None,
-                            **C.spread([])}
+            rows[(v, T)] = {
+                "variant": v,
+                "seq_len": T,
+                "note": r["note"],
+                "n_params": r["n_params"],
+                "peak_GiB": r["peak_bytes"] / C.GiB,
+                "activations_GiB": r["activations_bytes"] / C.GiB,
+                "other_GiB": r["other_bytes"] / C.GiB,
+                "real_peak_GiB": None,
+                "loss": None,
+                **C.spread([]),
+            }
             if log:
-                print(f"fake  {C.label(v):<18} T={T:<6} peak {r['peak_bytes'] / C.GiB:.3f} GiB", file=sys.stderr, flush=True)
+                print(
+                    f"fake  {C.label(v):<18} T={T:<6} peak {r['peak_bytes'] / C.GiB:.3f} GiB",
+                    file=sys.stderr,
+                    flush=True,
+                )
     for T in sorted(lengths):
         runnable = [v for v in variants if rows[(v, T)]["peak_GiB"] <= ram_cap_gib]
         for v in variants:
@@ -60,8 +80,11 @@ def run(lengths, memory_lengths, variants, reps: int, ram_cap_gib: float, size: 
             r = C.tracked_steps(c, None, [(x, y)])
             rows[(v, T)].update(real_peak_GiB=r["peak_bytes"] / C.GiB, loss=r["loss"], status_real=r["status"])
             if log:
-                print(f"real  {C.label(v):<18} T={T:<6} peak {r['peak_bytes'] / C.GiB:.3f} GiB  loss {r['loss']:.4f}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"real  {C.label(v):<18} T={T:<6} peak {r['peak_bytes'] / C.GiB:.3f} GiB  loss {r['loss']:.4f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         steps = {v: C.make_step(c, None) for v, c in contenders.items()}
         times = C.interleaved({v: (lambda s=s: s(x, y)) for v, s in steps.items()}, reps, warmup=0, log=log)
         for v, ts in times.items():
@@ -85,8 +108,21 @@ def ratios(df):
 
 
 def show(df) -> None:
-    cols = ["seq_len", "contender", "peak_GiB", "real_peak_GiB", "activations_GiB", "peak_vs_hf", "time_s", "time_min_s",
-            "time_max_s", "spread", "reps", "time_vs_hf", "loss"]
+    cols = [
+        "seq_len",
+        "contender",
+        "peak_GiB",
+        "real_peak_GiB",
+        "activations_GiB",
+        "peak_vs_hf",
+        "time_s",
+        "time_min_s",
+        "time_max_s",
+        "spread",
+        "reps",
+        "time_vs_hf",
+        "loss",
+    ]
     C.print_table(df[[c for c in cols if c in df]])
     print(f"(gpt2 vocabulary: ln(50257) = {math.log(50257):.3f} is the loss of a uniform guess)")
     for v, note in df.groupby("variant")["note"].first().items():
@@ -103,8 +139,17 @@ def plot(df, path: Path) -> Path:
     for v in variants:
         sub = df[df["variant"] == v].sort_values("seq_len")
         hf = v.startswith("hf")  # dashed, hollow markers, drawn on top (HF + grad ckpt coincides with txlab checkpoint)
-        ax1.plot(sub["seq_len"], sub["peak_GiB"], "--" if hf else "-", marker="o", color=colors[v], label=C.label(v),
-                 markerfacecolor="white" if hf else colors[v], markersize=8 if hf else 5, zorder=3 if hf else 2)
+        ax1.plot(
+            sub["seq_len"],
+            sub["peak_GiB"],
+            "--" if hf else "-",
+            marker="o",
+            color=colors[v],
+            label=C.label(v),
+            markerfacecolor="white" if hf else colors[v],
+            markersize=8 if hf else 5,
+            zorder=3 if hf else 2,
+        )
     C.log2_axis(ax1, df["seq_len"])
     ax1.set_yscale("log")
     from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
@@ -114,8 +159,16 @@ def plot(df, path: Path) -> Path:
     ax1.yaxis.set_minor_locator(NullLocator())
     wide = df.pivot(index="seq_len", columns="variant", values="peak_GiB")
     if {"hf-gc", "checkpoint"} <= set(wide) and (wide["hf-gc"] == wide["checkpoint"]).all():
-        ax1.text(0.98, 0.03, "HF + grad ckpt and txlab checkpoint: equal peaks", transform=ax1.transAxes,
-                 ha="right", va="bottom", fontsize=7, color="grey")
+        ax1.text(
+            0.98,
+            0.03,
+            "HF + grad ckpt and txlab checkpoint: equal peaks",
+            transform=ax1.transAxes,
+            ha="right",
+            va="bottom",
+            fontsize=7,
+            color="grey",
+        )
     ax1.set_xlabel("sequence length (tokens)")
     ax1.set_ylabel("peak tracked memory, GiB (2^30 B), log scale")
     ax1.set_title("peak memory of one forward + backward")
@@ -133,8 +186,14 @@ def plot(df, path: Path) -> Path:
             b = base.iloc[0] if len(base) else r["time_s"]
             xpos = j + (i - (len(variants) - 1) / 2) * width
             ax2.bar(xpos, r["time_s"] / b, width, color=colors[v], label=C.label(v) if j == 0 else None)
-            ax2.errorbar(xpos, r["time_s"] / b, yerr=[[(r["time_s"] - r["time_min_s"]) / b], [(r["time_max_s"] - r["time_s"]) / b]],
-                         color="black", lw=1, capsize=2)
+            ax2.errorbar(
+                xpos,
+                r["time_s"] / b,
+                yerr=[[(r["time_s"] - r["time_min_s"]) / b], [(r["time_max_s"] - r["time_s"]) / b]],
+                color="black",
+                lw=1,
+                capsize=2,
+            )
     ax2.axhline(1.0, color="grey", lw=1, ls=":")
     ax2.set_xticks(range(len(lengths)))
     ax2.set_xticklabels([f"seq_len {T}" for T in lengths])
@@ -149,16 +208,25 @@ def plot(df, path: Path) -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="*", default=[1024], help="timed (and real-memory) lengths")
-    ap.add_argument("--memory-lengths", type=int, nargs="*", default=[1024, 2048, 4096, 8192],
-                    help="lengths measured on fake tensors (memory only)")
+    ap.add_argument(
+        "--memory-lengths",
+        type=int,
+        nargs="*",
+        default=[1024, 2048, 4096, 8192],
+        help="lengths measured on fake tensors (memory only)",
+    )
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=C.HF_VARIANTS + C.TXLAB_PRESETS)
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions per contender (after one warm-up)")
     ap.add_argument("--size", default="gpt2-small", help="model size (debug for a smoke run)")
     ap.add_argument("--ram-cap-gib", type=float, default=8.0, help="skip real runs whose fake peak is above this")
     ap.add_argument("--out", default="results/benchmarks/vs_hf_gpt2", help="Parquet folder")
     ap.add_argument("--plot", default="docs/img/vs_hf_gpt2.png")
-    ap.add_argument("--from", dest="stored", nargs="+",
-                    help="merge stored vs_hf_gpt2.parquet files (timed rows win), reprint and redraw; run nothing")
+    ap.add_argument(
+        "--from",
+        dest="stored",
+        nargs="+",
+        help="merge stored vs_hf_gpt2.parquet files (timed rows win), reprint and redraw; run nothing",
+    )
     args = ap.parse_args(argv)
 
     if args.stored:

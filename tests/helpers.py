@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from txlab.config import TrialConfig, load_config
-from txlab.model import GPT
-from txlab.policy import apply_policy
+from txlab.model.gpt import GPT
+from txlab.policy.apply import apply_policy
 
 
 def loss_and_grads(cfg: TrialConfig, x: torch.Tensor, y: torch.Tensor, init_seed: int = 1, rng_seed: int = 2):

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-
-from analysis.cli import write_plots
-from analysis.data import AnalysisError, budgets_of, prepare
-from analysis.frontier import frontier
-from analysis.plots import PLOTS, SKIPPED, all_figures
-from analysis.report import write_report
 from test_analysis_synthetic import synthetic_rows, write_store
-from txlab.cli import main
-from txlab.store import Store
 
-SMALL = dict(depths=(12, 48), lengths=(1024, 4096, 16384, 32768), chunks=((256, 256), (1024, 256)),
-             policies=("naive", "sdpa", "checkpoint", "recompute"), estimated_lengths=(65536,))
+from txlab.analysis.cli import write_plots
+from txlab.analysis.data import AnalysisError, budgets_of, prepare
+from txlab.analysis.frontier import frontier
+from txlab.analysis.plots import PLOTS, SKIPPED, all_figures
+from txlab.analysis.report import write_report
+from txlab.cli import main
+from txlab.results.store import Store
+
+SMALL = dict(
+    depths=(12, 48),
+    lengths=(1024, 4096, 16384, 32768),
+    chunks=((256, 256), (1024, 256)),
+    policies=("naive", "sdpa", "checkpoint", "recompute"),
+    estimated_lengths=(65536,),
+)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +77,9 @@ def test_budgets_default_from_store_then_capacity(store):
 
 
 def test_single_policy_store(tmp_path, capsys):
-    rows = synthetic_rows(depths=(12,), lengths=(1024, 4096), policies=("checkpoint",), estimated_lengths=(), error=False)
+    rows = synthetic_rows(
+        depths=(12,), lengths=(1024, 4096), policies=("checkpoint",), estimated_lengths=(), error=False
+    )
     write_store(tmp_path / "s", rows)
     written = write_plots(tmp_path / "s", tmp_path / "out")
     assert {"memory_vs_length", "frontier_heatmap", "time_vs_memory", "tables"} <= set(written)
@@ -81,7 +88,9 @@ def test_single_policy_store(tmp_path, capsys):
 
 
 def test_several_settings_facet_by_row(tmp_path):
-    small = synthetic_rows(depths=(12,), lengths=(1024, 4096), policies=("sdpa", "checkpoint"), estimated_lengths=(), error=False)
+    small = synthetic_rows(
+        depths=(12,), lengths=(1024, 4096), policies=("sdpa", "checkpoint"), estimated_lengths=(), error=False
+    )
     big = [dict(r, **{"workload.batch_size": 4, "trial_key": r["trial_key"] + "b4"}) for r in small]
     df = prepare(pd.DataFrame(small + big))
     assert sorted(df["setting"].unique()) == ["batch_size=1", "batch_size=4"]
@@ -110,15 +119,27 @@ def test_empty_and_missing_store_exit_2(tmp_path, capsys):
 
 def test_report_html_and_markdown(store, tmp_path):
     html = write_report(store, tmp_path / "report.html", [24, 80]).read_text()
-    for text in ("Trials by status", "Devices", "Sweep grids", "Rows with errors (1)", "illegal memory access",
-                 "data:image/png;base64,", "Feasibility frontier", "Against sdpa"):
+    for text in (
+        "Trials by status",
+        "Devices",
+        "Sweep grids",
+        "Rows with errors (1)",
+        "illegal memory access",
+        "data:image/png;base64,",
+        "Feasibility frontier",
+        "Against sdpa",
+    ):
         assert text in html, text
     assert html.count("<img") == len(PLOTS)
     # Markdown: a small single-policy store keeps the test fast; images land beside the file
-    rows = synthetic_rows(depths=(12,), lengths=(1024, 4096), policies=("checkpoint",), estimated_lengths=(), error=False)
+    rows = synthetic_rows(
+        depths=(12,), lengths=(1024, 4096), policies=("checkpoint",), estimated_lengths=(), error=False
+    )
     write_store(tmp_path / "one", rows)
     md = write_report(tmp_path / "one", tmp_path / "r" / "report.md").read_text()
-    assert "](report_files/memory_vs_length.png)" in md and _png_ok(tmp_path / "r" / "report_files" / "frontier_heatmap.png")
+    assert "](report_files/memory_vs_length.png)" in md and _png_ok(
+        tmp_path / "r" / "report_files" / "frontier_heatmap.png"
+    )
     assert "| synthetic | measured |" in md and "_Not drawn: no measured chunked-attention rows._" in md
     with pytest.raises(AnalysisError, match=".html or .md"):
         write_report(store, tmp_path / "report.pdf")
@@ -128,7 +149,7 @@ def test_memory_panels_wrap_when_sizes_have_their_own_depths():
     """gpt2 sizes each come with one depth: a size x depth grid would be mostly empty panels."""
     import pandas as pd
 
-    from analysis.plots import _panels
+    from txlab.analysis.plots import _panels
 
     own = pd.DataFrame({"setting": ["small", "medium", "xl"], "depth": [12, 24, 48]})
     layout, full = _panels(own)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 from txlab.config import load_config
-from txlab.store import Store
+from txlab.results.store import Store
 
 H100 = "NVIDIA H100 80GB HBM3"
 GIB = 2**30
@@ -35,17 +35,34 @@ def _model(policy: str, L: int, T: int, q: int, k: int, d: int = 768, V: int = 5
         act = L * T * d * 4 + block * 0.7 + 4 * h * q * k + 3 * min(T, 1024) * V * 4
     other = 0.08 * act + 64 * 2**20
     flops = (6 * n + 12 * L * d * T) * T
-    factor = {"naive": 1.1 + T / 65536, "sdpa": 1.0, "selective": 1.12, "checkpoint": 1.33,
-              "recompute": 1.38 + 0.05 * (256 / q) + 0.04 * (256 / k)}[policy]
+    factor = {
+        "naive": 1.1 + T / 65536,
+        "sdpa": 1.0,
+        "selective": 1.12,
+        "checkpoint": 1.33,
+        "recompute": 1.38 + 0.05 * (256 / q) + 0.04 * (256 / k),
+    }[policy]
     step = flops / 3.2e14 * factor
-    return dict(params_bytes=int(params), grads_bytes=int(grads), optimizer_bytes=int(opt),
-                activations_bytes=int(act), other_bytes=int(other), n_params=n, step_time_s=step)
+    return dict(
+        params_bytes=int(params),
+        grads_bytes=int(grads),
+        optimizer_bytes=int(opt),
+        activations_bytes=int(act),
+        other_bytes=int(other),
+        n_params=n,
+        step_time_s=step,
+    )
 
 
-def synthetic_rows(depths=(12, 24, 48), lengths=(1024, 2048, 4096, 8192, 16384, 32768),
-                   policies=("naive", "sdpa", "selective", "checkpoint", "recompute"),
-                   chunks=((256, 256), (256, 1024), (1024, 256), (1024, 1024)),
-                   estimated_lengths=(65536, 131072), budget_gib=80.0, error=True) -> list[dict]:
+def synthetic_rows(
+    depths=(12, 24, 48),
+    lengths=(1024, 2048, 4096, 8192, 16384, 32768),
+    policies=("naive", "sdpa", "selective", "checkpoint", "recompute"),
+    chunks=((256, 256), (256, 1024), (1024, 256), (1024, 1024)),
+    estimated_lengths=(65536, 131072),
+    budget_gib=80.0,
+    error=True,
+) -> list[dict]:
     rows = []
     cap = 80 * GIB
     for L in depths:
@@ -55,32 +72,67 @@ def synthetic_rows(depths=(12, 24, 48), lengths=(1024, 2048, 4096, 8192, 16384, 
                 for q, k in chunks if p == "recompute" else [(512, 512)]:
                     if q > T or k > T:
                         continue
-                    over = {"model.size": "gpt2-small", "model.n_layers": L, "policy.name": p,
-                            "workload.seq_len": T, "measure.budget_gib": budget_gib}
+                    over = {
+                        "model.size": "gpt2-small",
+                        "model.n_layers": L,
+                        "policy.name": p,
+                        "workload.seq_len": T,
+                        "measure.budget_gib": budget_gib,
+                    }
                     if p == "recompute":
                         over.update({"policy.q_chunk": q, "policy.k_chunk": k})
                     cfg = load_config(None, over)
                     m = _model(p, L, T, q, k)
-                    peak = sum(m[c] for c in ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "other_bytes"))
-                    row = {**cfg.flat(), "trial_key": cfg.trial_key + ("" if measured else "e"), "sweep": "synthetic",
-                           "host": "synthetic", "device": H100, "device_capacity_bytes": cap,
-                           "measured": measured, "status": "ok", "peak_bytes": int(peak), **m,
-                           "tokens_per_s": T / m["step_time_s"], "duration_s": 10 * m["step_time_s"] + 5}
+                    peak = sum(
+                        m[c]
+                        for c in ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "other_bytes")
+                    )
+                    row = {
+                        **cfg.flat(),
+                        "trial_key": cfg.trial_key + ("" if measured else "e"),
+                        "sweep": "synthetic",
+                        "host": "synthetic",
+                        "device": H100,
+                        "device_capacity_bytes": cap,
+                        "measured": measured,
+                        "status": "ok",
+                        "peak_bytes": int(peak),
+                        **m,
+                        "tokens_per_s": T / m["step_time_s"],
+                        "duration_s": 10 * m["step_time_s"] + 5,
+                    }
                     if not measured:
                         row["step_time_s"] = row["tokens_per_s"] = None
                         if peak > budget_gib * GIB:
                             row["status"] = "over_budget"
                     elif peak > cap * 1.03:
-                        row.update(status="oom", error="CUDA out of memory", peak_bytes=None, activations_bytes=None,
-                                   other_bytes=None, step_time_s=None, tokens_per_s=None)
+                        row.update(
+                            status="oom",
+                            error="CUDA out of memory",
+                            peak_bytes=None,
+                            activations_bytes=None,
+                            other_bytes=None,
+                            step_time_s=None,
+                            tokens_per_s=None,
+                        )
                     elif peak > budget_gib * GIB:
-                        row.update(status="over_budget", error=f"peak {peak / GIB:.1f} GiB over budget {budget_gib} GiB")
+                        row.update(
+                            status="over_budget", error=f"peak {peak / GIB:.1f} GiB over budget {budget_gib} GiB"
+                        )
                     rows.append(row)
     if error:
         for r in rows:
-            if r["policy.name"] == "checkpoint" and r["model.n_layers"] == depths[len(depths) // 2] and r["workload.seq_len"] == lengths[1]:
-                r.update(status="error", error="RuntimeError: CUDA error: an illegal memory access was encountered",
-                         peak_bytes=None, step_time_s=None)
+            if (
+                r["policy.name"] == "checkpoint"
+                and r["model.n_layers"] == depths[len(depths) // 2]
+                and r["workload.seq_len"] == lengths[1]
+            ):
+                r.update(
+                    status="error",
+                    error="RuntimeError: CUDA error: an illegal memory access was encountered",
+                    peak_bytes=None,
+                    step_time_s=None,
+                )
     return rows
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from txlab.attention import chunked_attention, get_attention, math_attention, sdpa_attention
+from txlab.model.attention import chunked_attention, get_attention, math_attention, sdpa_attention
 
 
 def qkv(B=2, H=4, Hkv=2, T=37, D=16, seed=0, dtype=torch.float32):

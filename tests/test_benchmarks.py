@@ -77,12 +77,15 @@ def test_vs_hf_debug(tmp_path):
 
 
 def test_longest_merge_prefers_the_longer_fit():
+    import longest_context as L
     import pandas as pd
 
-    import longest_context as L
-
-    first = pd.DataFrame([{"variant": "hf", "budget_GiB": 2, "longest_seq_len": 768, "capped": False},
-                          {"variant": "recompute", "budget_GiB": 2, "longest_seq_len": 8192, "capped": True}])
+    first = pd.DataFrame(
+        [
+            {"variant": "hf", "budget_GiB": 2, "longest_seq_len": 768, "capped": False},
+            {"variant": "recompute", "budget_GiB": 2, "longest_seq_len": 8192, "capped": True},
+        ]
+    )
     ext = pd.DataFrame([{"variant": "recompute", "budget_GiB": 2, "longest_seq_len": 14080, "capped": False}])
     got = L.merge([first, ext]).set_index("variant")
     assert got.loc["recompute", "longest_seq_len"] == 14080 and not got.loc["recompute", "capped"]

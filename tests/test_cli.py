@@ -8,8 +8,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--set", "workload.seq_len=256", "--set", "workload.steps=1", "--set", "workload.warmup_steps=0",
-        "--set", "model.n_layers=2", "--set", "model.d_model=64"]
+TINY = [
+    "--set",
+    "workload.seq_len=256",
+    "--set",
+    "workload.steps=1",
+    "--set",
+    "workload.warmup_steps=0",
+    "--set",
+    "model.n_layers=2",
+    "--set",
+    "model.d_model=64",
+]
 
 
 def txlab(*args, cwd=ROOT):
@@ -28,8 +38,8 @@ def test_run_json_row_and_store(tmp_path):
     r = txlab("run", "examples/debug.yaml", *TINY, "--json", "--store", str(store))
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout)
-    from txlab.columns import column_names
-    from txlab.store import read_store
+    from txlab.results.columns import column_names
+    from txlab.results.store import read_store
 
     assert set(row) == set(column_names())
     assert row["status"] == "ok" and row["measured"] is True and row["peak_bytes"] > 0

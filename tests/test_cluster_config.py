@@ -21,7 +21,9 @@ def open_to_the_internet(config: dict) -> list[str]:
     found = []
     rules = (config.get("provider", {}).get("security_group") or {}).get("IpPermissions") or []
     for rule in rules:
-        cidrs = {r.get("CidrIp") for r in rule.get("IpRanges", [])} | {r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])}
+        cidrs = {r.get("CidrIp") for r in rule.get("IpRanges", [])} | {
+            r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])
+        }
         if not cidrs & ANYWHERE:
             continue
         if str(rule.get("IpProtocol")) == "-1":
@@ -52,14 +54,22 @@ def test_no_ray_port_is_open_to_the_internet(config):
 
 
 def test_the_check_catches_open_rules():
-    bad = {"provider": {"security_group": {"IpPermissions": [
-        {"IpProtocol": "tcp", "FromPort": 8265, "ToPort": 8265, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]},
-        {"IpProtocol": "tcp", "FromPort": 1, "ToPort": 7000, "Ipv6Ranges": [{"CidrIpv6": "::/0"}]},
-        {"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]},
-        {"IpProtocol": "tcp", "FromPort": 10001, "ToPort": 10001, "IpRanges": [{"CidrIp": "10.0.0.0/8"}]},
-    ]}}}
+    bad = {
+        "provider": {
+            "security_group": {
+                "IpPermissions": [
+                    {"IpProtocol": "tcp", "FromPort": 8265, "ToPort": 8265, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]},
+                    {"IpProtocol": "tcp", "FromPort": 1, "ToPort": 7000, "Ipv6Ranges": [{"CidrIpv6": "::/0"}]},
+                    {"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]},
+                    {"IpProtocol": "tcp", "FromPort": 10001, "ToPort": 10001, "IpRanges": [{"CidrIp": "10.0.0.0/8"}]},
+                ]
+            }
+        }
+    }
     assert open_to_the_internet(bad) == [
-        "dashboard / job server (8265)", "GCS (6379)", "all traffic from ['0.0.0.0/0']",
+        "dashboard / job server (8265)",
+        "GCS (6379)",
+        "all traffic from ['0.0.0.0/0']",
     ]
 
 

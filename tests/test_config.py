@@ -18,7 +18,12 @@ from txlab.config import (
 def test_defaults_match_design():
     cfg = TrialConfig()
     assert (cfg.model.size, cfg.model.n_layers, cfg.model.d_model, cfg.model.vocab_size) == ("debug", 4, 256, 256)
-    assert (cfg.policy.name, cfg.policy.attention, cfg.policy.remat, cfg.policy.loss) == ("sdpa", "sdpa", "none", "full")
+    assert (cfg.policy.name, cfg.policy.attention, cfg.policy.remat, cfg.policy.loss) == (
+        "sdpa",
+        "sdpa",
+        "none",
+        "full",
+    )
     assert (cfg.workload.kind, cfg.workload.seq_len, cfg.workload.steps) == ("train", 1024, 3)
     assert cfg.measure.budget_gib is None and cfg.seed == 0
 
@@ -73,14 +78,29 @@ def test_file_then_overrides(tmp_path):
         (["policy.remat=all"], r"policy.remat: unknown value 'all'; allowed: none, block, every"),
         (["policy.loss=fused"], r"policy.loss: unknown value 'fused'; allowed: full, chunked"),
         (["policy.q_chunk=0"], r"policy.q_chunk: must be > 0, got 0"),
-        (["policy.attention=chunked", "policy.k_chunk=4096"], r"policy.k_chunk: 4096 is larger than workload.seq_len \(1024\)"),
+        (
+            ["policy.attention=chunked", "policy.k_chunk=4096"],
+            r"policy.k_chunk: 4096 is larger than workload.seq_len \(1024\)",
+        ),
         (["policy.loss=chunked", "policy.loss_chunk=2048"], r"policy.loss_chunk: 2048 is larger than workload.seq_len"),
         (["policy.remat=every", "policy.remat_every=9"], r"policy.remat_every: 9 is larger than model.n_layers \(4\)"),
-        (["policy.name=planned"], r"policy.remat: 'planned' chooses what to recompute for measure.budget_gib; set measure.budget_gib"),
-        (["model.quant=int4"], r"model.quant: 'int4' is inference only .*workload.kind prefill or decode, got workload.kind 'train'"),
-        (["workload.kind=prefill", "model.quant=int4", "model.quant_group=96"], r"model.quant_group: 96 must be even and divide"),
+        (
+            ["policy.name=planned"],
+            r"policy.remat: 'planned' chooses what to recompute for measure.budget_gib; set measure.budget_gib",
+        ),
+        (
+            ["model.quant=int4"],
+            r"model.quant: 'int4' is inference only .*workload.kind prefill or decode, got workload.kind 'train'",
+        ),
+        (
+            ["workload.kind=prefill", "model.quant=int4", "model.quant_group=96"],
+            r"model.quant_group: 96 must be even and divide",
+        ),
         (["policy.kv=recompute"], r"policy.kv: 'recompute' applies to workload.kind prefill or decode"),
-        (["workload.kind=decode", "model.n_positions=1024"], r"workload.decode_tokens: seq_len 1024 \+ decode_tokens 16 is over model.n_positions"),
+        (
+            ["workload.kind=decode", "model.n_positions=1024"],
+            r"workload.decode_tokens: seq_len 1024 \+ decode_tokens 16 is over model.n_positions",
+        ),
         (["workload.seq_len=0"], r"workload.seq_len: must be > 0"),
         (["workload.warmup_steps=-1"], r"workload.warmup_steps: must be >= 0"),
         (["workload.dtype=fp64"], r"workload.dtype: unknown value 'fp64'; allowed: fp32, bf16"),
@@ -126,7 +146,9 @@ def test_trial_key_stable_and_canonical():
 
 
 def test_flat_round_trip():
-    cfg = load_config(None, ["model.size=gpt2-small", "policy.name=recompute", "workload.seq_len=256", "model.pos=rope"])
+    cfg = load_config(
+        None, ["model.size=gpt2-small", "policy.name=recompute", "workload.seq_len=256", "model.pos=rope"]
+    )
     flat = cfg.flat()
     assert list(flat) == all_keys()
     again = config_from_flat(flat)

@@ -10,13 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest_data import TEXT, cfg, one_thread, train_tokenizer  # noqa: F401 - fixture
-from txlab.columns import column_names
+
 from txlab.config import ConfigError
-from txlab.data import Packed, Streamed, _pack, batches, corpus_documents, open_data
-from txlab.tokenizer import ByteTokenizer, load_tokenizer
-from txlab.trial import run_trial
+from txlab.data.loader import Packed, Streamed, _pack, batches, corpus_documents, open_data
+from txlab.data.tokenizer import ByteTokenizer, load_tokenizer
+from txlab.measure.trial import run_trial
+from txlab.results.columns import column_names
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,9 @@ def test_windows_cover_the_stream_and_shuffle_by_seed():
     assert p.n_windows == 99  # windows [10i, 10i + 11): every token after the first is a target once
     epoch = torch.cat([p.batch(g).tokens for g in range(24)])  # 96 of the 99 windows of epoch 0
     assert len({tuple(t.tolist()) for t in epoch}) == 96  # no window twice within an epoch
-    assert ((epoch[:, 1:] - epoch[:, :-1]) == 1).all() and (epoch[:, 0] % 10 == 0).all()  # each window is a contiguous slice
+    assert ((epoch[:, 1:] - epoch[:, :-1]) == 1).all() and (
+        epoch[:, 0] % 10 == 0
+    ).all()  # each window is a contiguous slice
     assert not torch.equal(epoch[:, 0], torch.sort(epoch[:, 0]).values)  # shuffled
     again = Packed(ids, np.ones_like(ids), 10, 4, seed=0)
     other = Packed(ids, np.ones_like(ids), 10, 4, seed=1)
@@ -69,8 +71,12 @@ def test_workers_shard_without_overlap_and_keep_the_order():
 def test_text_files_through_datasets_with_a_tokenizer_trained_on_the_fly(tmp_path, tokenizer_dir):
     for i in range(3):
         (tmp_path / f"doc{i}.txt").write_text(TEXT * (40 + i))
-    c = cfg(data__source=f"text:{tmp_path}/*.txt", data__tokenizer=f"hf:{tokenizer_dir}", model__vocab_size=320,
-            workload__seq_len=32)
+    c = cfg(
+        data__source=f"text:{tmp_path}/*.txt",
+        data__tokenizer=f"hf:{tokenizer_dir}",
+        model__vocab_size=320,
+        workload__seq_len=32,
+    )
     d = open_data(c)
     tok = d.tokenizer
     assert tok.vocab_size == 320 and tok.decode(tok.encode(TEXT)) == TEXT
@@ -79,8 +85,12 @@ def test_text_files_through_datasets_with_a_tokenizer_trained_on_the_fly(tmp_pat
     nb = np.concatenate([d.train.nbytes, d.val.nbytes])
     assert (ids == tok.eot_id).sum() == 3 and nb.sum() == total  # multi-byte characters counted exactly
     assert len(ids) < total  # BPE merges: fewer tokens than bytes
-    with pytest.raises(ConfigError, match=r"model.vocab_size: 256 is smaller than data.tokenizer .* set model.vocab_size >= 320"):
-        open_data(cfg(data__source=f"text:{tmp_path}/*.txt", data__tokenizer=f"hf:{tokenizer_dir}", model__vocab_size=256))
+    with pytest.raises(
+        ConfigError, match=r"model.vocab_size: 256 is smaller than data.tokenizer .* set model.vocab_size >= 320"
+    ):
+        open_data(
+            cfg(data__source=f"text:{tmp_path}/*.txt", data__tokenizer=f"hf:{tokenizer_dir}", model__vocab_size=256)
+        )
 
 
 def test_parquet_rows_are_documents(tmp_path):
@@ -102,17 +112,29 @@ def test_a_train_trial_row_carries_loss_and_bits_per_byte():
     assert synthetic["bits_per_byte"] is None and math.isfinite(synthetic["loss"])
 
 
-@pytest.mark.parametrize("over, needle", [
-    ({"data.source": "text:/no/such/file.txt"}, "data.source: text:/no/such/file.txt: no such file"),
-    ({"data.source": "text:/no/such/*.txt"}, "matches no file"),
-    ({"data.source": "EMPTY"}, "file is empty"),
-    ({"data.source": "webtext"}, "data.source: unknown source 'webtext'; allowed: synthetic, corpus"),
-    ({"data.tokenizer": "sentencepiece"}, "data.tokenizer: unknown tokenizer 'sentencepiece'"),
-    ({"data.source": "corpus", "data.tokenizer": "hf:/no/such/dir"}, "data.tokenizer: /no/such/dir: no such tokenizer directory"),
-    ({"data.source": "corpus", "data.tokenizer": "hf:nobody-here/no-such-tokenizer"}, "data.tokenizer: cannot load 'hf:nobody-here/no-such-tokenizer' here"),
-    ({"data.source": "corpus", "model.vocab_size": 256}, "model.vocab_size: 256 is too small for data.tokenizer 'bytes'"),
-    ({"data.source": "corpus", "workload.seq_len": 300_000}, "too few for a training and a held-out sequence"),
-])
+@pytest.mark.parametrize(
+    "over, needle",
+    [
+        ({"data.source": "text:/no/such/file.txt"}, "data.source: text:/no/such/file.txt: no such file"),
+        ({"data.source": "text:/no/such/*.txt"}, "matches no file"),
+        ({"data.source": "EMPTY"}, "file is empty"),
+        ({"data.source": "webtext"}, "data.source: unknown source 'webtext'; allowed: synthetic, corpus"),
+        ({"data.tokenizer": "sentencepiece"}, "data.tokenizer: unknown tokenizer 'sentencepiece'"),
+        (
+            {"data.source": "corpus", "data.tokenizer": "hf:/no/such/dir"},
+            "data.tokenizer: /no/such/dir: no such tokenizer directory",
+        ),
+        (
+            {"data.source": "corpus", "data.tokenizer": "hf:nobody-here/no-such-tokenizer"},
+            "data.tokenizer: cannot load 'hf:nobody-here/no-such-tokenizer' here",
+        ),
+        (
+            {"data.source": "corpus", "model.vocab_size": 256},
+            "model.vocab_size: 256 is too small for data.tokenizer 'bytes'",
+        ),
+        ({"data.source": "corpus", "workload.seq_len": 300_000}, "too few for a training and a held-out sequence"),
+    ],
+)
 def test_bad_data_input_is_one_config_error(over, needle, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     empty = tmp_path / "empty.txt"
@@ -126,9 +148,25 @@ def test_bad_data_input_is_one_config_error(over, needle, tmp_path, monkeypatch)
 def test_cli_exits_2_on_bad_data_before_training(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for args, needle in [
-        (["train", "examples/debug.yaml", "--set", "data.source=text:/no/such.txt", "--out", str(tmp_path / "r")], "no such file"),
-        (["run", "examples/debug.yaml", "--set", "data.source=corpus", "--set", "data.tokenizer=hf:nobody-here/none"], "cannot load"),
-        (["run", "examples/debug.yaml", "--set", "data.source=hf:nobody-here/no-such-dataset"], "data.source: cannot open hf:nobody-here"),
+        (
+            ["train", "examples/debug.yaml", "--set", "data.source=text:/no/such.txt", "--out", str(tmp_path / "r")],
+            "no such file",
+        ),
+        (
+            [
+                "run",
+                "examples/debug.yaml",
+                "--set",
+                "data.source=corpus",
+                "--set",
+                "data.tokenizer=hf:nobody-here/none",
+            ],
+            "cannot load",
+        ),
+        (
+            ["run", "examples/debug.yaml", "--set", "data.source=hf:nobody-here/no-such-dataset"],
+            "data.source: cannot open hf:nobody-here",
+        ),
     ]:
         r = subprocess.run([sys.executable, "-m", "txlab", *args], capture_output=True, text=True, env=env, timeout=120)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
@@ -138,7 +176,7 @@ def test_cli_exits_2_on_bad_data_before_training(tmp_path):
 def test_byte_tokenizer_round_trip():
     tok = load_tokenizer("bytes")
     assert tok.decode(tok.encode(TEXT)) == TEXT
-    (ids, nb), = tok.encode_docs([TEXT])
+    ((ids, nb),) = tok.encode_docs([TEXT])
     assert len(ids) == nb.sum() == len(TEXT.encode())
 
 
@@ -151,6 +189,8 @@ def test_streamed_source_packs_and_shards_like_the_in_memory_one():
         for r in range(4):
             w = b.index * 4 + r
             assert b.tokens[r].tolist() == ids[w * 64 : w * 64 + 65].tolist()
-        assert b.nbytes == int(sum(nb[(b.index * 4 + r) * 64 + 1 : (b.index * 4 + r) * 64 + 65].sum() for r in range(4)))
+        assert b.nbytes == int(
+            sum(nb[(b.index * 4 + r) * 64 + 1 : (b.index * 4 + r) * 64 + 65].sum() for r in range(4))
+        )
     assert [b.index for _, b in zip(range(3), s.iter_batches(2, 1, 3))] == [3, 6, 9]
     assert len(s.eval_batches(3)) == 3

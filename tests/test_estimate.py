@@ -2,25 +2,40 @@
 CUDA rounding, statuses and the command line."""
 
 import json
-import math
 
 import pytest
 
 from txlab.cli import main
-from txlab.columns import column_names
 from txlab.config import load_config
-from txlab.estimate import estimate_trial, formula_activation_bytes
-from txlab.memory import GiB, RssWindow, cuda_block_bytes
-from txlab.trial import run_trial
+from txlab.measure.budget import GiB
+from txlab.measure.estimate import estimate_trial
+from txlab.measure.formula import formula_activation_bytes
+from txlab.measure.memory import RssWindow, cuda_block_bytes
+from txlab.measure.trial import run_trial
+from txlab.results.columns import column_names
 
-TINY = {"model.n_layers": 2, "model.d_model": 64, "model.n_heads": 4, "model.vocab_size": 64,
-        "workload.steps": 1, "workload.warmup_steps": 0, "measure.device": "cpu"}
+TINY = {
+    "model.n_layers": 2,
+    "model.d_model": 64,
+    "model.n_heads": 4,
+    "model.vocab_size": 64,
+    "workload.steps": 1,
+    "workload.warmup_steps": 0,
+    "measure.device": "cpu",
+}
 
 # A small grid of shapes: lengths, batch, dropout, grouped KV + RoPE + SwiGLU + RMSNorm.
 SHAPES = {
     "T96-dropout": {"workload.seq_len": 96, "model.dropout": 0.1},
-    "T160-b2-gqa-rope": {"workload.seq_len": 160, "workload.batch_size": 2, "model.n_kv_heads": 2,
-                         "model.pos": "rope", "model.mlp": "swiglu", "model.norm": "rmsnorm", "model.n_layers": 3},
+    "T160-b2-gqa-rope": {
+        "workload.seq_len": 160,
+        "workload.batch_size": 2,
+        "model.n_kv_heads": 2,
+        "model.pos": "rope",
+        "model.mlp": "swiglu",
+        "model.norm": "rmsnorm",
+        "model.n_layers": 3,
+    },
 }
 PRESETS = ["naive", "sdpa", "checkpoint", "selective", "recompute"]
 
@@ -58,7 +73,7 @@ BREAKDOWN = ["peak_bytes", "params_bytes", "grads_bytes", "optimizer_bytes", "ac
 def test_one_steady_step_gives_the_figures_of_the_measured_two(preset, kind):
     """The estimator makes AdamW's state up front and watches one step; replaying the measured run's
     two steps (state made lazily in the first) must give the same figures, byte for byte."""
-    from txlab.estimate import fake_step_memory
+    from txlab.measure.fake import fake_step_memory
 
     cfg = cfg_of({"workload.seq_len": 96, "model.dropout": 0.1, "workload.dtype": "bf16", "policy.name": preset})
     steady, replay = fake_step_memory(cfg, kind, steady=True)[0], fake_step_memory(cfg, kind, steady=False)[0]
@@ -66,14 +81,24 @@ def test_one_steady_step_gives_the_figures_of_the_measured_two(preset, kind):
 
 
 @pytest.mark.parametrize("T,q_chunk,k_chunk,kv_heads", [(250, 32, 16, 2), (192, 16, 48, 4)])
-def test_fake_chunked_attention_runs_representative_tiles_with_the_same_figures(monkeypatch, T, q_chunk, k_chunk, kv_heads):
+def test_fake_chunked_attention_runs_representative_tiles_with_the_same_figures(
+    monkeypatch, T, q_chunk, k_chunk, kv_heads
+):
     """On fake tensors the chunked kernel skips tiles that repeat another's allocations; the figures
     must equal those of running every tile."""
-    import txlab.attention as attention
-    from txlab.estimate import fake_step_memory
+    import txlab.model.attention as attention
+    from txlab.measure.fake import fake_step_memory
 
-    cfg = cfg_of({"workload.seq_len": T, "model.n_kv_heads": kv_heads, "policy.name": "recompute",
-                  "policy.q_chunk": q_chunk, "policy.k_chunk": k_chunk, "policy.loss_chunk": 64})
+    cfg = cfg_of(
+        {
+            "workload.seq_len": T,
+            "model.n_kv_heads": kv_heads,
+            "policy.name": "recompute",
+            "policy.q_chunk": q_chunk,
+            "policy.k_chunk": k_chunk,
+            "policy.loss_chunk": 64,
+        }
+    )
     skipped = fake_step_memory(cfg, "cuda")[0]
     monkeypatch.setattr(attention, "SKIP_REPEATED_FAKE_TILES", False)
     every = fake_step_memory(cfg, "cuda")[0]
@@ -115,11 +140,12 @@ def test_cuda_rounding_model():
     assert cuda["peak_bytes"] > cpu["peak_bytes"]  # many small tensors, each rounded up to 512 bytes
     assert cuda["peak_bytes"] % 512 == 0
     assert cuda["params_bytes"] == cpu["params_bytes"] + sum(  # bias vectors of 64 x 4 bytes round to 512
-        (-(-p // 512) * 512 - p) for p in _param_sizes(cfg))
+        (-(-p // 512) * 512 - p) for p in _param_sizes(cfg)
+    )
 
 
 def _param_sizes(cfg):
-    from txlab.model import GPT
+    from txlab.model.gpt import GPT
 
     return [p.numel() * 4 for p in GPT(cfg.model, cfg.workload.seq_len).parameters()]
 
@@ -133,15 +159,28 @@ def test_over_budget_is_predicted_not_run():
 def test_formula_matches_the_paper():
     # GPT-3 175B-like layer at 16 bits with dropout: s*b*h*(34 + 5*a*s/h) per layer
     s, b, h, a, L = 2048, 1, 12288, 96, 2
-    cfg = load_config(None, {"model.n_layers": L, "model.d_model": h, "model.n_heads": a, "model.dropout": 0.1,
-                             "workload.seq_len": s, "workload.dtype": "bf16", "policy.name": "naive"})
+    cfg = load_config(
+        None,
+        {
+            "model.n_layers": L,
+            "model.d_model": h,
+            "model.n_heads": a,
+            "model.dropout": 0.1,
+            "workload.seq_len": s,
+            "workload.dtype": "bf16",
+            "policy.name": "naive",
+        },
+    )
     # txlab never drops attention probabilities: the paper's a*s^2*b mask term is left out
     assert formula_activation_bytes(cfg) == L * (s * b * h * 34 + 4 * a * s * s * b)
-    fused = load_config(None, {**{k: v for k, v in cfg.flat().items() if k.startswith(("model", "workload"))},
-                               "policy.name": "sdpa"})
+    fused = load_config(
+        None, {**{k: v for k, v in cfg.flat().items() if k.startswith(("model", "workload"))}, "policy.name": "sdpa"}
+    )
     assert formula_activation_bytes(fused) == L * s * b * h * 34
-    full = load_config(None, {**{k: v for k, v in cfg.flat().items() if k.startswith(("model", "workload"))},
-                              "policy.name": "checkpoint"})
+    full = load_config(
+        None,
+        {**{k: v for k, v in cfg.flat().items() if k.startswith(("model", "workload"))}, "policy.name": "checkpoint"},
+    )
     assert formula_activation_bytes(full) == L * 2 * s * b * h  # the paper's full recomputation: 2sbhL
 
 
@@ -149,8 +188,21 @@ def test_cli_estimate_json_and_summary(capsys):
     assert main(["estimate", "/dev/null", "--set", "workload.seq_len=64", "--set", "model.n_layers=1", "--json"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["measured"] is False and row["status"] == "ok" and row["peak_bytes"] > 0
-    assert main(["estimate", "/dev/null", "--set", "workload.seq_len=64", "--set", "model.n_layers=1",
-                 "--capacity-gib", "0.001"]) == 0
+    assert (
+        main(
+            [
+                "estimate",
+                "/dev/null",
+                "--set",
+                "workload.seq_len=64",
+                "--set",
+                "model.n_layers=1",
+                "--capacity-gib",
+                "0.001",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "status over_budget" in out and "predicted peak" in out
 
@@ -168,7 +220,7 @@ def test_cli_estimate_bad_input_exits_2(capsys):
 
 def test_spec_mode_and_precheck_are_validated():
     from txlab.config import ConfigError
-    from sweeps.spec import parse_spec
+    from txlab.sweeps.spec import parse_spec
 
     spec = parse_spec({"grid": {"workload.seq_len": [64]}, "mode": "estimate", "precheck": False})
     assert spec.mode == "estimate" and spec.precheck is False
@@ -180,8 +232,8 @@ def test_spec_mode_and_precheck_are_validated():
 
 
 def _worker(tmp_path, cfg, **job):
-    """What the sweep's trial process does with a job (sweeps.worker.main), in this process."""
-    from sweeps import worker
+    """What the sweep's trial process does with a job (txlab.sweeps.worker.main), in this process."""
+    from txlab.sweeps import worker
 
     config_path, row_path = tmp_path / "config.json", tmp_path / "row.json"
     config_path.write_text(json.dumps({"trial_key": cfg.trial_key, "config": cfg.flat(), **job}))
@@ -202,7 +254,7 @@ def test_trial_process_estimates_or_prechecks(tmp_path):
 
 
 def test_frontier_estimate_spec_is_an_estimate_sweep_for_80_gib():
-    from sweeps.spec import expand, load_spec
+    from txlab.sweeps.spec import expand, load_spec
 
     spec = load_spec("sweeps/frontier_estimate.yaml")
     assert spec.mode == "estimate" and spec.gpu == 0
@@ -210,11 +262,13 @@ def test_frontier_estimate_spec_is_an_estimate_sweep_for_80_gib():
     sizes = {t.config.model.size for t in trials}
     assert sizes == {"gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"}
     assert max(t.config.workload.seq_len for t in trials) == 65536
-    assert {t.config.measure.budget_gib for t in trials} == {80} and {t.config.measure.device for t in trials} == {"cuda"}
+    assert {t.config.measure.budget_gib for t in trials} == {80} and {t.config.measure.device for t in trials} == {
+        "cuda"
+    }
 
 
 def test_estimate_mode_trials_run_in_the_actor_and_always_return_a_row():
-    from sweeps.driver import estimate_in_actor
+    from txlab.sweeps.driver import estimate_in_actor
 
     cfg = cfg_of({"workload.seq_len": 64})
     row = estimate_in_actor(cfg.trial_key, cfg.flat(), "s")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_sweeps import REPO, kill_session, row_files, txlab_env, write_spec
-from txlab.store import TMP_PREFIX, Store, check_store
+from txlab.results.store import TMP_PREFIX, Store, check_store
 
 # The driver, started as `python -c DRIVER sweep ...`: with TXLAB_TEST_ENOSPC_AFTER=N its row writes fail
 # with ENOSPC after N rows, the way a full disk fails them (used where no tmpfs can be mounted).
@@ -26,7 +26,7 @@ DRIVER = """
 import errno, os, sys
 after = int(os.environ.get("TXLAB_TEST_ENOSPC_AFTER", "-1"))
 if after >= 0:
-    from txlab import store
+    from txlab.results import store
     real, done = store.Store.write_row, []
     def write_row(self, row):
         if len(done) >= after:
@@ -41,8 +41,13 @@ sys.exit(main(sys.argv[1:]))
 
 def start_driver(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-c", DRIVER, *args], env=env, cwd=REPO,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [sys.executable, "-c", DRIVER, *args],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
 
 
@@ -96,8 +101,14 @@ def test_full_disk_stops_the_sweep_cleanly_and_a_second_sweep_is_refused(tmp_pat
             assert len(row_files(store)) == 1, "the first row should have landed"
 
             # a second sweep on the same store, while the first holds it: refused at once, nothing written
-            second = subprocess.run([sys.executable, "-m", "txlab", *args], env=txlab_env(), cwd=REPO,
-                                    capture_output=True, text=True, timeout=120)
+            second = subprocess.run(
+                [sys.executable, "-m", "txlab", *args],
+                env=txlab_env(),
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert second.returncode == 2, second.stderr
             assert second.stderr.strip().splitlines() == [
                 f"error: {store}: another txlab sweep is writing to this store (pid {driver.pid} on {os.uname().nodename})"
@@ -143,13 +154,13 @@ def test_run_with_a_full_store_prints_the_row_and_fails_cleanly(tmp_path, monkey
     """`txlab run --store`: the trial's row still reaches stdout, one line says the store refused it."""
     import json
 
-    from sweeps.driver import error_row
     from txlab.cli import main
     from txlab.config import build_config
+    from txlab.sweeps.driver import error_row
 
     cfg = build_config({"model": {"n_layers": 2, "d_model": 64}})
     row = {**error_row(cfg.trial_key, cfg.flat(), None, ""), "status": "ok", "error": None}
-    monkeypatch.setattr("txlab.trial.run_trial", lambda cfg, progress=True: row)
+    monkeypatch.setattr("txlab.measure.trial.run_trial", lambda cfg, progress=True: row)
 
     def full(self, row):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.uri)
@@ -167,8 +178,8 @@ def test_run_with_a_full_store_prints_the_row_and_fails_cleanly(tmp_path, monkey
 
 def test_trial_process_crashing_in_native_code_is_an_error_row(tmp_path):
     """A segfault in the trial process (native code: a kernel, a driver) is that trial's `error` row."""
-    from sweeps.driver import run_in_subprocess
     from txlab.config import build_config
+    from txlab.sweeps.driver import run_in_subprocess
 
     cfg = build_config({"model": {"n_layers": 2, "d_model": 64}})
     crash = tmp_path / "python"

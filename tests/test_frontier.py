@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from analysis.frontier import frontier, frontier_label, frontier_markdown, versus_baseline
+from txlab.analysis.frontier import frontier, frontier_label, frontier_markdown, versus_baseline
 
 GIB = 2**30
 
@@ -15,11 +15,22 @@ GIB = 2**30
 def row(policy, T, status="ok", peak=None, depth=2, q=512, k=512, step=None, measured=True, budget=None):
     attention = {"naive": "math", "recompute": "chunked"}.get(policy, "sdpa")
     return {
-        "trial_key": f"{policy}-{depth}-{T}-{q}-{k}-{measured}", "sweep": "hand", "status": status,
-        "policy.name": policy, "policy.attention": attention, "policy.q_chunk": q, "policy.k_chunk": k,
-        "model.n_layers": depth, "model.size": "debug", "workload.seq_len": T, "workload.kind": "train",
-        "device": "cpu", "measured": measured, "measure.budget_gib": budget,
-        "peak_bytes": None if peak is None else int(peak * GIB), "step_time_s": step,
+        "trial_key": f"{policy}-{depth}-{T}-{q}-{k}-{measured}",
+        "sweep": "hand",
+        "status": status,
+        "policy.name": policy,
+        "policy.attention": attention,
+        "policy.q_chunk": q,
+        "policy.k_chunk": k,
+        "model.n_layers": depth,
+        "model.size": "debug",
+        "workload.seq_len": T,
+        "workload.kind": "train",
+        "device": "cpu",
+        "measured": measured,
+        "measure.budget_gib": budget,
+        "peak_bytes": None if peak is None else int(peak * GIB),
+        "step_time_s": step,
     }
 
 
@@ -27,10 +38,13 @@ def row(policy, T, status="ok", peak=None, depth=2, q=512, k=512, step=None, mea
 def hand() -> pd.DataFrame:
     rows = [
         # sdpa, depth 2: fits 1 GiB up to 512; 1024 is ok but 1.5 GiB (fits 2 GiB only); 2048 runs out of memory
-        row("sdpa", 256, peak=0.25, step=1.0), row("sdpa", 512, peak=0.5, step=2.0),
-        row("sdpa", 1024, peak=1.5, step=4.0), row("sdpa", 2048, "oom"),
+        row("sdpa", 256, peak=0.25, step=1.0),
+        row("sdpa", 512, peak=0.5, step=2.0),
+        row("sdpa", 1024, peak=1.5, step=4.0),
+        row("sdpa", 2048, "oom"),
         # naive, depth 2: over 1 GiB already at the shortest length
-        row("naive", 256, peak=1.2, step=1.5), row("naive", 512, "oom"),
+        row("naive", 256, peak=1.2, step=1.5),
+        row("naive", 512, "oom"),
         # recompute, depth 2: several chunk settings; over_budget and error rows never count
         row("recompute", 256, peak=0.1, q=128, k=128, step=1.2),
         row("recompute", 1024, peak=0.9, q=256, k=256, step=6.0),
@@ -38,10 +52,12 @@ def hand() -> pd.DataFrame:
         row("recompute", 2048, "over_budget", peak=1.2, q=256, k=256),
         row("recompute", 2048, "error", q=512, k=512),
         # checkpoint, depth 2: the longest length tried fits; an estimate goes further
-        row("checkpoint", 256, peak=0.2, step=1.3), row("checkpoint", 4096, peak=0.8, step=20.0),
+        row("checkpoint", 256, peak=0.2, step=1.3),
+        row("checkpoint", 4096, peak=0.8, step=20.0),
         row("checkpoint", 8192, peak=0.95, measured=False),
         # depth 4: sdpa out of memory at the only length tried; naive only errored
-        row("sdpa", 256, "oom", depth=4), row("naive", 256, "error", depth=4),
+        row("sdpa", 256, "oom", depth=4),
+        row("naive", 256, "error", depth=4),
     ]
     return pd.DataFrame(rows)
 
@@ -55,15 +71,22 @@ def get(fr, policy, depth, budget, basis="measured"):
 def test_frontier_matches_hand_computation(hand):
     fr = frontier(hand, budgets=[1, 2])
     expect = {  # (policy, depth, budget) -> (longest feasible, label)
-        ("sdpa", 2, 1): (512, "512"), ("sdpa", 2, 2): (1024, "1024"),
-        ("naive", 2, 1): (None, "infeasible at 256"), ("naive", 2, 2): (256, "256"),
-        ("recompute", 2, 1): (1024, "1024"), ("recompute", 2, 2): (1024, "1024"),
-        ("checkpoint", 2, 1): (4096, "4096+"), ("checkpoint", 2, 2): (4096, "4096+"),
-        ("sdpa", 4, 1): (None, "infeasible at 256"), ("sdpa", 4, 2): (None, "infeasible at 256"),
+        ("sdpa", 2, 1): (512, "512"),
+        ("sdpa", 2, 2): (1024, "1024"),
+        ("naive", 2, 1): (None, "infeasible at 256"),
+        ("naive", 2, 2): (256, "256"),
+        ("recompute", 2, 1): (1024, "1024"),
+        ("recompute", 2, 2): (1024, "1024"),
+        ("checkpoint", 2, 1): (4096, "4096+"),
+        ("checkpoint", 2, 2): (4096, "4096+"),
+        ("sdpa", 4, 1): (None, "infeasible at 256"),
+        ("sdpa", 4, 2): (None, "infeasible at 256"),
     }
     for (p, d, b), (longest, label) in expect.items():
         r = get(fr, p, d, b)
-        assert (pd.isna(r["longest_feasible_seq_len"]) if longest is None else r["longest_feasible_seq_len"] == longest), (p, d, b)
+        assert (
+            pd.isna(r["longest_feasible_seq_len"]) if longest is None else r["longest_feasible_seq_len"] == longest
+        ), (p, d, b)
         assert r["label"] == label, (p, d, b)
     # infeasible is null, never zero
     assert not (fr["longest_feasible_seq_len"] == 0).any()
@@ -87,7 +110,9 @@ def test_frontier_budgets_default_to_store(hand):
 
 
 def test_frontier_groups_by_batch_size(hand):
-    other = hand[hand["policy.name"] == "sdpa"].assign(**{"workload.batch_size": 4, "trial_key": lambda d: d["trial_key"] + "b4"})
+    other = hand[hand["policy.name"] == "sdpa"].assign(
+        **{"workload.batch_size": 4, "trial_key": lambda d: d["trial_key"] + "b4"}
+    )
     other.loc[other["workload.seq_len"] == 512, "status"] = "oom"
     fr = frontier(pd.concat([hand.assign(**{"workload.batch_size": 1}), other]), budgets=[1])
     sd = fr[(fr["policy"] == "sdpa") & (fr["depth"] == 2)].set_index("workload.batch_size")
@@ -99,12 +124,20 @@ def test_versus_baseline_matches_hand_computation(hand):
     vs = versus_baseline(hand).set_index(["policy", "depth", "seq_len"])
     n = vs.loc[("naive", 2, 256)]
     assert n["baseline"] == "sdpa"
-    assert math.isclose(n["memory_saving"], 1 - 1.2 / 0.25, rel_tol=1e-6) and math.isclose(n["time_overhead"], 1.5, rel_tol=1e-6)
+    assert math.isclose(n["memory_saving"], 1 - 1.2 / 0.25, rel_tol=1e-6) and math.isclose(
+        n["time_overhead"], 1.5, rel_tol=1e-6
+    )
     c = vs.loc[("checkpoint", 2, 256)]
-    assert math.isclose(c["memory_saving"], 1 - 0.2 / 0.25, rel_tol=1e-6) and math.isclose(c["time_overhead"], 1.3, rel_tol=1e-6)
+    assert math.isclose(c["memory_saving"], 1 - 0.2 / 0.25, rel_tol=1e-6) and math.isclose(
+        c["time_overhead"], 1.3, rel_tol=1e-6
+    )
     # recompute at 1024: the lowest-peak chunk setting (0.9 GiB, 6 s) against sdpa (1.5 GiB, 4 s)
     r = vs.loc[("recompute", 2, 1024)]
-    assert math.isclose(r["memory_saving"], 0.4, rel_tol=1e-6) and math.isclose(r["time_overhead"], 1.5, rel_tol=1e-6) and r["q_chunk"] == 256
+    assert (
+        math.isclose(r["memory_saving"], 0.4, rel_tol=1e-6)
+        and math.isclose(r["time_overhead"], 1.5, rel_tol=1e-6)
+        and r["q_chunk"] == 256
+    )
     # only shared shapes: checkpoint at 4096 has no sdpa partner
     assert ("checkpoint", 2, 4096) not in vs.index
 

@@ -5,10 +5,11 @@ import sys
 
 import pytest
 import torch
-
 from conftest_data import cfg, one_thread, train_tokenizer  # noqa: F401 - fixture
-from txlab.generate import filter_logits, generate, sample
-from txlab.train import load_model, train
+
+from txlab.train.checkpoint import load_model
+from txlab.train.generate import filter_logits, generate, sample
+from txlab.train.loop import train
 
 
 def test_top_k_and_top_p_keep_the_right_tokens():
@@ -44,16 +45,46 @@ def test_sampling_is_seeded_and_greedy_is_deterministic(run_dir):
 def test_generate_with_an_hf_tokenizer_run(tmp_path):
     tok = train_tokenizer(tmp_path / "tok")
     run = tmp_path / "run"
-    train(cfg(data__source="corpus", data__tokenizer=f"hf:{tok}", model__vocab_size=320, train__steps=3), run, progress=False)
+    train(
+        cfg(data__source="corpus", data__tokenizer=f"hf:{tok}", model__vocab_size=320, train__steps=3),
+        run,
+        progress=False,
+    )
     assert (run / "tokenizer").is_dir()  # the run keeps its tokenizer
     assert isinstance(generate(str(run), "The ", max_new_tokens=10, seed=0), str)
 
 
 def test_cli_generate(run_dir):
-    r = subprocess.run([sys.executable, "-m", "txlab", "generate", "--checkpoint", str(run_dir), "--prompt", "def ",
-                        "--max-new-tokens", "20", "--temperature", "0.7", "--top-k", "10", "--top-p", "0.9", "--seed", "1"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "txlab",
+            "generate",
+            "--checkpoint",
+            str(run_dir),
+            "--prompt",
+            "def ",
+            "--max-new-tokens",
+            "20",
+            "--temperature",
+            "0.7",
+            "--top-k",
+            "10",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0 and r.stdout.startswith("def "), r.stderr
-    bad = subprocess.run([sys.executable, "-m", "txlab", "generate", "--checkpoint", str(run_dir / "nope"), "--prompt", "x"],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "txlab", "generate", "--checkpoint", str(run_dir / "nope"), "--prompt", "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "no checkpoint there" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -9,21 +9,27 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest_data import one_thread  # noqa: F401 - autouse fixture: one intra-op thread
 
 from txlab.cli import main
 from txlab.config import load_config
-from txlab.inference import Inference, build_model, generate_greedy, kv_cache_analytic_bytes
-from txlab.trial import run_trial
-from conftest_data import one_thread  # noqa: F401 - autouse fixture: one intra-op thread
-
+from txlab.measure.inference import build_model
+from txlab.measure.trial import run_trial
+from txlab.model.decode import Inference, generate_greedy, kv_cache_analytic_bytes
 
 TINY = {"model.n_layers": 2, "model.d_model": 64, "model.n_heads": 4, "model.vocab_size": 97}
 PROMPT, NEW = 40, 6
 
 
 def cfg_of(**over):
-    over = {**TINY, "workload.kind": "decode", "workload.seq_len": PROMPT, "workload.decode_tokens": NEW,
-            "measure.device": "cpu", **{k.replace("__", "."): v for k, v in over.items()}}
+    over = {
+        **TINY,
+        "workload.kind": "decode",
+        "workload.seq_len": PROMPT,
+        "workload.decode_tokens": NEW,
+        "measure.device": "cpu",
+        **{k.replace("__", "."): v for k, v in over.items()},
+    }
     return load_config(None, over)
 
 
@@ -41,8 +47,10 @@ MODELS = {
 
 @pytest.mark.parametrize("shape", list(MODELS))
 def test_every_kv_policy_gives_the_cache_logits_and_greedy_tokens(shape):
-    cfg = load_config(None, {**TINY, **MODELS[shape], "workload.kind": "decode", "workload.seq_len": PROMPT,
-                             "workload.decode_tokens": NEW})
+    cfg = load_config(
+        None,
+        {**TINY, **MODELS[shape], "workload.kind": "decode", "workload.seq_len": PROMPT, "workload.decode_tokens": NEW},
+    )
     model = build_model(cfg, torch.device("cpu"))
     prompt = _prompt(cfg)
     ref_tokens, ref_logits, _ = generate_greedy(model, dataclasses.replace(cfg.policy, kv="cache"), prompt, NEW)
@@ -52,9 +60,14 @@ def test_every_kv_policy_gives_the_cache_logits_and_greedy_tokens(shape):
     with torch.no_grad():
         whole = F.linear(model(full), model.lm_head.weight)[:, PROMPT - 1 :].transpose(0, 1)
     torch.testing.assert_close(ref_logits, whole, rtol=1e-4, atol=1e-5)
-    cases = [("cache", "math", 7), ("cache", "chunked", 7),
-             # recompute: tiles of one position, ragged tiles, one tile covering the whole context
-             ("recompute", "sdpa", 1), ("recompute", "chunked", 7), ("recompute", "math", PROMPT + NEW)]
+    cases = [
+        ("cache", "math", 7),
+        ("cache", "chunked", 7),
+        # recompute: tiles of one position, ragged tiles, one tile covering the whole context
+        ("recompute", "sdpa", 1),
+        ("recompute", "chunked", 7),
+        ("recompute", "math", PROMPT + NEW),
+    ]
     if cfg.model.n_kv_heads < cfg.model.n_heads:
         cases += [("grouped", "sdpa", 7), ("grouped", "chunked", 7)]
     for kv, attention, k_chunk in cases:
@@ -64,7 +77,9 @@ def test_every_kv_policy_gives_the_cache_logits_and_greedy_tokens(shape):
         torch.testing.assert_close(torch.stack(logits), ref_logits, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kv,n_kv_heads", [("cache", 4), ("grouped", 2), ("grouped", 1), ("recompute", 4), ("recompute", 2)])
+@pytest.mark.parametrize(
+    "kv,n_kv_heads", [("cache", 4), ("grouped", 2), ("grouped", 1), ("recompute", 4), ("recompute", 2)]
+)
 def test_kv_cache_bytes_are_the_analytic_size(kv, n_kv_heads):
     cfg = cfg_of(model__n_kv_heads=n_kv_heads, policy__kv=kv)
     model = build_model(cfg, torch.device("cpu"))
@@ -100,8 +115,14 @@ def test_step_past_the_end_is_refused():
 
 
 def test_prefill_trial_row():
-    cfg = cfg_of(workload__kind="prefill", workload__steps=1, workload__warmup_steps=0, policy__attention="chunked",
-                 policy__q_chunk=8, policy__k_chunk=8)
+    cfg = cfg_of(
+        workload__kind="prefill",
+        workload__steps=1,
+        workload__warmup_steps=0,
+        policy__attention="chunked",
+        policy__q_chunk=8,
+        policy__k_chunk=8,
+    )
     row = run_trial(cfg)
     assert row["status"] == "ok", row["error"]
     m = cfg.model
@@ -118,14 +139,23 @@ def test_prefill_trial_row():
 def test_decode_trial_rows_and_recompute_holds_less():
     rows = {}
     for kv in ("cache", "recompute"):
-        cfg = cfg_of(model__n_layers=6, workload__seq_len=128, workload__decode_tokens=4, workload__steps=1,
-                     workload__warmup_steps=0, policy__kv=kv, policy__k_chunk=32)
+        cfg = cfg_of(
+            model__n_layers=6,
+            workload__seq_len=128,
+            workload__decode_tokens=4,
+            workload__steps=1,
+            workload__warmup_steps=0,
+            policy__kv=kv,
+            policy__k_chunk=32,
+        )
         rows[kv] = row = run_trial(cfg)
         assert row["status"] == "ok", row["error"]
         assert row["time_per_token_s"] > 0 and row["step_time_s"] == row["time_per_token_s"]
         assert row["tokens_per_s"] == pytest.approx(1 / row["time_per_token_s"])
     m = cfg.model
-    assert rows["cache"]["kv_cache_bytes"] == kv_cache_analytic_bytes(m.n_layers, m.n_kv_heads, m.d_model // m.n_heads, 132, 4)
+    assert rows["cache"]["kv_cache_bytes"] == kv_cache_analytic_bytes(
+        m.n_layers, m.n_kv_heads, m.d_model // m.n_heads, 132, 4
+    )
     assert rows["recompute"]["kv_cache_bytes"] == 0
     assert rows["recompute"]["kv_inputs_bytes"] == m.n_layers * 132 * m.d_model * 4
     assert rows["recompute"]["peak_bytes"] < rows["cache"]["peak_bytes"]
@@ -136,7 +166,9 @@ def test_decode_bf16_keeps_a_2_byte_cache():
     row = run_trial(cfg)
     assert row["status"] == "ok", row["error"]
     m = cfg.model
-    assert row["kv_cache_bytes"] == kv_cache_analytic_bytes(m.n_layers, m.n_kv_heads, m.d_model // m.n_heads, PROMPT + NEW, 2)
+    assert row["kv_cache_bytes"] == kv_cache_analytic_bytes(
+        m.n_layers, m.n_kv_heads, m.d_model // m.n_heads, PROMPT + NEW, 2
+    )
 
 
 def test_decode_over_budget_is_a_status():
@@ -145,11 +177,22 @@ def test_decode_over_budget_is_a_status():
 
 
 def test_training_row_leaves_inference_columns_null():
-    row = run_trial(load_config(None, {**TINY, "workload.seq_len": 16, "workload.steps": 1, "workload.warmup_steps": 0,
-                                       "measure.device": "cpu"}))
+    row = run_trial(
+        load_config(
+            None,
+            {**TINY, "workload.seq_len": 16, "workload.steps": 1, "workload.warmup_steps": 0, "measure.device": "cpu"},
+        )
+    )
     assert row["status"] == "ok"
-    for k in ("kv_cache_bytes", "kv_inputs_bytes", "prefill_time_s", "time_per_token_s", "weight_bytes",
-              "logit_rel_error", "next_token_agreement"):
+    for k in (
+        "kv_cache_bytes",
+        "kv_inputs_bytes",
+        "prefill_time_s",
+        "time_per_token_s",
+        "weight_bytes",
+        "logit_rel_error",
+        "next_token_agreement",
+    ):
         assert row[k] is None, k
 
 
@@ -170,20 +213,37 @@ def test_cli_runs_prefill_and_decode(tmp_path, capsys):
     row = json.loads(capsys.readouterr().out)
     assert row["workload.kind"] == "prefill" and row["kv_cache_bytes"] > 0
     store = tmp_path / "store"
-    assert main(["run", str(cfg), *_sets(**{"workload.kind": "decode", "workload.decode_tokens": 3, "policy.kv": "recompute"}),
-                 "--store", str(store)]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(cfg),
+                *_sets(**{"workload.kind": "decode", "workload.decode_tokens": 3, "policy.kv": "recompute"}),
+                "--store",
+                str(store),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    assert "decode    3 tokens" in out and "kv recompute (tiles of 32)" in out and "kv        K/V held 0.000 GiB, layer inputs kept" in out
-    from txlab.store import read_store
+    assert (
+        "decode    3 tokens" in out
+        and "kv recompute (tiles of 32)" in out
+        and "kv        K/V held 0.000 GiB, layer inputs kept" in out
+    )
+    from txlab.results.store import read_store
 
     df = read_store(str(store))
     assert list(df["workload.kind"]) == ["decode"] and int(df["kv_cache_bytes"].iloc[0]) == 0
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["run"], "model.quant: 'int4' is inference only"),
-    (["estimate"], "workload.kind: txlab estimate predicts training steps only"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["run"], "model.quant: 'int4' is inference only"),
+        (["estimate"], "workload.kind: txlab estimate predicts training steps only"),
+    ],
+)
 def test_cli_bad_inference_input_exits_2(tmp_path, capsys, args, needle):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("workload: {seq_len: 32}\n")
@@ -200,32 +260,52 @@ GIB = 2**30
 
 def _row(kind, T, peak, kv="cache", policy="sdpa", status="ok", step=1.0, kv_bytes=None):
     return {
-        "trial_key": f"{kind}-{kv}-{policy}-{T}", "sweep": "hand", "status": status, "policy.name": policy,
-        "policy.attention": "sdpa", "policy.kv": kv, "model.n_layers": 2, "model.size": "debug",
-        "workload.seq_len": T, "workload.kind": kind, "device": "cpu", "measured": True,
-        "peak_bytes": int(peak * GIB), "step_time_s": step, "params_bytes": int(0.1 * GIB),
-        "activations_bytes": 0, "other_bytes": 0, "kv_cache_bytes": kv_bytes,
+        "trial_key": f"{kind}-{kv}-{policy}-{T}",
+        "sweep": "hand",
+        "status": status,
+        "policy.name": policy,
+        "policy.attention": "sdpa",
+        "policy.kv": kv,
+        "model.n_layers": 2,
+        "model.size": "debug",
+        "workload.seq_len": T,
+        "workload.kind": kind,
+        "device": "cpu",
+        "measured": True,
+        "peak_bytes": int(peak * GIB),
+        "step_time_s": step,
+        "params_bytes": int(0.1 * GIB),
+        "activations_bytes": 0,
+        "other_bytes": 0,
+        "kv_cache_bytes": kv_bytes,
     }
 
 
 def _store():
-    return pd.DataFrame([
-        _row("train", 1024, 0.8), _row("train", 2048, 1.6), _row("train", 1024, 0.5, policy="checkpoint", step=1.5),
-        _row("decode", 1024, 0.3, kv_bytes=int(0.2 * GIB)), _row("decode", 4096, 0.9, kv_bytes=int(0.8 * GIB)),
-        _row("decode", 8192, 1.7, kv_bytes=int(1.6 * GIB)),
-        _row("decode", 1024, 0.2, kv="recompute", step=3.0, kv_bytes=0),
-        _row("decode", 8192, 0.9, kv="recompute", step=9.0, kv_bytes=0),
-    ])
+    return pd.DataFrame(
+        [
+            _row("train", 1024, 0.8),
+            _row("train", 2048, 1.6),
+            _row("train", 1024, 0.5, policy="checkpoint", step=1.5),
+            _row("decode", 1024, 0.3, kv_bytes=int(0.2 * GIB)),
+            _row("decode", 4096, 0.9, kv_bytes=int(0.8 * GIB)),
+            _row("decode", 8192, 1.7, kv_bytes=int(1.6 * GIB)),
+            _row("decode", 1024, 0.2, kv="recompute", step=3.0, kv_bytes=0),
+            _row("decode", 8192, 0.9, kv="recompute", step=9.0, kv_bytes=0),
+        ]
+    )
 
 
 def test_frontier_and_baseline_handle_decode_rows():
-    from analysis.frontier import frontier, versus_baseline
+    from txlab.analysis.frontier import frontier, versus_baseline
 
     fr = frontier(_store(), budgets=[1])
     got = {(r.setting, r.policy): r.longest_feasible_seq_len for r in fr.itertuples()}
     assert got == {  # decode: the longest prompt that fits; the kv policy names the line; train rows unchanged
-        ("kind=decode", "sdpa (kv=cache)"): 4096, ("kind=decode", "sdpa (kv=recompute)"): 8192,
-        ("kind=train", "sdpa"): 1024, ("kind=train", "checkpoint"): 1024,
+        ("kind=decode", "sdpa (kv=cache)"): 4096,
+        ("kind=decode", "sdpa (kv=recompute)"): 8192,
+        ("kind=train", "sdpa"): 1024,
+        ("kind=train", "checkpoint"): 1024,
     }
     vs = versus_baseline(_store())
     dec = vs[vs["setting"] == "kind=decode"]
@@ -236,7 +316,7 @@ def test_frontier_and_baseline_handle_decode_rows():
 
 
 def test_plots_draw_mixed_training_and_inference_rows():
-    from analysis.plots import all_figures
+    from txlab.analysis.plots import all_figures
 
     figs = all_figures(_store(), budgets=[1])
     for name in ("memory_vs_length", "memory_breakdown", "frontier_heatmap", "frontier_steps", "time_vs_memory"):

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from tests.helpers import config
-from txlab.memory import GiB
-from txlab.model import GPT
-from txlab.planner import BlockCost, NoFeasiblePlan, all_plans, model_peak, optimise, plan_trial
-from txlab.policy import apply_policy
-from txlab.remat import apply_plan
-from txlab.trial import run_trial
+from txlab.measure.budget import GiB
+from txlab.measure.planning import plan_trial
+from txlab.measure.trial import run_trial
+from txlab.model.gpt import GPT
+from txlab.policy.apply import apply_policy
+from txlab.policy.planner import BlockCost, NoFeasiblePlan, all_plans, model_peak, optimise
+from txlab.policy.remat import apply_plan
 
 
 def random_block(rng: random.Random) -> BlockCost:
@@ -22,8 +23,11 @@ def random_block(rng: random.Random) -> BlockCost:
     return BlockCost(
         x_bytes=x,
         kept={"keep": keep, "full": 0, "selective": sel},
-        backward={"keep": rng.randint(1, 20) * 100, "full": keep + rng.randint(1, 20) * 100,
-                  "selective": keep - sel + rng.randint(1, 20) * 100},
+        backward={
+            "keep": rng.randint(1, 20) * 100,
+            "full": keep + rng.randint(1, 20) * 100,
+            "selective": keep - sel + rng.randint(1, 20) * 100,
+        },
         grad_bytes=rng.randint(0, 10) * 100,
         recompute_s={"keep": 0.0, "full": rng.uniform(1, 3), "selective": rng.uniform(0.1, 1)},
     )
@@ -61,14 +65,25 @@ def test_all_plans_covers_every_and_sqrt():
     assert ((0, 1, "selective"), (1, 2, "selective"), (2, 3, "selective"), (3, 4, "selective")) in plans
 
 
-@pytest.mark.parametrize("runs", [
-    [(0, 1, "full"), (1, 2, "keep"), (2, 3, "selective")],
-    [(0, 2, "full"), (2, 3, "full")],
-    [(0, 1, "selective"), (1, 3, "full")],
-])
+@pytest.mark.parametrize(
+    "runs",
+    [
+        [(0, 1, "full"), (1, 2, "keep"), (2, 3, "selective")],
+        [(0, 2, "full"), (2, 3, "full")],
+        [(0, 1, "selective"), (1, 3, "full")],
+    ],
+)
 def test_planned_model_has_the_reference_gradients(runs):
-    over = {"model.n_layers": 3, "model.d_model": 32, "model.n_heads": 2, "model.vocab_size": 50,
-            "model.dropout": 0.1, "model.pos": "rope", "workload.seq_len": 17, "workload.batch_size": 2}
+    over = {
+        "model.n_layers": 3,
+        "model.d_model": 32,
+        "model.n_heads": 2,
+        "model.vocab_size": 50,
+        "model.dropout": 0.1,
+        "model.pos": "rope",
+        "workload.seq_len": 17,
+        "workload.batch_size": 2,
+    }
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 50, (2, 17), generator=gen), torch.randint(0, 50, (2, 17), generator=gen)
 
@@ -100,13 +115,21 @@ def test_apply_plan_rejects_bad_runs():
         apply_plan(model, [(0, 3, "fast")])
 
 
-PLANNED = {"model.n_layers": 4, "model.d_model": 128, "model.n_heads": 4, "model.vocab_size": 64,
-           "workload.seq_len": 512, "policy.name": "planned", "measure.device": "cpu",
-           "workload.steps": 1, "workload.warmup_steps": 0}
+PLANNED = {
+    "model.n_layers": 4,
+    "model.d_model": 128,
+    "model.n_heads": 4,
+    "model.vocab_size": 64,
+    "workload.seq_len": 512,
+    "policy.name": "planned",
+    "measure.device": "cpu",
+    "workload.steps": 1,
+    "workload.warmup_steps": 0,
+}
 
 
 def test_tighter_budget_more_recomputation_and_infeasible_names_the_smallest_budget():
-    from txlab.estimate import fake_step_memory
+    from txlab.measure.fake import fake_step_memory
 
     L = PLANNED["model.n_layers"]
     none_peak = fake_step_memory(config({**PLANNED, "policy.name": "sdpa"}))[0]["peak_bytes"]
@@ -123,7 +146,8 @@ def test_tighter_budget_more_recomputation_and_infeasible_names_the_smallest_bud
 
 
 def test_run_trial_planned_fits_its_budget_and_stores_the_plan():
-    from txlab.estimate import estimate_trial, fake_step_memory
+    from txlab.measure.estimate import estimate_trial
+    from txlab.measure.fake import fake_step_memory
 
     none_peak = fake_step_memory(config({**PLANNED, "policy.name": "sdpa"}))[0]["peak_bytes"]
     block_peak = fake_step_memory(config({**PLANNED, "policy.name": "checkpoint"}))[0]["peak_bytes"]

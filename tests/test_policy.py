@@ -29,7 +29,12 @@ VARIANTS = {
     "preset-checkpoint": {"policy.name": "checkpoint"},
     "preset-selective": {"policy.name": "selective"},
     "preset-recompute": {"policy.name": "recompute", "policy.q_chunk": 8, "policy.k_chunk": 4, "policy.loss_chunk": 9},
-    "chunked+selective": {"policy.attention": "chunked", "policy.q_chunk": 6, "policy.k_chunk": 6, "policy.remat": "selective"},
+    "chunked+selective": {
+        "policy.attention": "chunked",
+        "policy.q_chunk": 6,
+        "policy.k_chunk": 6,
+        "policy.remat": "selective",
+    },
 }
 
 
@@ -108,7 +113,7 @@ def test_dropout_is_active_and_seeded():
 
 def test_gradient_check_fails_on_a_wrong_policy(monkeypatch):
     """The tolerance is tight enough to catch a kernel that is slightly off."""
-    import txlab.attention as attention
+    import txlab.model.attention as attention
 
     model, T = random_model(1)
     model.update({"model.dropout": 0.0, "model.n_kv_heads": model["model.n_heads"]})

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest_data import one_thread  # noqa: F401 - autouse fixture: one intra-op thread
 
 from txlab.config import load_config
-from txlab.inference import build_model
-from txlab.quant import Int4Linear, QMAX, pack_int4, projection_names, quantize_model, unpack_int4, weight_bytes
-from txlab.trial import run_trial
-from conftest_data import one_thread  # noqa: F401 - autouse fixture: one intra-op thread
+from txlab.measure.inference import build_model
+from txlab.measure.trial import run_trial
+from txlab.model.quant import QMAX, Int4Linear, pack_int4, projection_names, quantize_model, unpack_int4, weight_bytes
 
 
 def test_pack_round_trips_representable_weights_exactly():
@@ -57,7 +57,9 @@ def test_int4_linear_matches_its_dequantized_weight():
 
 
 def test_quantize_model_swaps_every_projection_and_shrinks_them_8x():
-    cfg = load_config(None, {"workload.kind": "prefill", "workload.seq_len": 32, "model.quant": "int4", "model.quant_group": 64})
+    cfg = load_config(
+        None, {"workload.kind": "prefill", "workload.seq_len": 32, "model.quant": "int4", "model.quant_group": 64}
+    )
     model = build_model(cfg, torch.device("cpu"), quant=False)
     proj = {n: model.get_submodule(n) for n in projection_names(model)}
     assert len(proj) == 4 * cfg.model.n_layers
@@ -70,9 +72,20 @@ def test_quantize_model_swaps_every_projection_and_shrinks_them_8x():
 
 
 def test_int4_trial_reports_weight_saving_and_logit_error_on_the_corpus():
-    cfg = load_config(None, {"workload.kind": "decode", "workload.seq_len": 64, "workload.decode_tokens": 2,
-                             "workload.steps": 1, "workload.warmup_steps": 0, "model.quant": "int4",
-                             "model.quant_group": 64, "data.source": "corpus", "measure.device": "cpu"})
+    cfg = load_config(
+        None,
+        {
+            "workload.kind": "decode",
+            "workload.seq_len": 64,
+            "workload.decode_tokens": 2,
+            "workload.steps": 1,
+            "workload.warmup_steps": 0,
+            "model.quant": "int4",
+            "model.quant_group": 64,
+            "data.source": "corpus",
+            "measure.device": "cpu",
+        },
+    )
     row = run_trial(cfg)
     assert row["status"] == "ok", row["error"]
     assert row["weight_bytes"] < 0.5 * row["weight_bytes_fp"]

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sweeps.driver import format_dry_run, plan
-from sweeps.spec import SkipRule, expand, load_spec, parse_spec
 from txlab.cli import main
 from txlab.config import ConfigError
+from txlab.sweeps.driver import format_dry_run, plan
+from txlab.sweeps.spec import SkipRule, expand, load_spec, parse_spec
 
 SPECS = sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml"))
 TINY_BASE = {"model": {"n_layers": 2, "d_model": 64}, "workload": {"steps": 1, "warmup_steps": 0}}
@@ -75,13 +75,19 @@ def test_long_context_spec_is_the_design_example():
         ({"grid": {"workload.seq_len": [64]}, "gird": 1}, "unknown spec key 'gird'"),
         ({"grid": {}}, "grid: expected a non-empty mapping"),
         ({}, "grid: expected a non-empty mapping"),
-        ({"grid": {"workload.seqlen": [64]}}, "'workload.seqlen' is not a config key (did you mean 'workload.seq_len'?)"),
+        (
+            {"grid": {"workload.seqlen": [64]}},
+            "'workload.seqlen' is not a config key (did you mean 'workload.seq_len'?)",
+        ),
         ({"grid": {"workload.seq_len": []}}, "grid.workload.seq_len: empty list"),
         ({"grid": {"workload.seq_len": [64, 64]}}, "grid.workload.seq_len: repeated value"),
         ({"grid": {"workload.seq_len": [{"a": 1}]}}, "grid.workload.seq_len: values must be scalars"),
         ({"grid": {"workload.seq_len": [64]}, "resources": {"tpu": 1}}, "unknown resource 'tpu'"),
         ({"grid": {"workload.seq_len": [64]}, "resources": {"cpu": 0}}, "resources.cpu: expected a number > 0"),
-        ({"grid": {"workload.seq_len": [64]}, "resources": {"gpu": 1.5}}, "resources.gpu: above 1 it must be a whole number"),
+        (
+            {"grid": {"workload.seq_len": [64]}, "resources": {"gpu": 1.5}},
+            "resources.gpu: above 1 it must be a whole number",
+        ),
         ({"grid": {"workload.seq_len": [64]}, "max_concurrent": 0}, "max_concurrent: expected a positive integer"),
         ({"grid": {"workload.seq_len": [64]}, "max_failures": -1}, "max_failures: expected an integer >= 0"),
         ({"grid": {"workload.seq_len": [64]}, "base": [1]}, "base: expected a mapping"),
@@ -102,11 +108,16 @@ def test_base_key_errors_surface_at_expansion():
 
 
 def test_invalid_trial_fails_fast_naming_point_and_key(tmp_path, capsys):
-    raw = {"name": "bad", "base": TINY_BASE, "grid": {"workload.seq_len": [64, 128], "policy.name": ["recompute"],
-                                                      "policy.q_chunk": [128]}}
+    raw = {
+        "name": "bad",
+        "base": TINY_BASE,
+        "grid": {"workload.seq_len": [64, 128], "policy.name": ["recompute"], "policy.q_chunk": [128]},
+    }
     with pytest.raises(ConfigError) as e:
         expand(parse_spec(raw, path="bad.yaml"))
-    assert "workload.seq_len=64" in str(e.value) and "policy.q_chunk: 128 is larger than workload.seq_len (64)" in str(e.value)
+    assert "workload.seq_len=64" in str(e.value) and "policy.q_chunk: 128 is larger than workload.seq_len (64)" in str(
+        e.value
+    )
     # through the CLI: exit 2, one line, nothing run
     assert main(["sweep", str(write(tmp_path, raw)), "--store", str(tmp_path / "st"), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
@@ -153,8 +164,16 @@ def test_skip_if_rejects_everything_but_comparisons(expr, needle):
     [
         ("policy.q_chunk > workload.seq_len", {"policy.q_chunk": 128, "workload.seq_len": 64}, True),
         ("policy.q_chunk > workload.seq_len", {"policy.q_chunk": 64, "workload.seq_len": 64}, False),
-        ("policy.name == 'naive' and workload.seq_len >= 1024", {"policy.name": "naive", "workload.seq_len": 2048}, True),
-        ("policy.name in ['naive', 'sdpa'] or not workload.seq_len < 100", {"policy.name": "x", "workload.seq_len": 50}, False),
+        (
+            "policy.name == 'naive' and workload.seq_len >= 1024",
+            {"policy.name": "naive", "workload.seq_len": 2048},
+            True,
+        ),
+        (
+            "policy.name in ['naive', 'sdpa'] or not workload.seq_len < 100",
+            {"policy.name": "x", "workload.seq_len": 50},
+            False,
+        ),
         ("policy.name not in ('naive',)", {"policy.name": "sdpa"}, True),
         ("measure.budget_gib != null", {"measure.budget_gib": None}, False),
         ("measure.budget_gib == None", {"measure.budget_gib": None}, True),
@@ -197,18 +216,21 @@ def test_grid_product_order_skips_and_duplicates():
 
 def test_skip_if_sees_resolved_presets():
     # recompute's preset chunk (512) is clamped to the sequence: no skip at seq_len 64 ...
-    spec = spec_of(grid={"workload.seq_len": [64], "policy.name": ["recompute"]}, skip_if=["policy.q_chunk > workload.seq_len"])
+    spec = spec_of(
+        grid={"workload.seq_len": [64], "policy.name": ["recompute"]}, skip_if=["policy.q_chunk > workload.seq_len"]
+    )
     assert len(expand(spec).trials) == 1
     # ... but a chunk written in the grid is the user's and is skipped when too large
-    spec = spec_of(grid={"workload.seq_len": [64], "policy.name": ["recompute"], "policy.q_chunk": [128]},
-                   skip_if=["policy.q_chunk > workload.seq_len"])
+    spec = spec_of(
+        grid={"workload.seq_len": [64], "policy.name": ["recompute"], "policy.q_chunk": [128]},
+        skip_if=["policy.q_chunk > workload.seq_len"],
+    )
     assert len(expand(spec).skipped) == 1
 
 
 def test_dry_run_lists_skipped_and_stored(tmp_path):
-    from txlab.store import Store
-
-    from sweeps.driver import error_row
+    from txlab.results.store import Store
+    from txlab.sweeps.driver import error_row
 
     spec = spec_of(grid={"workload.seq_len": [64, 128]}, skip_if=["workload.seq_len > 100"])
     store = tmp_path / "st"

@@ -16,16 +16,18 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from txlab.columns import SCHEMA_VERSION, row_schema
 from txlab.config import build_config
-from txlab.store import MARKER, TMP_PREFIX, Store, StoreError, StoreLocked, read_store
+from txlab.results.columns import SCHEMA_VERSION, row_schema
+from txlab.results.store import MARKER, TMP_PREFIX, Store, StoreError, StoreLocked, read_store
 
 
 def make_row(seq_len: int = 64, status: str = "ok", peak: int | None = 1000, **extra):
     cfg = build_config({"model": {"n_layers": 2, "d_model": 64}, "workload": {"seq_len": seq_len}})
     row = dict.fromkeys(row_schema().names)
     row.update(cfg.flat())
-    row.update(trial_key=cfg.trial_key, sweep="t", status=status, peak_bytes=peak, measured=True, host="h", device="cpu")
+    row.update(
+        trial_key=cfg.trial_key, sweep="t", status=status, peak_bytes=peak, measured=True, host="h", device="cpu"
+    )
     row.update(extra)
     return row
 
@@ -147,14 +149,19 @@ def test_fsspec_memory_filesystem_store():
 def test_writer_lock_is_exclusive_and_dies_with_its_holder(tmp_path):
     path = str(tmp_path / "s")
     holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import sys, time
             from txlab.store import Store
             with Store.open({path!r}, create=True).writer_lock():
                 print("locked", flush=True)
                 time.sleep(60)
-        """)],
-        stdout=subprocess.PIPE, text=True,
+        """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -182,7 +189,7 @@ def test_lock_removes_stale_temporaries_only(tmp_path):
 
 
 def test_check_store_finds_every_kind_of_damage(tmp_path):
-    from txlab.store import check_store
+    from txlab.results.store import check_store
 
     root = tmp_path / "s"
     store = Store.open(str(root), create=True)
@@ -204,7 +211,9 @@ def test_check_store_finds_every_kind_of_damage(tmp_path):
     open(paths[1], "wb").write(data[: len(data) // 2])
     other = make_row(512)
     pq.write_table(pa.Table.from_pylist([other], schema=row_schema()), root / f"{'f' * 16}.1.parquet")
-    pq.write_table(pa.Table.from_pylist([make_row(1024), make_row(2048)], schema=row_schema()), root / f"{'e' * 16}.1.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([make_row(1024), make_row(2048)], schema=row_schema()), root / f"{'e' * 16}.1.parquet"
+    )
     (root / "notes.parquet").write_bytes(b"x")
     bad = check_store(str(root))
     assert not bad.ok and bad.rows == 3  # 64, 256 and the misnamed one read; the truncated one does not

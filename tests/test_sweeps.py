@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sweeps.driver import error_row, run_in_subprocess
 from txlab.cli import main
 from txlab.config import build_config
-from txlab.store import Store
+from txlab.results.store import Store
+from txlab.sweeps.driver import error_row, run_in_subprocess
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_BASE = {"model": {"n_layers": 2, "d_model": 64}, "workload": {"steps": 1, "warmup_steps": 0}}
@@ -52,8 +52,13 @@ def kill_session(leader_pid: int) -> None:
 
 def run_txlab(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "txlab.cli", *args], env=txlab_env(), cwd=REPO,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [sys.executable, "-m", "txlab.cli", *args],
+        env=txlab_env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -100,8 +105,8 @@ def test_row_the_store_refuses_becomes_an_error_row(tmp_path):
     import json
     from types import SimpleNamespace
 
-    from sweeps.driver import Progress, _make_callback_class, plan
-    from sweeps.spec import parse_spec
+    from txlab.sweeps.driver import Progress, _make_callback_class, plan
+    from txlab.sweeps.spec import parse_spec
 
     spec = parse_spec({"name": "t", "base": TINY_BASE, "grid": {"workload.seq_len": [64, 128]}})
     p = plan(spec, str(tmp_path / "st"))
@@ -177,7 +182,7 @@ def trial_processes(session: int) -> list:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if os.getsid(proc.pid) == session and "sweeps.worker" in (proc.info["cmdline"] or []):
+            if os.getsid(proc.pid) == session and "txlab.sweeps.worker" in (proc.info["cmdline"] or []):
                 found.append(proc)
         except (psutil.Error, ProcessLookupError):
             pass
@@ -193,7 +198,7 @@ def test_sigkill_driver_repeatedly_and_a_trial_process_then_resume_gives_each_ro
     every file whole."""
     import random
 
-    from txlab.store import check_store
+    from txlab.results.store import check_store
 
     rng = random.Random(int(os.environ.get("TXLAB_FAULT_SEED", "9")))
     store = tmp_path / "store"
@@ -206,8 +211,9 @@ def test_sigkill_driver_repeatedly_and_a_trial_process_then_resume_gives_each_ro
         before = len(row_files(store))
         if before + 3 > total:
             break  # leave trials for the last run
-        driver = subprocess.Popen(cmd, env=txlab_env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL, start_new_session=True)
+        driver = subprocess.Popen(
+            cmd, env=txlab_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         try:
             t0 = time.monotonic()
             if round_ == 0:  # a random moment from the start: Ray starting, the first trials running
@@ -231,8 +237,15 @@ def test_sigkill_driver_repeatedly_and_a_trial_process_then_resume_gives_each_ro
     kept = row_files(store)
     assert len(kept) <= total - 2
 
-    driver = subprocess.Popen(cmd, env=txlab_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, start_new_session=True)
+    driver = subprocess.Popen(
+        cmd,
+        env=txlab_env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         victim = None
         deadline = time.monotonic() + 240
@@ -270,10 +283,17 @@ def test_dead_trial_actor_is_retried_by_tune(tmp_path):
     store = tmp_path / "store"
     base = {"model": {"n_layers": 2, "d_model": 64}, "workload": {"steps": 40, "warmup_steps": 0, "seq_len": 256}}
     spec = tmp_path / "t.yaml"
-    spec.write_text(yaml.safe_dump({"name": "t", "base": base, "grid": {"seed": [1]}, "max_failures": 1, "precheck": False}))
+    spec.write_text(
+        yaml.safe_dump({"name": "t", "base": base, "grid": {"seed": [1]}, "max_failures": 1, "precheck": False})
+    )
     driver = subprocess.Popen(
-        [sys.executable, "-m", "txlab.cli", "sweep", str(spec), "--store", str(store)], env=txlab_env(), cwd=REPO,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [sys.executable, "-m", "txlab.cli", "sweep", str(spec), "--store", str(store)],
+        env=txlab_env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         trial_proc = None
@@ -281,7 +301,7 @@ def test_dead_trial_actor_is_retried_by_tune(tmp_path):
         while trial_proc is None and time.monotonic() < deadline:
             for proc in psutil.process_iter(["cmdline"]):
                 try:
-                    if os.getsid(proc.pid) == driver.pid and "sweeps.worker" in (proc.info["cmdline"] or []):
+                    if os.getsid(proc.pid) == driver.pid and "txlab.sweeps.worker" in (proc.info["cmdline"] or []):
                         trial_proc = proc
                 except (psutil.Error, ProcessLookupError):
                     pass

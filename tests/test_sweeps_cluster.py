@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from tests.test_sweeps import kill_session
-from txlab.store import Store
+from txlab.results.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -43,7 +43,9 @@ class LocalCluster:
     def __init__(self, root: str):
         self.root = root  # short: Ray's socket paths live under it
         self.env = dict(
-            os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0",
+            os.environ,
+            RAY_AUTH_MODE="token",
+            RAY_USAGE_STATS_ENABLED="0",
             PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         )
         self.env.pop("RAY_ADDRESS", None)
@@ -53,16 +55,31 @@ class LocalCluster:
     def _start(self, name: str, head: bool, worker_ports: int) -> None:
         nm, om, al, ag, re_, me = free_ports(6)
         cmd = [
-            RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
-            f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--dashboard-agent-listen-port={al}",
-            f"--dashboard-agent-grpc-port={ag}", f"--runtime-env-agent-port={re_}", f"--metrics-export-port={me}",
-            f"--min-worker-port={worker_ports}", f"--max-worker-port={worker_ports + 199}",
-            f"--temp-dir={self.root}/{name}", "--disable-usage-stats",
+            RAY,
+            "start",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=1",
+            "--num-gpus=0",
+            f"--node-manager-port={nm}",
+            f"--object-manager-port={om}",
+            f"--dashboard-agent-listen-port={al}",
+            f"--dashboard-agent-grpc-port={ag}",
+            f"--runtime-env-agent-port={re_}",
+            f"--metrics-export-port={me}",
+            f"--min-worker-port={worker_ports}",
+            f"--max-worker-port={worker_ports + 199}",
+            f"--temp-dir={self.root}/{name}",
+            "--disable-usage-stats",
         ]
         if head:
             cmd += [
-                "--head", f"--port={self.gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={self.client_port}",
+                "--head",
+                f"--port={self.gcs_port}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={self.client_port}",
             ]
         else:
             cmd += [f"--address=127.0.0.1:{self.gcs_port}"]
@@ -79,7 +96,7 @@ class LocalCluster:
             time.sleep(0.3)
         raise RuntimeError(f"ray start ({name}) did not come up:\n{text[-3000:]}")
 
-    def start(self) -> "LocalCluster":
+    def start(self) -> LocalCluster:
         # Each node its own temp dir: two nodes sharing one would garbage-collect each other's
         # runtime-env files (the job's working dir) on this single machine.
         self._start("head", head=True, worker_ports=23000)
@@ -120,18 +137,22 @@ def test_job_submit_sweep_on_two_nodes_survives_a_lost_worker(cluster, tmp_path)
     """Rows from both nodes; then the worker node is stopped (every process of it SIGKILLed) while it runs a
     trial: Tune retries that trial on the head and the store ends complete, each trial once."""
     from tests.test_sweeps import trial_processes
-    from txlab.store import check_store
+    from txlab.results.store import check_store
 
     spec = tmp_path / "two_nodes.yaml"
     lengths = [64, 96, 128, 160, 192, 224]
-    spec.write_text(yaml.safe_dump({
-        "name": "two_nodes",
-        "base": {"model": {"n_layers": 2, "d_model": 64}, "workload": {"steps": 1, "warmup_steps": 0}},
-        "grid": {"workload.seq_len": lengths},
-        "resources": {"cpu": 1},
-        "max_failures": 3,
-        "precheck": False,  # the Ray machinery is under test here, not the estimator
-    }))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "two_nodes",
+                "base": {"model": {"n_layers": 2, "d_model": 64}, "workload": {"steps": 1, "warmup_steps": 0}},
+                "grid": {"workload.seq_len": lengths},
+                "resources": {"cpu": 1},
+                "max_failures": 3,
+                "precheck": False,  # the Ray machinery is under test here, not the estimator
+            }
+        )
+    )
     store = tmp_path / "store"
     job_id = "txlab-two-nodes"
     job = cluster.submit("txlab", "sweep", str(spec), "--store", str(store), no_wait=job_id)
@@ -141,7 +162,11 @@ def test_job_submit_sweep_on_two_nodes_survives_a_lost_worker(cluster, tmp_path)
     stopped_while_running = False
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        nodes = {r["node_id"] for r in Store.open(str(store)).read().to_pylist()} if (store / "_txlab_store.json").exists() else set()
+        nodes = (
+            {r["node_id"] for r in Store.open(str(store)).read().to_pylist()}
+            if (store / "_txlab_store.json").exists()
+            else set()
+        )
         if len(nodes) == 2 and trial_processes(worker_session):
             kill_session(worker_session)  # the worker node: raylet, its workers, the trial process
             stopped_while_running = True

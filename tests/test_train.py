@@ -5,12 +5,12 @@ import math
 
 import pytest
 import torch
-
 from conftest_data import cfg, one_thread  # noqa: F401 - fixture
-from txlab import train as train_mod
+
 from txlab.config import ConfigError, TrainConfig
-from txlab.model import GPT
-from txlab.train import lr_at, make_adamw, train
+from txlab.model.gpt import GPT
+from txlab.train import loop as train_mod
+from txlab.train.loop import lr_at, make_adamw, train
 
 
 def _curve(result) -> list[float]:
@@ -33,7 +33,9 @@ def test_weight_decay_on_matrices_only():
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in decayed}
     assert names and all(n.endswith("weight") and ("qkv" in n or "proj" in n or "fc" in n) for n in names)
-    assert not any(id(p) in decayed for p in (model.wte.weight, model.wpe.weight, model.norm_f.weight, model.blocks[0].mlp.fc.bias))
+    assert not any(
+        id(p) in decayed for p in (model.wte.weight, model.wpe.weight, model.norm_f.weight, model.blocks[0].mlp.fc.bias)
+    )
     assert opt.param_groups[1]["weight_decay"] == 0.0 and opt.param_groups[0]["weight_decay"] == 0.1
 
 
@@ -50,11 +52,24 @@ def test_a_short_run_learns_real_text(tmp_path):
 
 
 def test_memorises_a_handful_of_short_sequences(tmp_path):
-    lines = ["the cat sat on the mat.", "a stitch in time saves nine.", "all that glitters is not gold.",
-             "to be or not to be, that is the question."]
+    lines = [
+        "the cat sat on the mat.",
+        "a stitch in time saves nine.",
+        "all that glitters is not gold.",
+        "to be or not to be, that is the question.",
+    ]
     (tmp_path / "m.txt").write_text("\n".join(lines))
-    c = cfg(data__source=f"text:{tmp_path}/m.txt", data__val_fraction=0.0, workload__seq_len=32, workload__batch_size=4,
-            train__steps=150, train__warmup=10, train__lr=3e-3, train__min_lr=3e-4, train__weight_decay=0.0)
+    c = cfg(
+        data__source=f"text:{tmp_path}/m.txt",
+        data__val_fraction=0.0,
+        workload__seq_len=32,
+        workload__batch_size=4,
+        train__steps=150,
+        train__warmup=10,
+        train__lr=3e-3,
+        train__min_lr=3e-4,
+        train__weight_decay=0.0,
+    )
     r = train(c, tmp_path / "run", progress=False)
     assert r.first_eval["accuracy"] < 0.2 and r.last_eval["accuracy"] >= 0.9, r.last_eval
 
@@ -67,22 +82,35 @@ def test_a_resumed_run_continues_the_same_loss_curve(tmp_path):
     second = train(c, tmp_path / "b", progress=False)
     assert second.status == "done" and second.step == 8
     assert _curve(first) + _curve(second) == straight  # bit for bit: weights, AdamW, data position, dropout RNG
-    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
-             if json.loads(x)["split"] == "train"]
+    steps = [
+        json.loads(x)["step"]
+        for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(x)["split"] == "train"
+    ]
     assert steps == list(range(1, 9))
-    evals = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
-             if json.loads(x)["split"] == "val"]
+    evals = [
+        json.loads(x)["step"]
+        for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(x)["split"] == "val"
+    ]
     assert evals == [0, 4, 8]  # the resumed run does not evaluate step 4 twice
     with pytest.raises(ConfigError, match="holds a run of a different config"):
         train(cfg(data__source="corpus", train__steps=8, train__lr=1e-3), tmp_path / "b", progress=False)
 
 
-@pytest.mark.parametrize("policy", [{"policy.name": "checkpoint"},
-                                    {"policy.name": "recompute", "policy.q_chunk": 16, "policy.k_chunk": 16, "policy.loss_chunk": 32}])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        {"policy.name": "checkpoint"},
+        {"policy.name": "recompute", "policy.q_chunk": 16, "policy.k_chunk": 16, "policy.loss_chunk": 32},
+    ],
+)
 def test_every_memory_policy_trains_the_same_curve(tmp_path, policy):
     base = dict(data__source="corpus", train__steps=6, train__warmup=2, train__lr=3e-3)
     ref = _curve(train(cfg(**base), tmp_path / "sdpa", progress=False))
-    got = _curve(train(cfg(**base, **{k.replace(".", "__"): v for k, v in policy.items()}), tmp_path / "p", progress=False))
+    got = _curve(
+        train(cfg(**base, **{k.replace(".", "__"): v for k, v in policy.items()}), tmp_path / "p", progress=False)
+    )
     assert got == pytest.approx(ref, rel=1e-5, abs=1e-5) and ref[-1] < ref[0]
 
 
@@ -104,6 +132,7 @@ def test_a_non_finite_loss_stops_the_run_without_stepping(tmp_path, monkeypatch)
             calls["n"] += 1
             loss = loss_fn(hidden, weight, targets)
             return loss * float("nan") if calls["n"] == 3 else loss
+
         return fn
 
     monkeypatch.setattr(train_mod, "apply_policy", poisoned)

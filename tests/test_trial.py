@@ -5,12 +5,19 @@ import math
 import pytest
 import torch
 
-from txlab.columns import column_names
 from txlab.config import load_config
-from txlab.trial import run_trial
+from txlab.measure.trial import run_trial
+from txlab.results.columns import column_names
 
-SMALL = {"model.n_layers": 2, "model.d_model": 64, "model.n_heads": 4, "model.vocab_size": 64,
-         "workload.steps": 1, "workload.warmup_steps": 0, "measure.device": "cpu"}
+SMALL = {
+    "model.n_layers": 2,
+    "model.d_model": 64,
+    "model.n_heads": 4,
+    "model.vocab_size": 64,
+    "workload.steps": 1,
+    "workload.warmup_steps": 0,
+    "measure.device": "cpu",
+}
 
 
 def trial(**over):
@@ -47,8 +54,13 @@ def test_math_attention_activations_grow_quadratically():
     assert _exponent({"policy.name": "naive"}) > 1.6
 
 
-@pytest.mark.parametrize("policy", [{"policy.name": "sdpa"},
-                                    {"policy.name": "custom", "policy.attention": "chunked", "policy.q_chunk": 64, "policy.k_chunk": 64}])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        {"policy.name": "sdpa"},
+        {"policy.name": "custom", "policy.attention": "chunked", "policy.q_chunk": 64, "policy.k_chunk": 64},
+    ],
+)
 def test_fused_and_chunked_activations_grow_linearly(policy):
     assert 0.8 < _exponent(policy) < 1.2
 
@@ -69,13 +81,14 @@ def test_over_budget_on_cpu_stops_early():
 
 
 def test_oom_is_a_status_and_the_process_stays_usable(monkeypatch):
-    import txlab.trial as trial_mod
+    import txlab.measure.step as trial_mod
 
     real = trial_mod.make_step
 
     def exploding_step(*args, **kwargs):
         def step(x, y):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
         return step
 
     monkeypatch.setattr(trial_mod, "make_step", exploding_step)
@@ -86,11 +99,14 @@ def test_oom_is_a_status_and_the_process_stays_usable(monkeypatch):
 
 
 def test_cpu_allocation_failure_is_oom(monkeypatch):
-    import txlab.trial as trial_mod
+    import txlab.measure.step as trial_mod
 
     def failing_step(*args, **kwargs):
         def step(x, y):
-            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes")
+            raise RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes"
+            )
+
         return step
 
     monkeypatch.setattr(trial_mod, "make_step", failing_step)
@@ -98,7 +114,7 @@ def test_cpu_allocation_failure_is_oom(monkeypatch):
 
 
 def test_unexpected_failure_is_an_error_row(monkeypatch):
-    import txlab.trial as trial_mod
+    import txlab.measure.step as trial_mod
 
     monkeypatch.setattr(trial_mod, "apply_policy", lambda *a: (_ for _ in ()).throw(ValueError("boom")))
     row = trial(**{"workload__seq_len": 64})
@@ -113,9 +129,20 @@ def test_bf16_autocast_runs_on_cpu():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_budget_is_a_real_cap():
-    row = run_trial(load_config(None, {"model.size": "gpt2-small", "workload.seq_len": 8192, "policy.name": "naive",
-                                       "workload.steps": 1, "workload.warmup_steps": 0, "measure.device": "cuda",
-                                       "measure.budget_gib": 2}))
+    row = run_trial(
+        load_config(
+            None,
+            {
+                "model.size": "gpt2-small",
+                "workload.seq_len": 8192,
+                "policy.name": "naive",
+                "workload.steps": 1,
+                "workload.warmup_steps": 0,
+                "measure.device": "cuda",
+                "measure.budget_gib": 2,
+            },
+        )
+    )
     assert row["status"] == "oom"
     after = run_trial(load_config(None, {**SMALL, "workload.seq_len": 256, "measure.device": "cuda"}))
     assert after["status"] == "ok" and after["reserved_bytes"] >= after["peak_bytes"] > 0

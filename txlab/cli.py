@@ -1,17 +1,18 @@
-"""`txlab` command line: the one place that knows txlab, sweeps and analysis.
+"""`txlab` command line: the one place that knows the core, `txlab.sweeps` and `txlab.analysis`.
 
-Sweeps (Ray) and analysis (seaborn) are imported lazily, so `txlab run` starts without loading them.
+Each command imports what it needs inside its handler (ordinary imports a reader and a tool can follow):
+sweeps (Ray) and analysis (seaborn) load only for their commands, and torch only once the input is
+known to be good, so `txlab run` with a bad key fails in a fraction of a second.
 Exit codes: 0 done; 1 the work ran and failed; 2 bad input (one line on stderr, no traceback).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import traceback
-from typing import Callable, Sequence
+from collections.abc import Sequence
 
 from txlab.config import ConfigError
 
@@ -27,7 +28,11 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_set(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config key, e.g. --set workload.seq_len=2048 (repeatable)",
     )
 
@@ -42,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.add_argument("--store", help="append the row to this store (directory or URI)")
     p.add_argument("--json", action="store_true", help="print the row as JSON")
-    p.set_defaults(handler="txlab.cli:cmd_run")
+    p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("sweep", help="run a sweep spec's grid through Ray Tune")
     p.add_argument("spec", help="sweep spec YAML")
@@ -50,38 +55,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--dry-run", action="store_true", help="validate every trial config, print counts, run nothing")
     p.add_argument("--rerun-failed", action="store_true", help="also rerun trials stored with status error")
-    p.set_defaults(handler="sweeps.cli:cmd_sweep")
+    p.set_defaults(handler=cmd_sweep)
 
     p = sub.add_parser("rerun", help="rerun one stored trial locally (no Ray) and compare")
     p.add_argument("--store", required=True, help="result store (directory or URI)")
     p.add_argument("--trial", required=True, help="trial key")
     _add_set(p)
-    p.set_defaults(handler="sweeps.cli:cmd_rerun")
+    p.set_defaults(handler=cmd_rerun)
 
     p = sub.add_parser("plot", help="memory-vs-length, frontier and trade-off plots of a store")
     p.add_argument("--store", required=True)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--budget-gib", type=float, nargs="+", help="budgets to draw (default: those in the store)")
-    p.set_defaults(handler="analysis.cli:cmd_plot")
+    p.set_defaults(handler=cmd_plot)
 
     p = sub.add_parser("report", help="one document with the plots and tables of a store")
     p.add_argument("--store", required=True)
     p.add_argument("--out", required=True, help="report.html or report.md")
     p.add_argument("--budget-gib", type=float, nargs="+", help="budgets to draw (default: those in the store)")
-    p.set_defaults(handler="analysis.cli:cmd_report")
+    p.set_defaults(handler=cmd_report)
 
     p = sub.add_parser("estimate", help="predict a trial's peak memory on fake tensors, without running it")
     p.add_argument("config")
     _add_set(p)
     p.add_argument("--capacity-gib", type=float, help="device memory to check the prediction against, GiB (2^30 bytes)")
     p.add_argument("--json", action="store_true", help="print the row as JSON")
-    p.set_defaults(handler="txlab.estimate:cmd_estimate")
+    p.set_defaults(handler=cmd_estimate)
 
     p = sub.add_parser("train", help="a full training run: evaluation, checkpoints, resume (docs/training.md)")
     p.add_argument("config", help="trial config YAML (its train: section sets the schedule)")
     _add_set(p)
-    p.add_argument("--out", help="run directory (default: train.out_dir, else runs/<trial key>); resumes from its checkpoint")
-    p.set_defaults(handler="txlab.cli:cmd_train")
+    p.add_argument(
+        "--out", help="run directory (default: train.out_dir, else runs/<trial key>); resumes from its checkpoint"
+    )
+    p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("generate", help="sample from a trained checkpoint")
     p.add_argument("--checkpoint", required=True, help="a run directory or its checkpoint.pt")
@@ -91,39 +98,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, help="sample from the smallest set of tokens holding this probability")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(handler="txlab.cli:cmd_generate")
+    p.set_defaults(handler=cmd_generate)
     return parser
-
-
-def _resolve(handler: str) -> Callable[[argparse.Namespace], int]:
-    module, func = handler.split(":")
-    return getattr(importlib.import_module(module), func)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from txlab.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    from txlab.train import train  # imports torch: only once the config is known to be good
+    from txlab.train.loop import train
 
     r = train(cfg, args.out, progress=True)
     e, first = r.last_eval or {}, r.first_eval or {}
     print(f"{r.status} at step {r.step}/{cfg.train.steps}" + (f": {r.message}" if r.message else ""))
     if e:
         bpb = e.get("bits_per_byte")
-        print(f"held-out: loss {first.get('loss', float('nan')):.4f} -> {e['loss']:.4f}"
-              + (f", bits/byte {first['bits_per_byte']:.4f} -> {bpb:.4f}" if bpb is not None else "")
-              + (f" (unigram baseline {r.unigram_bits_per_byte:.4f})" if r.unigram_bits_per_byte is not None else "")
-              + f", accuracy {100 * e['accuracy']:.1f}%")
+        print(
+            f"held-out: loss {first.get('loss', float('nan')):.4f} -> {e['loss']:.4f}"
+            + (f", bits/byte {first['bits_per_byte']:.4f} -> {bpb:.4f}" if bpb is not None else "")
+            + (f" (unigram baseline {r.unigram_bits_per_byte:.4f})" if r.unigram_bits_per_byte is not None else "")
+            + f", accuracy {100 * e['accuracy']:.1f}%"
+        )
     print(f"run directory {r.out_dir} (config.yaml, metrics.jsonl, checkpoint.pt)")
     return 1 if r.status == "diverged" else 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from txlab.generate import check_sampling, generate
+    from txlab.train.generate import check_sampling, generate
 
     check_sampling(args)
-    text = generate(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    text = generate(
+        args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed
+    )
     print(args.prompt + text)
     return 0
 
@@ -134,11 +140,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     store = None
     if args.store:
-        from txlab.store import Store
+        from txlab.results.store import Store
 
         store = Store.open(args.store, create=True)  # fail on a bad store before any work
-    from txlab.report import format_row
-    from txlab.trial import run_trial  # imports torch: only once the input is known to be good
+    from txlab.measure.trial import run_trial
+    from txlab.results.format import format_row
 
     row = run_trial(cfg, progress=not args.json)
     write_error = None
@@ -159,6 +165,61 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if row["status"] == "error" else 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from txlab.sweeps.cli import cmd_sweep as sweep  # Ray: only for this command
+
+    return sweep(args)
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    from txlab.sweeps.cli import cmd_rerun as rerun
+
+    return rerun(args)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from txlab.analysis.cli import cmd_plot as plot  # seaborn: only for this command
+
+    return plot(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from txlab.analysis.cli import cmd_report as report
+
+    return report(args)
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """`txlab estimate CONFIG [--set ...] [--capacity-gib N] [--json]`."""
+    from txlab.config import load_config
+    from txlab.measure.budget import GiB
+    from txlab.measure.estimate import estimate_trial  # imports torch: only once the input is good
+    from txlab.results.format import format_row
+
+    cfg = load_config(args.config, args.overrides)
+    if args.capacity_gib is not None and not args.capacity_gib > 0:
+        raise ConfigError(f"--capacity-gib: must be > 0, got {args.capacity_gib}")
+    capacity = None if args.capacity_gib is None else int(args.capacity_gib * GiB)
+    row = estimate_trial(cfg, capacity_bytes=capacity)
+    if args.json:
+        print(json.dumps(row, default=str))
+    else:
+        print("estimate (fake tensors, nothing run; figures are predictions)")
+        print(format_row(row))
+        if row.get("formula_activation_bytes") is not None:
+            print(
+                f"formula   Korthikanti et al. 2022 activations {row['formula_activation_bytes'] / GiB:.3f} GiB"
+                f"  (estimated {row['activations_bytes'] / GiB:.3f} GiB)"
+                if row.get("activations_bytes") is not None
+                else ""
+            )
+        if row.get("plan"):
+            print(f"plan      {row['plan']}")
+        if capacity is not None:
+            print(f"capacity  {capacity / GiB:g} GiB: {'fits' if row['status'] == 'ok' else row['status']}")
+    return 1 if row["status"] == "error" else 0
+
+
 def _one_line(message: str, limit: int = 1000) -> str:
     """Bad input is reported in one line of bounded length, whatever value the input held."""
     message = " ".join(message.split())
@@ -170,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
-        return int(_resolve(args.handler)(args) or 0)
+        return int(args.handler(args) or 0)
     except ConfigError as e:
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
@@ -183,7 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         else:
-            print(f"internal error: {e.__class__.__name__}: {_one_line(str(e), 500)} (rerun with --debug for the traceback)", file=sys.stderr)
+            print(
+                f"internal error: {e.__class__.__name__}: {_one_line(str(e), 500)} (rerun with --debug for the traceback)",
+                file=sys.stderr,
+            )
         return 1
 
 

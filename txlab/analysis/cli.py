@@ -1,0 +1,80 @@
+"""`txlab plot` and `txlab report` (dispatched lazily from txlab.cli)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from txlab.analysis.data import AnalysisError, budgets_of, prepare, require_rows
+
+
+def write_plots(source, out: str | Path, budgets=None, echo=print) -> dict[str, list[Path]]:
+    """Every plot (PNG + SVG) and the frontier tables (CSV + Markdown) into `out`; returns name -> files.
+
+    Plots a store cannot show (e.g. no chunked attention) are skipped with a printed reason.
+    """
+    import matplotlib.pyplot as plt
+
+    from txlab.analysis.frontier import frontier, frontier_markdown, versus_baseline
+    from txlab.analysis.plots import PLOTS, SKIPPED, TAKES_BUDGETS
+
+    df = prepare(source)
+    require_rows(df, str(source) if not hasattr(source, "columns") else "data")
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AnalysisError(f"{out}: cannot create output directory ({e.strerror})") from None
+    budgets, where = budgets_of(df, budgets)
+    if where in ("device capacity", "none"):
+        echo(
+            f"note: no measure.budget_gib in the store and no --budget-gib; budgets: {where}"
+            + (f" ({', '.join(f'{b:g}' for b in budgets)} GiB)" if budgets else "")
+        )
+    written: dict[str, list[Path]] = {}
+    for name, fn in PLOTS.items():
+        SKIPPED.pop(name, None)
+        fig = fn(df, budgets) if name in TAKES_BUDGETS else fn(df)
+        if fig is None:
+            echo(f"skipped {name}: {SKIPPED.get(name, 'nothing to draw')}")
+            continue
+        paths = [out / f"{name}.png", out / f"{name}.svg"]
+        fig.savefig(paths[0], dpi=130, bbox_inches="tight")
+        fig.savefig(paths[1], bbox_inches="tight")
+        plt.close(fig)
+        written[name] = paths
+    fr, vs = frontier(df, budgets), versus_baseline(df)
+    tables = {
+        "frontier": out / "frontier.csv",
+        "versus_baseline": out / "versus_baseline.csv",
+        "frontier_md": out / "frontier.md",
+    }
+    fr.to_csv(tables["frontier"], index=False)
+    vs.to_csv(tables["versus_baseline"], index=False)
+    tables["frontier_md"].write_text(frontier_markdown(fr, vs, where))
+    written["tables"] = list(tables.values())
+    for paths in written.values():
+        for p in paths:
+            echo(f"wrote {p}")
+    return written
+
+
+def _check_budgets(budgets) -> None:
+    for b in budgets or []:
+        if not b > 0 or b == float("inf"):
+            raise AnalysisError(f"--budget-gib: must be > 0 and finite, got {b}")
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    _check_budgets(args.budget_gib)
+    write_plots(args.store, args.out, args.budget_gib)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from txlab.analysis.report import write_report
+
+    _check_budgets(getattr(args, "budget_gib", None))
+    path = write_report(args.store, args.out, getattr(args, "budget_gib", None))
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,299 @@
+"""Feasibility frontiers and the comparison against the fused-attention baseline, as tables.
+
+Feasible (DESIGN.md): `status == "ok"` and `peak_bytes <= budget_gib * 2**30`. Everything else is not:
+`oom`, `over_budget`, `error`, and an ok trial whose peak is over the budget asked.
+
+The frontier of one experiment (a `group`, see `analysis.data`) at one budget is the longest sequence
+length with a feasible row, over all chunk settings tried at that length. Each experiment gets a
+`measured` frontier from its measured rows and, when it has estimated rows (`measured == false`), an
+`estimated` frontier from measured and estimated rows together (estimates extend a measurement to
+lengths too costly to run; `point_estimated` says whether the frontier point itself is an estimate).
+Error rows are not evidence either way: they
+are left out of "lengths tried" and listed by the report instead.
+
+Inference rows (`workload.kind` prefill / decode) are experiments of their own (the kind is part of
+the group); for decode the frontier is the longest prompt (`seq_len`) that still fits with its
+`decode_tokens` generated: the longest context that fits the budget. Their baseline is the baseline
+policy with `policy.kv: cache`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+
+from txlab.analysis.data import (
+    BASELINES,
+    GIB,
+    KV,
+    POLICY,
+    Source,
+    budgets_of,
+    is_inference,
+    policy_order,
+    prepare,
+    setting_keys,
+)
+
+FRONTIER_COLUMNS = [
+    "setting",
+    "policy",
+    "depth",
+    "budget_gib",
+    "basis",
+    "longest_feasible_seq_len",
+    "label",
+    "point_estimated",
+    "fits_at_longest_tried",
+    "shortest_tried",
+    "longest_tried",
+    "n_trials",
+    "peak_gib_at_frontier",
+    "q_chunk",
+    "k_chunk",
+    "device",
+]
+
+
+def frontier_label(longest, shortest_tried, longest_tried) -> str:
+    """'2048'; '32768+' when the longest length tried still fits; 'infeasible at 256' (never 0)."""
+    if pd.isna(shortest_tried):
+        return "no valid trials"
+    if pd.isna(longest):
+        return f"infeasible at {int(shortest_tried)}"
+    return f"{int(longest)}+" if longest == longest_tried else str(int(longest))
+
+
+def feasible_mask(df: pd.DataFrame, budget_gib: float) -> pd.Series:
+    peak = pd.to_numeric(df["peak_bytes"], errors="coerce")
+    return (df["status"] == "ok") & peak.notna() & (peak <= budget_gib * GIB)
+
+
+def frontier(source: Source, budgets: Iterable[float] | None = None) -> pd.DataFrame:
+    """One row per (group, basis, budget): the longest feasible seq_len and how it was reached.
+
+    `budgets` in GiB; default: the budgets in the store (else device capacities, see `budgets_of`).
+    Columns: FRONTIER_COLUMNS plus each varying setting key (e.g. `model.size`) so the CSV is
+    self-describing. `longest_feasible_seq_len` is null (never 0) when even the shortest length fails.
+    """
+    df = prepare(source)
+    budgets, _ = budgets_of(df, budgets) if not df.empty else ([], "none")
+    skeys = setting_keys(df) if not df.empty else []
+    out_cols = FRONTIER_COLUMNS + skeys
+    valid = df[df["status"] != "error"]
+    if valid.empty or not budgets:
+        return pd.DataFrame(columns=out_cols)
+    rows = []
+    for _, grp in valid.groupby("group", sort=False):
+        bases = []
+        if (grp["basis"] == "measured").any():
+            bases.append(("measured", grp[grp["basis"] == "measured"]))
+        if (grp["basis"] == "estimated").any():
+            bases.append(("estimated", grp))  # estimates extend what was measured
+        for basis, g in bases:
+            rows += _frontier_rows(g, basis, budgets, skeys)
+    out = pd.DataFrame(rows, columns=out_cols)
+    for c in ("depth", "longest_feasible_seq_len", "shortest_tried", "longest_tried", "q_chunk", "k_chunk"):
+        out[c] = pd.to_numeric(out[c]).astype("Int64")
+    order = {p: i for i, p in enumerate(policy_order(out["policy"]))}
+    out = out.sort_values(
+        ["setting", "budget_gib", "depth", "policy", "basis"],
+        key=lambda s: s.map(order) if s.name == "policy" else s,
+    )
+    return out.reset_index(drop=True)
+
+
+def _frontier_rows(g: pd.DataFrame, basis: str, budgets: list[float], skeys: list[str]) -> list[dict]:
+    first = g.iloc[0]
+    rows = []
+    for b in budgets:
+        fe = g[feasible_mask(g, b)]
+        longest = fe["seq_len"].max() if len(fe) else pd.NA
+        best = None
+        if len(fe):
+            at = fe[fe["seq_len"] == longest]
+            at = at[at["basis"] == "measured"] if (at["basis"] == "measured").any() else at
+            best = at.loc[pd.to_numeric(at["peak_bytes"]).idxmin()]
+        chunked = best is not None and best["policy.attention"] == "chunked"
+        rows.append(
+            {
+                "setting": first["setting"],
+                "policy": first["policy"],
+                "depth": first["depth"],
+                "budget_gib": b,
+                "basis": basis,
+                "longest_feasible_seq_len": longest,
+                "label": frontier_label(longest, g["seq_len"].min(), g["seq_len"].max()),
+                "point_estimated": best is not None and best["basis"] == "estimated",
+                "fits_at_longest_tried": bool(len(fe)) and longest == g["seq_len"].max(),
+                "shortest_tried": g["seq_len"].min(),
+                "longest_tried": g["seq_len"].max(),
+                "n_trials": len(g),
+                "peak_gib_at_frontier": float(best["peak_bytes"]) / GIB if best is not None else np.nan,
+                "q_chunk": best["policy.q_chunk"] if chunked else pd.NA,
+                "k_chunk": best["policy.k_chunk"] if chunked else pd.NA,
+                "device": first["device"],
+                **{k: first[k] for k in skeys},
+            }
+        )
+    return rows
+
+
+def baseline_name(df: pd.DataFrame) -> str | None:
+    """The policy overheads are measured against: sdpa if the store has it, else naive, else none."""
+    names = set(df[POLICY].dropna())
+    return next((b for b in BASELINES if b in names), None)
+
+
+def is_baseline(df: pd.DataFrame, base: str | None) -> pd.Series:
+    """Rows of the baseline policy: its preset name, and on prefill/decode rows the full KV cache."""
+    return (df[POLICY] == base) & (~is_inference(df) | (df[KV] == "cache"))
+
+
+def best_ok(df: pd.DataFrame) -> pd.DataFrame:
+    """Measured ok rows, one per (group, seq_len): the lowest peak when several chunk settings ran."""
+    ok = df[(df["status"] == "ok") & (df["basis"] == "measured") & df["peak_bytes"].notna()].copy()
+    if ok.empty:
+        return ok
+    ok["_peak"] = pd.to_numeric(ok["peak_bytes"])
+    idx = ok.groupby(["group", "seq_len"])["_peak"].idxmin()
+    return ok.loc[idx.values].drop(columns="_peak")
+
+
+def versus_baseline(source: Source) -> pd.DataFrame:
+    """Memory saving and time overhead of each policy against the baseline at every shared shape.
+
+    A shared shape: same experiment except the policy (`shape`), same seq_len, both measured and ok.
+    memory_saving = 1 - peak / baseline peak; time_overhead = step time / baseline step time.
+    For chunked policies the chunk setting with the lowest peak represents the policy.
+    """
+    df = prepare(source)
+    cols = [
+        "setting",
+        "depth",
+        "seq_len",
+        "policy",
+        "baseline",
+        "peak_gib",
+        "baseline_peak_gib",
+        "memory_saving",
+        "step_time_s",
+        "baseline_step_time_s",
+        "time_overhead",
+        "q_chunk",
+        "k_chunk",
+    ]
+    base = baseline_name(df) if not df.empty else None
+    if base is None:
+        return pd.DataFrame(columns=cols)
+    ok = best_ok(df)
+    if ok.empty:
+        return pd.DataFrame(columns=cols)
+    base_rows = is_baseline(ok, base)
+    b = ok[base_rows][["shape", "seq_len", "peak_gib", "step_time_s", "policy"]]
+    # several baseline rows per shape (e.g. a grid over chunk sizes that sdpa ignores): the lowest peak
+    b = b.sort_values("peak_gib").drop_duplicates(["shape", "seq_len"])
+    b = b.rename(columns={"peak_gib": "baseline_peak_gib", "step_time_s": "baseline_step_time_s", "policy": "baseline"})
+    m = ok[~base_rows].merge(b, on=["shape", "seq_len"], how="inner")
+    if m.empty:
+        return pd.DataFrame(columns=cols)
+    m["memory_saving"] = 1 - m["peak_gib"] / m["baseline_peak_gib"]
+    m["time_overhead"] = pd.to_numeric(m["step_time_s"]) / pd.to_numeric(m["baseline_step_time_s"])
+    chunked = m["policy.attention"] == "chunked"
+    m["q_chunk"] = pd.to_numeric(m["policy.q_chunk"].where(chunked)).astype("Int64")
+    m["k_chunk"] = pd.to_numeric(m["policy.k_chunk"].where(chunked)).astype("Int64")
+    order = {p: i for i, p in enumerate(policy_order(m["policy"]))}
+    m = m.sort_values(
+        ["setting", "depth", "seq_len", "policy"], key=lambda s: s.map(order) if s.name == "policy" else s
+    )
+    return m[cols].reset_index(drop=True)
+
+
+# --- Markdown ------------------------------------------------------------------------------------
+
+
+def md_table(df: pd.DataFrame) -> str:
+    """A GitHub Markdown table (no tabulate dependency)."""
+    if df.empty:
+        return "_(none)_\n"
+    cells = [[str(c) for c in df.columns]] + [
+        ["" if pd.isna(v) else str(v) for v in r] for r in df.itertuples(index=False)
+    ]
+    cells = [[c.replace("|", "\\|").replace("\n", " ") for c in r] for r in cells]
+    lines = ["| " + " | ".join(cells[0]) + " |", "|" + "|".join(" --- " for _ in cells[0]) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in cells[1:]]
+    return "\n".join(lines) + "\n"
+
+
+def frontier_pivot(fr: pd.DataFrame) -> pd.DataFrame:
+    """(setting, policy, depth) x budget -> label; an estimated frontier follows as 'est. N'."""
+    if fr.empty:
+        return pd.DataFrame()
+    f = fr.copy()
+    # an estimated frontier is news only where it differs from the measured one
+    key = ["setting", "policy", "depth", "budget_gib"]
+    measured = f[f["basis"] == "measured"].set_index(key)["label"]
+    same = f.set_index(key).index.map(lambda k: measured.get(k)).to_numpy() == f["label"].to_numpy()
+    f = f[(f["basis"] == "measured") | ~same]
+    f["cell"] = np.where(f["basis"] == "estimated", "est. " + f["label"], f["label"])
+    f["budget"] = f["budget_gib"].map(lambda b: f"{b:g} GiB")
+    piv = f.pivot_table(
+        index=["setting", "policy", "depth"],
+        columns="budget",
+        values="cell",
+        aggfunc=lambda s: " / ".join(sorted(s, key=lambda x: x.startswith("est."))),
+        sort=False,
+    )
+    piv = piv[sorted(piv.columns, key=lambda c: float(c.split()[0]))]
+    piv = piv.reset_index()
+    if (piv["setting"] == "").all():
+        piv = piv.drop(columns="setting")
+    piv.columns.name = None
+    return piv
+
+
+def versus_pivot(vs: pd.DataFrame) -> pd.DataFrame:
+    if vs.empty:
+        return pd.DataFrame()
+    v = vs.copy()
+    v["cell"] = [
+        f"{s:+.0%} mem, x{t:.2f} time" if pd.notna(t) else f"{s:+.0%} mem"
+        for s, t in zip(-v["memory_saving"], v["time_overhead"])
+    ]
+    piv = v.pivot_table(
+        index=["setting", "depth", "seq_len"], columns="policy", values="cell", aggfunc="first", sort=False
+    )
+    piv = piv[policy_order(piv.columns)].reset_index()
+    if (piv["setting"] == "").all():
+        piv = piv.drop(columns="setting")
+    piv.columns.name = None
+    return piv
+
+
+def frontier_markdown(fr: pd.DataFrame, vs: pd.DataFrame, budget_source: str = "") -> str:
+    parts = [
+        "## Feasibility frontier: longest feasible sequence length (tokens)\n",
+        "Decode rows: the longest prompt that fits with its generated tokens. "
+        "Feasible: status ok and peak memory <= budget (GiB = 2^30 bytes). `N+`: the longest length tried "
+        "still fits, so the limit lies beyond it. `infeasible at N`: even the shortest length tried does not "
+        "fit. `est.`: from estimated rows (measured = false)."
+        + (f" Budgets from: {budget_source}." if budget_source else "")
+        + "\n",
+        md_table(frontier_pivot(fr)),
+    ]
+    base = ", ".join(dict.fromkeys(vs["baseline"])) if len(vs) else None
+    parts.append(f"\n## Against {base or 'the baseline'} at shared shapes\n")
+    if base:
+        parts.append(
+            f"Peak memory change and step-time ratio of each policy against `{base}` at the same shape "
+            "(both measured, both ok). `-60% mem, x1.30 time`: 60% less memory, 30% slower.\n"
+        )
+    else:
+        parts.append(
+            "No shape was measured (status ok) both under sdpa (or naive) and under another policy, so there is "
+            "nothing to compare. Estimated rows take no part: they have no step times.\n"
+        )
+    parts.append(md_table(versus_pivot(vs)))
+    return "\n".join(parts)

@@ -1,0 +1,14 @@
+"""Bad user input: the one exception the CLI turns into one line and exit 2, and the did-you-mean hint."""
+
+from __future__ import annotations
+
+import difflib
+
+
+class ConfigError(ValueError):
+    """Bad user input: one line naming the key (or path) and what is allowed. The CLI exits 2 on it."""
+
+
+def suggest(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -1,0 +1,154 @@
+"""The typed trial config: defaults < file < overrides, unknown keys and bad values rejected by name.
+
+A config stays a tree of plain dataclasses whose leaves are str/int/float/bool/None, so that it
+flattens to dotted keys (`model.n_layers`) that are at once the `--set` syntax, the sweep grid syntax
+and the Parquet column names. Variants (norm, attention, remat, ...) are strings resolved at build time."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from txlab.config.identity import RUN_ONLY, trial_key
+from txlab.config.tree import flatten
+from txlab.config.validate import validate
+
+# --- the tree -----------------------------------------------------------------------------------
+
+Norm = Literal["layernorm", "rmsnorm"]
+Pos = Literal["learned", "rope"]
+Mlp = Literal["gelu", "swiglu"]
+Quant = Literal["none", "int4"]
+PolicyName = Literal["naive", "sdpa", "checkpoint", "selective", "recompute", "planned", "custom"]
+Attention = Literal["sdpa", "math", "chunked"]
+Remat = Literal["none", "block", "every", "sqrt", "selective", "planned"]
+Loss = Literal["full", "chunked"]
+Kv = Literal["cache", "grouped", "recompute"]
+Kind = Literal["train", "prefill", "decode"]
+Dtype = Literal["fp32", "bf16"]
+
+
+@dataclass
+class ModelConfig:
+    size: str = "debug"  # named preset (MODEL_SIZES) that fills the keys below; explicit keys win
+    n_layers: int = 4  # transformer blocks
+    d_model: int = 256  # residual width
+    n_heads: int = 4  # query heads; must divide d_model
+    n_kv_heads: int = 4  # key/value heads (grouped-query attention when < n_heads); must divide n_heads
+    vocab_size: int = 256  # tokens; 256 matches the byte tokenizer
+    n_positions: int | None = None  # learned position table size; None = workload.seq_len
+    norm: Norm = "layernorm"  # pre-norm flavour
+    pos: Pos = "learned"  # learned absolute positions or rotary embeddings
+    mlp: Mlp = "gelu"  # 4x GELU MLP or SwiGLU (hidden 8/3 x d_model, rounded to 64)
+    dropout: float = 0.0  # on embeddings and residual branches (never on attention probabilities)
+    tie_weights: bool = True  # output projection shares the token embedding
+    quant: Quant = "none"  # int4: weight-only attention/MLP projections, 2 values per byte (prefill/decode only)
+    quant_group: int = 128  # weights per int4 scale (along the input dim); even, divides the projections' input widths
+
+    def mlp_width(self) -> int:
+        """Hidden width of the MLP: 4 d for gelu; 8/3 d rounded up to 64 for swiglu (the parameter count of 4x GELU)."""
+        return 4 * self.d_model if self.mlp == "gelu" else 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+
+@dataclass
+class PolicyConfig:
+    name: PolicyName = "sdpa"  # preset (POLICY_PRESETS) that fills the keys below; explicit keys win
+    attention: Attention = "sdpa"  # fused SDPA, materialized math (reference), or chunked online softmax
+    q_chunk: int = 512  # query tile of chunked attention, tokens
+    k_chunk: int = 512  # key tile of chunked attention, tokens
+    remat: Remat = "none"  # activation recomputation, applied from outside the model
+    remat_every: int = 1  # with remat=every: recompute blocks 0, k, 2k, ...
+    loss: Loss = "full"  # full T x V logits, or projection + cross-entropy per loss_chunk tokens
+    loss_chunk: int = 1024  # tokens per chunk of the chunked loss
+    kv: Kv = "cache"  # prefill/decode: keep K/V (cache; grouped = GQA model) or recompute them from kept layer inputs
+
+
+@dataclass
+class WorkloadConfig:
+    kind: Kind = "train"  # train = forward + backward + AdamW step; prefill = one no-grad forward; decode = prefill + decode_tokens
+    seq_len: int = 1024  # tokens per sequence
+    batch_size: int = 1  # sequences per step
+    steps: int = 3  # timed steps (median step time over these)
+    warmup_steps: int = 1  # untimed steps before measuring
+    dtype: Dtype = "fp32"  # fp32, or bf16 autocast with fp32 master weights
+    compile: bool = False  # torch.compile the blocks
+    decode_tokens: int = 16  # tokens generated one at a time by decode workloads
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic (random tokens), corpus, text:PATH, parquet:PATH, hf:NAME[:CONFIG]
+    tokenizer: str = "bytes"  # bytes (256 values + end-of-text = 257 ids) or hf:NAME_OR_PATH
+    text_column: str = "text"  # column holding the text (parquet: and hf: sources)
+    val_fraction: float = 0.05  # share of documents held out for evaluation; 0 = evaluate on training data
+    workers: int = field(default=0, metadata={RUN_ONLY: True})  # data-loader worker processes (txlab train)
+
+
+@dataclass
+class TrainConfig:
+    """`txlab train` only: the optimizer schedule, evaluation and checkpoints (a trial ignores it)."""
+
+    steps: int = 1000  # optimizer steps
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # learning rate at the end of the cosine decay
+    warmup: int = 100  # steps of linear warm-up from 0 to lr
+    hold: int = 0  # steps at lr after warm-up
+    decay: int | None = None  # steps of cosine decay to min_lr; None = the rest of the run
+    weight_decay: float = 0.1  # AdamW, on weight matrices only (not embeddings, norms, biases)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    grad_accum: int = 1  # micro-batches of workload.batch_size per optimizer step
+    eval_every: int = 100  # steps between evaluations (and one at the end)
+    eval_batches: int = 20  # held-out batches per evaluation
+    log_every: int = field(default=10, metadata={RUN_ONLY: True})  # steps between progress lines
+    checkpoint_every: int = field(
+        default=0, metadata={RUN_ONLY: True}
+    )  # steps between checkpoints; 0 = at the end only
+    out_dir: str | None = field(default=None, metadata={RUN_ONLY: True})  # run directory; None = runs/<trial key>
+    time_limit_s: float | None = field(
+        default=None, metadata={RUN_ONLY: True}
+    )  # stop (with a checkpoint) after this long
+
+
+@dataclass
+class MeasureConfig:
+    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
+    budget_gib: float | None = None  # memory budget in GiB (2^30 bytes); CUDA caps the process at it
+
+
+@dataclass
+class TrialConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0  # seeds weights, data and dropout
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, the form of `--set`, sweep grids and Parquet columns."""
+        return flatten(self.to_dict())
+
+    @property
+    def trial_key(self) -> str:
+        return trial_key(self)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "policy": PolicyConfig,
+    "workload": WorkloadConfig,
+    "data": DataConfig,
+    "measure": MeasureConfig,
+    "train": TrainConfig,
+}

@@ -1,0 +1,178 @@
+"""Cross-field checks of a built config, one function per section, run in `TrialConfig.__post_init__`.
+
+Each failure is one line naming the key(s) and what is allowed (the CLI exits 2 on it). The functions take
+the config (a `txlab.config.schema.TrialConfig`) untyped: the schema imports this module, so this module
+does not import the schema.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from txlab.config.errors import ConfigError
+
+# Not built yet: refused with a clear error instead of being silently ignored (none at the moment).
+NOT_IMPLEMENTED: dict[str, tuple[Any, ...]] = {}
+# Names, or prefixes ending in ':' that take an argument (a path, a hub name).
+DATA_SOURCES = ("synthetic", "corpus", "text:", "parquet:", "hf:")
+TOKENIZERS = ("bytes", "hf:")
+BYTE_VOCAB = 257  # the byte tokenizer's ids: 256 byte values + end-of-text
+
+
+def _positive(key: str, value: int | float | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg) -> None:
+    """Every cross-field check, section by section (the first failure is the one reported)."""
+    _validate_model(cfg.model)
+    _validate_workload(cfg.model, cfg.workload)
+    _validate_policy(cfg.model, cfg.policy, cfg.workload, cfg.measure)
+    _validate_inference(cfg.model, cfg.policy, cfg.workload)
+    _refuse_not_implemented(cfg)
+    _validate_data(cfg.model, cfg.data)
+    _validate_train(cfg.train)
+    _validate_measure(cfg.measure)
+    _positive("seed", cfg.seed, allow_zero=True)
+
+
+def _validate_model(m) -> None:
+    for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "vocab_size", "quant_group"):
+        _positive(f"model.{key}", getattr(m, key))
+    _positive("model.n_positions", m.n_positions)
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.n_heads: must divide model.d_model ({m.d_model} % {m.n_heads} != 0)")
+    if m.n_kv_heads > m.n_heads or m.n_heads % m.n_kv_heads:
+        raise ConfigError(
+            f"model.n_kv_heads: must divide model.n_heads ({m.n_heads} % {m.n_kv_heads} != 0)"
+            if m.n_kv_heads <= m.n_heads
+            else f"model.n_kv_heads: must be <= model.n_heads ({m.n_kv_heads} > {m.n_heads})"
+        )
+    if m.pos == "rope" and (m.d_model // m.n_heads) % 2:
+        raise ConfigError(f"model.pos: rope needs an even head dim (d_model/n_heads = {m.d_model // m.n_heads})")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
+
+
+def _validate_workload(m, w) -> None:
+    for key in ("seq_len", "batch_size", "steps", "decode_tokens"):
+        _positive(f"workload.{key}", getattr(w, key))
+    _positive("workload.warmup_steps", w.warmup_steps, allow_zero=True)
+    if m.pos == "learned" and m.n_positions is not None and w.seq_len > m.n_positions:
+        raise ConfigError(
+            f"workload.seq_len: {w.seq_len} is over model.n_positions ({m.n_positions}); raise model.n_positions or leave it null"
+        )
+
+
+def _validate_policy(m, p, w, ms) -> None:
+    for key in ("q_chunk", "k_chunk", "loss_chunk", "remat_every"):
+        _positive(f"policy.{key}", getattr(p, key))
+    if p.attention == "chunked":
+        for key in ("q_chunk", "k_chunk"):
+            if getattr(p, key) > w.seq_len:
+                raise ConfigError(f"policy.{key}: {getattr(p, key)} is larger than workload.seq_len ({w.seq_len})")
+    if p.loss == "chunked" and p.loss_chunk > w.seq_len:
+        raise ConfigError(f"policy.loss_chunk: {p.loss_chunk} is larger than workload.seq_len ({w.seq_len})")
+    if p.remat == "every" and p.remat_every > m.n_layers:
+        raise ConfigError(f"policy.remat_every: {p.remat_every} is larger than model.n_layers ({m.n_layers})")
+    if p.remat == "planned" and ms.budget_gib is None:
+        raise ConfigError(
+            "policy.remat: 'planned' chooses what to recompute for measure.budget_gib; set measure.budget_gib"
+        )
+    if p.kv == "grouped" and m.n_kv_heads == m.n_heads:
+        raise ConfigError("policy.kv: 'grouped' needs model.n_kv_heads < model.n_heads")
+
+
+def _refuse_not_implemented(cfg) -> None:
+    for key, values in NOT_IMPLEMENTED.items():
+        section, leaf = key.split(".")
+        value = getattr(getattr(cfg, section), leaf)
+        if value in values:
+            raise ConfigError(f"{key}: {value!r} is not implemented yet in this version of txlab")
+
+
+def _validate_data(m, d) -> None:
+    if not _gate_match(d.source, DATA_SOURCES):
+        allowed = "synthetic, corpus, text:PATH, parquet:PATH, hf:NAME[:CONFIG]"
+        raise ConfigError(f"data.source: unknown source {d.source!r}; allowed: {allowed}")
+    if not _gate_match(d.tokenizer, TOKENIZERS):
+        raise ConfigError(f"data.tokenizer: unknown tokenizer {d.tokenizer!r}; allowed: bytes, hf:NAME_OR_PATH")
+    if d.tokenizer == "bytes" and d.source != "synthetic" and m.vocab_size < BYTE_VOCAB:
+        raise ConfigError(
+            f"model.vocab_size: {m.vocab_size} is too small for data.tokenizer 'bytes' on data.source "
+            f"{d.source!r} ({BYTE_VOCAB} ids: 256 byte values + end-of-text); set model.vocab_size >= {BYTE_VOCAB}"
+        )
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
+    _positive("data.workers", d.workers, allow_zero=True)
+
+
+def _validate_train(t) -> None:
+    for key in ("steps", "grad_accum", "eval_every", "eval_batches", "log_every"):
+        _positive(f"train.{key}", getattr(t, key))
+    for key in ("warmup", "hold", "decay", "checkpoint_every"):
+        _positive(f"train.{key}", getattr(t, key), allow_zero=True)
+    for key in ("lr", "time_limit_s"):
+        _positive(f"train.{key}", getattr(t, key))
+    for key in ("min_lr", "weight_decay", "grad_clip"):
+        _positive(f"train.{key}", getattr(t, key), allow_zero=True)
+    if t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr: {t.min_lr} is above train.lr ({t.lr})")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(t, key) < 1.0:
+            raise ConfigError(f"train.{key}: must be in [0, 1), got {getattr(t, key)}")
+
+
+def _validate_measure(ms) -> None:
+    dev = ms.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigError(f"measure.device: unknown device {dev!r}; allowed: auto, cpu, cuda, cuda:N")
+    _positive("measure.budget_gib", ms.budget_gib)
+
+
+def _validate_inference(m, p, w) -> None:
+    inference = w.kind in ("prefill", "decode")
+    if m.quant == "int4":
+        if not inference:
+            raise ConfigError(
+                f"model.quant: 'int4' is inference only (weight-only, no gradients); "
+                f"allowed with workload.kind prefill or decode, got workload.kind {w.kind!r}"
+            )
+        widths = sorted({m.d_model, m.mlp_width()})
+        if m.quant_group % 2 or any(x % m.quant_group for x in widths):
+            raise ConfigError(
+                f"model.quant_group: {m.quant_group} must be even and divide the projections' input "
+                f"widths ({', '.join(map(str, widths))}), e.g. 64 or 128"
+            )
+    if not inference:
+        if p.kv != "cache":
+            raise ConfigError(
+                f"policy.kv: {p.kv!r} applies to workload.kind prefill or decode; "
+                f"with workload.kind {w.kind!r} leave it at 'cache'"
+            )
+        return
+    if p.remat == "planned":
+        raise ConfigError(
+            f"policy.remat: 'planned' plans recomputation for training; "
+            f"workload.kind {w.kind!r} runs no backward (use another policy.name)"
+        )
+    if w.compile:
+        raise ConfigError(f"workload.compile: not supported for workload.kind {w.kind!r}; allowed: false")
+    if (
+        w.kind == "decode"
+        and m.pos == "learned"
+        and m.n_positions is not None
+        and w.seq_len + w.decode_tokens > m.n_positions
+    ):
+        raise ConfigError(
+            f"workload.decode_tokens: seq_len {w.seq_len} + decode_tokens {w.decode_tokens} is over model.n_positions "
+            f"({m.n_positions}); raise model.n_positions or leave it null"
+        )
+
+
+def _gate_match(value: str, allowed: tuple[str, ...]) -> bool:
+    """`value` is one of the names, or a prefix ending in ':' followed by a non-empty argument."""
+    return any(value == a if not a.endswith(":") else (value.startswith(a) and len(value) > len(a)) for a in allowed)

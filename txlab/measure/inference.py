@@ -1,0 +1,205 @@
+"""Long-context inference: prefill and token-by-token decode under a KV policy (`policy.kv`).
+
+The model stays a pure nn.Module; this module runs its submodules (embeddings, each block's norms,
+`attn.qkv`, `attn.proj`, `mlp`, the final norm and `lm_head`) step by step, with positions offset for
+decoding, and keeps whatever the KV policy keeps between steps:
+
+- `cache`: the keys and values of every layer, (B, n_kv_heads, T_max, head_dim) each, allocated once
+  for the whole run (T_max = seq_len, + decode_tokens when decoding), so the cache is never copied.
+- `grouped`: the same cache on a grouped-query model (n_kv_heads < n_heads): it shrinks by the ratio.
+- `recompute`: no keys or values outlive one layer of one step. What is kept is each layer's
+  attention input (the normalized residual stream, (B, T_max, d_model) per layer); a decode step
+  recomputes the keys and values of every past position from it, k_chunk positions at a time, and
+  folds each tile into an online softmax (space-time trade-off attention: the cost of a generated
+  token grows with the context, the memory is one tile).
+
+Prefill runs the attention kernel of `policy.attention` over the whole prompt (`chunked`: q_chunk x
+k_chunk tiles, never a T x T score matrix). Every policy computes the same logits as `cache` (fp32
+tolerance), which the tests hold them to, greedy generations included.
+
+`measure_inference` is the measured trial for `workload.kind` prefill / decode (called by
+`txlab.trial._measure`); it uses the same memory monitor (MemTracker) and timing rules as training."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from txlab.config import TrialConfig
+from txlab.measure.budget import BudgetExceeded, GiB
+from txlab.measure.device import sync
+from txlab.measure.memory import MemoryMonitor, RssWindow
+from txlab.measure.progress import log
+from txlab.model.decode import Inference, context_length
+from txlab.model.gpt import GPT
+from txlab.model.quant import quantize_model, quantized_bytes, weight_bytes
+
+
+def build_model(cfg: TrialConfig, device: torch.device, quant: bool = True) -> GPT:
+    """The trial's model for inference: eval mode, int4 projections when asked. Run it under no_grad
+    (parameters keep requires_grad: torch's memory tracker hooks every parameter's gradient)."""
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg.model, context_length(cfg))
+    if device.type != "cpu":
+        model = model.to(device)
+    model.eval()
+    if quant and cfg.model.quant == "int4":
+        quantize_model(model, cfg.model.quant_group)
+    return model
+
+
+def state_dtype(cfg: TrialConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.workload.dtype == "bf16" else torch.float32
+
+
+# --- the measured trial ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    state: Inference
+    prefill_s: float
+    token_s: list[float]
+
+
+def _run_once(
+    model: GPT, cfg: TrialConfig, prompt: torch.Tensor, device: torch.device, timed: bool, end_step=lambda: None
+) -> _Run:
+    """Prefill, and for decode `decode_tokens` greedy steps; times (device synchronized) when `timed`.
+    `end_step` is called after the prefill and after every step (the monitor's per-forward reset)."""
+    w = cfg.workload
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if w.dtype == "bf16" else nullcontext()
+    with torch.no_grad(), autocast:
+        if timed:
+            sync(device)
+        t0 = time.perf_counter()
+        run = Inference(model, cfg.policy, context_length(cfg), w.batch_size, state_dtype(cfg))
+        hidden = run.prefill(prompt)
+        nxt = run.logits(hidden[:, -1]).argmax(-1)
+        del hidden
+        if timed:
+            sync(device)
+        prefill_s = time.perf_counter() - t0
+        end_step()
+        token_s = []
+        if w.kind == "decode":
+            for _ in range(w.decode_tokens):
+                if timed:
+                    sync(device)
+                t0 = time.perf_counter()
+                nxt = run.logits(run.step(nxt)).argmax(-1)
+                if timed:
+                    sync(device)
+                token_s.append(time.perf_counter() - t0)
+                end_step()
+    return _Run(run, prefill_s, token_s)
+
+
+@torch.no_grad()
+def quant_error(
+    cfg: TrialConfig, model: GPT, prompt: torch.Tensor, device: torch.device, chunk: int = 512
+) -> tuple[float, float]:
+    """Logit relative error and next-token agreement of the int4 model against the same weights at full
+    precision, over every position of `prompt` (the trial's tokens), `chunk` positions of logits at a time."""
+    ref = build_model(cfg, device, quant=False)
+    hq, hr = model(prompt), ref(prompt)  # (B, T, d_model) each
+    diff2 = ref2 = 0.0
+    agree = n = 0
+    for s in range(0, prompt.shape[1], chunk):
+        lq = F.linear(hq[:, s : s + chunk], model.lm_head.weight).float()
+        lr = F.linear(hr[:, s : s + chunk], ref.lm_head.weight).float()
+        diff2 += float(((lq - lr) ** 2).sum())
+        ref2 += float((lr**2).sum())
+        agree += int((lq.argmax(-1) == lr.argmax(-1)).sum())
+        n += lq.shape[0] * lq.shape[1]
+    del ref
+    return math.sqrt(diff2 / ref2), agree / n
+
+
+def measure_inference(cfg: TrialConfig, device: torch.device, row: dict[str, Any], progress: bool, data) -> None:
+    """Fill `row` for a prefill / decode trial: peak memory (KV cache as its own column), times."""
+    from txlab.measure.throughput import flops_per_token, mfu
+
+    m, w = cfg.model, cfg.workload
+    budget = None if cfg.measure.budget_gib is None else int(cfg.measure.budget_gib * GiB)  # CUDA: capped by _measure
+    model = build_model(cfg, device, quant=False)
+    row["n_params"] = model.num_params()
+    row["weight_bytes_fp"] = weight_bytes(model)
+    # model FLOPs of one forward token at the longest context it sees (training's 6N + 12LHQT, over 3)
+    row["flops_per_token"] = (
+        flops_per_token(
+            model.num_non_embedding_params(), m.n_layers, m.n_heads, m.d_model // m.n_heads, context_length(cfg)
+        )
+        / 3
+    )
+    if m.quant == "int4":
+        quantize_model(model, m.quant_group)
+    row["weight_bytes"] = weight_bytes(model)
+    prompt = data.next()[0]  # (B, seq_len)
+
+    with RssWindow() as rss:
+        try:
+            with MemoryMonitor(device, model, None, [prompt], budget) as monitor:
+                r = _run_once(model, cfg, prompt, device, timed=False, end_step=monitor.end_step)
+        except BudgetExceeded as e:
+            row.update(
+                status="over_budget", error=str(e), peak_bytes=e.tracked_bytes, tracked_peak_bytes=e.tracked_bytes
+            )
+            return
+        stats = monitor.stats().as_row()
+        kv, kept = r.state.kv_cache_bytes, r.state.kv_inputs_bytes
+        # The K/V (or kept inputs) are allocated before any compute and live to the end, so all of them
+        # are in the peak; the tracker files them under activations: take the K/V out as their own column.
+        stats["activations_bytes"] = max(0, stats["activations_bytes"] - kv)
+        q = quantized_bytes(
+            model
+        )  # int4 weights are buffers to the tracker (filed under other): count them as parameters
+        stats["params_bytes"] += q
+        stats["other_bytes"] = max(0, stats["other_bytes"] - q)
+        row.update(stats, kv_cache_bytes=kv, kv_inputs_bytes=kept if cfg.policy.kv == "recompute" else None)
+        del r
+        log(progress, f"  measured run: peak {row['peak_bytes'] / GiB:.3f} GiB, KV cache {kv / GiB:.3f} GiB")
+        for i in range(w.warmup_steps):
+            _run_once(model, cfg, prompt, device, timed=False)
+            log(progress, f"  warm-up run {i + 1}/{w.warmup_steps}")
+        prefill_s, token_s = [], []
+        for i in range(w.steps):
+            r = _run_once(model, cfg, prompt, device, timed=True)
+            prefill_s.append(r.prefill_s)
+            token_s += r.token_s
+            del r
+            per_tok = f", {statistics.median(token_s[-w.decode_tokens :]):.4f} s/token" if token_s else ""
+            log(progress, f"  timed run {i + 1}/{w.steps}: prefill {prefill_s[-1]:.3f} s{per_tok}")
+    row["peak_rss_bytes"] = rss.peak if device.type == "cpu" else None
+    row["prefill_time_s"] = statistics.median(prefill_s)
+    if w.kind == "decode":
+        row["time_per_token_s"] = statistics.median(token_s)
+        row["step_time_s"] = row["time_per_token_s"]  # a decode step generates one token (per sequence)
+        row["tokens_per_s"] = w.batch_size / row["time_per_token_s"]
+    else:
+        row["step_time_s"] = row["prefill_time_s"]
+        row["tokens_per_s"] = w.batch_size * w.seq_len / row["prefill_time_s"]
+    row["mfu"] = (
+        mfu(row["flops_per_token"], row["tokens_per_s"], row["device"], w.dtype) if device.type == "cuda" else None
+    )
+    if m.quant == "int4":
+        row["logit_rel_error"], row["next_token_agreement"] = quant_error(cfg, model, prompt, device)
+        log(
+            progress,
+            f"  int4 vs full precision: logit relative error {row['logit_rel_error']:.4f}, "
+            f"next-token agreement {row['next_token_agreement']:.1%}",
+        )
+    if budget is not None and row["peak_bytes"] > budget:
+        row.update(
+            status="over_budget",
+            error=f"peak {row['peak_bytes'] / GiB:.3f} GiB over the budget of {budget / GiB:.3f} GiB",
+        )
+        return
+    row["status"] = "ok"

@@ -1,0 +1,236 @@
+"""One memory monitor for a measured window: peak bytes with a breakdown at the peak, on CPU and CUDA.
+
+The breakdown comes from torch's MemTracker (a dispatch-mode tracker that sees every tensor storage
+and tags it parameter / gradient / optimizer state / activation / temporary). On CPU its peak *is* the
+peak; the process's resident high-water mark is read beside it as a check. On CUDA the caching
+allocator's peak is the peak, and `other_bytes` takes what the allocator held beyond the tracked
+categories (rounding, workspaces, backward temporaries).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from txlab.measure.budget import BudgetExceeded
+
+
+def mem_tracker_cls():
+    # Imported lazily: torch.distributed is a heavy import and only needed in a measured window.
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    class BudgetedTracker(MemTracker):
+        """MemTracker that stops the step as soon as live tensors exceed a budget, so a CPU trial that
+        would not fit never allocates past it (and never meets the kernel's OOM killer)."""
+
+        def __init__(self, budget_bytes: int | None):
+            super().__init__()
+            self.budget_bytes = budget_bytes
+
+        def _update_peak_stats(self, peak_state) -> None:  # called after every op
+            # Only the global peak and its breakdown: MemTracker's per-module peaks (a walk over every
+            # tracked module after every op, most of its cost) are not read by the monitor.
+            for dev, dev_snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < dev_snap["Total"]:
+                    self._peak_mem[dev] = dev_snap["Total"]
+                    self._peak_mem_snap[dev] = dict(dev_snap)
+            if self.budget_bytes is not None:
+                total = sum(snap.get("Total", 0) for snap in self._curr_mem_snap.values())
+                if total > self.budget_bytes:
+                    raise BudgetExceeded(total, self.budget_bytes)
+
+    return BudgetedTracker, _MemRefType
+
+
+# --- the CUDA caching allocator's rounding, for estimates made on fake CPU tensors -----------------
+
+CUDA_MIN_BLOCK = 512  # every request is rounded up to a multiple of 512 bytes (kMinBlockSize)
+CUDA_SMALL_SIZE = 2**20  # requests up to 1 MiB come from the small pool (kSmallSize)
+CUDA_LARGE_SEGMENT = 10 * 2**20  # requests from 10 MiB get their own segment, rounded to 2 MiB (kMinLargeAlloc)
+CUDA_ROUND_LARGE = 2 * 2**20  # kRoundLarge
+
+
+def cuda_block_bytes(nbytes: int) -> int:
+    """Bytes `torch.cuda.memory_allocated` counts for one storage of `nbytes` (default allocator config).
+
+    Modelled: the 512-byte rounding of every request, and the large-segment rule: a request of
+    10 MiB or more gets a fresh segment rounded up to 2 MiB, which is split only when more than 1 MiB
+    would remain, so a request just under a 2 MiB multiple is charged the whole segment. Not modelled:
+    best-fit reuse of cached blocks (a reused block larger than the request by at most 1 MiB is
+    charged whole), which depends on the allocation history.
+    """
+    if nbytes <= 0:
+        return 0
+    size = -(-nbytes // CUDA_MIN_BLOCK) * CUDA_MIN_BLOCK
+    if size >= CUDA_LARGE_SEGMENT:
+        segment = -(-size // CUDA_ROUND_LARGE) * CUDA_ROUND_LARGE
+        if segment - size <= CUDA_SMALL_SIZE:
+            return segment
+    return size
+
+
+@contextmanager
+def cuda_accounting():
+    """Charge every storage the tracker sees as the CUDA allocator would (see cuda_block_bytes).
+
+    MemTracker rounds only storages on a CUDA device, and only to 512 bytes; the estimator runs on
+    fake CPU tensors (fake CUDA tensors need a CUDA build), so it swaps in this accounting for the window.
+    """
+    from torch.distributed._tools import mem_tracker
+
+    base = mem_tracker._WeakRefInfo
+
+    class CudaWeakRefInfo(base):
+        def _calculate_mem_consumed(self) -> int:
+            return cuda_block_bytes(self.size * self.element_size)
+
+    mem_tracker._WeakRefInfo = CudaWeakRefInfo
+    try:
+        yield
+    finally:
+        mem_tracker._WeakRefInfo = base
+
+
+@dataclass
+class MemoryStats:
+    peak_bytes: int
+    params_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    other_bytes: int
+    tracked_peak_bytes: int
+    reserved_bytes: int | None
+
+    def as_row(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class MemoryMonitor:
+    """`with MemoryMonitor(device, model, optimizer, inputs, budget) as mon: ...; mon.stats()`.
+
+    `cuda_accounting=True` (the estimator) charges storages as the CUDA allocator would while the
+    tensors themselves are fake CPU tensors; the peak is then the tracker's.
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        model,
+        optimizer,
+        inputs: list[torch.Tensor],
+        budget_bytes: int | None,
+        cuda_accounting: bool = False,
+    ):
+        tracker_cls, self._ref = mem_tracker_cls()
+        self.device = device
+        self._stack = ExitStack()
+        if cuda_accounting:  # before track_external, so parameters and optimizer state are charged alike
+            self._stack.enter_context(cuda_accounting())
+        # CUDA has a real cap (set_per_process_memory_fraction); the tracker's budget guard is for CPU.
+        try:
+            self.tracker = tracker_cls(budget_bytes if device.type == "cpu" else None)
+            self.tracker.track_external(model, optimizer, *inputs)
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def __enter__(self) -> MemoryMonitor:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.tracker.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.tracker.__exit__(*exc)
+        finally:
+            self._stack.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def end_step(self) -> None:
+        """Call between steps: MemTracker keeps per-module stats for one iteration only."""
+        self.tracker.reset_mod_stats()
+
+    def stats(self) -> MemoryStats:
+        snap = self.tracker.get_tracker_snapshot("peak").get(self.device)
+        if snap is None:  # MemTracker keys CPU tensors as device("cpu"); be lenient about the index
+            snap = next(
+                (s for d, s in self.tracker.get_tracker_snapshot("peak").items() if d.type == self.device.type), {}
+            )
+        R = self._ref
+        part = {
+            "params_bytes": snap.get(R.PARAM, 0),
+            "grads_bytes": snap.get(R.GRAD, 0),
+            "optimizer_bytes": snap.get(R.OPT, 0),
+            "activations_bytes": snap.get(R.ACT, 0),
+        }
+        tracked = snap.get("Total", 0)
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+            reserved = torch.cuda.max_memory_reserved(self.device)
+        else:
+            peak, reserved = tracked, None
+        other = max(0, peak - sum(part.values()))  # temporaries, buffers, inputs (+ allocator slack on CUDA)
+        return MemoryStats(
+            peak_bytes=peak, other_bytes=other, tracked_peak_bytes=tracked, reserved_bytes=reserved, **part
+        )
+
+
+# --- resident set size (CPU check on the tracker) --------------------------------------------------
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class RssWindow:
+    """Resident high-water mark above the baseline at the start of the window.
+
+    On Linux the kernel's high-water mark is reset at the start (writing 5 to /proc/self/clear_refs),
+    so earlier trials in the same process do not leak into this one. Elsewhere ru_maxrss is used,
+    which cannot be reset: the figure is then only an upper bound.
+    """
+
+    def __enter__(self) -> RssWindow:
+        self.reset = False
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.reset = True
+        except OSError:
+            pass
+        self.baseline = self._current()
+        self.peak = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        hwm = _status_kib("VmHWM") if self.reset else None
+        if hwm is not None:
+            self.peak = max(0, hwm * 1024 - self.baseline)
+        else:
+            scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+            self.peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale - self.baseline)
+
+    @staticmethod
+    def _current() -> int:
+        kib = _status_kib("VmRSS")
+        if kib is not None:
+            return kib * 1024
+        import psutil
+
+        return psutil.Process().memory_info().rss

@@ -1,0 +1,128 @@
+"""Planning a `planned` trial: profile one block on fake tensors, optimise the plan (the pure dynamic
+programme of `txlab.policy.planner`), check it with the estimator (`txlab.measure.fake`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from txlab.config import TrialConfig
+from txlab.measure.budget import GiB
+from txlab.policy.planner import RATES, BlockCost, NoFeasiblePlan, Plan, Run, model_peak, optimise
+from txlab.policy.remat import PLAN_MODES, SELECTIVE_SAVE
+
+# --- profiling a block on fake tensors --------------------------------------------------------------
+
+
+def _recompute_seconds(block, x, rope, kind: str, autocast) -> dict[str, float]:
+    """Seconds to recompute the block in each mode: FLOPs and bytes written of the ops recomputed."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    from torch.utils.flop_counter import flop_registry
+
+    flops_per_s, bytes_per_s = RATES[kind]
+    totals = {"keep": 0.0, "full": 0.0, "selective": 0.0}
+
+    class Cost(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            count = flop_registry.get(func._overloadpacket)
+            flops = count(*args, **kwargs, out_val=out) if count is not None else 0
+            written = sum(t.numel() * t.element_size() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+            secs = flops / flops_per_s + written / bytes_per_s
+            totals["full"] += secs
+            if func not in SELECTIVE_SAVE:
+                totals["selective"] += secs
+            return out
+
+    with Cost(), autocast():
+        block(x, rope)
+    return totals
+
+
+def profile_block(cfg: TrialConfig, kind: str = "cpu") -> BlockCost:
+    """One block of the trial's model, on fake tensors under the same tracker, in each mode."""
+    from contextlib import nullcontext
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from txlab.measure.memory import cuda_accounting, mem_tracker_cls
+    from txlab.model.attention import get_attention
+    from txlab.model.gpt import Block, rope_tables
+    from txlab.policy.remat import Recomputed
+
+    m, w, p = cfg.model, cfg.workload, cfg.policy
+    tracker_cls, _ = mem_tracker_cls()
+    kept, backward = {}, {}
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if w.dtype == "bf16" else nullcontext
+    with FakeTensorMode(), cuda_accounting() if kind == "cuda" else nullcontext():
+        block = Block(m)
+        block.attn.attn_fn = get_attention(p.attention, p.q_chunk, p.k_chunk)
+        rope = rope_tables(w.seq_len, m.d_model // m.n_heads) if m.pos == "rope" else None
+        grad_bytes = sum(q.numel() * q.element_size() for q in block.parameters())
+        for mode in PLAN_MODES:
+            wrapped = block if mode == "keep" else Recomputed([block], selective=mode == "selective")
+            tracker = tracker_cls(None)
+            tracker.track_external(wrapped, *(rope or ()))
+            with tracker:
+                params = _total(tracker)
+                x = torch.empty(w.batch_size, w.seq_len, m.d_model, requires_grad=True)
+                x_bytes = _total(tracker) - params
+                with autocast():
+                    y = wrapped(x, rope)
+                y_bytes = _total(tracker) - params - x_bytes - 0  # y and what the graph keeps
+                gy = torch.empty_like(y)
+                base = _total(tracker)
+                gy_bytes = base - params - x_bytes - y_bytes
+                kept[mode] = max(0, y_bytes - gy_bytes)  # y has the size of gy: what is left is kept
+                tracker._peak_mem = {}
+                y.backward(gy)
+                peak = max(tracker._peak_mem.values(), default=base)
+                # in the chain nothing holds y here, and gy is the transient the block above leaves
+                backward[mode] = gy_bytes + max(0, peak - base)
+                del y, gy, x
+        recompute = _recompute_seconds(block, torch.empty(w.batch_size, w.seq_len, m.d_model), rope, kind, autocast)
+    return BlockCost(x_bytes, kept, backward, grad_bytes, recompute)
+
+
+def _total(tracker) -> int:
+    return sum(s.get("Total", 0) for s in tracker._curr_mem_snap.values())
+
+
+# --- planning a trial ---------------------------------------------------------------------------------
+
+
+def plan_trial(cfg: TrialConfig, kind: str = "cpu", rounds: int = 4) -> Plan:
+    """The plan for a `planned` trial, checked by the estimator. Raises NoFeasiblePlan."""
+    from txlab.measure.fake import fake_step_memory
+
+    budget = int(cfg.measure.budget_gib * GiB)
+    blocks = [profile_block(cfg, kind)] * cfg.model.n_layers
+    L = cfg.model.n_layers
+
+    def estimate(runs: list[Run]) -> int:
+        return fake_step_memory(cfg, kind, plan=runs)[0]["peak_bytes"]
+
+    # calibrate the constant on the two extreme plans
+    keep_all, full_all = [(0, L, "keep")], [(i, i + 1, "full") for i in range(L)]
+    const = max(estimate(r) - model_peak(blocks, r) for r in (keep_all, full_all))
+    target = budget
+    checked: Plan | None = None
+    for _ in range(rounds):
+        plan = optimise(blocks, target, const)
+        if plan is None:
+            break
+        plan.peak_bytes = estimate(plan.runs)
+        if plan.peak_bytes <= budget:
+            return plan
+        checked = plan
+        target -= plan.peak_bytes - budget
+    least = optimise(blocks, math.inf, const, objective="peak")
+    assert least is not None
+    least.peak_bytes = estimate(least.runs)
+    if least.peak_bytes <= budget:  # the model was pessimistic; the least-memory plan fits
+        return least
+    raise NoFeasiblePlan(budget, least.peak_bytes, least)

@@ -1,0 +1,93 @@
+"""Building one training step: the model on its device with the policy applied, AdamW, the step function
+and the batches. The measured trial (`txlab.measure.trial`) and the estimator (`txlab.measure.fake`)
+build the same parts, so what is estimated is what is run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from txlab.config import TrialConfig
+from txlab.data.synthetic import SyntheticBatches
+from txlab.model.gpt import GPT
+from txlab.policy.apply import apply_policy
+from txlab.policy.remat import apply_plan
+
+MEMORY_STEPS = 2
+
+
+def make_optimizer(model: torch.nn.Module, device: torch.device, fused: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW; fused (one kernel, no per-parameter temporaries) on CUDA unless `fused` says otherwise."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        groups, lr=3e-4, betas=(0.9, 0.95), fused=device.type == "cuda" if fused is None else fused
+    )
+
+
+def make_step(
+    model, loss_fn, optimizer, device: torch.device, dtype: str
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            hidden = model(x)
+            loss = loss_fn(hidden, model.lm_head.weight, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+@dataclass
+class TrialParts:
+    """What one trial trains: built once, shared by the measured run and the estimator."""
+
+    model: GPT
+    loss_fn: Callable
+    optimizer: torch.optim.Optimizer
+    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    data: SyntheticBatches
+
+
+def build_trial(
+    cfg: TrialConfig,
+    device: torch.device,
+    fused_optimizer: bool | None = None,
+    plan: list[tuple[int, int, str]] | None = None,
+    data=None,
+) -> TrialParts:
+    """Model on `device` with the policy applied, AdamW, the step function and the data.
+
+    Works under a FakeTensorMode too (the estimator): the model is built on the CPU and moved only
+    when `device` is not the CPU. `fused_optimizer` lets the estimator build CUDA's fused AdamW on
+    fake CPU tensors (None: fused on CUDA only). `plan`: the runs chosen by txlab.planner, required
+    with policy.remat = planned. `data`: the batches to train on (default: synthetic tokens).
+    """
+    m, w = cfg.model, cfg.workload
+    torch.manual_seed(cfg.seed)
+    model = GPT(m, w.seq_len)
+    if device.type != "cpu":  # a no-op on the CPU, and one fake tensors cannot take (Module._apply swaps)
+        model = model.to(device)
+    if cfg.policy.remat == "planned":
+        if plan is None:
+            raise ValueError("policy.remat = planned needs a plan (txlab.planner.plan_trial)")
+        loss_fn = apply_policy(model, dataclasses.replace(cfg.policy, remat="none"))
+        apply_plan(model, plan)
+    else:
+        loss_fn = apply_policy(model, cfg.policy)
+    if w.compile:
+        model.compile()
+    optimizer = make_optimizer(model, device, fused_optimizer)
+    if data is None:
+        data = SyntheticBatches(m.vocab_size, w.batch_size, w.seq_len, cfg.seed, device)
+    return TrialParts(model, loss_fn, optimizer, make_step(model, loss_fn, optimizer, device, w.dtype), data)

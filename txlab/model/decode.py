@@ -1,0 +1,259 @@
+"""Long-context inference: prefill and token-by-token decode under a KV policy (`policy.kv`).
+
+The engine drives the model's own modules: each block's `attn.project` (the QKV projection, head split
+and RoPE of `txlab.model.gpt`), its attention kernel (set by `txlab.policy.apply_policy`) for the
+prefill, and `Block.finish` (output projection, residual, MLP) — so there is one forward path to keep
+in sync. What it adds is what decoding needs: absolute positions, and whatever the KV policy keeps
+between steps:
+
+- `cache`: the keys and values of every layer, (B, n_kv_heads, T_max, head_dim) each, allocated once
+  for the whole run (T_max = seq_len, + decode_tokens when decoding), so the cache is never copied.
+- `grouped`: the same cache on a grouped-query model (n_kv_heads < n_heads): it shrinks by the ratio.
+- `recompute`: no keys or values outlive one layer of one step. What is kept is each layer's
+  attention input (the normalized residual stream, (B, T_max, d_model) per layer); a decode step
+  recomputes the keys and values of every past position from it, k_chunk positions at a time, and
+  folds each tile into an online softmax (space-time trade-off attention: the cost of a generated
+  token grows with the context, the memory is one tile).
+
+Every policy computes the same logits as `cache` (fp32 tolerance), which the tests hold them to, greedy
+generations included.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from txlab.config import PolicyConfig, TrialConfig
+from txlab.model.attention import get_attention
+from txlab.model.gpt import GPT, apply_rope
+from txlab.model.quant import Int4Linear, unpack_int4
+
+
+def context_length(cfg: TrialConfig) -> int:
+    """Positions a trial's model must hold: the prompt, plus the generated tokens when decoding."""
+    w = cfg.workload
+    return w.seq_len + (w.decode_tokens if w.kind == "decode" else 0)
+
+
+def kv_cache_analytic_bytes(
+    n_layers: int, n_kv_heads: int, head_dim: int, tokens: int, elem_bytes: int, batch: int = 1
+) -> int:
+    """2 (K and V) * L * n_kv_heads * head_dim * T * bytes (* batch)."""
+    return 2 * n_layers * n_kv_heads * head_dim * tokens * elem_bytes * batch
+
+
+def _kv_weight(qkv: nn.Module, start: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows `start:` (the K and V projections) of a block's qkv weight and bias, in `dtype`."""
+    if isinstance(qkv, Int4Linear):  # dequantize only the K/V rows
+        w = unpack_int4(qkv.packed[start:], qkv.scale[start:], qkv.group, dtype)
+    else:
+        w = qkv.weight[start:].to(dtype)
+    b = None if qkv.bias is None else qkv.bias[start:].to(dtype)
+    return w, b
+
+
+@dataclass
+class Inference:
+    """One generation's state: the model, the policy, and what the policy keeps between steps."""
+
+    model: GPT
+    policy: PolicyConfig
+    max_len: int  # positions the run may reach (prompt + generated)
+    batch_size: int
+    dtype: torch.dtype = torch.float32  # of the kept K/V (or layer inputs): the projections' output dtype
+    pos: int = 0  # tokens consumed so far
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    inputs: list[torch.Tensor] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        m = self.model
+        attn0 = m.blocks[0].attn
+        self.n_heads, self.n_kv_heads, self.head_dim = attn0.n_heads, attn0.n_kv_heads, attn0.head_dim
+        self.d_model = m.cfg.d_model
+        self.device = m.wte.weight.device
+        self.prefill_attn = get_attention(self.policy.attention, self.policy.q_chunk, self.policy.k_chunk)
+        B, T, Hkv, D = self.batch_size, self.max_len, self.n_kv_heads, self.head_dim
+        # Allocated up front, for the whole run: the cache never grows by copying.
+        if self.policy.kv in ("cache", "grouped"):
+            self.keys = [torch.empty(B, Hkv, T, D, dtype=self.dtype, device=self.device) for _ in m.blocks]
+            self.values = [torch.empty(B, Hkv, T, D, dtype=self.dtype, device=self.device) for _ in m.blocks]
+        elif self.policy.kv == "recompute":
+            self.inputs = [torch.empty(B, T, self.d_model, dtype=self.dtype, device=self.device) for _ in m.blocks]
+        else:
+            raise ValueError(f"unknown kv policy {self.policy.kv!r}; known: cache, grouped, recompute")
+
+    # --- what the policy keeps -------------------------------------------------------------------
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of keys and values held between steps (0 under recompute)."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    @property
+    def kv_inputs_bytes(self) -> int:
+        """Bytes of layer inputs held to recompute keys and values from (recompute only)."""
+        return sum(t.numel() * t.element_size() for t in self.inputs)
+
+    # --- pieces of the model, at absolute positions --------------------------------------------------
+
+    def _embed(self, idx: torch.Tensor, pos0: int) -> torch.Tensor:
+        m = self.model
+        x = m.wte(idx)
+        if m.wpe is not None:
+            x = x + m.wpe(torch.arange(pos0, pos0 + idx.shape[1], device=idx.device))
+        return m.drop(x)
+
+    def _rope(self, pos0: int, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        m = self.model
+        if m.wpe is not None:
+            return None
+        return m.rope_cos[pos0 : pos0 + n], m.rope_sin[pos0 : pos0 + n]
+
+    def _split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, n, _ = qkv.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = q.view(B, n, H, D).transpose(1, 2)  # (B, H, n, D)
+        k = k.view(B, n, Hkv, D).transpose(1, 2)  # (B, Hkv, n, D)
+        v = v.view(B, n, Hkv, D).transpose(1, 2)
+        return q, k, v
+
+    def _finish_block(self, block: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        B, n, C = x.shape
+        y = y.transpose(1, 2).reshape(B, n, C)  # (B, n, d_model)
+        x = x + block.attn.drop(block.attn.proj(y))
+        return x + block.mlp(block.norm2(x))
+
+    # --- prefill: the whole prompt at once -----------------------------------------------------------
+
+    def prefill(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) from position 0 -> final hidden states (B, T, d_model); the policy's state is built."""
+        B, T = idx.shape
+        if T > self.max_len:
+            raise ValueError(f"prompt of {T} tokens is longer than the run's {self.max_len} positions")
+        rope = self._rope(0, T)
+        x = self._embed(idx, 0)
+        for layer, block in enumerate(self.model.blocks):
+            h = block.norm1(x)
+            q, k, v = self._split_heads(block.attn.qkv(h))
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if self.inputs:
+                self.inputs[layer][:, :T] = h
+            else:
+                self.keys[layer][:, :, :T] = k
+                self.values[layer][:, :, :T] = v
+            y = self.prefill_attn(q, k, v)  # (B, H, T, D), causal
+            del q, k, v, h
+            x = self._finish_block(block, x, y)
+        self.pos = T
+        return self.model.norm_f(x)
+
+    # --- decode: one token per step ------------------------------------------------------------------
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B,) at position `pos` -> final hidden state (B, d_model); the state grows by one position."""
+        t = self.pos
+        if t >= self.max_len:
+            raise ValueError(f"the run holds {self.max_len} positions; all are used")
+        idx = tokens.view(-1, 1)
+        rope = self._rope(t, 1)
+        x = self._embed(idx, t)  # (B, 1, d_model)
+        for layer, block in enumerate(self.model.blocks):
+            h = block.norm1(x)
+            q, k, v = self._split_heads(block.attn.qkv(h))  # (B, H, 1, D), (B, Hkv, 1, D)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if self.inputs:
+                self.inputs[layer][:, t : t + 1] = h
+                y = self._attend_recomputed(block, layer, q, k, v, t)
+            else:
+                self.keys[layer][:, :, t : t + 1] = k
+                self.values[layer][:, :, t : t + 1] = v
+                y = self._attend_cached(q, layer, t + 1)
+            x = self._finish_block(block, x, y)
+        self.pos = t + 1
+        return self.model.norm_f(x)[:, 0]
+
+    def _attend_cached(self, q: torch.Tensor, layer: int, n: int) -> torch.Tensor:
+        """The new query against the first n cached positions (all in its past: no mask)."""
+        k, v = self.keys[layer][:, :, :n], self.values[layer][:, :, :n]
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=self.n_heads != self.n_kv_heads)
+
+    def _attend_recomputed(
+        self, block: nn.Module, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, t: int
+    ) -> torch.Tensor:
+        """The new query against positions 0..t, keys and values recomputed k_chunk positions at a time
+        from the kept layer inputs (position t's own K/V are the ones just computed), folded into an
+        online softmax: only one tile of K/V exists at any time."""
+        B, H, _, D = q.shape
+        Hkv, G = self.n_kv_heads, H // self.n_kv_heads
+        scale = 1.0 / math.sqrt(D)
+        qg = q.reshape(B, Hkv, G, 1, D)
+        w, b = _kv_weight(block.attn.qkv, H * D, self.dtype)  # the kept inputs' dtype (bf16 under autocast)
+        row_max = torch.full((B, Hkv, G, 1), float("-inf"), dtype=torch.float32, device=q.device)
+        row_sum = torch.zeros_like(row_max)
+        acc = torch.zeros(B, Hkv, G, 1, D, dtype=torch.float32, device=q.device)
+        chunk = self.policy.k_chunk
+        for k0 in range(0, t + 1, chunk):
+            k1 = min(k0 + chunk, t + 1)
+            if k1 == t + 1:  # the tile ends at the new position: its K/V are already computed
+                if k1 - 1 > k0:
+                    kj, vj = self._recompute_kv(layer, w, b, k0, k1 - 1)
+                    kj, vj = torch.cat([kj, k_new], dim=2), torch.cat([vj, v_new], dim=2)
+                else:
+                    kj, vj = k_new, v_new
+            else:
+                kj, vj = self._recompute_kv(layer, w, b, k0, k1)
+            s = (qg @ kj.unsqueeze(2).transpose(-2, -1)).float() * scale  # (B, Hkv, G, 1, tk)
+            new_max = torch.maximum(row_max, s.amax(dim=-1))
+            p = torch.exp(s - new_max.unsqueeze(-1))
+            correction = torch.exp(row_max - new_max)
+            row_sum = row_sum * correction + p.sum(dim=-1)
+            acc = acc * correction.unsqueeze(-1) + p.to(vj.dtype) @ vj.unsqueeze(2)
+            row_max = new_max
+            del kj, vj, s, p
+        return (acc / row_sum.unsqueeze(-1)).to(q.dtype).reshape(B, H, 1, D)
+
+    def _recompute_kv(
+        self, layer: int, w: torch.Tensor, b: torch.Tensor | None, k0: int, k1: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        B, Hkv, D = self.batch_size, self.n_kv_heads, self.head_dim
+        h = self.inputs[layer][:, k0:k1]  # (B, tk, d_model)
+        kv = F.linear(h.to(w.dtype), w, b)  # (B, tk, 2 * Hkv * D)
+        k, v = kv.split([Hkv * D, Hkv * D], dim=-1)
+        k = k.view(B, k1 - k0, Hkv, D).transpose(1, 2)  # (B, Hkv, tk, D)
+        v = v.view(B, k1 - k0, Hkv, D).transpose(1, 2)
+        rope = self._rope(k0, k1 - k0)
+        if rope is not None:
+            k = apply_rope(k, *rope)
+        return k, v
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., d_model) -> logits (..., vocab), fp32."""
+        return F.linear(hidden, self.model.lm_head.weight).float()
+
+
+@torch.no_grad()
+def generate_greedy(
+    model: GPT, policy: PolicyConfig, prompt: torch.Tensor, n_new: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, list[torch.Tensor], Inference]:
+    """Prefill `prompt` (B, T), then `n_new` greedy steps: (tokens (B, n_new), logits of each step, state).
+
+    Token i is the argmax of the logits after the prompt and tokens < i; `n_new` steps each feed one
+    token, so the state ends holding T + n_new positions.
+    """
+    run = Inference(model, policy, prompt.shape[1] + n_new, prompt.shape[0], dtype)
+    out_logits = [run.logits(run.prefill(prompt)[:, -1])]
+    tokens = []
+    for _ in range(n_new):
+        nxt = out_logits[-1].argmax(-1)
+        tokens.append(nxt)
+        out_logits.append(run.logits(run.step(nxt)))
+    return torch.stack(tokens, dim=1), out_logits, run

@@ -1,0 +1,114 @@
+"""Human-readable summary of one result row (what `txlab run` prints)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+GiB = 2**30
+
+
+def _gib(v: int | None) -> str:
+    return "-" if v is None else f"{v / GiB:.3f}"
+
+
+def format_row(row: dict[str, Any]) -> str:
+    policy = row["policy.name"]
+    detail = [f"attention {row['policy.attention']}"]
+    if row["policy.attention"] == "chunked":
+        detail[-1] += f" {row['policy.q_chunk']}x{row['policy.k_chunk']}"
+    if row.get("workload.kind") in ("prefill", "decode"):  # no backward, last position's logits only
+        detail.append(
+            f"kv {row['policy.kv']}"
+            + (f" (tiles of {row['policy.k_chunk']})" if row["policy.kv"] == "recompute" else "")
+        )
+    else:
+        detail.append(
+            f"remat {row['policy.remat']}" + (f"/{row['policy.remat_every']}" if row["policy.remat"] == "every" else "")
+        )
+        detail.append(
+            f"loss {row['policy.loss']}" + (f" {row['policy.loss_chunk']}" if row["policy.loss"] == "chunked" else "")
+        )
+    n_params = row.get("n_params")
+    params = f", {n_params / 1e6:.1f}M params" if n_params else ""
+    lines = [
+        f"trial {row['trial_key']}  status {row['status']}  device {row['device']}",
+        f"model     {row['model.size']}: {row['model.n_layers']} x {row['model.d_model']}, {row['model.n_heads']} heads"
+        f" ({row['model.n_kv_heads']} kv), vocab {row['model.vocab_size']}{params}",
+        f"policy    {policy} ({', '.join(detail)})",
+        f"workload  {row['workload.kind']}  seq_len {row['workload.seq_len']}  batch {row['workload.batch_size']}  {row['workload.dtype']}",
+    ]
+    if row.get("plan"):
+        lines.append(f"plan      {row['plan']}")
+    if row.get("error"):
+        lines.append(f"error     {row['error']}")
+    if row.get("peak_bytes") is not None:
+        budget = row.get("measure.budget_gib")
+        lines.append(
+            f"peak      {_gib(row['peak_bytes'])} GiB (GiB = 2^30 bytes)"
+            + (f"  budget {budget:g} GiB" if budget else "")
+        )
+    if row.get("params_bytes") is not None and row.get("workload.kind") in ("prefill", "decode"):
+        lines.append(
+            "  at peak: weights {}  KV cache {}  activations {}  other {}  GiB".format(
+                *(_gib(row[k]) for k in ("params_bytes", "kv_cache_bytes", "activations_bytes", "other_bytes"))
+            )
+        )
+    elif row.get("params_bytes") is not None:
+        lines.append(
+            "  at peak: params {}  grads {}  optimizer {}  activations {}  other {}  GiB".format(
+                *(
+                    _gib(row[k])
+                    for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "other_bytes")
+                )
+            )
+        )
+    if row.get("reserved_bytes") is not None:
+        lines.append(f"  allocator reserved {_gib(row['reserved_bytes'])} GiB")
+    if row.get("peak_rss_bytes") is not None:
+        lines.append(
+            f"  resident set high-water mark above baseline {_gib(row['peak_rss_bytes'])} GiB (check on the tracker)"
+        )
+    if row.get("workload.kind") in ("prefill", "decode"):
+        lines += _inference_lines(row)
+    elif row.get("step_time_s") is not None:
+        mfu = f"  MFU {row['mfu']:.1%}" if row.get("mfu") is not None else ""
+        lines.append(
+            f"step      {row['step_time_s']:.4f} s (median of {row['workload.steps']})  "
+            f"{row['tokens_per_s']:.0f} tokens/s{mfu}  loss {row['loss']:.4f}"
+        )
+    lines.append(f"took      {row['duration_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def _inference_lines(row: dict[str, Any]) -> list[str]:
+    """prefill / decode rows: KV policy, times per token, int4 figures."""
+    out = []
+    kv = row.get("kv_cache_bytes")
+    if kv is not None:
+        detail = f"K/V held {_gib(kv)} GiB"
+        if row.get("kv_inputs_bytes") is not None:
+            detail += f", layer inputs kept {_gib(row['kv_inputs_bytes'])} GiB"
+        out.append(f"kv        {detail}")
+    if row.get("prefill_time_s") is not None:
+        mfu = f"  MFU {row['mfu']:.1%}" if row.get("mfu") is not None else ""
+        out.append(
+            f"prefill   {row['prefill_time_s']:.4f} s (median of {row['workload.steps']})"
+            + (f"  {row['tokens_per_s']:.0f} tokens/s{mfu}" if row["workload.kind"] == "prefill" else "")
+        )
+    if row.get("time_per_token_s") is not None:
+        out.append(
+            f"decode    {row['workload.decode_tokens']} tokens: {row['time_per_token_s']:.4f} s/token (median)  "
+            f"{row['tokens_per_s']:.1f} tokens/s"
+        )
+    if row.get("model.quant") == "int4" and row.get("weight_bytes") is not None:
+        line = (
+            f"int4      weights {_gib(row['weight_bytes_fp'])} -> {_gib(row['weight_bytes'])} GiB "
+            f"(group {row['model.quant_group']})"
+        )
+        if row.get("logit_rel_error") is not None:
+            line += (
+                f"  logit relative error {row['logit_rel_error']:.4f}  next-token agreement "
+                f"{row['next_token_agreement']:.1%}"
+            )
+        out.append(line)
+    return out
