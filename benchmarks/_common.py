@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from txlab.measure.budget import BudgetExceeded
+from txlab.measure.budget import BudgetExceeded, GiB  # noqa: F401 - C.GiB in the scripts
 from txlab.measure.memory import MemoryMonitor
 
 CPU = torch.device("cpu")
@@ -269,12 +269,12 @@ def measure_memory(
     MemoryMonitor, on fake tensors (exact accounting, no arithmetic) or real ones. With a budget the
     tracker stops the step as soon as live tensors pass it (status over_budget, peak a lower bound).
     """
-    from txlab.measure.step import make_optimizer
+    from txlab.measure.step import make_adamw
 
     t0 = time.perf_counter()
     with fake_mode(hf=variant.startswith("hf")) if fake else nullcontext():
         c = build(variant, seq_len, size, overrides=overrides)
-        opt = make_optimizer(c.model, CPU, fused=False) if optimizer else None
+        opt = make_adamw(c.model, CPU, fused=False) if optimizer else None
         batches = [tokens(vocab_of(c), seq_len, seed=i) for i in range(2 if optimizer else 1)]
         row = {
             "variant": variant,

@@ -108,6 +108,7 @@ def run(
                     flush=True,
                 )
     for T in sorted(time_lengths):
+        inputs = _inputs(T, heads, head_dim)
         fns = {}
         for name, (kind, chunk) in ks.items():
             r = rows.get((name, T))
@@ -117,8 +118,7 @@ def run(
                 r["time_note"] = "not timed: over the budget or the RAM cap"
                 continue
             fn = _fn(kind, chunk)
-            fns[name] = lambda fn=fn: fwd_bwd(fn, *inputs)
-        inputs = _inputs(T, heads, head_dim)
+            fns[name] = lambda fn=fn, inputs=inputs: fwd_bwd(fn, *inputs)
         if log:
             print(f"timing T={T}: {', '.join(fns)}", file=sys.stderr, flush=True)
         for name, ts in C.interleaved(fns, reps, warmup=1, log=log).items():

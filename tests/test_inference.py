@@ -9,13 +9,15 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest_data import one_thread  # noqa: F401 - autouse fixture: one intra-op thread
 
 from txlab.cli import main
 from txlab.config import load_config
 from txlab.measure.inference import build_model
+from txlab.policy.apply import apply_policy
 from txlab.measure.trial import run_trial
 from txlab.model.decode import Inference, generate_greedy, kv_cache_analytic_bytes
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (tests/conftest.py)
 
 TINY = {"model.n_layers": 2, "model.d_model": 64, "model.n_heads": 4, "model.vocab_size": 97}
 PROMPT, NEW = 40, 6
@@ -72,6 +74,7 @@ def test_every_kv_policy_gives_the_cache_logits_and_greedy_tokens(shape):
         cases += [("grouped", "sdpa", 7), ("grouped", "chunked", 7)]
     for kv, attention, k_chunk in cases:
         policy = dataclasses.replace(cfg.policy, kv=kv, attention=attention, q_chunk=16, k_chunk=k_chunk)
+        apply_policy(model, policy)  # the prefill kernel is the model's, set from outside as in a trial
         tokens, logits, _ = generate_greedy(model, policy, prompt, NEW)
         assert torch.equal(tokens, ref_tokens), (kv, attention, k_chunk)
         torch.testing.assert_close(torch.stack(logits), ref_logits, rtol=1e-4, atol=1e-5)

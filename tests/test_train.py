@@ -5,12 +5,15 @@ import math
 
 import pytest
 import torch
-from conftest_data import cfg, one_thread  # noqa: F401 - fixture
 
+from tests.support import cfg
 from txlab.config import ConfigError, TrainConfig
+from txlab.measure.step import make_adamw
 from txlab.model.gpt import GPT
 from txlab.train import loop as train_mod
-from txlab.train.loop import lr_at, make_adamw, train
+from txlab.train.loop import lr_at, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (tests/conftest.py)
 
 
 def _curve(result) -> list[float]:
@@ -27,16 +30,32 @@ def test_schedule_warms_up_holds_and_decays_to_min_lr():
     assert lr_at(500, t) == 0.1
 
 
-def test_weight_decay_on_matrices_only():
+def test_weight_decay_on_matrices_embeddings_included_not_on_norms_or_biases():
     model = GPT(cfg().model, 64)
-    opt = make_adamw(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    opt = make_adamw(model, torch.device("cpu"), weight_decay=0.1)
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in decayed}
-    assert names and all(n.endswith("weight") and ("qkv" in n or "proj" in n or "fc" in n) for n in names)
+    matrices = {n for n, p in model.named_parameters() if p.dim() >= 2}
+    assert names == matrices and {"wte.weight", "wpe.weight", "blocks.0.attn.qkv.weight"} <= names
     assert not any(
-        id(p) in decayed for p in (model.wte.weight, model.wpe.weight, model.norm_f.weight, model.blocks[0].mlp.fc.bias)
+        id(p) in decayed for p in (model.norm_f.weight, model.blocks[0].norm1.bias, model.blocks[0].mlp.fc.bias)
     )
+    # every parameter exactly once (the tied lm_head is the token embedding), in one of the two groups
+    grouped = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters()) and len(set(grouped)) == len(grouped)
     assert opt.param_groups[1]["weight_decay"] == 0.0 and opt.param_groups[0]["weight_decay"] == 0.1
+
+
+def test_trials_and_training_build_the_same_adamw():
+    """One builder: `txlab train` passes its schedule's values, a trial the defaults; same groups."""
+    model = GPT(cfg().model, 64)
+    t = TrainConfig(weight_decay=0.05, lr=1e-3, beta1=0.8, beta2=0.9)
+    trained = make_adamw(model, torch.device("cpu"), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+    trial = make_adamw(model, torch.device("cpu"))
+    for a, b in zip(trained.param_groups, trial.param_groups, strict=True):
+        assert [id(p) for p in a["params"]] == [id(p) for p in b["params"]]
+    assert trained.param_groups[0]["weight_decay"] == 0.05 and trained.param_groups[0]["betas"] == (0.8, 0.9)
+    assert trial.param_groups[0]["lr"] == 3e-4 and trial.param_groups[0]["betas"] == (0.9, 0.95)
 
 
 def test_a_short_run_learns_real_text(tmp_path):

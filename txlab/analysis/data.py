@@ -159,6 +159,18 @@ def prepare(source: Source) -> pd.DataFrame:
     return df
 
 
+def parse_label(label: str) -> tuple[str, dict[str, str]]:
+    """'sdpa (kv=cache, remat=every)' -> ('sdpa', {'kv': 'cache', 'remat': 'every'}) (see `prepare`)."""
+    name, sep, rest = str(label).partition(" (")
+    if not sep or not rest.endswith(")"):
+        return str(label), {}
+    keys = {}
+    for part in rest[:-1].split(", "):
+        k, _, v = part.partition("=")
+        keys[k] = v
+    return name, keys
+
+
 def policy_order(labels: Iterable[str]) -> list[str]:
     """Preset order first (naive, sdpa, checkpoint ...), then variants alphabetically."""
     labels = sorted(set(labels))

@@ -32,6 +32,7 @@ from txlab.analysis.data import (
     Source,
     budgets_of,
     is_inference,
+    parse_label,
     policy_order,
     prepare,
     setting_keys,
@@ -297,3 +298,83 @@ def frontier_markdown(fr: pd.DataFrame, vs: pd.DataFrame, budget_source: str = "
         )
     parts.append(md_table(versus_pivot(vs)))
     return "\n".join(parts)
+
+
+# --- the answer, per budget (the report opens with it) ---------------------------------------------
+
+
+def settings_share_depths(fr: pd.DataFrame) -> bool:
+    """True when every setting was run at every depth (a setting x depth grid); False when settings come
+    with depths of their own (gpt2 sizes), so a depth column would be empty for all but one of them."""
+    pairs = {(s, d) for s, d in zip(fr["setting"], fr["depth"]) if pd.notna(d)}
+    return len(pairs) == fr["setting"].nunique() * fr["depth"].dropna().nunique()
+
+
+def is_baseline_label(label: str, base: str | None) -> bool:
+    """`sdpa`, or `sdpa (kv=cache)` on prefill/decode rows: the label of the baseline policy."""
+    name, keys = parse_label(label)
+    return base is not None and name == base and keys in ({}, {"kv": "cache"})
+
+
+def _cell(m, e, all_estimated: bool) -> str:
+    if m is None:
+        return ("" if all_estimated else "est. ") + e["label"]
+    return m["label"] + (f" / est. {e['label']}" if e is not None and e["label"] != m["label"] else "")
+
+
+def _gain(rows: dict, base: str | None) -> str:
+    """The best policy's frontier over the baseline's, e.g. 'x8 recompute', '>= x16 recompute' when the
+    best fits the longest length tried (its limit lies beyond)."""
+    if not rows:
+        return ""
+    value = {p: (float(r["longest_feasible_seq_len"]) if pd.notna(r["longest_feasible_seq_len"]) else 0.0) for p, r in rows.items()}
+    order = policy_order(rows)
+    best = max(order, key=lambda p: value[p])  # ties: the first in policy order
+    ref = next((p for p in order if is_baseline_label(p, base)), None)
+    if ref is None:
+        return f"no {base} row" if base else ""
+    if value[best] == 0:
+        return "none fits"
+    if value[ref] == 0:
+        return f"{best} fits {int(value[best])}, {ref} none"
+    if rows[ref]["fits_at_longest_tried"]:
+        return f"x1 ({ref} fits every length tried)"
+    if value[best] == value[ref]:
+        return f"x1 ({ref} is as good as any)"
+    ratio = value[best] / value[ref]
+    return f"{'>= ' if rows[best]['fits_at_longest_tried'] else ''}x{ratio:g} {best}"
+
+
+def frontier_tables(fr: pd.DataFrame, base: str | None) -> dict[float, pd.DataFrame]:
+    """Per budget: longest feasible sequence per policy (rows) and depth (columns; 'SETTING, N layers' when
+    settings come with depths of their own), and a last row per setting, 'best vs BASE': the factor the
+    best policy gains over the baseline. A cell is the measured frontier label, 'est. N' from estimated
+    rows only (no prefix when every cell is estimated), 'M / est. N' where the estimate differs."""
+    if fr.empty:
+        return {}
+    all_estimated = bool((fr["basis"] == "estimated").all())
+    shared = settings_share_depths(fr)
+    out = {}
+    for b, f in fr.groupby("budget_gib", sort=True):
+        col = (lambda s, d: f"{int(d)} layers") if shared else (lambda s, d: f"{s}, {int(d)} layers" if s else f"{int(d)} layers")
+        keyed = {(r["setting"], r["policy"], col(r["setting"], r["depth"]), r["basis"]): r for _, r in f.iterrows()}
+        cols = list(dict.fromkeys(col(s, d) for s, d in sorted(zip(f["setting"], f["depth"]), key=lambda k: (k[1], k[0]) if not shared else k)))
+        records = []
+        for setting in sorted(f["setting"].unique()) if shared else [None]:
+            sel = f if setting is None else f[f["setting"] == setting]
+            gains = {}
+            for p in policy_order(sel["policy"]):
+                rec = {"setting": setting or "", "policy": p}
+                for c in cols:
+                    m = next((r for (s, q, cc, bs), r in keyed.items() if q == p and cc == c and bs == "measured" and (setting is None or s == setting)), None)
+                    e = next((r for (s, q, cc, bs), r in keyed.items() if q == p and cc == c and bs == "estimated" and (setting is None or s == setting)), None)
+                    rec[c] = _cell(m, e, all_estimated) if (m is not None or e is not None) else ""
+                    if m is not None or e is not None:
+                        gains.setdefault(c, {})[p] = m if m is not None else e
+                records.append(rec)
+            records.append({"setting": setting or "", "policy": f"best vs {base or 'sdpa'}", **{c: _gain(gains.get(c, {}), base) for c in cols}})
+        t = pd.DataFrame(records, columns=["setting", "policy", *cols])
+        if (t["setting"] == "").all():
+            t = t.drop(columns="setting")
+        out[float(b)] = t
+    return out

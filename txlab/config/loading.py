@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import types
 import typing
 from dataclasses import fields
 from pathlib import Path
@@ -132,7 +133,7 @@ _YAML11_EXPONENT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
     """Return `value` coerced to the field's type (int -> float only), or raise naming the key."""
     origin = get_origin(annotation)
-    if origin is typing.Union:
+    if origin in (typing.Union, types.UnionType):  # Optional[X] and X | None
         args = [a for a in get_args(annotation) if a is not type(None)]
         if value is None:
             return None

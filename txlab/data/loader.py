@@ -39,21 +39,12 @@ import numpy as np
 import torch
 
 from txlab.config import ConfigError, TrialConfig
+from txlab.data.batch import Batch, Indexed
+from txlab.data.synthetic import Synthetic
 from txlab.data.tokenizer import Tokenizer, load_tokenizer
 
 CORPUS_DOC_CHARS = 2000  # corpus documents: paragraphs gathered up to about this many characters
 ENCODE_GROUP = 64  # documents tokenized per call
-
-
-@dataclass
-class Batch:
-    tokens: torch.Tensor  # (B, T+1) int64: inputs tokens[:, :-1], targets tokens[:, 1:]
-    nbytes: int | None  # UTF-8 bytes the targets cover; None for synthetic data
-    index: int  # global batch index
-
-    def to(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self.tokens.to(device, non_blocking=True)
-        return t[:, :-1], t[:, 1:]
 
 
 # --- sources ------------------------------------------------------------------------------------
@@ -168,35 +159,7 @@ def _pack(encoded: list[tuple[np.ndarray, np.ndarray]], eot: int) -> tuple[np.nd
     return np.concatenate(ids), np.concatenate(nbytes)
 
 
-class _Indexed:
-    """Sources whose batch g is a pure function of (seed, g): worker `rank` of `world` takes g = rank,
-    rank + world, ... so shards never overlap and a checkpoint needs only g."""
-
-    def batch(self, g: int) -> Batch:
-        raise NotImplementedError
-
-    def iter_batches(self, start: int = 0, rank: int = 0, world: int = 1) -> Iterator[Batch]:
-        g = start + rank
-        while True:
-            yield self.batch(g)
-            g += world
-
-
-class Synthetic(_Indexed):
-    """Uniform random tokens; batch g is drawn from its own generator seeded by (seed, g)."""
-
-    def __init__(self, vocab_size: int, seq_len: int, batch_size: int, seed: int):
-        self.vocab_size, self.seq_len, self.batch_size, self.seed = vocab_size, seq_len, batch_size, seed
-
-    def batch(self, g: int) -> Batch:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + g)
-        return Batch(torch.randint(0, self.vocab_size, (self.batch_size, self.seq_len + 1), generator=gen), None, g)
-
-    def eval_batches(self, n: int) -> list[Batch]:
-        return [self.batch(-1 - i) for i in range(n)]
-
-
-class Packed(_Indexed):
+class Packed(Indexed):
     """An in-memory token stream (ids and bytes per token) cut into windows and served in shuffled epochs."""
 
     def __init__(self, ids: np.ndarray, nbytes: np.ndarray, seq_len: int, batch_size: int, seed: int):
@@ -459,20 +422,6 @@ def batches(split: Split, start: int = 0, workers: int = 0) -> Iterator[Batch]:
         _Sharded(split, start), batch_size=None, num_workers=workers, collate_fn=lambda b: b, persistent_workers=False
     )
     return iter(loader)
-
-
-class TrialBatches:
-    """Real batches for a measured trial (`txlab.trial`): `next()` -> (x, y) on the device; the bytes
-    the last batch's targets cover in `last_bytes`."""
-
-    def __init__(self, data: Data, device: torch.device):
-        self.it, self.device = data.train.iter_batches(0), device
-        self.last_bytes: int | None = None
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        b = next(self.it)
-        self.last_bytes = b.nbytes
-        return b.to(self.device)
 
 
 def bits_per_byte(loss_nats: float, n_targets: int, nbytes: int | None) -> float | None:

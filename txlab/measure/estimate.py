@@ -9,7 +9,7 @@ kernel, recomputation policy and loss mode is covered because the real code runs
 Targets:
 - `cpu`: the peak of the live-tensor tracker, which is what a measured CPU row reports.
 - `cuda`: the same run on fake CPU tensors (fake CUDA tensors need a CUDA build of torch), with
-  three CUDA differences modelled: fused AdamW (as `make_optimizer` builds it on CUDA), bf16
+  three CUDA differences modelled: fused AdamW (as `make_adamw` builds it on CUDA), bf16
   autocast on the CPU's autocast op lists (close to CUDA's for the ops in this model), and the
   caching allocator's rounding of each storage (`txlab.memory.cuda_block_bytes`). Not modelled:
   kernels' internal workspaces (cuBLAS, fused attention backward), which the CUDA allocator sees
@@ -27,9 +27,11 @@ from typing import Any
 import torch
 
 from txlab.config import ConfigError, TrialConfig
-from txlab.measure.budget import GiB
+from txlab.measure.budget import budget_bytes, infeasible_plan_row, over_budget
 from txlab.measure.fake import fake_step_memory
 from txlab.measure.formula import formula_activation_bytes, plan_segments
+from txlab.measure.planning import plan_trial
+from txlab.policy.planner import NoFeasiblePlan
 
 DEVICE_KINDS = ("cpu", "cuda")
 
@@ -89,13 +91,10 @@ def estimate_trial(
     try:
         plan = None
         if cfg.policy.remat == "planned":
-            from txlab.measure.planning import plan_trial
-            from txlab.policy.planner import NoFeasiblePlan
-
             try:
                 chosen = plan_trial(cfg, kind)
             except NoFeasiblePlan as e:
-                row.update(status="over_budget", error=str(e), peak_bytes=e.smallest_bytes, plan=e.plan.describe())
+                infeasible_plan_row(row, e)
                 row["duration_s"] = time.perf_counter() - t0
                 return row
             plan, row["plan"] = chosen.runs, chosen.describe()
@@ -107,17 +106,9 @@ def estimate_trial(
         )
         row["formula_activation_bytes"] = formula_activation_bytes(cfg, plan_segments(plan))
         row["status"] = "ok"
-        budget = None if cfg.measure.budget_gib is None else int(cfg.measure.budget_gib * GiB)
-        if budget is not None and row["peak_bytes"] > budget:
-            row.update(
-                status="over_budget",
-                error=f"predicted peak {row['peak_bytes'] / GiB:.3f} GiB over the budget of {budget / GiB:.3f} GiB",
-            )
-        elif capacity_bytes is not None and row["peak_bytes"] > capacity_bytes:
-            row.update(
-                status="over_budget",
-                error=f"predicted peak {row['peak_bytes'] / GiB:.3f} GiB over the capacity of {capacity_bytes / GiB:.3f} GiB",
-            )
+        budget = budget_bytes(cfg.measure.budget_gib)
+        if not over_budget(row, budget, predicted=True):
+            over_budget(row, capacity_bytes, "capacity", predicted=True)
     except Exception as e:  # noqa: BLE001 - like run_trial: a failing trial is a row, not a crash
         row.update(status="error", error=f"{e.__class__.__name__}: {e}"[:2000])
     row["duration_s"] = time.perf_counter() - t0

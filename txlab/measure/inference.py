@@ -1,27 +1,12 @@
-"""Long-context inference: prefill and token-by-token decode under a KV policy (`policy.kv`).
-
-The model stays a pure nn.Module; this module runs its submodules (embeddings, each block's norms,
-`attn.qkv`, `attn.proj`, `mlp`, the final norm and `lm_head`) step by step, with positions offset for
-decoding, and keeps whatever the KV policy keeps between steps:
-
-- `cache`: the keys and values of every layer, (B, n_kv_heads, T_max, head_dim) each, allocated once
-  for the whole run (T_max = seq_len, + decode_tokens when decoding), so the cache is never copied.
-- `grouped`: the same cache on a grouped-query model (n_kv_heads < n_heads): it shrinks by the ratio.
-- `recompute`: no keys or values outlive one layer of one step. What is kept is each layer's
-  attention input (the normalized residual stream, (B, T_max, d_model) per layer); a decode step
-  recomputes the keys and values of every past position from it, k_chunk positions at a time, and
-  folds each tile into an online softmax (space-time trade-off attention: the cost of a generated
-  token grows with the context, the memory is one tile).
-
-Prefill runs the attention kernel of `policy.attention` over the whole prompt (`chunked`: q_chunk x
-k_chunk tiles, never a T x T score matrix). Every policy computes the same logits as `cache` (fp32
-tolerance), which the tests hold them to, greedy generations included.
-
-`measure_inference` is the measured trial for `workload.kind` prefill / decode (called by
-`txlab.trial._measure`); it uses the same memory monitor (MemTracker) and timing rules as training."""
+"""The measured trial of `workload.kind` prefill / decode: the model for inference (eval mode, the
+policy's attention kernel, int4 projections when asked), the decode engine of `txlab.model.decode`
+under the same memory monitor (MemTracker) and timing rules as training, and int4's error against the
+full-precision model of the same weights. Called by `txlab.measure.trial`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -33,13 +18,15 @@ import torch
 import torch.nn.functional as F
 
 from txlab.config import TrialConfig
-from txlab.measure.budget import BudgetExceeded, GiB
+from txlab.measure.budget import BudgetExceeded, GiB, budget_bytes, over_budget, stopped_row
 from txlab.measure.device import sync
 from txlab.measure.memory import MemoryMonitor, RssWindow
 from txlab.measure.progress import log
+from txlab.measure.throughput import flops_per_token, mfu
 from txlab.model.decode import Inference, context_length
 from txlab.model.gpt import GPT
 from txlab.model.quant import quantize_model, quantized_bytes, weight_bytes
+from txlab.policy.apply import apply_policy
 
 
 def build_model(cfg: TrialConfig, device: torch.device, quant: bool = True) -> GPT:
@@ -50,6 +37,9 @@ def build_model(cfg: TrialConfig, device: torch.device, quant: bool = True) -> G
     if device.type != "cpu":
         model = model.to(device)
     model.eval()
+    # The kernel of policy.attention (prefill); recomputation is a training policy: nothing to recompute
+    # without a backward, and the decode engine walks the plain blocks.
+    apply_policy(model, dataclasses.replace(cfg.policy, remat="none"))
     if quant and cfg.model.quant == "int4":
         quantize_model(model, cfg.model.quant_group)
     return model
@@ -125,10 +115,8 @@ def quant_error(
 
 def measure_inference(cfg: TrialConfig, device: torch.device, row: dict[str, Any], progress: bool, data) -> None:
     """Fill `row` for a prefill / decode trial: peak memory (KV cache as its own column), times."""
-    from txlab.measure.throughput import flops_per_token, mfu
-
     m, w = cfg.model, cfg.workload
-    budget = None if cfg.measure.budget_gib is None else int(cfg.measure.budget_gib * GiB)  # CUDA: capped by _measure
+    budget = budget_bytes(cfg.measure.budget_gib)  # CUDA: capped by txlab.measure.trial._measure
     model = build_model(cfg, device, quant=False)
     row["n_params"] = model.num_params()
     row["weight_bytes_fp"] = weight_bytes(model)
@@ -149,9 +137,7 @@ def measure_inference(cfg: TrialConfig, device: torch.device, row: dict[str, Any
             with MemoryMonitor(device, model, None, [prompt], budget) as monitor:
                 r = _run_once(model, cfg, prompt, device, timed=False, end_step=monitor.end_step)
         except BudgetExceeded as e:
-            row.update(
-                status="over_budget", error=str(e), peak_bytes=e.tracked_bytes, tracked_peak_bytes=e.tracked_bytes
-            )
+            stopped_row(row, e)
             return
         stats = monitor.stats().as_row()
         kv, kept = r.state.kv_cache_bytes, r.state.kv_inputs_bytes
@@ -196,10 +182,5 @@ def measure_inference(cfg: TrialConfig, device: torch.device, row: dict[str, Any
             f"  int4 vs full precision: logit relative error {row['logit_rel_error']:.4f}, "
             f"next-token agreement {row['next_token_agreement']:.1%}",
         )
-    if budget is not None and row["peak_bytes"] > budget:
-        row.update(
-            status="over_budget",
-            error=f"peak {row['peak_bytes'] / GiB:.3f} GiB over the budget of {budget / GiB:.3f} GiB",
-        )
-        return
-    row["status"] = "ok"
+    if not over_budget(row, budget):
+        row["status"] = "ok"

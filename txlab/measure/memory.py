@@ -75,7 +75,7 @@ def cuda_block_bytes(nbytes: int) -> int:
 
 
 @contextmanager
-def cuda_accounting():
+def charge_as_cuda():
     """Charge every storage the tracker sees as the CUDA allocator would (see cuda_block_bytes).
 
     MemTracker rounds only storages on a CUDA device, and only to 512 bytes; the estimator runs on
@@ -131,7 +131,7 @@ class MemoryMonitor:
         self.device = device
         self._stack = ExitStack()
         if cuda_accounting:  # before track_external, so parameters and optimizer state are charged alike
-            self._stack.enter_context(cuda_accounting())
+            self._stack.enter_context(charge_as_cuda())
         # CUDA has a real cap (set_per_process_memory_fraction); the tracker's budget guard is for CPU.
         try:
             self.tracker = tracker_cls(budget_bytes if device.type == "cpu" else None)

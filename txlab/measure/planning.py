@@ -4,14 +4,21 @@ programme of `txlab.policy.planner`), check it with the estimator (`txlab.measur
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from contextlib import nullcontext
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from txlab.config import TrialConfig
-from txlab.measure.budget import GiB
+from txlab.measure.budget import budget_bytes
+from txlab.measure.fake import fake_step_memory
+from txlab.measure.memory import charge_as_cuda, mem_tracker_cls
+from txlab.model.gpt import Block, rope_tables
+from txlab.policy.apply import apply_policy
 from txlab.policy.planner import RATES, BlockCost, NoFeasiblePlan, Plan, Run, model_peak, optimise
-from txlab.policy.remat import PLAN_MODES, SELECTIVE_SAVE
+from txlab.policy.remat import PLAN_MODES, SELECTIVE_SAVE, Recomputed
 
 # --- profiling a block on fake tensors --------------------------------------------------------------
 
@@ -45,22 +52,13 @@ def _recompute_seconds(block, x, rope, kind: str, autocast) -> dict[str, float]:
 
 def profile_block(cfg: TrialConfig, kind: str = "cpu") -> BlockCost:
     """One block of the trial's model, on fake tensors under the same tracker, in each mode."""
-    from contextlib import nullcontext
-
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from txlab.measure.memory import cuda_accounting, mem_tracker_cls
-    from txlab.model.attention import get_attention
-    from txlab.model.gpt import Block, rope_tables
-    from txlab.policy.remat import Recomputed
-
     m, w, p = cfg.model, cfg.workload, cfg.policy
     tracker_cls, _ = mem_tracker_cls()
     kept, backward = {}, {}
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if w.dtype == "bf16" else nullcontext
-    with FakeTensorMode(), cuda_accounting() if kind == "cuda" else nullcontext():
+    with FakeTensorMode(), charge_as_cuda() if kind == "cuda" else nullcontext():
         block = Block(m)
-        block.attn.attn_fn = get_attention(p.attention, p.q_chunk, p.k_chunk)
+        apply_policy(block, dataclasses.replace(p, remat="none"))  # its kernel; the modes below wrap it
         rope = rope_tables(w.seq_len, m.d_model // m.n_heads) if m.pos == "rope" else None
         grad_bytes = sum(q.numel() * q.element_size() for q in block.parameters())
         for mode in PLAN_MODES:
@@ -97,9 +95,7 @@ def _total(tracker) -> int:
 
 def plan_trial(cfg: TrialConfig, kind: str = "cpu", rounds: int = 4) -> Plan:
     """The plan for a `planned` trial, checked by the estimator. Raises NoFeasiblePlan."""
-    from txlab.measure.fake import fake_step_memory
-
-    budget = int(cfg.measure.budget_gib * GiB)
+    budget = budget_bytes(cfg.measure.budget_gib)
     blocks = [profile_block(cfg, kind)] * cfg.model.n_layers
     L = cfg.model.n_layers
 
@@ -110,7 +106,6 @@ def plan_trial(cfg: TrialConfig, kind: str = "cpu", rounds: int = 4) -> Plan:
     keep_all, full_all = [(0, L, "keep")], [(i, i + 1, "full") for i in range(L)]
     const = max(estimate(r) - model_peak(blocks, r) for r in (keep_all, full_all))
     target = budget
-    checked: Plan | None = None
     for _ in range(rounds):
         plan = optimise(blocks, target, const)
         if plan is None:
@@ -118,7 +113,6 @@ def plan_trial(cfg: TrialConfig, kind: str = "cpu", rounds: int = 4) -> Plan:
         plan.peak_bytes = estimate(plan.runs)
         if plan.peak_bytes <= budget:
             return plan
-        checked = plan
         target -= plan.peak_bytes - budget
     least = optimise(blocks, math.inf, const, objective="peak")
     assert least is not None

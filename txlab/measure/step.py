@@ -5,7 +5,6 @@ build the same parts, so what is estimated is what is run.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -13,22 +12,35 @@ from dataclasses import dataclass
 import torch
 
 from txlab.config import TrialConfig
-from txlab.data.synthetic import SyntheticBatches
+from txlab.data.batch import TrialBatches
+from txlab.data.synthetic import Synthetic
 from txlab.model.gpt import GPT
 from txlab.policy.apply import apply_policy
-from txlab.policy.remat import apply_plan
 
 MEMORY_STEPS = 2
 
 
-def make_optimizer(model: torch.nn.Module, device: torch.device, fused: bool | None = None) -> torch.optim.Optimizer:
-    """AdamW; fused (one kernel, no per-parameter temporaries) on CUDA unless `fused` says otherwise."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
+def make_adamw(
+    model: torch.nn.Module,
+    device: torch.device,
+    lr: float = 3e-4,
+    betas: tuple[float, float] = (0.9, 0.95),
+    weight_decay: float = 0.1,
+    fused: bool | None = None,
+) -> torch.optim.Optimizer:
+    """AdamW for trials and `txlab train` alike; fused (one kernel, no per-parameter temporaries) on CUDA
+    unless `fused` says otherwise.
+
+    Weight decay on every matrix (parameters of 2 or more dimensions), embeddings included; none on
+    norms and biases (GPT-2's and nanoGPT's rule). Embeddings decay because with tied weights (the
+    default) the token embedding is also the output projection, a matrix that every position's logits
+    train at every step; and because trials have always built AdamW this way, so stored figures (the
+    optimizer's temporaries are grouped by decay) reproduce.
+    """
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # each parameter once: a tied lm_head is wte
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(
-        groups, lr=3e-4, betas=(0.9, 0.95), fused=device.type == "cuda" if fused is None else fused
-    )
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda" if fused is None else fused)
 
 
 def make_step(
@@ -56,7 +68,7 @@ class TrialParts:
     loss_fn: Callable
     optimizer: torch.optim.Optimizer
     step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    data: SyntheticBatches
+    data: TrialBatches
 
 
 def build_trial(
@@ -70,7 +82,7 @@ def build_trial(
 
     Works under a FakeTensorMode too (the estimator): the model is built on the CPU and moved only
     when `device` is not the CPU. `fused_optimizer` lets the estimator build CUDA's fused AdamW on
-    fake CPU tensors (None: fused on CUDA only). `plan`: the runs chosen by txlab.planner, required
+    fake CPU tensors (None: fused on CUDA only). `plan`: the runs chosen by the planner, required
     with policy.remat = planned. `data`: the batches to train on (default: synthetic tokens).
     """
     m, w = cfg.model, cfg.workload
@@ -78,16 +90,10 @@ def build_trial(
     model = GPT(m, w.seq_len)
     if device.type != "cpu":  # a no-op on the CPU, and one fake tensors cannot take (Module._apply swaps)
         model = model.to(device)
-    if cfg.policy.remat == "planned":
-        if plan is None:
-            raise ValueError("policy.remat = planned needs a plan (txlab.planner.plan_trial)")
-        loss_fn = apply_policy(model, dataclasses.replace(cfg.policy, remat="none"))
-        apply_plan(model, plan)
-    else:
-        loss_fn = apply_policy(model, cfg.policy)
+    loss_fn = apply_policy(model, cfg.policy, plan)
     if w.compile:
         model.compile()
-    optimizer = make_optimizer(model, device, fused_optimizer)
+    optimizer = make_adamw(model, device, fused=fused_optimizer)
     if data is None:
-        data = SyntheticBatches(m.vocab_size, w.batch_size, w.seq_len, cfg.seed, device)
+        data = TrialBatches(Synthetic(m.vocab_size, w.seq_len, w.batch_size, cfg.seed), device)
     return TrialParts(model, loss_fn, optimizer, make_step(model, loss_fn, optimizer, device, w.dtype), data)

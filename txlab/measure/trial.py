@@ -1,6 +1,6 @@
 """One measured trial in the current process: build, apply the policy, train a few steps, measure.
 
-`workload.kind` prefill / decode trials are measured by `txlab.inference.measure_inference` (same
+`workload.kind` prefill / decode trials are measured by `txlab.measure.inference.measure_inference` (same
 monitor, same timing rules); this module dispatches to it.
 
 `run_trial(cfg) -> row` never raises for out-of-memory or over-budget: those are statuses. Other
@@ -23,122 +23,129 @@ from typing import Any
 import torch
 
 from txlab.config import TrialConfig
-from txlab.data.synthetic import SyntheticBatches
-from txlab.measure.budget import BudgetExceeded, GiB
+from txlab.data.batch import TrialBatches
+from txlab.data.loader import Data, bits_per_byte, open_data
+from txlab.data.synthetic import Synthetic
+from txlab.measure.budget import BudgetExceeded, budget_bytes, infeasible_plan_row, over_budget, stopped_row
 from txlab.measure.device import device_info, is_oom, resolve_device, sync
+from txlab.measure.formula import formula_activation_bytes, plan_segments
+from txlab.measure.inference import measure_inference
 from txlab.measure.memory import MemoryMonitor, RssWindow
+from txlab.measure.planning import plan_trial
 from txlab.measure.progress import log
 from txlab.measure.row import base_row
-from txlab.measure.step import MEMORY_STEPS, build_trial
+from txlab.measure.step import MEMORY_STEPS, TrialParts, build_trial
 from txlab.measure.throughput import flops_per_token, mfu
+from txlab.policy.planner import NoFeasiblePlan
 
 
-def _measure(cfg: TrialConfig, device: torch.device, row: dict[str, Any], progress: bool, real_data=None) -> None:
+def trial_batches(cfg: TrialConfig, device: torch.device, real_data: Data | None) -> TrialBatches:
+    """The trial's (x, y) stream: real text when the config reads some, else synthetic tokens (same shapes)."""
     m, w = cfg.model, cfg.workload
-    budget = None if cfg.measure.budget_gib is None else int(cfg.measure.budget_gib * GiB)
-    if device.type == "cuda" and budget is not None:
-        # A real cap: allocations past the budget raise OutOfMemoryError, as on a smaller device.
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / row["device_capacity_bytes"]), device)
-    data = None
-    if real_data is not None:  # same shapes as the synthetic batches, real text (txlab.data)
-        from txlab.data.loader import TrialBatches
+    split = real_data.train if real_data is not None else Synthetic(m.vocab_size, w.seq_len, w.batch_size, cfg.seed)
+    return TrialBatches(split, device)
 
-        data = TrialBatches(real_data, device)
-    if w.kind in ("prefill", "decode"):  # no-grad forward (+ decode steps) under a KV policy: txlab.inference
-        from txlab.measure.inference import measure_inference
 
-        if data is None:
-            data = SyntheticBatches(m.vocab_size, w.batch_size, w.seq_len, cfg.seed, device)
-        measure_inference(cfg, device, row, progress, data)
-        return
+def _plan(cfg: TrialConfig, device: torch.device, row: dict[str, Any], progress: bool) -> list | None:
+    """The planner's runs for a `planned` trial (None for the other policies). Raises NoFeasiblePlan."""
+    if cfg.policy.remat != "planned":
+        return None
+    chosen = plan_trial(cfg, device.type)
+    row["plan"] = chosen.describe()
+    log(progress, f"  plan: {row['plan']}")
+    return chosen.runs
 
-    plan = None
-    if cfg.policy.remat == "planned":
-        from txlab.measure.planning import plan_trial
-        from txlab.policy.planner import NoFeasiblePlan
 
-        try:
-            chosen = plan_trial(cfg, device.type)
-        except NoFeasiblePlan as e:
-            row.update(
-                status="over_budget", measured=False, error=str(e), peak_bytes=e.smallest_bytes, plan=e.plan.describe()
-            )
-            return
-        plan, row["plan"] = chosen.runs, chosen.describe()
-        log(progress, f"  plan: {row['plan']}")
-    parts = build_trial(cfg, device, plan=plan, data=data)
-    model, optimizer, step, data = parts.model, parts.optimizer, parts.step, parts.data
-    row["n_params"] = model.num_params()
-    row["flops_per_token"] = flops_per_token(
-        model.num_non_embedding_params(), m.n_layers, m.n_heads, m.d_model // m.n_heads, w.seq_len
-    )
-    from txlab.measure.formula import formula_activation_bytes, plan_segments
-
-    row["formula_activation_bytes"] = formula_activation_bytes(cfg, plan_segments(plan))
-
-    batches = [data.next() for _ in range(MEMORY_STEPS)]
+def _memory_steps(parts: TrialParts, device: torch.device, budget: int | None, row: dict[str, Any], progress: bool):
+    """The two monitored steps (AdamW's state is created in the first): the peak and its breakdown."""
+    batches = [parts.data.next() for _ in range(MEMORY_STEPS)]
     inputs = [t for b in batches for t in b]
+    try:
+        with MemoryMonitor(device, parts.model, parts.optimizer, inputs, budget) as monitor:
+            for i, (x, y) in enumerate(batches):
+                loss = parts.step(x, y)
+                monitor.end_step()
+                log(progress, f"  memory step {i + 1}/{MEMORY_STEPS}  loss {loss.item():.4f}")
+    finally:
+        del batches, inputs
+    row.update(monitor.stats().as_row())
+
+
+def _timed_steps(
+    parts: TrialParts, cfg: TrialConfig, device: torch.device, progress: bool
+) -> tuple[list[float], float]:
+    """`warmup_steps` untimed steps, then `steps` timed ones (device synchronized): their times, last loss."""
+    w = cfg.workload
+    for i in range(w.warmup_steps):
+        parts.step(*parts.data.next())
+        log(progress, f"  warm-up step {i + 1}/{w.warmup_steps}")
+    times = []
+    for i in range(w.steps):
+        x, y = parts.data.next()
+        sync(device)
+        t0 = time.perf_counter()
+        loss = parts.step(x, y)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        log(progress, f"  timed step {i + 1}/{w.steps}  {times[-1]:.3f} s  loss {loss.item():.4f}")
+    return times, float(loss.item())
+
+
+def _measure_training(cfg: TrialConfig, device: torch.device, row: dict[str, Any], progress: bool, data) -> None:
+    m, w = cfg.model, cfg.workload
+    budget = budget_bytes(cfg.measure.budget_gib)
+    try:
+        plan = _plan(cfg, device, row, progress)
+    except NoFeasiblePlan as e:
+        infeasible_plan_row(row, e)
+        return
+    parts = build_trial(cfg, device, plan=plan, data=data)
+    row["n_params"] = parts.model.num_params()
+    row["flops_per_token"] = flops_per_token(
+        parts.model.num_non_embedding_params(), m.n_layers, m.n_heads, m.d_model // m.n_heads, w.seq_len
+    )
+    row["formula_activation_bytes"] = formula_activation_bytes(cfg, plan_segments(plan))
     with RssWindow() as rss:
         try:
-            with MemoryMonitor(device, model, optimizer, inputs, budget) as monitor:
-                for i, (x, y) in enumerate(batches):
-                    loss = step(x, y)
-                    monitor.end_step()
-                    log(progress, f"  memory step {i + 1}/{MEMORY_STEPS}  loss {loss.item():.4f}")
+            _memory_steps(parts, device, budget, row, progress)
         except BudgetExceeded as e:
-            row.update(
-                status="over_budget", error=str(e), peak_bytes=e.tracked_bytes, tracked_peak_bytes=e.tracked_bytes
-            )
+            stopped_row(row, e)
             return
-        finally:
-            del batches, inputs
-        row.update(monitor.stats().as_row())
-        for i in range(w.warmup_steps):
-            step(*data.next())
-            log(progress, f"  warm-up step {i + 1}/{w.warmup_steps}")
-        times = []
-        for i in range(w.steps):
-            x, y = data.next()
-            sync(device)
-            t0 = time.perf_counter()
-            loss = step(x, y)
-            sync(device)
-            times.append(time.perf_counter() - t0)
-            log(progress, f"  timed step {i + 1}/{w.steps}  {times[-1]:.3f} s  loss {loss.item():.4f}")
+        times, row["loss"] = _timed_steps(parts, cfg, device, progress)
     row["peak_rss_bytes"] = rss.peak if device.type == "cpu" else None
     row["step_time_s"] = statistics.median(times)
     row["tokens_per_s"] = w.batch_size * w.seq_len / row["step_time_s"]
-    row["mfu"] = (
-        mfu(row["flops_per_token"], row["tokens_per_s"], row["device"], w.dtype) if device.type == "cuda" else None
-    )
-    row["loss"] = float(loss.item())
-    if real_data is not None:  # the same batch's loss over the bytes its targets cover
-        from txlab.data.loader import bits_per_byte
-
-        row["bits_per_byte"] = bits_per_byte(row["loss"], w.batch_size * w.seq_len, data.last_bytes)
+    if device.type == "cuda":
+        row["mfu"] = mfu(row["flops_per_token"], row["tokens_per_s"], row["device"], w.dtype)
+    if parts.data.last_bytes is not None:  # real text: the same batch's loss over the bytes its targets cover
+        row["bits_per_byte"] = bits_per_byte(row["loss"], w.batch_size * w.seq_len, parts.data.last_bytes)
     if not math.isfinite(row["loss"]):
         row.update(status="error", error=f"loss is {row['loss']}: training diverged")
         return
-    if budget is not None and row["peak_bytes"] > budget:
-        row.update(
-            status="over_budget",
-            error=f"peak {row['peak_bytes'] / GiB:.3f} GiB over the budget of {budget / GiB:.3f} GiB",
-        )
-        return
-    row["status"] = "ok"
+    if not over_budget(row, budget):
+        row["status"] = "ok"
+
+
+def _measure(cfg: TrialConfig, device: torch.device, row: dict[str, Any], progress: bool, real_data=None) -> None:
+    budget = budget_bytes(cfg.measure.budget_gib)
+    if device.type == "cuda" and budget is not None:
+        # A real cap: allocations past the budget raise OutOfMemoryError, as on a smaller device.
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / row["device_capacity_bytes"]), device)
+    data = trial_batches(cfg, device, real_data)
+    if cfg.workload.kind in ("prefill", "decode"):  # no-grad forward (+ decode steps) under a KV policy
+        measure_inference(cfg, device, row, progress, data)
+    else:
+        _measure_training(cfg, device, row, progress, data)
 
 
 def run_trial(cfg: TrialConfig, progress: bool = False) -> dict[str, Any]:
-    """Run one trial and return its flat result row (see DESIGN.md and txlab.columns)."""
+    """Run one trial and return its flat result row (see docs/design.md and txlab.results.columns)."""
     t0 = time.perf_counter()
     row = base_row(cfg)
     device = resolve_device(cfg.measure.device)
     row["device"], row["device_capacity_bytes"] = device_info(device)
-    real_data = None
-    if cfg.data.source != "synthetic":
-        from txlab.data.loader import open_data
-
-        real_data = open_data(cfg)  # bad data input is a ConfigError here, before any work
+    # bad data input is a ConfigError here, before any work
+    real_data = open_data(cfg) if cfg.data.source != "synthetic" else None
     log(
         progress,
         f"trial {row['trial_key']}: {cfg.model.size} x{cfg.model.n_layers}, policy {cfg.policy.name}, "

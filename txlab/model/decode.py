@@ -2,7 +2,7 @@
 
 The engine drives the model's own modules: each block's `attn.project` (the QKV projection, head split
 and RoPE of `txlab.model.gpt`), its attention kernel (set by `txlab.policy.apply_policy`) for the
-prefill, and `Block.finish` (output projection, residual, MLP) — so there is one forward path to keep
+prefill, and `Attention.output` and `Block.mlp_residual` (output projection, residuals, MLP) — so there is one forward path to keep
 in sync. What it adds is what decoding needs: absolute positions, and whatever the KV policy keeps
 between steps:
 
@@ -29,7 +29,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from txlab.config import PolicyConfig, TrialConfig
-from txlab.model.attention import get_attention
 from txlab.model.gpt import GPT, apply_rope
 from txlab.model.quant import Int4Linear, unpack_int4
 
@@ -77,7 +76,6 @@ class Inference:
         self.n_heads, self.n_kv_heads, self.head_dim = attn0.n_heads, attn0.n_kv_heads, attn0.head_dim
         self.d_model = m.cfg.d_model
         self.device = m.wte.weight.device
-        self.prefill_attn = get_attention(self.policy.attention, self.policy.q_chunk, self.policy.k_chunk)
         B, T, Hkv, D = self.batch_size, self.max_len, self.n_kv_heads, self.head_dim
         # Allocated up front, for the whole run: the cache never grows by copying.
         if self.policy.kv in ("cache", "grouped"):
@@ -100,36 +98,6 @@ class Inference:
         """Bytes of layer inputs held to recompute keys and values from (recompute only)."""
         return sum(t.numel() * t.element_size() for t in self.inputs)
 
-    # --- pieces of the model, at absolute positions --------------------------------------------------
-
-    def _embed(self, idx: torch.Tensor, pos0: int) -> torch.Tensor:
-        m = self.model
-        x = m.wte(idx)
-        if m.wpe is not None:
-            x = x + m.wpe(torch.arange(pos0, pos0 + idx.shape[1], device=idx.device))
-        return m.drop(x)
-
-    def _rope(self, pos0: int, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        m = self.model
-        if m.wpe is not None:
-            return None
-        return m.rope_cos[pos0 : pos0 + n], m.rope_sin[pos0 : pos0 + n]
-
-    def _split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, n, _ = qkv.shape
-        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = q.view(B, n, H, D).transpose(1, 2)  # (B, H, n, D)
-        k = k.view(B, n, Hkv, D).transpose(1, 2)  # (B, Hkv, n, D)
-        v = v.view(B, n, Hkv, D).transpose(1, 2)
-        return q, k, v
-
-    def _finish_block(self, block: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        B, n, C = x.shape
-        y = y.transpose(1, 2).reshape(B, n, C)  # (B, n, d_model)
-        x = x + block.attn.drop(block.attn.proj(y))
-        return x + block.mlp(block.norm2(x))
-
     # --- prefill: the whole prompt at once -----------------------------------------------------------
 
     def prefill(self, idx: torch.Tensor) -> torch.Tensor:
@@ -137,21 +105,19 @@ class Inference:
         B, T = idx.shape
         if T > self.max_len:
             raise ValueError(f"prompt of {T} tokens is longer than the run's {self.max_len} positions")
-        rope = self._rope(0, T)
-        x = self._embed(idx, 0)
+        rope = self.model.rope_at(0, T)
+        x = self.model.embed(idx, 0)
         for layer, block in enumerate(self.model.blocks):
             h = block.norm1(x)
-            q, k, v = self._split_heads(block.attn.qkv(h))
-            if rope is not None:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k, v = block.attn.project(h, rope)
             if self.inputs:
                 self.inputs[layer][:, :T] = h
             else:
                 self.keys[layer][:, :, :T] = k
                 self.values[layer][:, :, :T] = v
-            y = self.prefill_attn(q, k, v)  # (B, H, T, D), causal
+            y = block.attn.attn_fn(q, k, v)  # (B, H, T, D), causal: the kernel the policy set
             del q, k, v, h
-            x = self._finish_block(block, x, y)
+            x = block.mlp_residual(x + block.attn.output(y))
         self.pos = T
         return self.model.norm_f(x)
 
@@ -163,13 +129,11 @@ class Inference:
         if t >= self.max_len:
             raise ValueError(f"the run holds {self.max_len} positions; all are used")
         idx = tokens.view(-1, 1)
-        rope = self._rope(t, 1)
-        x = self._embed(idx, t)  # (B, 1, d_model)
+        rope = self.model.rope_at(t, 1)
+        x = self.model.embed(idx, t)  # (B, 1, d_model)
         for layer, block in enumerate(self.model.blocks):
             h = block.norm1(x)
-            q, k, v = self._split_heads(block.attn.qkv(h))  # (B, H, 1, D), (B, Hkv, 1, D)
-            if rope is not None:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k, v = block.attn.project(h, rope)  # (B, H, 1, D), (B, Hkv, 1, D)
             if self.inputs:
                 self.inputs[layer][:, t : t + 1] = h
                 y = self._attend_recomputed(block, layer, q, k, v, t)
@@ -177,7 +141,7 @@ class Inference:
                 self.keys[layer][:, :, t : t + 1] = k
                 self.values[layer][:, :, t : t + 1] = v
                 y = self._attend_cached(q, layer, t + 1)
-            x = self._finish_block(block, x, y)
+            x = block.mlp_residual(x + block.attn.output(y))
         self.pos = t + 1
         return self.model.norm_f(x)[:, 0]
 
@@ -205,12 +169,12 @@ class Inference:
             k1 = min(k0 + chunk, t + 1)
             if k1 == t + 1:  # the tile ends at the new position: its K/V are already computed
                 if k1 - 1 > k0:
-                    kj, vj = self._recompute_kv(layer, w, b, k0, k1 - 1)
+                    kj, vj = self._recompute_kv(block, layer, w, b, k0, k1 - 1)
                     kj, vj = torch.cat([kj, k_new], dim=2), torch.cat([vj, v_new], dim=2)
                 else:
                     kj, vj = k_new, v_new
             else:
-                kj, vj = self._recompute_kv(layer, w, b, k0, k1)
+                kj, vj = self._recompute_kv(block, layer, w, b, k0, k1)
             s = (qg @ kj.unsqueeze(2).transpose(-2, -1)).float() * scale  # (B, Hkv, G, 1, tk)
             new_max = torch.maximum(row_max, s.amax(dim=-1))
             p = torch.exp(s - new_max.unsqueeze(-1))
@@ -222,15 +186,15 @@ class Inference:
         return (acc / row_sum.unsqueeze(-1)).to(q.dtype).reshape(B, H, 1, D)
 
     def _recompute_kv(
-        self, layer: int, w: torch.Tensor, b: torch.Tensor | None, k0: int, k1: int
+        self, block: nn.Module, layer: int, w: torch.Tensor, b: torch.Tensor | None, k0: int, k1: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        B, Hkv, D = self.batch_size, self.n_kv_heads, self.head_dim
+        """Keys and values of positions k0..k1-1, from the kept layer inputs and the K/V rows of the
+        block's projection (the query rows are not needed), split into heads as the block does."""
+        attn, kv_width = block.attn, self.n_kv_heads * self.head_dim
         h = self.inputs[layer][:, k0:k1]  # (B, tk, d_model)
-        kv = F.linear(h.to(w.dtype), w, b)  # (B, tk, 2 * Hkv * D)
-        k, v = kv.split([Hkv * D, Hkv * D], dim=-1)
-        k = k.view(B, k1 - k0, Hkv, D).transpose(1, 2)  # (B, Hkv, tk, D)
-        v = v.view(B, k1 - k0, Hkv, D).transpose(1, 2)
-        rope = self._rope(k0, k1 - k0)
+        k, v = F.linear(h.to(w.dtype), w, b).split([kv_width, kv_width], dim=-1)  # (B, tk, Hkv * D) each
+        k, v = attn.heads(k, self.n_kv_heads), attn.heads(v, self.n_kv_heads)  # (B, Hkv, tk, D)
+        rope = self.model.rope_at(k0, k1 - k0)
         if rope is not None:
             k = apply_rope(k, *rope)
         return k, v

@@ -50,20 +50,29 @@ class Attention(nn.Module):
         # A plain attribute, not a submodule: the kernel is a policy, swapped in by txlab.policy.
         self.attn_fn: AttentionFn = sdpa_attention
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
-        )
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+    def heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        """(B, T, n * head_dim) -> (B, n, T, head_dim)."""
+        B, T, _ = t.shape
+        return t.view(B, T, n, self.head_dim).transpose(1, 2)
+
+    def project(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> q (B, H, T, D), k and v (B, Hkv, T, D); `rope`: the cos/sin rows of x's positions."""
+        kv = self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
+        q, k, v = self.heads(q, self.n_heads), self.heads(k, self.n_kv_heads), self.heads(v, self.n_kv_heads)
         if rope is not None:
-            cos, sin = rope[0][:T], rope[1][:T]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = self.attn_fn(q, k, v)  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.drop(self.proj(y))
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        """Attention output y (B, H, T, D) -> the residual branch (B, T, C)."""
+        B, H, T, D = y.shape
+        return self.drop(self.proj(y.transpose(1, 2).reshape(B, T, H * D)))
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        return self.output(self.attn_fn(*self.project(x, rope)))
 
 
 class MLP(nn.Module):
@@ -98,7 +107,12 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope)
+        x = x + self.attn(self.norm1(x), rope)  # the branch is freed by the add (autograd keeps no copy)
+        return self.mlp_residual(x)
+
+    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The second half of the block: the MLP branch added to the residual stream. Shared with the
+        decode engine (txlab.model.decode), which computes the attention half its own way."""
         return x + self.mlp(self.norm2(x))
 
 
@@ -134,16 +148,23 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def embed(self, idx: torch.Tensor, pos0: int = 0) -> torch.Tensor:
+        """idx (B, T) at positions pos0.. -> the residual stream's input (B, T, d_model)."""
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(pos0, pos0 + idx.shape[1], device=idx.device))
+        return self.drop(x)
+
+    def rope_at(self, pos0: int, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rotary cos/sin rows of positions pos0 .. pos0 + n - 1 (None for learned positions)."""
+        if self.wpe is not None:
+            return None
+        return self.rope_cos[pos0 : pos0 + n], self.rope_sin[pos0 : pos0 + n]
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx (B, T) token ids -> final hidden states (B, T, d_model)."""
-        B, T = idx.shape
-        x = self.wte(idx)
-        rope = None
-        if self.wpe is not None:
-            x = x + self.wpe(torch.arange(T, device=idx.device))
-        else:
-            rope = (self.rope_cos, self.rope_sin)
-        x = self.drop(x)
+        x = self.embed(idx)
+        rope = self.rope_at(0, idx.shape[1])
         for block in self.blocks:
             x = block(x, rope)
         return self.norm_f(x)

@@ -5,6 +5,7 @@ Analysis may import this module and `txlab.store`, nothing else from txlab.
 
 from __future__ import annotations
 
+import types
 import typing
 from dataclasses import fields
 from typing import Literal, get_args, get_origin
@@ -66,7 +67,7 @@ FIGURES: dict[str, pa.DataType] = {
 
 def _arrow_type(annotation) -> pa.DataType:
     origin = get_origin(annotation)
-    if origin is typing.Union:
+    if origin in (typing.Union, types.UnionType):  # Optional[X] and X | None
         return _arrow_type([a for a in get_args(annotation) if a is not type(None)][0])
     if origin is Literal or annotation is str:
         return pa.string()

@@ -41,6 +41,8 @@ from txlab.results.columns import FINAL_STATUSES, row_schema
 from txlab.results.store import Store
 from txlab.sweeps.spec import Expansion, SweepSpec, Trial, expand
 
+# What to do when another driver took over this driver's store lease (object storage).
+LEASE_LOST_FIX = "let the other sweep finish (or stop it)"
 # How much of a dead trial process's stderr goes into the row's `error` message.
 STDERR_TAIL_CHARS = 1500
 
@@ -263,101 +265,158 @@ class Progress:
         self.last_line_at = time.monotonic()
 
 
-def _make_callback_class():
-    import pyarrow as pa
-    from ray import tune
+class RowWriter:
+    """The driver's side of a sweep, without Ray: writes each reported row to the store (the one writer),
+    keeps the progress counts and the set of running trials, prints the progress lines, and stops the sweep
+    (`store_error`) once the store cannot take rows. The Tune callback (`_make_callback_class`) feeds it."""
 
-    class StoreWriter(tune.Callback):
-        """Writes each finished trial's row to the store (on the driver: the one writer)."""
+    def __init__(self, plan: Plan, jobs: dict[str, dict[str, Any]], progress: Progress, heartbeat_s: float):
+        self.plan, self.jobs, self.progress, self.heartbeat_s = plan, jobs, progress, heartbeat_s
+        self.written: set[str] = set()
+        self.running: set[str] = set()  # trial keys started and not yet reported, failed or retried
+        self.labels = {t.key: t.label() for t in plan.to_run}
+        self.store_error: str | None = None  # set when the store cannot be written: the sweep stops
 
-        def __init__(self, plan: Plan, jobs: dict[str, dict[str, Any]], progress: Progress, heartbeat_s: float):
-            self.plan, self.jobs, self.progress, self.heartbeat_s = plan, jobs, progress, heartbeat_s
-            self.written: set[str] = set()
-            self.labels = {t.key: t.label() for t in plan.to_run}
-            self.store_error: str | None = None  # set when the store cannot be written: the sweep stops
+    # --- trial events ---------------------------------------------------------------------------
 
-        def _write(self, row: dict[str, Any]) -> None:
-            key = row["trial_key"]
-            if key in self.written or self.store_error:
-                return
-            try:
-                try:
-                    self.plan.store.write_row(row)
-                except OSError:
-                    raise
-                except (ValueError, TypeError, pa.ArrowException) as e:
-                    # A row the store refuses (a column or type outside the schema: txlab versions differ)
-                    # is stored as an `error` row saying so, rather than ending the whole sweep.
-                    flat = self.jobs[key]["config"] if key in self.jobs else {}
-                    row = error_row(
-                        key,
-                        flat,
-                        self.plan.spec.name,
-                        f"row refused by the store: {e}",
-                        host=row.get("host"),
-                        node_id=row.get("node_id"),
-                        started_at=row.get("started_at"),
-                        duration_s=row.get("duration_s"),
-                        device=row.get("device"),
-                    )
-                    self.plan.store.write_row(row)
-            except OSError as e:
-                # Disk full, store made read-only, bucket gone: no row is half-written (temporary + rename),
-                # so stop the whole sweep (the stopper below) rather than run trials whose rows cannot land.
-                why = e.strerror or (str(e).splitlines() or [e.__class__.__name__])[0]
-                self.store_error = (
-                    f"store {self.plan.store.uri}: cannot write the row of trial {key} ({why}); "
-                    f"sweep stopped, {len(self.written)} row(s) written this run are kept; "
-                    "fix the store (space, permissions) and rerun the same command to resume"
-                )
-                self.progress.print(f"  store write failed: {key}: {why}")
-                return
-            self.written.add(key)
-            self.progress.counts[row["status"]] += 1
-            figure = ""
-            if row.get("peak_bytes") is not None:
-                figure = f"  peak {row['peak_bytes'] / 2**30:.3f} GiB"
-            if row.get("step_time_s") is not None:
-                figure += f"  step {row['step_time_s']:.3f} s"
-            where = f"  on {row.get('host') or '?'}"
-            self.progress.print(f"  {row['status']:<11} {key}  {self.labels.get(key, '')}{figure}{where}")
-            if row["status"] == "error" and row.get("error"):
-                self.progress.print(f"              {row['error'].splitlines()[0][:300]}")
-            self.progress.print(self.progress.line())
+    def _set_running(self, key: str, running: bool) -> None:
+        # Counted here, not from Tune's trial statuses: Tune calls on_trial_start before it marks the trial
+        # RUNNING, and a trial that has reported its row stays RUNNING until Tune reaps it.
+        (self.running.add if running else self.running.discard)(key)
+        self.progress.running = len(self.running)
 
-        def on_trial_start(self, iteration, trials, trial, **info):
-            self.progress.running = sum(t.status == "RUNNING" for t in trials)
+    def trial_started(self, key: str) -> None:
+        self._set_running(key, True)
 
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            self.progress.running = sum(t.status == "RUNNING" and t is not trial for t in trials)
-            if "row" in result:
-                self._write(json.loads(result["row"]))
+    def trial_reported(self, key: str, row: dict[str, Any]) -> None:
+        self._set_running(key, False)
+        self.write(row)
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            key = trial.config["trial_key"]
-            if key not in self.written:  # finished without a row: cannot happen unless the trainable changed
-                self._write(
-                    error_row(key, self.jobs[key]["config"], self.plan.spec.name, "trial ended without a result row")
-                )
-
-        def on_trial_recover(self, iteration, trials, trial, **info):
-            self.progress.retried += 1
-            self.progress.print(f"  retrying  {trial.config['trial_key']}: {_error_text(trial)}")
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self.progress.running = sum(t.status == "RUNNING" and t is not trial for t in trials)
-            key = trial.config["trial_key"]
-            message = f"Ray trial failed after {trial.num_failures} attempt(s): {_error_text(trial)}"
-            self._write(
-                error_row(
-                    key, self.jobs[key]["config"], self.plan.spec.name, message, host=trial.node_ip, started_at=_now()
-                )
+    def trial_completed(self, key: str) -> None:
+        self._set_running(key, False)
+        if key not in self.written:  # finished without a row: cannot happen unless the trainable changed
+            self.write(
+                error_row(key, self.jobs[key]["config"], self.plan.spec.name, "trial ended without a result row")
             )
 
+    def trial_retried(self, key: str, why: str) -> None:
+        self._set_running(key, False)  # started again (on_trial_start) when Tune reschedules it
+        self.progress.retried += 1
+        self.progress.print(f"  retrying  {key}: {why}")
+
+    def trial_failed(self, key: str, message: str, host: str | None) -> None:
+        self._set_running(key, False)
+        self.write(error_row(key, self.jobs[key]["config"], self.plan.spec.name, message, host=host, started_at=_now()))
+
+    def step(self) -> None:
+        lost = self.plan.store.lock_lost()
+        if lost and not self.store_error:
+            self._stop(f"store {self.plan.store.uri}: {lost}", "", "lease lost", fix=LEASE_LOST_FIX)
+        if time.monotonic() - self.progress.last_line_at >= self.heartbeat_s:
+            self.progress.print(self.progress.line())
+
+    # --- rows -------------------------------------------------------------------------------------
+
+    def write(self, row: dict[str, Any]) -> None:
+        key = row["trial_key"]
+        if key in self.written or self.store_error:
+            return
+        lost = self.plan.store.lock_lost()
+        if lost:  # another driver holds the store now: this one must not write
+            self._stop(f"store {self.plan.store.uri}: {lost}", key, "lease lost", fix=LEASE_LOST_FIX)
+            return
+        try:
+            row = self._store(row)
+        except OSError as e:
+            why = e.strerror or (str(e).splitlines() or [e.__class__.__name__])[0]
+            self._stop(f"store {self.plan.store.uri}: cannot write the row of trial {key} ({why})", key, why)
+            return
+        self.written.add(key)
+        self.progress.counts[row["status"]] += 1
+        self._print_row(row)
+
+    def _store(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Write the row; a row the store refuses is stored as an `error` row saying why. Returns what was
+        stored. OSError (disk full, read-only store, bucket gone) propagates."""
+        import pyarrow as pa
+
+        try:
+            self.plan.store.write_row(row)
+            return row
+        except OSError:
+            raise
+        except (ValueError, TypeError, pa.ArrowException) as e:
+            # A row the store refuses (a column or type outside the schema: txlab versions differ) is stored
+            # as an `error` row saying so, rather than ending the whole sweep.
+            row = self._refused_row(row, e)
+            self.plan.store.write_row(row)
+            return row
+
+    def _refused_row(self, row: dict[str, Any], e: Exception) -> dict[str, Any]:
+        key = row["trial_key"]
+        flat = self.jobs[key]["config"] if key in self.jobs else {}
+        return error_row(
+            key,
+            flat,
+            self.plan.spec.name,
+            f"row refused by the store: {e}",
+            host=row.get("host"),
+            node_id=row.get("node_id"),
+            started_at=row.get("started_at"),
+            duration_s=row.get("duration_s"),
+            device=row.get("device"),
+        )
+
+    def _stop(self, what: str, key: str, why: str, fix: str = "fix the store (space, permissions)") -> None:
+        """The store cannot take rows: no row is half-written (temporary + rename), so stop the whole sweep
+        (the Stopper) rather than run trials whose rows cannot land."""
+        self.store_error = (
+            f"{what}; sweep stopped, {len(self.written)} row(s) written this run are kept; "
+            f"{fix} and rerun the same command to resume"
+        )
+        self.progress.print(f"  store write failed: {key + ': ' if key else ''}{why}")
+
+    def _print_row(self, row: dict[str, Any]) -> None:
+        key = row["trial_key"]
+        figure = ""
+        if row.get("peak_bytes") is not None:
+            figure = f"  peak {row['peak_bytes'] / 2**30:.3f} GiB"
+        if row.get("step_time_s") is not None:
+            figure += f"  step {row['step_time_s']:.3f} s"
+        where = f"  on {row.get('host') or '?'}"
+        self.progress.print(f"  {row['status']:<11} {key}  {self.labels.get(key, '')}{figure}{where}")
+        if row["status"] == "error" and row.get("error"):
+            self.progress.print(f"              {row['error'].splitlines()[0][:300]}")
+        self.progress.print(self.progress.line())
+
+
+def _make_callback_class():
+    """The Tune callback (a `RowWriter` fed by Tune's trial events) and its stopper, made on demand so that
+    this module imports without Ray."""
+    from ray import tune
+
+    class StoreWriter(RowWriter, tune.Callback):
+        """Writes each finished trial's row to the store (on the driver: the one writer)."""
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.trial_started(trial.config["trial_key"])
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "row" in result:
+                self.trial_reported(trial.config["trial_key"], json.loads(result["row"]))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.trial_completed(trial.config["trial_key"])
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            self.trial_retried(trial.config["trial_key"], _error_text(trial))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            message = f"Ray trial failed after {trial.num_failures} attempt(s): {_error_text(trial)}"
+            self.trial_failed(trial.config["trial_key"], message, trial.node_ip)
+
         def on_step_end(self, iteration, trials, **info):
-            self.progress.running = sum(t.status == "RUNNING" for t in trials)
-            if time.monotonic() - self.progress.last_line_at >= self.heartbeat_s:
-                self.progress.print(self.progress.line())
+            self.step()
 
     class StopOnStoreError(tune.Stopper):
         """Ends the experiment once the StoreWriter cannot write (Tune stops the running trials)."""

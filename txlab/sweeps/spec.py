@@ -258,59 +258,105 @@ def _where(path: str, key: str) -> str:
 
 
 def parse_spec(raw: dict[str, Any], path: str = "", default_name: str = "sweep") -> SweepSpec:
+    """A spec mapping (read from YAML) -> a checked SweepSpec. Keys are checked in file-format order (the
+    first bad one raises ConfigError naming it)."""
+    _check_spec_keys(raw, path)
+    name = _parse_name(raw, path, default_name)
+    description = _parse_description(raw, path)
+    base = _parse_base(raw, path)
+    grid = _parse_grid(raw, path)
+    rules = _parse_skip_if(raw, path)
+    cpu, gpu = _parse_resources(raw, path)
+    max_concurrent, max_failures = _parse_limits(raw, path)
+    mode, precheck = _parse_mode(raw, path)
+    return SweepSpec(
+        name=name,
+        base=base,
+        grid=grid,
+        skip_if=rules,
+        cpu=cpu,
+        gpu=gpu,
+        max_concurrent=max_concurrent,
+        max_failures=max_failures,
+        description=description,
+        path=path,
+        mode=mode,
+        precheck=precheck,
+    )
+
+
+def _check_spec_keys(raw: dict[str, Any], path: str) -> None:
     for k in raw:
         if k not in SPEC_KEYS:
             close = difflib.get_close_matches(str(k), SPEC_KEYS, n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{_where(path, str(k))}: unknown spec key '{k}'{hint}; allowed: {', '.join(SPEC_KEYS)}")
 
+
+def _parse_name(raw: dict[str, Any], path: str, default_name: str) -> str:
     name = raw.get("name", default_name)
     if not isinstance(name, str) or not name.strip() or "/" in name:
         raise ConfigError(f"{_where(path, 'name')}: expected a non-empty name without '/', got {name!r}")
+    return name.strip()
 
+
+def _parse_description(raw: dict[str, Any], path: str) -> str:
     description = raw.get("description") or ""
     if not isinstance(description, str):
         raise ConfigError(f"{_where(path, 'description')}: expected text, got {description!r}")
+    return description
 
+
+def _parse_base(raw: dict[str, Any], path: str) -> dict[str, Any]:
     base = raw.get("base") or {}
     if not isinstance(base, dict):
         raise ConfigError(f"{_where(path, 'base')}: expected a mapping of config keys, got {base!r}")
-    base = expand_dotted(base)
+    return expand_dotted(base)
 
+
+def _parse_grid(raw: dict[str, Any], path: str) -> dict[str, list[Any]]:
     grid = raw.get("grid")
     if not isinstance(grid, dict) or not grid:
         raise ConfigError(
             f"{_where(path, 'grid')}: expected a non-empty mapping of dotted config key -> list of values"
         )
     known = set(all_keys())
-    clean_grid: dict[str, list[Any]] = {}
-    for key, values in grid.items():
-        if not isinstance(key, str) or key not in known:
-            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{_where(path, 'grid')}: '{key}' is not a config key{hint}")
-        if not isinstance(values, list):
-            values = [values]
-        if not values:
-            raise ConfigError(f"{_where(path, 'grid.' + key)}: empty list of values")
-        for v in values:
-            if isinstance(v, (dict, list)):
-                raise ConfigError(f"{_where(path, 'grid.' + key)}: values must be scalars, got {v!r}")
-        if len(set(map(repr, values))) != len(values):
-            raise ConfigError(f"{_where(path, 'grid.' + key)}: repeated value in {values!r}")
-        clean_grid[key] = values
-
+    clean_grid = {key: _grid_values(key, values, path, known) for key, values in grid.items()}
     points = math.prod(len(v) for v in clean_grid.values())
     if points > MAX_GRID_POINTS:
         raise ConfigError(f"{_where(path, 'grid')}: {points} grid points, more than {MAX_GRID_POINTS}; split the sweep")
+    return clean_grid
 
+
+def _grid_values(key: Any, values: Any, path: str, known: set[str]) -> list[Any]:
+    """One grid axis: a known config key and a non-empty list of distinct scalars (a scalar is a list of one)."""
+    if not isinstance(key, str) or key not in known:
+        close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{_where(path, 'grid')}: '{key}' is not a config key{hint}")
+    if not isinstance(values, list):
+        values = [values]
+    if not values:
+        raise ConfigError(f"{_where(path, 'grid.' + key)}: empty list of values")
+    for v in values:
+        if isinstance(v, (dict, list)):
+            raise ConfigError(f"{_where(path, 'grid.' + key)}: values must be scalars, got {v!r}")
+    if len(set(map(repr, values))) != len(values):
+        raise ConfigError(f"{_where(path, 'grid.' + key)}: repeated value in {values!r}")
+    return values
+
+
+def _parse_skip_if(raw: dict[str, Any], path: str) -> list[SkipRule]:
     rules_raw = raw.get("skip_if") or []
     if isinstance(rules_raw, str):
         rules_raw = [rules_raw]
     if not isinstance(rules_raw, list):
         raise ConfigError(f"{_where(path, 'skip_if')}: expected a list of expressions, got {rules_raw!r}")
-    rules = [SkipRule.parse(r, _where(path, f"skip_if[{i}]")) for i, r in enumerate(rules_raw)]
+    return [SkipRule.parse(r, _where(path, f"skip_if[{i}]")) for i, r in enumerate(rules_raw)]
 
+
+def _parse_resources(raw: dict[str, Any], path: str) -> tuple[float, float]:
+    """(cpu, gpu) per trial."""
     resources = raw.get("resources") or {}
     if not isinstance(resources, dict):
         raise ConfigError(
@@ -325,7 +371,11 @@ def parse_spec(raw: dict[str, Any], path: str = "", default_name: str = "sweep")
     gpu = _number(resources.get("gpu", 0), _where(path, "resources.gpu"), allow_zero=True)
     if gpu > 1 and gpu != int(gpu):
         raise ConfigError(f"{_where(path, 'resources.gpu')}: above 1 it must be a whole number of GPUs, got {gpu}")
+    return cpu, gpu
 
+
+def _parse_limits(raw: dict[str, Any], path: str) -> tuple[int | None, int]:
+    """(max_concurrent, max_failures)."""
     max_concurrent = raw.get("max_concurrent")
     if max_concurrent is not None and (
         isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or max_concurrent < 1
@@ -336,28 +386,18 @@ def parse_spec(raw: dict[str, Any], path: str = "", default_name: str = "sweep")
     max_failures = raw.get("max_failures", DEFAULT_MAX_FAILURES)
     if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0:
         raise ConfigError(f"{_where(path, 'max_failures')}: expected an integer >= 0, got {max_failures!r}")
+    return max_concurrent, max_failures
 
+
+def _parse_mode(raw: dict[str, Any], path: str) -> tuple[str, bool]:
+    """(mode, precheck)."""
     mode = raw.get("mode", "measure")
     if mode not in MODES:
         raise ConfigError(f"{_where(path, 'mode')}: unknown mode {mode!r}; allowed: {', '.join(MODES)}")
     precheck = raw.get("precheck", True)
     if not isinstance(precheck, bool):
         raise ConfigError(f"{_where(path, 'precheck')}: expected true or false, got {precheck!r}")
-
-    return SweepSpec(
-        name=name.strip(),
-        base=base,
-        grid=clean_grid,
-        skip_if=rules,
-        cpu=cpu,
-        gpu=gpu,
-        max_concurrent=max_concurrent,
-        max_failures=max_failures,
-        description=description,
-        path=path,
-        mode=mode,
-        precheck=precheck,
-    )
+    return mode, precheck
 
 
 def _number(value: Any, where: str, allow_zero: bool) -> float:

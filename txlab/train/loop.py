@@ -1,7 +1,7 @@
 """`txlab train`: a real training run with the same config tree as a trial.
 
-AdamW (fused on CUDA) with weight decay on weight matrices only (embeddings, norms and biases are not
-decayed); learning rate: linear warm-up, optional hold, cosine decay to `min_lr`; global-norm gradient
+AdamW (fused on CUDA) built as trials build it (`txlab.measure.step.make_adamw`: decay on every matrix,
+embeddings included, none on norms and biases); learning rate: linear warm-up, optional hold, cosine decay to `min_lr`; global-norm gradient
 clipping; `grad_accum` micro-batches per optimizer step; `workload.dtype: bf16` autocast; optional
 `torch.compile`; the memory policy applied from outside the model exactly as in a trial. A loss or
 gradient norm that is not finite stops the run with status `diverged` (nothing is stepped on it).
@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
 from txlab.config import ConfigError, TrainConfig, TrialConfig
-from txlab.data.loader import Batch, Data, batches, open_data
+from txlab.data.batch import Batch
+from txlab.data.loader import Data, batches, open_data
 from txlab.measure.device import resolve_device
+from txlab.measure.step import make_adamw
 from txlab.model.gpt import GPT
 from txlab.policy.apply import apply_policy
 from txlab.train.checkpoint import CHECKPOINT, config_differences, read_checkpoint, save_checkpoint
@@ -48,16 +49,6 @@ def lr_at(step: int, t: TrainConfig) -> float:
     if step >= decay:
         return t.min_lr
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * step / decay))
-
-
-def make_adamw(model: nn.Module, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices of linear layers only (not embeddings, norms, biases)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
-    for p in model.parameters():  # each parameter once (a tied lm_head is the token embedding)
-        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type == "cuda")
 
 
 def _autocast(device: torch.device, dtype: str):
@@ -131,6 +122,85 @@ def _fmt_eval(e: dict[str, Any]) -> str:
     return f"loss {e['loss']:.4f}  {e['bits_per_token']:.4f} bits/token{bpb}  accuracy {100 * e['accuracy']:.1f}%"
 
 
+def _run_dir(cfg: TrialConfig, out_dir: str | Path | None) -> tuple[Path, dict[str, Any] | None]:
+    """The run directory and the checkpoint to resume from (None for a new run); bad input raises."""
+    out = Path(out_dir or cfg.train.out_dir or Path("runs") / cfg.trial_key)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {out} exists and is not a directory")
+    ckpt_path = out / CHECKPOINT
+    if not ckpt_path.exists():
+        return out, None
+    resume = read_checkpoint(ckpt_path, f"--out: {ckpt_path}")
+    diff = config_differences(cfg, resume["config"])
+    if diff:
+        raise ConfigError(
+            f"--out: {out} holds a run of a different config (differs in {', '.join(diff[:6])}); "
+            "use another --out or the same config"
+        )
+    return out, resume
+
+
+def _write_run_files(out: Path, cfg: TrialConfig, data: Data) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if data.tokenizer is not None and hasattr(data.tokenizer, "save"):
+        data.tokenizer.save(out / "tokenizer")  # so that `txlab generate` finds it wherever the run moves
+
+
+def _restore(resume: dict[str, Any], params: dict[str, torch.Tensor], optimizer) -> tuple[int, int]:
+    """Weights, optimizer state and RNG from a checkpoint; returns (step, data position)."""
+    with torch.no_grad():
+        for k, v in resume["model"].items():
+            params[k].copy_(v)
+    optimizer.load_state_dict(resume["optimizer"])
+    torch.set_rng_state(resume["rng"])
+    if resume.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(resume["cuda_rng"])
+    return resume["step"], resume["data_pos"]
+
+
+@dataclass
+class _Accumulated:
+    """One optimizer step's micro-batches: mean loss, gradient norm, bytes and tokens its targets cover."""
+
+    loss: float
+    grad_norm: float
+    nbytes: int
+    tokens: int
+
+
+def _accumulate(model, loss_fn, it, t: TrainConfig, device: torch.device, autocast, trainable) -> _Accumulated:
+    """Forward and backward over `grad_accum` micro-batches, then clip; the optimizer is not stepped."""
+    loss_sum = torch.zeros((), device=device)
+    nbytes = tokens = 0
+    for _ in range(t.grad_accum):
+        b = next(it)
+        x, y = b.to(device)
+        with autocast:
+            loss = loss_fn(model(x), model.lm_head.weight, y)
+        (loss / t.grad_accum).backward()
+        loss_sum += loss.detach()
+        nbytes += b.nbytes or 0
+        tokens += y.numel()
+    norm = torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip if t.grad_clip > 0 else float("inf"))
+    return _Accumulated(float(loss_sum) / t.grad_accum, float(norm), nbytes, tokens)
+
+
+def _train_record(step: int, acc: _Accumulated, lr: float, cfg: TrialConfig, tokens: int, elapsed: float) -> dict:
+    n_targets = cfg.train.grad_accum * cfg.workload.batch_size * cfg.workload.seq_len
+    bpb = acc.loss * n_targets / math.log(2) / acc.nbytes if acc.nbytes else None
+    return {
+        "step": step,
+        "split": "train",
+        "loss": acc.loss,
+        "bits_per_byte": bpb,
+        "lr": lr,
+        "grad_norm": acc.grad_norm,
+        "tokens_per_s": tokens / elapsed,
+        "elapsed_s": elapsed,
+    }
+
+
 def train(
     cfg: TrialConfig,
     out_dir: str | Path | None = None,
@@ -145,43 +215,20 @@ def train(
     log = _Log(progress)
     if w.kind != "train":
         raise ConfigError(f"workload.kind: txlab train needs 'train', got {w.kind!r}")
-    out = Path(out_dir or t.out_dir or Path("runs") / cfg.trial_key)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out: {out} exists and is not a directory")
-    ckpt_path = out / CHECKPOINT
-    resume = None
-    if ckpt_path.exists():
-        resume = read_checkpoint(ckpt_path, f"--out: {ckpt_path}")
-        diff = config_differences(cfg, resume["config"])
-        if diff:
-            raise ConfigError(
-                f"--out: {out} holds a run of a different config (differs in {', '.join(diff[:6])}); "
-                "use another --out or the same config"
-            )
+    out, resume = _run_dir(cfg, out_dir)
+    ckpt_path, metrics = out / CHECKPOINT, out / "metrics.jsonl"
     device = resolve_device(cfg.measure.device)
     data = data or open_data(cfg)  # every data error is raised here, before any training
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    if data.tokenizer is not None and hasattr(data.tokenizer, "save"):
-        data.tokenizer.save(out / "tokenizer")  # so that `txlab generate` finds it wherever the run moves
-    metrics = out / "metrics.jsonl"
+    _write_run_files(out, cfg, data)
 
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model, w.seq_len).to(device)
     params = model.state_dict(keep_vars=True)  # names before the policy wraps blocks; same tensors
     loss_fn = apply_policy(model, cfg.policy)
-    optimizer = make_adamw(model, t, device)
+    optimizer = make_adamw(model, device, lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
     step, data_pos = 0, 0
     if resume is not None:
-        model_params = {k: v for k, v in params.items()}
-        with torch.no_grad():
-            for k, v in resume["model"].items():
-                model_params[k].copy_(v)
-        optimizer.load_state_dict(resume["optimizer"])
-        step, data_pos = resume["step"], resume["data_pos"]
-        torch.set_rng_state(resume["rng"])
-        if resume.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(resume["cuda_rng"])
+        step, data_pos = _restore(resume, params, optimizer)
         _truncate_metrics(metrics, step)
         log(f"resuming {out} at step {step}/{t.steps}")
     elif metrics.exists():
@@ -225,53 +272,29 @@ def train(
             lr = lr_at(step, t)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            nbytes = 0
-            for _ in range(t.grad_accum):
-                b = next(it)
-                x, y = b.to(device)
-                with autocast:
-                    loss = loss_fn(model(x), model.lm_head.weight, y)
-                (loss / t.grad_accum).backward()
-                loss_sum += loss.detach()
-                nbytes += b.nbytes or 0
-                data_pos += 1
-                tokens += y.numel()
-            norm = torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip if t.grad_clip > 0 else float("inf"))
-            train_loss = float(loss_sum) / t.grad_accum
-            if not (math.isfinite(train_loss) and math.isfinite(float(norm))):
+            acc = _accumulate(model, loss_fn, it, t, device, autocast, trainable)
+            data_pos += t.grad_accum
+            tokens += acc.tokens
+            if not (math.isfinite(acc.loss) and math.isfinite(acc.grad_norm)):
                 result.status = "diverged"
                 result.message = (
-                    f"step {step + 1}: loss {train_loss}, gradient norm {float(norm)}: not finite; stopped "
+                    f"step {step + 1}: loss {acc.loss}, gradient norm {acc.grad_norm}: not finite; stopped "
                     "without applying it (lower train.lr, raise train.warmup or use workload.dtype fp32)"
                 )
                 record(
-                    {"step": step + 1, "split": "train", "loss": train_loss, "grad_norm": float(norm), "diverged": True}
+                    {"step": step + 1, "split": "train", "loss": acc.loss, "grad_norm": acc.grad_norm, "diverged": True}
                 )
                 log(f"diverged: {result.message}")
                 break
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            result.train_loss = train_loss
+            result.train_loss = acc.loss
             elapsed = time.perf_counter() - t0
             if step % t.log_every == 0 or step == end:
-                n_targets = t.grad_accum * w.batch_size * w.seq_len
-                bpb = train_loss * n_targets / math.log(2) / nbytes if nbytes else None
-                record(
-                    {
-                        "step": step,
-                        "split": "train",
-                        "loss": train_loss,
-                        "bits_per_byte": bpb,
-                        "lr": lr,
-                        "grad_norm": float(norm),
-                        "tokens_per_s": tokens / elapsed,
-                        "elapsed_s": elapsed,
-                    }
-                )
+                record(_train_record(step, acc, lr, cfg, tokens, elapsed))
                 log(
-                    f"train step {step:>6}/{t.steps}  loss {train_loss:.4f}  lr {lr:.2e}  |g| {float(norm):.3f}  "
+                    f"train step {step:>6}/{t.steps}  loss {acc.loss:.4f}  lr {lr:.2e}  |g| {acc.grad_norm:.3f}  "
                     f"{tokens / elapsed:,.0f} tokens/s"
                 )
             if step % t.eval_every == 0 and step < end:

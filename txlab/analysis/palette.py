@@ -1,0 +1,91 @@
+"""One colour and one marker per policy label, the same in every plot of every store. See docs/analysis.md.
+
+The style of a label depends on the label alone, never on which other labels a store holds, so two reports
+can be compared by eye:
+
+- a preset name (`naive`, `sdpa`, `checkpoint`, ...) has a fixed colour and marker (`PRESETS`);
+- a prefill/decode label (`sdpa (kv=recompute)`) takes the colour of its KV policy (`KV_POLICIES`) and the
+  marker of its preset, so `kv=cache` / `kv=grouped` / `kv=recompute` read the same in every store;
+- a variant (`custom (remat=every)`, any policy key besides the KV policy) keeps its family's colour, a
+  shade lighter or darker, and a marker of its own, both picked by a hash of the variant;
+- any other name (a preset that lands later) hashes into a reserved range of colours and markers
+  (`RESERVED`) that no fixed label uses.
+
+Line style is not part of it: measured rows are drawn solid, estimated rows dashed, in every plot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from matplotlib.colors import to_rgb
+
+from txlab.analysis.data import parse_label, policy_order
+
+# Okabe-Ito / seaborn "colorblind" hues for the presets (grey is kept for budgets and annotations), Paul
+# Tol's "muted" hues for the KV policies and the reserved range.
+PRESETS: dict[str, tuple[str, str]] = {  # preset name -> (colour, marker)
+    "naive": ("#0173b2", "o"),  # blue
+    "sdpa": ("#de8f05", "s"),  # orange
+    "checkpoint": ("#029e73", "D"),  # green
+    "selective": ("#cc78bc", "P"),  # pink-purple
+    "recompute": ("#d55e00", "v"),  # vermillion
+    "planned": ("#ca9161", "h"),  # brown
+    "custom": ("#56b4e9", "p"),  # sky blue
+}
+KV_POLICIES: dict[str, str] = {  # policy.kv -> colour of prefill/decode rows
+    "cache": "#332288",  # indigo
+    "grouped": "#999933",  # olive
+    "recompute": "#882255",  # wine
+}
+RESERVED_COLORS = ("#44aa99", "#aa4499", "#117733", "#cc6677", "#6699cc", "#997700")  # teal, purple, ...
+RESERVED_MARKERS = ("<", ">", "d", "*", "8", "H")
+SHADES = (-0.45, -0.25, 0.3, 0.5)  # < 0: towards black, > 0: towards white
+# Oom / over-budget markers (X, ^) are kept for failed trials: no label draws with them.
+FAILURE_MARKERS = ("X", "^")
+
+
+@dataclass(frozen=True)
+class Style:
+    color: tuple[float, float, float]
+    marker: str
+
+
+def _hash(text: str) -> int:
+    """Stable across runs and machines (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:4], "big")
+
+
+def _shade(color: str, by: float) -> tuple[float, float, float]:
+    rgb = to_rgb(color)
+    target = 1.0 if by > 0 else 0.0
+    return tuple(c + (target - c) * abs(by) for c in rgb)
+
+
+def style(label: str) -> Style:
+    """The colour and marker of one policy label (a preset name, maybe with `(key=value, ...)`)."""
+    name, keys = parse_label(label)
+    kv = keys.pop("kv", None)
+    variant = ", ".join(f"{k}={v}" for k, v in keys.items())
+    if name in PRESETS:
+        color, marker = PRESETS[name]
+    else:  # a name no fixed entry knows: the reserved range
+        h = _hash(name)
+        color, marker = RESERVED_COLORS[h % len(RESERVED_COLORS)], RESERVED_MARKERS[(h // 7) % len(RESERVED_MARKERS)]
+    if kv is not None:
+        color = KV_POLICIES.get(kv, RESERVED_COLORS[_hash("kv=" + kv) % len(RESERVED_COLORS)])
+    if not variant:
+        return Style(to_rgb(color), marker)
+    h = _hash(variant)
+    return Style(_shade(color, SHADES[h % len(SHADES)]), RESERVED_MARKERS[(h // 5) % len(RESERVED_MARKERS)])
+
+
+def palette(labels: Iterable[str]) -> dict[str, tuple[float, float, float]]:
+    """label -> colour, in the fixed policy order (the order of legends)."""
+    return {p: style(p).color for p in policy_order(labels)}
+
+
+def markers(labels: Iterable[str]) -> dict[str, str]:
+    return {p: style(p).marker for p in policy_order(labels)}
