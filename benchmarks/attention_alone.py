@@ -1,4 +1,4 @@
-"""The attention kernels alone (txlab/attention.py): `math` (materialized T x T), `sdpa` (torch's fused
+"""The attention kernels alone (txlab/model/attention.py): `math` (materialized T x T), `sdpa` (torch's fused
 kernel) and `chunked` (online softmax over q_chunk x k_chunk tiles, a few tile sizes), forward + backward
 of one causal attention at gpt2-small's head shape (batch 1, 12 heads of 64, fp32).
 

@@ -3,7 +3,7 @@
     nice python benchmarks/inference.py                         # 1024, 2048, 4096; prefill + 16 tokens
     nice python benchmarks/inference.py --lengths 1024 --decode-tokens 8
 
-Each trial is one `txlab.trial.run_trial` in this process (the same code as `txlab run`): a decode
+Each trial is one `txlab.measure.trial.run_trial` in this process (the same code as `txlab run`): a decode
 workload (prefill `seq_len` tokens, then generate `--decode-tokens` one at a time) under `policy.kv`
 cache (12 KV heads), grouped (the 4-KV-head variant of the model) and recompute (12 heads, K/V rebuilt
 from kept layer inputs in k_chunk tiles). Then the int4 projections against full precision at the

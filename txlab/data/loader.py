@@ -22,7 +22,7 @@ permutation of the windows drawn from (seed, epoch); so batch g is a pure functi
 checkpoint only stores g, and data-loader worker w of W yields the batches g = start + w + k*W (no
 overlap; torch's in-order loader returns them in order). Streamed sources (`hf:`) are shuffled
 with a `datasets` buffer seeded the same way and read in order, each worker skipping others' batches.
-Bits per byte: every token carries the UTF-8 bytes it covers (see txlab.tokenizer); a batch's byte
+Bits per byte: every token carries the UTF-8 bytes it covers (see txlab.data.tokenizer); a batch's byte
 count is the sum over its targets.
 """
 

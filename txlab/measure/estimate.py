@@ -11,7 +11,7 @@ Targets:
 - `cuda`: the same run on fake CPU tensors (fake CUDA tensors need a CUDA build of torch), with
   three CUDA differences modelled: fused AdamW (as `make_adamw` builds it on CUDA), bf16
   autocast on the CPU's autocast op lists (close to CUDA's for the ops in this model), and the
-  caching allocator's rounding of each storage (`txlab.memory.cuda_block_bytes`). Not modelled:
+  caching allocator's rounding of each storage (`txlab.measure.memory.cuda_block_bytes`). Not modelled:
   kernels' internal workspaces (cuBLAS, fused attention backward), which the CUDA allocator sees
   and the tracker does not, and block reuse that depends on allocation history; `reserved_bytes`
   is left empty. See docs/estimator.md.

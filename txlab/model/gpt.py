@@ -1,7 +1,7 @@
 """A GPT-style decoder as a pure nn.Module (nanoGPT's shape, with the knobs of the model config).
 
 No training machinery lives here: attention kernels, recomputation and the loss are applied from
-outside (`txlab.policy`). `forward` returns the final hidden states; `lm_head` maps them to logits.
+outside (`txlab.policy.apply`). `forward` returns the final hidden states; `lm_head` maps them to logits.
 """
 
 from __future__ import annotations

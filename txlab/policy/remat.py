@@ -83,7 +83,7 @@ def apply_remat(model: nn.Module, policy: str, every: int = 1) -> nn.Module:
     if policy == "none":
         return model
     if policy == "planned":
-        raise ValueError("remat 'planned' needs a plan: txlab.planner chooses it and apply_plan applies it")
+        raise ValueError("remat 'planned' needs a plan: txlab.policy.planner chooses it and apply_plan applies it")
     mode = "selective" if policy == "selective" else "full"
     return apply_plan(model, [(a, b, mode if r else "keep") for a, b, r in segments(len(model.blocks), policy, every)])
 

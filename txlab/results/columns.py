@@ -1,6 +1,6 @@
 """Result-row columns: the contract between trials, the store and analysis (see DESIGN.md).
 
-Analysis may import this module and `txlab.store`, nothing else from txlab.
+Analysis may import this module and `txlab.results.store`, nothing else from txlab.
 """
 
 from __future__ import annotations
@@ -13,6 +13,16 @@ from typing import Literal, get_args, get_origin
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
+# Every row schema version and its migration note. Any change to the row's columns (one added, removed,
+# renamed or retyped; config keys included, since every config key is a column) bumps SCHEMA_VERSION and
+# adds a line here saying what changed and how rows of the version before read under it. Added columns
+# need no migration: older rows read them as null (txlab.results.store reads every file into today's
+# schema). Renamed or retyped columns need a conversion in the store's reader before the bump ships.
+# tests/test_store_versions.py pins each version's columns, so a change without a bump fails there.
+SCHEMA_HISTORY: dict[int, str] = {
+    1: "txlab 0.1: the first released row (identity, config and figure columns); "
+    "tests/fixtures/store_v0_1_smoke holds a store of it",
+}
 
 STATUSES = ("ok", "oom", "over_budget", "error")
 # Statuses that are final: a resumed sweep skips these trial keys (errors are rerun on request).
@@ -51,9 +61,9 @@ FIGURES: dict[str, pa.DataType] = {
     "mfu": pa.float64(),  # CUDA only: achieved / peak FLOP/s of the device
     "loss": pa.float64(),  # last timed step's training loss (nats/token)
     "bits_per_byte": pa.float64(),  # when the data maps tokens to bytes
-    "formula_activation_bytes": pa.int64(),  # closed form of Korthikanti et al. 2022 (txlab.estimate)
-    "plan": pa.string(),  # policy.remat=planned: the runs chosen, predicted peak and recompute cost (txlab.planner)
-    # prefill / decode (txlab.inference); null on training rows
+    "formula_activation_bytes": pa.int64(),  # closed form of Korthikanti et al. 2022 (txlab.measure.estimate)
+    "plan": pa.string(),  # policy.remat=planned: the runs chosen, predicted peak and recompute cost (txlab.policy.planner)
+    # prefill / decode (txlab.measure.inference); null on training rows
     "kv_cache_bytes": pa.int64(),  # K/V held between steps, in the peak (a breakdown column: taken out of activations)
     "kv_inputs_bytes": pa.int64(),  # policy.kv=recompute: layer inputs kept to recompute K/V from (part of activations)
     "prefill_time_s": pa.float64(),  # median time of the prefill forward over seq_len tokens
