@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from txlab.cli import main
 from txlab.config import load_config
 from txlab.measure.inference import build_model
-from txlab.policy.apply import apply_policy
 from txlab.measure.trial import run_trial
 from txlab.model.decode import Inference, generate_greedy, kv_cache_analytic_bytes
+from txlab.policy.apply import apply_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (tests/conftest.py)
 
