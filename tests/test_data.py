@@ -10,13 +10,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest_data import TEXT, cfg, one_thread, train_tokenizer  # noqa: F401 - fixture
 
+from tests.support import TEXT, cfg, train_tokenizer
 from txlab.config import ConfigError
 from txlab.data.loader import Packed, Streamed, _pack, batches, corpus_documents, open_data
 from txlab.data.tokenizer import ByteTokenizer, load_tokenizer
 from txlab.measure.trial import run_trial
 from txlab.results.columns import column_names
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_sweeps import REPO, kill_session, row_files, txlab_env, write_spec
+from tests.support import REPO, kill_session, row_files, txlab_env, write_spec
 from txlab.results.store import TMP_PREFIX, Store, check_store
 
 # The driver, started as `python -c DRIVER sweep ...`: with TXLAB_TEST_ENOSPC_AFTER=N its row writes fail

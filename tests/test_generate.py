@@ -5,11 +5,13 @@ import sys
 
 import pytest
 import torch
-from conftest_data import cfg, one_thread, train_tokenizer  # noqa: F401 - fixture
 
+from tests.support import cfg, train_tokenizer
 from txlab.train.checkpoint import load_model
 from txlab.train.generate import filter_logits, generate, sample
 from txlab.train.loop import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (tests/conftest.py)
 
 
 def test_top_k_and_top_p_keep_the_right_tokens():

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from tests.helpers import config
+from tests.support import config
 from txlab.measure.budget import GiB
 from txlab.measure.planning import plan_trial
 from txlab.measure.trial import run_trial

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from tests.helpers import config, loss_and_grads
+from tests.support import config, loss_and_grads
 
 REFERENCE = {"policy.name": "custom", "policy.attention": "math", "policy.remat": "none", "policy.loss": "full"}
 

@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest_data import one_thread  # noqa: F401 - autouse fixture: one intra-op thread
 
 from txlab.config import load_config
 from txlab.measure.inference import build_model
 from txlab.measure.trial import run_trial
 from txlab.model.quant import QMAX, Int4Linear, pack_int4, projection_names, quantize_model, unpack_int4, weight_bytes
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (tests/conftest.py)
 
 
 def test_pack_round_trips_representable_weights_exactly():

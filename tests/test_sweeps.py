@@ -11,43 +11,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.support import REPO, TINY_BASE, kill_session, row_files, trial_processes, txlab_env, write_spec
 from txlab.cli import main
 from txlab.config import build_config
 from txlab.results.store import Store
 from txlab.sweeps.driver import error_row, run_in_subprocess
-
-REPO = Path(__file__).resolve().parents[1]
-TINY_BASE = {"model": {"n_layers": 2, "d_model": 64}, "workload": {"steps": 1, "warmup_steps": 0}}
-
-
-def write_spec(path: Path, grid: dict, **extra) -> Path:
-    raw = {"name": "t", "base": TINY_BASE, "grid": grid, "resources": {"cpu": 1}, **extra}
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
-
-
-def txlab_env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0")
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
-def kill_session(leader_pid: int) -> None:
-    """SIGKILL every process of the session started with `leader_pid` (a local Ray leaves agents behind
-    when its driver is killed)."""
-    import psutil
-
-    for proc in psutil.process_iter():
-        try:
-            if proc.pid != os.getpid() and os.getsid(proc.pid) == leader_pid:
-                proc.kill()
-        except (psutil.Error, ProcessLookupError, PermissionError):
-            pass
 
 
 def run_txlab(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
@@ -65,10 +37,6 @@ def run_txlab(args: list[str], timeout: float = 240) -> subprocess.CompletedProc
     finally:
         kill_session(proc.pid)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
-
-
-def row_files(store: Path) -> list[str]:
-    return sorted(p.name for p in store.glob("*.parquet"))
 
 
 # --- the trial process boundary (no Ray) ---------------------------------------------------------------
@@ -174,19 +142,6 @@ def test_local_sweep_resume_extend_and_rerun(tmp_path, capsys):
     assert main(["rerun", "--store", str(store), "--trial", "zzzz"]) == 2
     assert main(["rerun", "--store", str(store), "--trial", key, "--set", "model.nope=1"]) == 2
     assert row_files(store) == files  # rerun writes nothing
-
-
-def trial_processes(session: int) -> list:
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if os.getsid(proc.pid) == session and "txlab.sweeps.worker" in (proc.info["cmdline"] or []):
-                found.append(proc)
-        except (psutil.Error, ProcessLookupError):
-            pass
-    return found
 
 
 @pytest.mark.slow

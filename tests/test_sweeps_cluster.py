@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_sweeps import kill_session
+from tests.support import REPO, kill_session, trial_processes
 from txlab.results.store import Store
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 
@@ -136,7 +135,6 @@ def cluster():
 def test_job_submit_sweep_on_two_nodes_survives_a_lost_worker(cluster, tmp_path):
     """Rows from both nodes; then the worker node is stopped (every process of it SIGKILLed) while it runs a
     trial: Tune retries that trial on the head and the store ends complete, each trial once."""
-    from tests.test_sweeps import trial_processes
     from txlab.results.store import check_store
 
     spec = tmp_path / "two_nodes.yaml"
