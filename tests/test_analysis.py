@@ -9,7 +9,7 @@ from test_analysis_synthetic import synthetic_rows, write_store
 from txlab.analysis.cli import write_plots
 from txlab.analysis.data import AnalysisError, budgets_of, prepare
 from txlab.analysis.frontier import frontier
-from txlab.analysis.plots import PLOTS, SKIPPED, all_figures
+from txlab.analysis.plots import PLOTS, Skipped, all_figures
 from txlab.analysis.report import write_report
 from txlab.cli import main
 from txlab.results.store import Store
@@ -104,7 +104,8 @@ def test_dataframe_input_and_chunk_plot(store):
     fig = PLOTS["chunk_sizes"](df)
     assert fig is not None and "q_chunk" in fig.axes[0].get_ylabel()
     only_sdpa = df[df["policy.name"] == "sdpa"]
-    assert PLOTS["chunk_sizes"](only_sdpa) is None and "chunk" in SKIPPED["chunk_sizes"]
+    skipped = PLOTS["chunk_sizes"](only_sdpa)
+    assert isinstance(skipped, Skipped) and not skipped and "chunk" in skipped.reason
 
 
 def test_empty_and_missing_store_exit_2(tmp_path, capsys):
@@ -149,7 +150,7 @@ def test_memory_panels_wrap_when_sizes_have_their_own_depths():
     """gpt2 sizes each come with one depth: a size x depth grid would be mostly empty panels."""
     import pandas as pd
 
-    from txlab.analysis.plots import _panels
+    from txlab.analysis.layout import panels as _panels
 
     own = pd.DataFrame({"setting": ["small", "medium", "xl"], "depth": [12, 24, 48]})
     layout, full = _panels(own)

@@ -4,7 +4,12 @@ Not measurements: a rough analytic memory and time model (GPT-2 small width, fp3
 statuses a real sweep produces (oom above the cap, over_budget just around it, one error, estimated rows
 beyond the measured lengths). Host and sweep name say "synthetic".
 
-    python tests/test_analysis_synthetic.py DIR   # writes a demo store to DIR
+    python tests/test_analysis_synthetic.py DIR            # writes a demo store to DIR
+    python tests/test_analysis_synthetic.py DIR sweep400   # the 400-trial estimate sweep (8 x 10 x 5)
+    python tests/test_analysis_synthetic.py DIR sizes      # the estimated frontier of gpt2 small..xl
+
+The last two are shaped like `txlab sweep` in estimate mode (every row `measured: false`, `over_budget` past
+the budget) at the scale of a real sweep, for checking that plots and the report stay readable.
 """
 
 from __future__ import annotations
@@ -62,10 +67,13 @@ def synthetic_rows(
     estimated_lengths=(65536, 131072),
     budget_gib=80.0,
     error=True,
+    sizes=("gpt2-small",),
 ) -> list[dict]:
+    """`depths=None`: each size at its preset's depth (gpt2-small 12 ... gpt2-xl 48)."""
     rows = []
     cap = 80 * GIB
-    for L in depths:
+    shapes = [(size, L) for size in sizes for L in (depths or [None])]
+    for size, L in shapes:
         for p in policies:
             for T in list(lengths) + list(estimated_lengths):
                 measured = T in lengths
@@ -73,8 +81,8 @@ def synthetic_rows(
                     if q > T or k > T:
                         continue
                     over = {
-                        "model.size": "gpt2-small",
-                        "model.n_layers": L,
+                        "model.size": size,
+                        **({"model.n_layers": L} if L is not None else {}),
                         "policy.name": p,
                         "workload.seq_len": T,
                         "measure.budget_gib": budget_gib,
@@ -82,13 +90,14 @@ def synthetic_rows(
                     if p == "recompute":
                         over.update({"policy.q_chunk": q, "policy.k_chunk": k})
                     cfg = load_config(None, over)
-                    m = _model(p, L, T, q, k)
+                    flat = cfg.flat()
+                    m = _model(p, flat["model.n_layers"], T, q, k, d=flat["model.d_model"], h=flat["model.n_heads"])
                     peak = sum(
                         m[c]
                         for c in ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "other_bytes")
                     )
                     row = {
-                        **cfg.flat(),
+                        **flat,
                         "trial_key": cfg.trial_key + ("" if measured else "e"),
                         "sweep": "synthetic",
                         "host": "synthetic",
@@ -136,6 +145,23 @@ def synthetic_rows(
     return rows
 
 
+POW2 = tuple(2**i for i in range(9, 19))  # 512 ... 256k
+# 8 depths x 10 lengths x 5 policies = 400 estimates (one chunk setting: an estimate sweep's preset)
+SWEEP_400 = dict(
+    depths=(6, 12, 18, 24, 32, 40, 48, 64), lengths=(), estimated_lengths=POW2, chunks=((256, 256),), error=False
+)
+# sweeps/frontier_estimate.yaml: 4 sizes (each at its own depth) x 5 lengths x 5 policies = 100 estimates
+SIZES_100 = dict(
+    depths=None,
+    sizes=("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"),
+    lengths=(),
+    estimated_lengths=(1024, 4096, 16384, 32768, 65536),
+    chunks=((256, 256),),
+    error=False,
+)
+STORES = {"demo": {}, "sweep400": SWEEP_400, "sizes": SIZES_100}
+
+
 def write_store(path, rows) -> Store:
     store = Store.open(str(path), create=True)
     for r in rows:
@@ -144,5 +170,7 @@ def write_store(path, rows) -> Store:
 
 
 if __name__ == "__main__":
-    write_store(sys.argv[1], synthetic_rows())
-    print(f"synthetic store written to {sys.argv[1]}")
+    which = sys.argv[2] if len(sys.argv) > 2 else "demo"
+    rows = synthetic_rows(**STORES[which])
+    write_store(sys.argv[1], rows)
+    print(f"synthetic store ({which}, {len(rows)} rows) written to {sys.argv[1]}")

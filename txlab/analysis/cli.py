@@ -16,7 +16,7 @@ def write_plots(source, out: str | Path, budgets=None, echo=print) -> dict[str, 
     import matplotlib.pyplot as plt
 
     from txlab.analysis.frontier import frontier, frontier_markdown, versus_baseline
-    from txlab.analysis.plots import PLOTS, SKIPPED, TAKES_BUDGETS
+    from txlab.analysis.plots import PLOTS, Skipped, draw
 
     df = prepare(source)
     require_rows(df, str(source) if not hasattr(source, "columns") else "data")
@@ -32,11 +32,10 @@ def write_plots(source, out: str | Path, budgets=None, echo=print) -> dict[str, 
             + (f" ({', '.join(f'{b:g}' for b in budgets)} GiB)" if budgets else "")
         )
     written: dict[str, list[Path]] = {}
-    for name, fn in PLOTS.items():
-        SKIPPED.pop(name, None)
-        fig = fn(df, budgets) if name in TAKES_BUDGETS else fn(df)
-        if fig is None:
-            echo(f"skipped {name}: {SKIPPED.get(name, 'nothing to draw')}")
+    for name in PLOTS:
+        fig = draw(name, df, budgets)
+        if isinstance(fig, Skipped):
+            echo(f"skipped {name}: {fig.reason}")
             continue
         paths = [out / f"{name}.png", out / f"{name}.svg"]
         fig.savefig(paths[0], dpi=130, bbox_inches="tight")
@@ -66,6 +65,9 @@ def _check_budgets(budgets) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    from txlab.results.store import refuse_output_in_store
+
+    refuse_output_in_store(args.out)  # a store holds rows only: plots inside it break Parquet readers
     _check_budgets(args.budget_gib)
     write_plots(args.store, args.out, args.budget_gib)
     return 0
@@ -73,7 +75,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from txlab.analysis.report import write_report
+    from txlab.results.store import refuse_output_in_store
 
+    refuse_output_in_store(args.out)  # the report and its report_files/ too
     _check_budgets(getattr(args, "budget_gib", None))
     path = write_report(args.store, args.out, getattr(args, "budget_gib", None))
     print(f"wrote {path}")

@@ -15,14 +15,13 @@ A store (DESIGN.md) is one row per trial with dotted config columns. Analysis ne
   `setting` (rows) and depth (columns).
 - **Basis**: `measured` (from a run) or `estimated` (`measured == false`); kept apart everywhere.
 
-Only `txlab.store` and `txlab.columns` are imported from txlab (DESIGN.md).
+Only `txlab.results.store` and `txlab.results.columns` are imported from txlab (DESIGN.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import pandas as pd
@@ -46,7 +45,7 @@ BASELINES = ("sdpa", "naive")
 COMPONENTS = ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "kv_cache_bytes", "other_bytes")
 OPTIONAL_COMPONENTS = ("kv_cache_bytes",)  # only inference rows have it; plots leave it out when no row does
 
-Source = Union[str, Path, pd.DataFrame]
+Source = str | Path | pd.DataFrame
 
 
 class AnalysisError(StoreError):

@@ -327,7 +327,10 @@ def _gain(rows: dict, base: str | None) -> str:
     best fits the longest length tried (its limit lies beyond)."""
     if not rows:
         return ""
-    value = {p: (float(r["longest_feasible_seq_len"]) if pd.notna(r["longest_feasible_seq_len"]) else 0.0) for p, r in rows.items()}
+    value = {
+        p: (float(r["longest_feasible_seq_len"]) if pd.notna(r["longest_feasible_seq_len"]) else 0.0)
+        for p, r in rows.items()
+    }
     order = policy_order(rows)
     best = max(order, key=lambda p: value[p])  # ties: the first in policy order
     ref = next((p for p in order if is_baseline_label(p, base)), None)
@@ -345,36 +348,44 @@ def _gain(rows: dict, base: str | None) -> str:
     return f"{'>= ' if rows[best]['fits_at_longest_tried'] else ''}x{ratio:g} {best}"
 
 
+def _answer_rows(f: pd.DataFrame, cols: list[str], base: str | None, all_estimated: bool, setting: str) -> list:
+    meas = {(r["policy"], r["column"]): r for _, r in f[f["basis"] == "measured"].iterrows()}
+    est = {(r["policy"], r["column"]): r for _, r in f[f["basis"] == "estimated"].iterrows()}
+    rows, best = [], {c: {} for c in cols}
+    for p in policy_order(f["policy"]):
+        rec = {"setting": setting, "policy": p}
+        for c in cols:
+            m, e = meas.get((p, c)), est.get((p, c))
+            rec[c] = "" if m is None and e is None else _cell(m, e, all_estimated)
+            if m is not None or e is not None:
+                best[c][p] = m if m is not None else e
+        rows.append(rec)
+    if base is not None:
+        rows.append({"setting": setting, "policy": f"best vs {base}", **{c: _gain(best[c], base) for c in cols}})
+    return rows
+
+
 def frontier_tables(fr: pd.DataFrame, base: str | None) -> dict[float, pd.DataFrame]:
     """Per budget: longest feasible sequence per policy (rows) and depth (columns; 'SETTING, N layers' when
-    settings come with depths of their own), and a last row per setting, 'best vs BASE': the factor the
-    best policy gains over the baseline. A cell is the measured frontier label, 'est. N' from estimated
-    rows only (no prefix when every cell is estimated), 'M / est. N' where the estimate differs."""
+    settings come with depths of their own), then per setting a row 'best vs BASE': the factor the best
+    policy gains over the baseline (`baseline_name`). A cell is the measured frontier label; 'est. N' from
+    estimated rows only (no prefix when every cell is an estimate); 'M / est. N' where the estimate differs."""
     if fr.empty:
         return {}
     all_estimated = bool((fr["basis"] == "estimated").all())
     shared = settings_share_depths(fr)
+    f = fr[fr["depth"].notna()]
+    f = f.assign(
+        column=[
+            f"{int(d)} layers" if shared or not s else f"{s}, {int(d)} layers" for s, d in zip(f["setting"], f["depth"])
+        ]
+    )
     out = {}
-    for b, f in fr.groupby("budget_gib", sort=True):
-        col = (lambda s, d: f"{int(d)} layers") if shared else (lambda s, d: f"{s}, {int(d)} layers" if s else f"{int(d)} layers")
-        keyed = {(r["setting"], r["policy"], col(r["setting"], r["depth"]), r["basis"]): r for _, r in f.iterrows()}
-        cols = list(dict.fromkeys(col(s, d) for s, d in sorted(zip(f["setting"], f["depth"]), key=lambda k: (k[1], k[0]) if not shared else k)))
-        records = []
-        for setting in sorted(f["setting"].unique()) if shared else [None]:
-            sel = f if setting is None else f[f["setting"] == setting]
-            gains = {}
-            for p in policy_order(sel["policy"]):
-                rec = {"setting": setting or "", "policy": p}
-                for c in cols:
-                    m = next((r for (s, q, cc, bs), r in keyed.items() if q == p and cc == c and bs == "measured" and (setting is None or s == setting)), None)
-                    e = next((r for (s, q, cc, bs), r in keyed.items() if q == p and cc == c and bs == "estimated" and (setting is None or s == setting)), None)
-                    rec[c] = _cell(m, e, all_estimated) if (m is not None or e is not None) else ""
-                    if m is not None or e is not None:
-                        gains.setdefault(c, {})[p] = m if m is not None else e
-                records.append(rec)
-            records.append({"setting": setting or "", "policy": f"best vs {base or 'sdpa'}", **{c: _gain(gains.get(c, {}), base) for c in cols}})
+    for b, fb in f.groupby("budget_gib", sort=True):
+        order = fb.sort_values(["depth", "setting"])["column"]
+        cols = list(dict.fromkeys(order))
+        groups = fb.groupby("setting", sort=True) if shared else [("", fb)]
+        records = [r for setting, g in groups for r in _answer_rows(g, cols, base, all_estimated, setting)]
         t = pd.DataFrame(records, columns=["setting", "policy", *cols])
-        if (t["setting"] == "").all():
-            t = t.drop(columns="setting")
-        out[float(b)] = t
+        out[float(b)] = t.drop(columns="setting") if (t["setting"] == "").all() else t
     return out

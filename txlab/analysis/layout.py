@@ -26,15 +26,20 @@ def wrap(items: list, n_cols: int) -> list[list]:
     return rows
 
 
-def panels(df: pd.DataFrame, max_cols: int = MAX_COLS) -> tuple[list[list[tuple[str, float] | None]], bool]:
+def panels(
+    df: pd.DataFrame, max_cols: int = MAX_COLS, by_depth: bool = False
+) -> tuple[list[list[tuple[str, float] | None]], bool]:
     """The (setting, depth) panels that hold rows.
 
     Laid out setting x depth when the grid is full (each setting's row wrapped after `max_cols` depths), else
-    wrapped `max_cols` a row (model sizes with their own depths would leave most of a full grid empty).
-    Returns the layout (None: no panel there) and whether it is the full grid."""
+    wrapped `max_cols` a row (model sizes with their own depths would leave most of a full grid empty), in
+    setting order or, `by_depth`, shallowest first. Returns the layout (None: no panel there) and whether
+    it is the full grid."""
     settings = sorted(df["setting"].unique())
     depths = sorted(df["depth"].dropna().unique())
     present = sorted({(s, d) for s, d in zip(df["setting"], df["depth"]) if pd.notna(d)})
+    if by_depth:
+        present.sort(key=lambda k: (k[1], k[0]))
     if len(present) == len(settings) * len(depths):
         n_cols = min(max_cols, len(depths))
         return [row for s in settings for row in wrap([(s, d) for d in depths], n_cols)], True
@@ -76,13 +81,13 @@ def title(ax, setting: str, text: str) -> None:
 
 
 def _legend_below(fig, handles: list, labels: list) -> float:
-    """A legend in rows under the panels; returns the figure fraction it takes at the bottom."""
+    """A legend in rows under the panels (the figure grows to hold it); returns the fraction it takes."""
     labels = [str(t).replace("\n", " ") for t in labels]
     ncol = max(1, min(len(labels), int(fig.get_figwidth() // 2.8)))
-    height_in = 0.32 * math.ceil(len(labels) / ncol) + 0.15
-    frac = min(0.4, height_in / fig.get_figheight())
+    height_in = 0.27 * math.ceil(len(labels) / ncol) + 0.1
+    fig.set_figheight(fig.get_figheight() + height_in)
     fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=ncol, frameon=False)
-    return frac
+    return height_in / fig.get_figheight()
 
 
 def finish(fig, title_text: str, handles: list, labels: list, note: str = "") -> plt.Figure:

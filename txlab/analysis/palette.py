@@ -31,7 +31,7 @@ PRESETS: dict[str, tuple[str, str]] = {  # preset name -> (colour, marker)
     "sdpa": ("#de8f05", "s"),  # orange
     "checkpoint": ("#029e73", "D"),  # green
     "selective": ("#cc78bc", "P"),  # pink-purple
-    "recompute": ("#d55e00", "v"),  # vermillion
+    "recompute": ("#d55e00", "*"),  # vermillion
     "planned": ("#ca9161", "h"),  # brown
     "custom": ("#56b4e9", "p"),  # sky blue
 }
@@ -41,16 +41,23 @@ KV_POLICIES: dict[str, str] = {  # policy.kv -> colour of prefill/decode rows
     "recompute": "#882255",  # wine
 }
 RESERVED_COLORS = ("#44aa99", "#aa4499", "#117733", "#cc6677", "#6699cc", "#997700")  # teal, purple, ...
-RESERVED_MARKERS = ("<", ">", "d", "*", "8", "H")
+RESERVED_MARKERS = ("<", ">", "d", "8", "H")
 SHADES = (-0.45, -0.25, 0.3, 0.5)  # < 0: towards black, > 0: towards white
-# Oom / over-budget markers (X, ^) are kept for failed trials: no label draws with them.
-FAILURE_MARKERS = ("X", "^")
+# Kept for the status of a point (oom X, over budget / limit beyond ^, infeasible v): no label draws with them.
+STATUS_MARKERS = ("X", "^", "v")
+
+
+MARKER_SCALE = {"*": 1.5, "P": 1.1, "h": 1.1, "p": 1.1}  # markers that look small at one size
 
 
 @dataclass(frozen=True)
 class Style:
     color: tuple[float, float, float]
     marker: str
+
+    def size(self, base: float) -> float:
+        """A marker size (points) that looks like `base` for this marker."""
+        return base * MARKER_SCALE.get(self.marker, 1.0)
 
 
 def _hash(text: str) -> int:

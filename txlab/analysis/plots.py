@@ -58,6 +58,10 @@ from txlab.analysis.palette import palette, style
 GIB_NOTE = "GiB = 2^30 bytes"
 STATUS_MARKERS = {"oom": ("X", "out of memory"), "over_budget": ("^", "over budget")}
 ESTIMATED_DASHES = (0, (4, 2))
+# a budget's label sits on its line at the left, on a light backing so grid lines do not cross it
+LINE_LABEL = dict(
+    xycoords=("axes fraction", "data"), va="center", bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1)
+)
 
 sns.set_theme(style="whitegrid", context="notebook", font_scale=0.95)
 TICK_PT = float(matplotlib.rcParams["ytick.labelsize"])  # cell text is never smaller than tick labels
@@ -99,7 +103,7 @@ def _log2_mem_axis(ax) -> None:
 def _policy_handles(labels: Iterable[str], lw: float = 2, line: bool = True) -> tuple[list, list]:
     labels = list(labels)
     handles = [
-        Line2D([], [], color=style(p).color, marker=style(p).marker, lw=lw if line else 0, markersize=7)
+        Line2D([], [], color=style(p).color, marker=style(p).marker, lw=lw if line else 0, markersize=style(p).size(7))
         for p in labels
     ]
     return handles, labels
@@ -134,7 +138,9 @@ def _draw_memory_lines(ax, sel: pd.DataFrame) -> None:
         st = style(g["policy"].iloc[0])
         meas = g[g["basis"] == "measured"].sort_values("seq_len")
         est = g[g["basis"] == "estimated"].sort_values("seq_len")
-        kw = dict(color=st.color, marker=st.marker, markersize=5, markeredgecolor="white", markeredgewidth=0.5)
+        kw = dict(
+            color=st.color, marker=st.marker, markersize=st.size(5.5), markeredgecolor="white", markeredgewidth=0.5
+        )
         if len(meas):
             ax.plot(meas["seq_len"].astype(float), meas["peak_gib"], lw=1.8, **kw)
         if len(est):
@@ -165,22 +171,24 @@ def _draw_budget_lines(ax, budgets: list[float], caps: Iterable[float]) -> None:
     """Dotted: the budgets asked; dash-dotted: a cap failures ran under that is not one of them."""
     for cap in sorted(set(caps) - set(budgets)):
         ax.axhline(cap, color="0.6", ls="-.", lw=0.9, zorder=1)
-        ax.annotate(
-            f"{cap:g} GiB (ran under)", xy=(0.01, cap), xycoords=("axes fraction", "data"), fontsize=8.5, color="0.45"
-        )
+        ax.annotate(f"{cap:g} GiB (ran under)", xy=(0.01, cap), fontsize=8.5, color="0.45", **LINE_LABEL)
     for b in budgets:
         ax.axhline(b, color="0.35", ls=":", lw=1.2, zorder=1)
-        ax.annotate(f"{b:g} GiB", xy=(0.01, b), xycoords=("axes fraction", "data"), fontsize=9, color="0.25")
+        ax.annotate(f"{b:g} GiB", xy=(0.01, b), fontsize=9, color="0.25", **LINE_LABEL)
 
 
-def _memory_legend(labels: list[str], failed: pd.DataFrame) -> tuple[list, list]:
+def _basis_handles(bases: set[str], estimated_text: str = "estimated") -> tuple[list, list]:
+    """Solid 'measured' and dashed 'estimated' legend entries, for the bases a plot shows."""
+    entries = [("measured", "-", "measured"), ("estimated", "--", estimated_text)]
+    shown = [(ls, text) for basis, ls, text in entries if basis in bases]
+    return [Line2D([], [], color="0.3", lw=1.5, ls=ls) for ls, _ in shown], [text for _, text in shown]
+
+
+def _memory_legend(labels: list[str], valid: pd.DataFrame, failed: pd.DataFrame) -> tuple[list, list]:
     handles, labels = _policy_handles(labels)
-    handles += [
-        Line2D([], [], color="0.3", lw=1.5),
-        Line2D([], [], color="0.3", lw=1.5, ls="--"),
-        Line2D([], [], color="0.35", lw=1.2, ls=":"),
-    ]
-    labels += ["measured", "estimated", "budget"]
+    basis_h, basis_l = _basis_handles(set(valid["basis"]))
+    handles += [*basis_h, Line2D([], [], color="0.35", lw=1.2, ls=":")]
+    labels += [*basis_l, "budget"]
     for status, (marker, text) in STATUS_MARKERS.items():
         if (failed["status"] == status).any():
             handles.append(Line2D([], [], marker=marker, ls="", color="0.6", markeredgecolor="black", markersize=8))
@@ -205,7 +213,7 @@ def plot_memory_vs_length(source: Source, budgets: Iterable[float] | None = None
         return Skipped("no rows other than errors")
     budgets, _ = budgets_of(df, budgets)
     order = policy_order(df["policy"])
-    layout, _ = panels(valid)
+    layout, _ = panels(valid, by_depth=True)
     w = panel_width(len(layout[0]), 3.6)
     fig, axes = grid(len(layout), len(layout[0]), w, 0.88 * w)
     lines, failed = _lowest_peaks(valid), _failed_points(valid, budgets)
@@ -214,10 +222,10 @@ def plot_memory_vs_length(source: Source, budgets: Iterable[float] | None = None
             if panel is None:
                 continue
             ax, (setting, depth) = axes[i][j], panel
-            here = lambda d: d[(d["setting"] == setting) & (d["depth"] == depth)]  # noqa: E731
-            _draw_memory_lines(ax, here(lines))
-            _draw_failures(ax, here(failed), order)
-            _draw_budget_lines(ax, budgets, here(failed)["y"].dropna())
+            fs = failed[(failed["setting"] == setting) & (failed["depth"] == depth)]
+            _draw_memory_lines(ax, lines[(lines["setting"] == setting) & (lines["depth"] == depth)])
+            _draw_failures(ax, fs, order)
+            _draw_budget_lines(ax, budgets, fs["y"].dropna())
             _log2_len_axis(ax, valid["seq_len"].dropna())
             _log2_mem_axis(ax)
             title(ax, setting, f"{int(depth)} layers")
@@ -229,7 +237,7 @@ def plot_memory_vs_length(source: Source, budgets: Iterable[float] | None = None
     n_err = int((df["status"] == "error").sum())
     note = f"{GIB_NOTE}. Chunked policies: lowest peak over the chunk settings tried."
     note += f" {n_err} error row(s) not shown (see the report)." if n_err else ""
-    return finish(fig, "Peak memory vs sequence length", *_memory_legend(order, failed), note)
+    return finish(fig, "Peak memory vs sequence length", *_memory_legend(order, valid, failed), note)
 
 
 # --- memory breakdown ------------------------------------------------------------------------------
@@ -321,7 +329,9 @@ def frontier_panels(fr: pd.DataFrame) -> list[FrontierPanel]:
     present = sorted({(s, int(d)) for s, d in zip(fr["setting"], fr["depth"]) if pd.notna(d)}, key=lambda k: k[::-1])
     budgets = sorted(fr["budget_gib"].unique())
     if len(present) == len(settings) * len(depths):
-        return [FrontierPanel(s, b, [(s, d) for d in depths], [str(d) for d in depths]) for s in settings for b in budgets]
+        return [
+            FrontierPanel(s, b, [(s, d) for d in depths], [str(d) for d in depths]) for s in settings for b in budgets
+        ]
     ticks = [f"{s.replace(', ', chr(10))}\n{d}" for s, d in present]
     return [FrontierPanel(None, b, present, ticks) for b in budgets]
 
@@ -494,7 +504,7 @@ def _draw_step_line(ax, s: pd.DataFrame, p: str, basis: str, floor: float, nudge
     censored = s["fits_at_longest_tried"].to_numpy(dtype=bool)
     none = s["longest_feasible_seq_len"].isna().to_numpy()
     plain = ~censored & ~none
-    ax.scatter(x[plain], y[plain], color=st.color, marker=st.marker, s=30, zorder=4)
+    ax.scatter(x[plain], y[plain], color=st.color, marker=st.marker, s=st.size(5.5) ** 2, zorder=4)
     ax.scatter(
         x[censored], y[censored], marker="^", s=60, facecolors="white", edgecolors=st.color, linewidths=1.5, zorder=4
     )
@@ -514,17 +524,18 @@ def _steps_axes(ax, p: FrontierPanel, floor: float, lens: list[int]) -> None:
     title(ax, *_panel_title(p))
 
 
-def _steps_legend(pols: list[str]) -> tuple[list, list]:
+def _steps_legend(pols: list[str], bases: set[str]) -> tuple[list, list]:
     handles, labels = _policy_handles(pols)
+    basis_h, basis_l = _basis_handles(
+        bases, "estimated rows included\n(where they differ)" if "measured" in bases else "estimated"
+    )
     handles += [
-        Line2D([], [], color="0.3", lw=2),
-        Line2D([], [], color="0.3", lw=1.4, ls="--"),
+        *basis_h,
         Line2D([], [], marker="^", ls="", markerfacecolor="white", markeredgecolor="0.3", markersize=8),
         Line2D([], [], marker="v", ls="", color="0.3", markersize=7),
     ]
     labels += [
-        "measured",
-        "estimated rows included\n(where they differ)",
+        *basis_l,
         "longest length tried fits\n(limit lies beyond)",
         "infeasible even at the\nshortest length tried",
     ]
@@ -566,7 +577,7 @@ def plot_frontier_steps(source: Source, budgets: Iterable[float] | None = None) 
             ax.set_ylabel("longest feasible length (tokens, log2)" if j == 0 else "")
     hide_empty(axes, layout)
     note = f"Feasible: status ok and peak <= budget; {GIB_NOTE}. Lines nudged apart vertically where policies coincide."
-    return finish(fig, "Feasibility frontier by depth", *_steps_legend(pols), note)
+    return finish(fig, "Feasibility frontier by depth", *_steps_legend(pols, set(fr["basis"])), note)
 
 
 # --- 3. time vs memory -----------------------------------------------------------------------------
@@ -632,7 +643,13 @@ def _draw_tradeoff_points(ax, s: pd.DataFrame, rest: pd.DataFrame) -> pd.DataFra
     for _, r in s.iterrows():
         st = style(r["policy"])
         ax.scatter(
-            r["peak_gib"], r["step_time_s"], color=st.color, marker=st.marker, s=60, edgecolors="white", zorder=3
+            r["peak_gib"],
+            r["step_time_s"],
+            color=st.color,
+            marker=st.marker,
+            s=st.size(8) ** 2,
+            edgecolors="white",
+            zorder=3,
         )
     if len(rest):
         ax.scatter(
@@ -686,7 +703,8 @@ def _tradeoff_axes(ax, both: pd.DataFrame) -> None:
     )
 
 
-def _tradeoff_panel(ax, ok: pd.DataFrame, shape: tuple, base: str | None) -> None:
+def _tradeoff_panel(ax, ok: pd.DataFrame, shape: tuple, base: str | None) -> bool:
+    """Draws one shape; True when it shows other chunk settings of a chunked policy."""
     setting, depth, t = shape
     s, rest = _shape_points(ok[(ok["setting"] == setting) & (ok["depth"] == depth) & (ok["seq_len"] == t)])
     ref = s[s["is_baseline"]]
@@ -696,15 +714,16 @@ def _tradeoff_panel(ax, ok: pd.DataFrame, shape: tuple, base: str | None) -> Non
     base_label = f"{base} (kv=cache)" if base and set(s[KIND]) <= {"prefill", "decode"} else base
     missing = f"\n(no ok {base_label} run here: no ratio)" if base and ref.empty else ""
     title(ax, setting, f"{int(depth)} layers, {fmt_len(t)} tokens{missing}")
+    return len(rest) > 0
 
 
-def _tradeoff_legend(pols: list[str], ok: pd.DataFrame) -> tuple[list, list]:
+def _tradeoff_legend(pols: list[str], other_chunks: bool) -> tuple[list, list]:
     handles, labels = _policy_handles(pols, line=False)
     handles += [
         Line2D([], [], marker="o", ls="--", color="0.5", markerfacecolor="none", markeredgecolor="black", markersize=11)
     ]
     labels += ["Pareto front (nothing is both\nsmaller and faster)"]
-    if any(ok.duplicated(["group", "seq_len"])):
+    if other_chunks:
         handles.append(Line2D([], [], marker="o", ls="", markerfacecolor="none", markeredgecolor="0.4", markersize=5))
         labels.append("other chunk settings\n(see chunk_sizes)")
     return handles, labels
@@ -726,10 +745,11 @@ def plot_time_vs_memory(source: Source) -> Drawn:
     layout = [r[:n_cols] + [None] * (n_cols - len(r)) for r in layout]
     w = panel_width(n_cols, 4.4)
     fig, axes = grid(len(layout), n_cols, w, 0.86 * w, sharex=False, sharey=False)
+    other_chunks = False
     for i, row in enumerate(layout):
         for j, shape in enumerate(row):
             if shape is not None:
-                _tradeoff_panel(axes[i][j], ok, shape, base)
+                other_chunks |= _tradeoff_panel(axes[i][j], ok, shape, base)
     hide_empty(axes, layout)
     note = (
         f"{GIB_NOTE}. 'x1.33': step time / step time of {base} at the same shape (recompute overhead)."
@@ -737,7 +757,7 @@ def plot_time_vs_memory(source: Source) -> Drawn:
         else f"{GIB_NOTE}. No sdpa or naive rows, so no overhead ratio."
     )
     title_text = "Time vs memory at fixed shapes (lower left is better)"
-    return finish(fig, title_text, *_tradeoff_legend(list(palette(df["policy"])), ok), note)
+    return finish(fig, title_text, *_tradeoff_legend(list(palette(df["policy"])), other_chunks), note)
 
 
 # --- 4. chunk sizes --------------------------------------------------------------------------------

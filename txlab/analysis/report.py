@@ -1,9 +1,17 @@
 """`txlab report`: one document (HTML, or Markdown with images beside it) with everything about a store.
 
-Sections: what the store holds (sweeps, devices, trial counts by status), the sweep specs it came from
-(spec files kept in the store directory when there are any, and always the grid reconstructed from the
-rows: the config keys that vary within each sweep and their values), every plot, the frontier tables,
-and the rows with errors.
+It opens with the answer, then the evidence, then what the store holds:
+
+1. the feasibility frontier, one table per budget: the longest sequence per policy and depth, and the
+   factor the best policy gains over the baseline (sdpa, else naive);
+2. every plot, with a caption (or why it was not drawn);
+3. each policy against the baseline at shared shapes (memory saving, time overhead);
+4. trial counts by sweep, basis and status, the devices, the sweep grids reconstructed from the rows (the
+   config keys that vary within each sweep, and their values), the settings every trial shares, and the
+   spec files kept in the store directory;
+5. the rows with errors.
+
+HTML is one self-contained file (images inline as PNG data URIs); Markdown writes its PNGs beside it.
 """
 
 from __future__ import annotations
@@ -11,13 +19,22 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 
 from txlab.analysis.data import GIB, AnalysisError, Source, budgets_of, prepare, require_rows
-from txlab.analysis.frontier import frontier, frontier_markdown, frontier_pivot, md_table, versus_baseline, versus_pivot
+from txlab.analysis.frontier import (
+    baseline_name,
+    frontier,
+    frontier_tables,
+    md_table,
+    versus_baseline,
+    versus_pivot,
+)
 
 CAPTIONS = {
     "memory_vs_length": "Peak memory against sequence length, one line per policy, a panel per depth. "
@@ -45,7 +62,9 @@ def status_counts(df: pd.DataFrame) -> pd.DataFrame:
             t[s] = 0
     t = t[["ok", "oom", "over_budget", "error"]]
     t["total"] = t.sum(axis=1)
-    return t.reset_index()
+    t = t.reset_index()
+    t.columns.name = None  # else the HTML table gets an empty first column for it
+    return t
 
 
 def devices(df: pd.DataFrame) -> pd.DataFrame:
@@ -103,122 +122,227 @@ def spec_files(store: Source) -> dict[str, str]:
     return out
 
 
+FRONTIER_NOTE = (
+    "Longest sequence length (tokens) with status ok and peak memory <= budget (GiB = 2^30 bytes). "
+    "N+: the longest length tried still fits, the limit lies beyond. infeasible at N: not even the shortest "
+    "length tried fits. est.: from estimated rows (measured = false). best vs BASE: the longest sequence of "
+    "the best policy over the baseline's (>=: the best fits the longest length tried)."
+)
+ALL_ESTIMATED_NOTE = " Every cell here is an estimate (measured = false)."
+VERSUS_NOTE = (
+    "Peak memory change and step-time ratio of each policy against BASE at the same shape (both measured, "
+    "both ok). -60% mem, x1.30 time: 60% less memory, 30% slower."
+)
+NO_VERSUS = (
+    "No shape was measured (status ok) both under sdpa (or naive) and under another policy, so there is nothing "
+    "to compare. Estimated rows take no part: they have no step times."
+)
+
+
+@dataclass
+class Report:
+    """Everything a report shows, computed once; the writers only lay it out."""
+
+    title: str
+    intro: str
+    frontier: dict[float, pd.DataFrame]  # budget -> answer table
+    frontier_note: str
+    versus: pd.DataFrame
+    baseline: str | None
+    tables: dict[str, pd.DataFrame]  # what the store holds, in order
+    specs: dict[str, str]
+    errors: pd.DataFrame
+    df: pd.DataFrame = field(repr=False)
+    budgets: list[float] = field(default_factory=list)
+
+
+def _intro(df: pd.DataFrame, budgets: list[float], where: str, n_errors: int) -> str:
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    n_est = int((df["basis"] == "estimated").sum())
+    basis = f" ({n_est} estimated)" if n_est else ""
+    errors = f"; {n_errors} with errors, listed at the end" if n_errors else ""
+    return (
+        f"{len(df)} trials{basis}{errors}; budgets {', '.join(f'{b:g}' for b in budgets) or 'none'} GiB "
+        f"(from {where}); GiB = 2^30 bytes. Generated {when}."
+    )
+
+
+def build_report(store: Source, budgets=None) -> Report:
+    df = prepare(store)
+    require_rows(df, str(store) if not isinstance(store, pd.DataFrame) else "data")
+    budgets, where = budgets_of(df, budgets)
+    fr, errors = frontier(df, budgets), error_rows(df)
+    vs = versus_baseline(df)
+    all_estimated = len(fr) and bool((fr["basis"] == "estimated").all())
+    return Report(
+        title=f"txlab report: {store if not isinstance(store, pd.DataFrame) else 'data'}",
+        intro=_intro(df, budgets, where, len(errors)),
+        frontier=frontier_tables(fr, baseline_name(df)),
+        frontier_note=FRONTIER_NOTE.replace("BASE", baseline_name(df) or "sdpa")
+        + (ALL_ESTIMATED_NOTE if all_estimated else "")
+        + f" Budgets from: {where}.",
+        versus=vs,
+        baseline=vs["baseline"].iloc[0] if len(vs) else None,
+        tables={
+            "Trials by status": status_counts(df),
+            "Devices": devices(df),
+            "Sweep grids (config keys that vary, reconstructed from the rows)": reconstructed_grids(df),
+            "Settings shared by every trial": constant_settings(df),
+        },
+        specs=spec_files(store),
+        errors=errors,
+        df=df,
+        budgets=budgets,
+    )
+
+
 def _figures_as(df, budgets, save) -> dict[str, str]:
-    """name -> whatever `save(name, fig)` returns, for each plot that has something to draw."""
+    """name -> whatever `save(name, fig)` returns for a drawn plot, or the `Skipped` of one not drawn."""
     import matplotlib.pyplot as plt
 
-    from txlab.analysis.plots import PLOTS, SKIPPED, TAKES_BUDGETS
+    from txlab.analysis.plots import PLOTS, Skipped, draw
 
     out = {}
-    for name, fn in PLOTS.items():
-        SKIPPED.pop(name, None)
-        fig = fn(df, budgets) if name in TAKES_BUDGETS else fn(df)
-        if fig is None:
-            out[name] = None
+    for name in PLOTS:
+        fig = draw(name, df, budgets)
+        if isinstance(fig, Skipped):
+            out[name] = fig
             continue
         out[name] = save(name, fig)
         plt.close(fig)
     return out
 
 
-def write_report(store: Source, out: str | Path, budgets=None) -> Path:
-    """Write the report to `out` (.html: self-contained, images inline; .md: images in OUT_files/)."""
-    from txlab.analysis.plots import SKIPPED
-
-    out = Path(out)
-    if out.suffix.lower() not in (".html", ".htm", ".md"):
-        raise AnalysisError(f"{out}: report must end in .html or .md")
-    df = prepare(store)
-    require_rows(df, str(store) if not isinstance(store, pd.DataFrame) else "data")
+def _make_parent(out: Path) -> None:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise AnalysisError(f"{out.parent}: cannot create directory ({e.strerror})") from None
-    budgets, where = budgets_of(df, budgets)
-    fr, vs = frontier(df, budgets), versus_baseline(df)
-    title = f"txlab report: {store if not isinstance(store, pd.DataFrame) else 'data'}"
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    intro = (
-        f"{len(df)} trials; budgets {', '.join(f'{b:g}' for b in budgets) or 'none'} GiB (from {where}); "
-        f"GiB = 2^30 bytes. Generated {when}."
-    )
-    tables = {
-        "Trials by status": status_counts(df),
-        "Devices": devices(df),
-        "Sweep grids (config keys that vary, reconstructed from the rows)": reconstructed_grids(df),
-        "Settings shared by every trial": constant_settings(df),
-    }
-    specs = spec_files(store)
-    errors = error_rows(df)
 
-    if out.suffix.lower() == ".md":
-        img_dir = out.parent / f"{out.stem}_files"
-        img_dir.mkdir(exist_ok=True)
 
-        def save(name, fig):
-            fig.savefig(img_dir / f"{name}.png", dpi=110, bbox_inches="tight")  # txlab plot writes the SVGs
-            return f"{img_dir.name}/{name}.png"
+def write_report(store: Source, out: str | Path, budgets=None) -> Path:
+    """Write the report to `out` (.html: self-contained, images inline; .md: images in OUT_files/)."""
+    out = Path(out)
+    if out.suffix.lower() not in (".html", ".htm", ".md"):
+        raise AnalysisError(f"{out}: report must end in .html or .md")
+    rep = build_report(store, budgets)
+    _make_parent(out)
+    text = _markdown(rep, out) if out.suffix.lower() == ".md" else _html(rep)
+    out.write_text(text)
+    return out
 
-        figs = _figures_as(df, budgets, save)
-        md = [f"# {title}\n", intro + "\n"]
-        for head, t in tables.items():
-            md += [f"## {head}\n", md_table(t)]
-        for name, text in specs.items():
-            md += [f"## Spec file `{name}`\n", "```yaml\n" + text.rstrip() + "\n```\n"]
-        md.append("## Plots\n")
-        for name, src in figs.items():
-            md.append(f"### {name.replace('_', ' ')}\n\n{CAPTIONS[name]}\n")
-            md.append(f"![{name}]({src})\n" if src else f"_Not drawn: {SKIPPED.get(name, 'nothing to draw')}._\n")
-        md.append(
-            frontier_markdown(fr, vs, where).replace("\n## ", "\n### ").replace("## Feasibility", "## Feasibility", 1)
-        )
-        md += ["\n## Rows with errors\n", md_table(errors)]
-        out.write_text("\n".join(md))
-        return out
 
+# --- Markdown ---------------------------------------------------------------------------------------
+
+
+def _markdown(rep: Report, out: Path) -> str:
+    img_dir = out.parent / f"{out.stem}_files"
+    img_dir.mkdir(exist_ok=True)
+
+    def save(name, fig):
+        fig.savefig(img_dir / f"{name}.png", dpi=110, bbox_inches="tight")  # txlab plot writes the SVGs
+        return f"{img_dir.name}/{name}.png"
+
+    md = [f"# {rep.title}\n", rep.intro + "\n", "## Feasibility frontier: longest sequence that fits\n"]
+    md.append(rep.frontier_note + "\n")
+    for b, t in rep.frontier.items():
+        md += [f"### Budget {b:g} GiB\n", md_table(t)]
+    md.append("## Plots\n")
+    for name, src in _figures_as(rep.df, rep.budgets, save).items():
+        md.append(f"### {name.replace('_', ' ')}\n\n{CAPTIONS[name]}\n")
+        md.append(f"_Not drawn: {src.reason}._\n" if not isinstance(src, str) else f"![{name}]({src})\n")
+    md.append(f"## Against {rep.baseline or 'the baseline'} at shared shapes\n")
+    md.append((VERSUS_NOTE.replace("BASE", f"`{rep.baseline}`") if rep.baseline else NO_VERSUS) + "\n")
+    md.append(md_table(versus_pivot(rep.versus)))
+    for head, t in rep.tables.items():
+        md += [f"## {head}\n", md_table(t)]
+    for name, text in rep.specs.items():
+        md += [f"## Spec file `{name}`\n", "```yaml\n" + text.rstrip() + "\n```\n"]
+    md += [f"## Rows with errors ({len(rep.errors)})\n", md_table(rep.errors)]
+    return "\n".join(md)
+
+
+# --- HTML -------------------------------------------------------------------------------------------
+
+CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:1500px;margin:2em auto;padding:0 1em;color:#222}"
+    "table.t{border-collapse:collapse;font-size:13px;margin:.5em 0 1.5em}"
+    "table.t td,table.t th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}"
+    "table.t th{background:#f3f3f3}table.t tr.gain td{background:#eef6ee;font-weight:600}"
+    ".scroll{max-width:100%;overflow-x:auto}"
+    "img{display:block;max-width:100%;height:auto;border:1px solid #eee}"
+    "pre{background:#f6f6f6;padding:.8em;overflow:auto;white-space:pre-wrap}p.note{color:#555;font-size:14px}"
+)
+
+
+def _html_table(t: pd.DataFrame) -> str:
+    """A table (no index, no column-name header cell) in a div that scrolls rather than widen the page."""
+    if not len(t):
+        return "<p><em>(none)</em></p>"
+    t = t.copy()
+    t.columns.name = None
+    body = t.to_html(index=False, border=0, classes="t", na_rep="")
+    body = re.sub(r"<tr>(\s*<td>(?:[^<]*</td>\s*<td>)?best vs )", r"<tr class='gain'>\1", body)  # the gain rows
+    return f"<div class='scroll'>{body}</div>"
+
+
+def _html_frontier(rep: Report) -> list[str]:
+    e = html.escape
+    parts = [
+        "<h2>Feasibility frontier: longest sequence that fits</h2>",
+        f"<p class='note'>{e(rep.frontier_note)}</p>",
+    ]
+    for b, t in rep.frontier.items():
+        parts.append(f"<h3>Budget {b:g} GiB</h3>{_html_table(t)}")
+    if not rep.frontier:
+        parts.append("<p><em>No budget to judge against, or no rows other than errors.</em></p>")
+    return parts
+
+
+def _html_plots(rep: Report) -> list[str]:
     def save(name, fig):
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
         return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
-    figs = _figures_as(df, budgets, save)
-
-    def table(t: pd.DataFrame) -> str:
-        return t.to_html(index=False, border=0, classes="t", na_rep="") if len(t) else "<p><em>(none)</em></p>"
-
     e = html.escape
-    parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>"
-        "body{font-family:system-ui,sans-serif;max-width:1400px;margin:2em auto;padding:0 1em;color:#222}"
-        "table.t{border-collapse:collapse;font-size:13px;margin:.5em 0 1.5em}"
-        "table.t td,table.t th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
-        "table.t th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}"
-        "pre{background:#f6f6f6;padding:.8em;overflow:auto}td{vertical-align:top}</style></head><body>",
-        f"<h1>{e(title)}</h1><p>{e(intro)}</p>",
-    ]
-    for head, t in tables.items():
-        parts.append(f"<h2>{e(head)}</h2>{table(t)}")
-    for name, text in specs.items():
-        parts.append(f"<h2>Spec file <code>{e(name)}</code></h2><pre>{e(text)}</pre>")
-    parts.append("<h2>Plots</h2>")
-    for name, src in figs.items():
-        parts.append(f"<h3>{e(name.replace('_', ' '))}</h3><p>{e(CAPTIONS[name])}</p>")
+    parts = ["<h2>Plots</h2>"]
+    for name, src in _figures_as(rep.df, rep.budgets, save).items():
+        parts.append(f"<h3>{e(name.replace('_', ' '))}</h3><p class='note'>{e(CAPTIONS[name])}</p>")
         parts.append(
             f"<img src='{src}' alt='{name}'>"
-            if src
-            else f"<p><em>Not drawn: {e(SKIPPED.get(name, 'nothing to draw'))}.</em></p>"
+            if isinstance(src, str)
+            else f"<p><em>Not drawn: {e(src.reason)}.</em></p>"
         )
+    return parts
+
+
+def _html_store(rep: Report) -> list[str]:
+    e = html.escape
+    base = rep.baseline
+    parts = [f"<h2>Against {e(base or 'sdpa')} at shared shapes</h2>"]
     parts.append(
-        "<h2>Feasibility frontier: longest feasible sequence length (tokens)</h2>"
-        "<p>Feasible: status ok and peak memory &lt;= budget. <code>N+</code>: the longest length tried still fits. "
-        "<code>infeasible at N</code>: not even the shortest length tried fits. <code>est.</code>: with estimated rows.</p>"
+        f"<p class='note'>{e(VERSUS_NOTE.replace('BASE', base))}</p>{_html_table(versus_pivot(rep.versus))}"
+        if base
+        else f"<p>{e(NO_VERSUS)}</p>"
     )
-    parts.append(table(frontier_pivot(fr)))
-    base = vs["baseline"].iloc[0] if len(vs) else None
-    parts.append(f"<h2>Against {e(base or 'sdpa')} at shared shapes</h2>")
-    parts.append(
-        table(versus_pivot(vs)) if base else "<p>No shape ran under both sdpa (or naive) and another policy.</p>"
-    )
-    parts.append(f"<h2>Rows with errors ({len(errors)})</h2>{table(errors)}</body></html>")
-    out.write_text("\n".join(parts))
-    return out
+    for head, t in rep.tables.items():
+        parts.append(f"<h2>{e(head)}</h2>{_html_table(t)}")
+    for name, text in rep.specs.items():
+        parts.append(f"<h2>Spec file <code>{e(name)}</code></h2><pre>{e(text)}</pre>")
+    parts.append(f"<h2>Rows with errors ({len(rep.errors)})</h2>{_html_table(rep.errors)}")
+    return parts
+
+
+def _html(rep: Report) -> str:
+    e = html.escape
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
+        f"<title>{e(rep.title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{e(rep.title)}</h1><p>{e(rep.intro)}</p>",
+        *_html_frontier(rep),
+        *_html_plots(rep),
+        *_html_store(rep),
+        "</body></html>",
+    ]
+    return "\n".join(parts)
