@@ -34,10 +34,30 @@ def test_row_has_every_column_and_sane_figures():
     assert row["params_bytes"] == 4 * n  # fp32, tied embedding counted once
     assert row["optimizer_bytes"] >= 8 * n  # AdamW: two fp32 moments per parameter (+ step counters)
     # In a warm process (the test session) a tiny trial may reuse pages already resident: growth can be 0.
-    # tests/test_cli.py checks it is > 0 in a fresh process.
+    # tests/test_cli.py checks it is > 0 in a fresh process; test_resident_growth_follows_the_tracked_peak
+    # checks it against the tracker on a trial large enough to show.
     assert row["peak_rss_bytes"] >= 0 and row["step_time_s"] > 0 and math.isfinite(row["loss"])
     assert row["tokens_per_s"] == pytest.approx(128 / row["step_time_s"])
     assert row["device"] == "cpu" and row["mfu"] is None and row["reserved_bytes"] is None
+
+
+def test_resident_growth_follows_the_tracked_peak():
+    """The resident high-water mark above the trial's baseline against the tracker's peak.
+
+    Naive attention at 2048 tokens: ~280 MiB tracked, most of it in 64 MiB score tensors, which the C
+    allocator maps afresh (above glibc's largest mmap threshold, 32 MiB) and the kernel counts when
+    written, however warm the process. The long trial runs first: a high-water mark not reset at the
+    start of each trial would carry its peak into the short one.
+    """
+    long = trial(workload__seq_len=2048, policy__name="naive")
+    short = trial(workload__seq_len=512, policy__name="naive")
+    assert long["status"] == short["status"] == "ok", (long["error"], short["error"])
+    tracked = long["peak_bytes"] - long["params_bytes"]  # the parameters were resident before the window
+    assert tracked > 200 * 2**20
+    rss_long, rss_short = long["peak_rss_bytes"], short["peak_rss_bytes"]
+    assert rss_long >= 0.5 * tracked, (rss_long, tracked)  # measured ~0.95
+    assert rss_long > 2 * rss_short, (rss_long, rss_short)  # 16x the scores; measured ~10x
+    assert rss_short < tracked, (rss_short, tracked)  # the window's growth, not the process's resident set
 
 
 def _activations(policy_over: dict, T: int) -> int:
