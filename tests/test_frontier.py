@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from txlab.analysis.frontier import frontier, frontier_label, frontier_markdown, versus_baseline
+from txlab.analysis.frontier import frontier, frontier_label, frontier_markdown, frontier_tables, versus_baseline
 
 GIB = 2**30
 
@@ -160,3 +160,22 @@ def test_labels():
     assert frontier_label(2048, 256, 4096) == "2048"
     assert frontier_label(4096, 256, 4096) == "4096+"
     assert frontier_label(pd.NA, 256, 4096) == "infeasible at 256"
+
+
+def test_answer_tables_per_budget(hand):
+    tables = frontier_tables(frontier(hand, [1, 2]), "sdpa")
+    assert list(tables) == [1.0, 2.0]
+    one = tables[1.0].set_index("policy")
+    assert list(one.columns) == ["2 layers", "4 layers"]  # no setting column: one setting
+    assert list(one.index) == ["naive", "sdpa", "checkpoint", "recompute", "best vs sdpa"]
+    assert one.loc["naive", "2 layers"] == "infeasible at 256" and one.loc["naive", "4 layers"] == ""
+    assert one.loc["checkpoint", "2 layers"] == "4096+ / est. 8192+"
+    # best vs sdpa at 1 GiB: checkpoint's estimate fits 8192, the longest tried, against sdpa's 512
+    assert one.loc["best vs sdpa", "2 layers"] == "≥ x16 checkpoint (est.)"
+    assert one.loc["best vs sdpa", "4 layers"] == "none fits"  # sdpa oom, naive only errored
+    assert tables[2.0].set_index("policy").loc["best vs sdpa", "2 layers"] == "≥ x8 checkpoint (est.)"
+    # measured only: the factor of measured frontiers, no "(est.)"
+    measured = frontier_tables(frontier(hand[hand["measured"]], [1]), "sdpa")[1.0].set_index("policy")
+    assert measured.loc["best vs sdpa", "2 layers"] == "≥ x8 checkpoint"
+    # no baseline in the store: no gain row
+    assert "best vs" not in " ".join(frontier_tables(frontier(hand, [1]), None)[1.0]["policy"])

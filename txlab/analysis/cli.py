@@ -8,16 +8,43 @@ from pathlib import Path
 from txlab.analysis.data import AnalysisError, budgets_of, prepare, require_rows
 
 
+def _write_figures(df, out: Path, budgets: list[float], echo) -> dict[str, list[Path]]:
+    """Each plot the store can show as PNG + SVG; the others are skipped with their reason."""
+    import matplotlib.pyplot as plt
+
+    from txlab.analysis.plots import PLOTS, Skipped, draw
+
+    written = {}
+    for name in PLOTS:
+        fig = draw(name, df, budgets)
+        if isinstance(fig, Skipped):
+            echo(f"skipped {name}: {fig.reason}")
+            continue
+        paths = [out / f"{name}.png", out / f"{name}.svg"]
+        fig.savefig(paths[0], dpi=130, bbox_inches="tight")
+        fig.savefig(paths[1], bbox_inches="tight")
+        plt.close(fig)
+        written[name] = paths
+    return written
+
+
+def _write_tables(df, out: Path, budgets: list[float], where: str) -> list[Path]:
+    """frontier.csv, versus_baseline.csv and both as frontier.md."""
+    from txlab.analysis.frontier import frontier, frontier_markdown, versus_baseline
+
+    fr, vs = frontier(df, budgets), versus_baseline(df)
+    paths = [out / "frontier.csv", out / "versus_baseline.csv", out / "frontier.md"]
+    fr.to_csv(paths[0], index=False)
+    vs.to_csv(paths[1], index=False)
+    paths[2].write_text(frontier_markdown(fr, vs, where))
+    return paths
+
+
 def write_plots(source, out: str | Path, budgets=None, echo=print) -> dict[str, list[Path]]:
     """Every plot (PNG + SVG) and the frontier tables (CSV + Markdown) into `out`; returns name -> files.
 
     Plots a store cannot show (e.g. no chunked attention) are skipped with a printed reason.
     """
-    import matplotlib.pyplot as plt
-
-    from txlab.analysis.frontier import frontier, frontier_markdown, versus_baseline
-    from txlab.analysis.plots import PLOTS, Skipped, draw
-
     df = prepare(source)
     require_rows(df, str(source) if not hasattr(source, "columns") else "data")
     out = Path(out)
@@ -31,27 +58,8 @@ def write_plots(source, out: str | Path, budgets=None, echo=print) -> dict[str, 
             f"note: no measure.budget_gib in the store and no --budget-gib; budgets: {where}"
             + (f" ({', '.join(f'{b:g}' for b in budgets)} GiB)" if budgets else "")
         )
-    written: dict[str, list[Path]] = {}
-    for name in PLOTS:
-        fig = draw(name, df, budgets)
-        if isinstance(fig, Skipped):
-            echo(f"skipped {name}: {fig.reason}")
-            continue
-        paths = [out / f"{name}.png", out / f"{name}.svg"]
-        fig.savefig(paths[0], dpi=130, bbox_inches="tight")
-        fig.savefig(paths[1], bbox_inches="tight")
-        plt.close(fig)
-        written[name] = paths
-    fr, vs = frontier(df, budgets), versus_baseline(df)
-    tables = {
-        "frontier": out / "frontier.csv",
-        "versus_baseline": out / "versus_baseline.csv",
-        "frontier_md": out / "frontier.md",
-    }
-    fr.to_csv(tables["frontier"], index=False)
-    vs.to_csv(tables["versus_baseline"], index=False)
-    tables["frontier_md"].write_text(frontier_markdown(fr, vs, where))
-    written["tables"] = list(tables.values())
+    written = _write_figures(df, out, budgets, echo)
+    written["tables"] = _write_tables(df, out, budgets, where)
     for paths in written.values():
         for p in paths:
             echo(f"wrote {p}")

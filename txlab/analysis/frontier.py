@@ -322,11 +322,16 @@ def _cell(m, e, all_estimated: bool) -> str:
     return m["label"] + (f" / est. {e['label']}" if e is not None and e["label"] != m["label"] else "")
 
 
-def _gain(rows: dict, base: str | None) -> str:
-    """The best policy's frontier over the baseline's, e.g. 'x8 recompute', '>= x16 recompute' when the
-    best fits the longest length tried (its limit lies beyond)."""
+def _gain(rows: dict, base: str | None, all_estimated: bool = False) -> str:
+    """The best policy's frontier over the baseline's, e.g. 'x8 recompute', '≥ x16 recompute' when the
+    best fits the longest length tried (its limit lies beyond); '(est.)' when estimated rows take part."""
     if not rows:
         return ""
+    est = any(r["basis"] == "estimated" for r in rows.values()) and not all_estimated
+    return _gain_text(rows, base) + (" (est.)" if est else "")
+
+
+def _gain_text(rows: dict, base: str | None) -> str:
     value = {
         p: (float(r["longest_feasible_seq_len"]) if pd.notna(r["longest_feasible_seq_len"]) else 0.0)
         for p, r in rows.items()
@@ -342,10 +347,12 @@ def _gain(rows: dict, base: str | None) -> str:
         return f"{best} fits {int(value[best])}, {ref} none"
     if rows[ref]["fits_at_longest_tried"]:
         return f"x1 ({ref} fits every length tried)"
+    tied = [p for p in order if value[p] == value[best] and p != ref]
     if value[best] == value[ref]:
-        return f"x1 ({ref} is as good as any)"
+        beyond = [p for p in tied if rows[p]["fits_at_longest_tried"]]  # may go further than the baseline
+        return f"≥ x1 {', '.join(beyond)}" if beyond else f"x1 ({ref} is as good as any)"
     ratio = value[best] / value[ref]
-    return f"{'>= ' if rows[best]['fits_at_longest_tried'] else ''}x{ratio:g} {best}"
+    return f"{'≥ ' if rows[best]['fits_at_longest_tried'] else ''}x{ratio:g} {', '.join(tied)}"
 
 
 def _answer_rows(f: pd.DataFrame, cols: list[str], base: str | None, all_estimated: bool, setting: str) -> list:
@@ -357,11 +364,12 @@ def _answer_rows(f: pd.DataFrame, cols: list[str], base: str | None, all_estimat
         for c in cols:
             m, e = meas.get((p, c)), est.get((p, c))
             rec[c] = "" if m is None and e is None else _cell(m, e, all_estimated)
-            if m is not None or e is not None:
-                best[c][p] = m if m is not None else e
+            if m is not None or e is not None:  # estimates extend what was measured: the fuller answer
+                best[c][p] = e if e is not None else m
         rows.append(rec)
     if base is not None:
-        rows.append({"setting": setting, "policy": f"best vs {base}", **{c: _gain(best[c], base) for c in cols}})
+        gains = {c: _gain(best[c], base, all_estimated) for c in cols}
+        rows.append({"setting": setting, "policy": f"best vs {base}", **gains})
     return rows
 
 

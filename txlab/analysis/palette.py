@@ -42,7 +42,7 @@ KV_POLICIES: dict[str, str] = {  # policy.kv -> colour of prefill/decode rows
 }
 RESERVED_COLORS = ("#44aa99", "#aa4499", "#117733", "#cc6677", "#6699cc", "#997700")  # teal, purple, ...
 RESERVED_MARKERS = ("<", ">", "d", "8", "H")
-SHADES = (-0.45, -0.25, 0.3, 0.5)  # < 0: towards black, > 0: towards white
+SHADES = (-0.5, -0.35, -0.2, 0.15, 0.3)  # < 0: towards black, > 0: towards white (pale shades read badly)
 # Kept for the status of a point (oom X, over budget / limit beyond ^, infeasible v): no label draws with them.
 STATUS_MARKERS = ("X", "^", "v")
 
@@ -60,9 +60,11 @@ class Style:
         return base * MARKER_SCALE.get(self.marker, 1.0)
 
 
-def _hash(text: str) -> int:
-    """Stable across runs and machines (Python's hash() is salted per process)."""
-    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:4], "big")
+def _pick(text: str, *choices: tuple) -> list:
+    """One item of each `choices`, picked by its own byte of the SHA-1 of `text`: stable across runs and
+    machines (Python's hash() is salted per process), the picks independent of one another."""
+    digest = hashlib.sha1(text.encode()).digest()
+    return [c[digest[k] % len(c)] for k, c in enumerate(choices)]
 
 
 def _shade(color: str, by: float) -> tuple[float, float, float]:
@@ -79,14 +81,13 @@ def style(label: str) -> Style:
     if name in PRESETS:
         color, marker = PRESETS[name]
     else:  # a name no fixed entry knows: the reserved range
-        h = _hash(name)
-        color, marker = RESERVED_COLORS[h % len(RESERVED_COLORS)], RESERVED_MARKERS[(h // 7) % len(RESERVED_MARKERS)]
+        color, marker = _pick(name, RESERVED_COLORS, RESERVED_MARKERS)
     if kv is not None:
-        color = KV_POLICIES.get(kv, RESERVED_COLORS[_hash("kv=" + kv) % len(RESERVED_COLORS)])
+        color = KV_POLICIES.get(kv) or _pick("kv=" + kv, RESERVED_COLORS)[0]
     if not variant:
         return Style(to_rgb(color), marker)
-    h = _hash(variant)
-    return Style(_shade(color, SHADES[h % len(SHADES)]), RESERVED_MARKERS[(h // 5) % len(RESERVED_MARKERS)])
+    shade, marker = _pick(variant, SHADES, RESERVED_MARKERS)
+    return Style(_shade(color, shade), marker)
 
 
 def palette(labels: Iterable[str]) -> dict[str, tuple[float, float, float]]:

@@ -282,9 +282,11 @@ def plot_memory_breakdown(source: Source, depth: int | None = None) -> Drawn:
     sel = ok[ok["depth"] == depth]
     if sel.empty:
         return Skipped(f"no measured ok rows at depth {depth}")
-    pols, lengths = policy_order(sel["policy"]), sorted(sel["seq_len"].unique())
-    n_cols = min(MAX_COLS, len(pols))
-    layout = [r for s in sorted(sel["setting"].unique()) for r in wrap([(s, p) for p in pols], n_cols)]
+    lengths = sorted(sel["seq_len"].unique())
+    by_setting = {s: policy_order(g["policy"]) for s, g in sel.groupby("setting", sort=True)}  # the pairs run
+    n_cols = min(MAX_COLS, max(len(p) for p in by_setting.values()))
+    layout = [r for s, pols in by_setting.items() for r in wrap([(s, p) for p in pols], n_cols)]
+    layout = [r + [None] * (n_cols - len(r)) for r in layout]
     w = panel_width(n_cols, max(2.2, 0.45 * len(lengths) + 1))
     fig, axes = grid(len(layout), n_cols, w, 3.4, sharex=False)
     colors = _component_colors()

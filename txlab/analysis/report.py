@@ -126,7 +126,7 @@ FRONTIER_NOTE = (
     "Longest sequence length (tokens) with status ok and peak memory <= budget (GiB = 2^30 bytes). "
     "N+: the longest length tried still fits, the limit lies beyond. infeasible at N: not even the shortest "
     "length tried fits. est.: from estimated rows (measured = false). best vs BASE: the longest sequence of "
-    "the best policy over the baseline's (>=: the best fits the longest length tried)."
+    "the best policy over the baseline's (≥: the best fits the longest length tried, its limit lies beyond)."
 )
 ALL_ESTIMATED_NOTE = " Every cell here is an estimate (measured = false)."
 VERSUS_NOTE = (
