@@ -25,6 +25,9 @@ from txlab.sweeps.driver import error_row
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"model": {"n_layers": 2, "d_model": 64}, "workload": {"seq_len": 64, "steps": 1, "warmup_steps": 0}}
 GRID = {"workload.seq_len": [64]}
+# An object-store location (fsspec's in-memory filesystem stands in for s3://) whose writer lease another
+# sweep holds; made by `make_object_store_assets`.
+LOCKED_OBJECT_STORE = "memory://txlab-bad-input/locked"
 
 
 class _RunsCode:
@@ -119,7 +122,6 @@ def make_assets(d: Path) -> None:
     store("store_foreign", marker='{"format": "somebody-else", "schema_version": 1}')
     store("store_newer", marker='{"format": "txlab-store", "schema_version": 999}', rows=1)
     store("store_marker_junk", marker="{not json")
-    store("store_truncated", rows=2, truncate=True)
     (d / "plain_parquet").mkdir()
     (d / "plain_parquet" / "x.parquet").write_bytes(b"PAR1")
 
@@ -127,6 +129,28 @@ def make_assets(d: Path) -> None:
     with open(d / "hostile.pt", "wb") as f:
         pickle.dump({"config": _RunsCode(d / "PWNED"), "model": {}}, f)
     (d / "run_dir").mkdir()
+
+
+def make_object_store_assets() -> None:
+    """A memory:// store whose lease a live sweep elsewhere holds, and a memory:// path that is a file."""
+    import json
+    import time
+
+    import fsspec
+
+    from txlab.results.store import LEASE
+
+    mem = fsspec.filesystem("memory")
+    Store.open(LOCKED_OBJECT_STORE, create=True)._ensure_created()
+    lease = {
+        "format": "txlab-writer-lease",
+        "holder": "pid 4242 on elsewhere",
+        "token": "theirs",
+        "renewed_at": time.time(),
+        "expires_at": time.time() + 3600,
+    }
+    mem.pipe_file(f"/txlab-bad-input/locked/{LEASE}", json.dumps(lease).encode())
+    mem.pipe_file("/txlab-bad-input/a_file", b"not a store")
 
 
 def case(*argv: str, needle: str, id: str):
@@ -608,14 +632,6 @@ CASES = [
         "sweep",
         "{d}/good_spec.yaml",
         "--store",
-        "{d}/store_truncated",
-        needle="store_truncated",
-        id="sweep-store-truncated",
-    ),
-    case(
-        "sweep",
-        "{d}/good_spec.yaml",
-        "--store",
         "{d}/plain_parquet",
         needle="not a txlab store",
         id="sweep-store-not-txlab",
@@ -664,15 +680,6 @@ CASES = [
         id="rerun-store-is-file",
     ),
     case("rerun", "--store", "{d}/store_empty", "--trial", "abc", needle="no such trial key", id="rerun-empty-store"),
-    case(
-        "rerun",
-        "--store",
-        "{d}/store_truncated",
-        "--trial",
-        "abc",
-        needle="store_truncated",
-        id="rerun-truncated-parquet",
-    ),
     case(
         "rerun",
         "--store",
@@ -900,15 +907,6 @@ CASES = [
     case(
         "plot",
         "--store",
-        "{d}/store_truncated",
-        "--out",
-        "{d}/plots",
-        needle="store_truncated",
-        id="plot-truncated-parquet",
-    ),
-    case(
-        "plot",
-        "--store",
         "{d}/store_foreign",
         "--out",
         "{d}/plots",
@@ -987,15 +985,6 @@ CASES = [
     case(
         "report",
         "--store",
-        "{d}/store_truncated",
-        "--out",
-        "{d}/r.html",
-        needle="store_truncated",
-        id="report-truncated-parquet",
-    ),
-    case(
-        "report",
-        "--store",
         "{d}/store_empty",
         "--out",
         "{d}/r.md",
@@ -1016,6 +1005,68 @@ CASES = [
         needle="--budget-gib: must be > 0",
         id="report-budget-zero",
     ),
+    # --- stores hold rows only; object-store locations and locks (issue 14) ------------------------
+    case(
+        "plot",
+        "--store",
+        "{d}/store_ok",
+        "--out",
+        "{d}/store_ok/plots",
+        needle="--out {d}/store_ok/plots: inside the txlab store {d}/store_ok, which holds result rows only",
+        id="plot-out-inside-the-store",
+    ),
+    case(
+        "plot",
+        "--store",
+        "{d}/store_ok",
+        "--out",
+        "{d}/store_empty/deep/plots",
+        needle="inside the txlab store {d}/store_empty",
+        id="plot-out-inside-another-store",
+    ),
+    case(
+        "report",
+        "--store",
+        "{d}/store_ok",
+        "--out",
+        "{d}/store_ok/report.html",
+        needle="e.g. --out plots/store_ok",
+        id="report-out-inside-the-store",
+    ),
+    case(
+        "sweep",
+        "{d}/good_spec.yaml",
+        "--dry-run",
+        "--store",
+        "nosuchscheme://bucket/x",
+        needle="nosuchscheme://bucket/x: cannot open store location",
+        id="sweep-store-unknown-scheme",
+    ),
+    case(
+        "plot",
+        "--store",
+        "nosuchscheme://bucket/x",
+        "--out",
+        "{d}/plots",
+        needle="nosuchscheme://bucket/x: cannot open store location",
+        id="plot-store-unknown-scheme",
+    ),
+    case(
+        "sweep",
+        "{d}/good_spec.yaml",
+        "--store",
+        LOCKED_OBJECT_STORE,
+        needle=f"{LOCKED_OBJECT_STORE}: another txlab sweep is writing to this store (pid 4242 on elsewhere; lease",
+        id="sweep-object-store-locked",
+    ),
+    case(
+        "sweep",
+        "{d}/good_spec.yaml",
+        "--store",
+        "memory://txlab-bad-input/a_file",
+        needle="memory://txlab-bad-input/a_file: store path is a file",
+        id="sweep-object-store-path-is-a-file",
+    ),
 ]
 
 
@@ -1033,6 +1084,7 @@ def snapshot(d: Path) -> dict[str, tuple[int, int]]:
 def assets(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
     make_assets(d)
+    make_object_store_assets()
     (d / "good_spec.yaml").write_text(yaml.safe_dump({"name": "t", "base": TINY, "grid": GRID}))
     key = Store.open(str(d / "store_ok")).read().to_pylist()[0]["trial_key"]
     return d, key
@@ -1080,10 +1132,10 @@ def txlab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     [
         (["run", "{d}/good.yaml", "--set", "model.n_heads=3"], "model.n_heads: must divide"),
         (["sweep", "{d}/spec_skip_code.yaml", "--store", "{d}/s"], "skip_if[0]"),
-        (["plot", "--store", "{d}/store_truncated", "--out", "{d}/p"], "store_truncated"),
+        (["plot", "--store", "{d}/store_ok", "--out", "{d}/store_ok/plots"], "inside the txlab store"),
         (["generate", "--checkpoint", "{d}/hostile.pt", "--prompt", "x"], "not a txlab checkpoint"),
     ],
-    ids=["run", "sweep-skip-code", "plot-truncated", "generate-hostile"],
+    ids=["run", "sweep-skip-code", "plot-out-inside-store", "generate-hostile"],
 )
 def test_bad_input_end_to_end(argv, needle, assets):
     d, key = assets

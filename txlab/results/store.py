@@ -370,17 +370,32 @@ class Store:
         return pads.dataset(paths, schema=row_schema(), format="parquet", filesystem=self.fs)
 
     def _find_damage(self, files: list[RowFile]) -> bool:
-        """Read each file alone; record those that fail. True when one was found."""
-        found = False
+        """Read each file alone and record those that fail; True when one was found. A file whose bytes do
+        not decode (ArrowInvalid: truncated, not Parquet, a value of the wrong type) is damaged. An I/O
+        error counts only if it persists on a second try while other files read: when nothing reads, the
+        location is the problem, not a file (the caller then fails as before)."""
+        failed: dict[str, BaseException] = {}
+        readable = 0
         for rf in files:
             try:
                 self._dataset([rf.path]).to_table()
+                readable += 1
             except FileNotFoundError:
                 continue  # replaced meanwhile: the next listing has its successor
             except (pa.ArrowException, OSError, ValueError) as e:
-                self._record_damage(rf.path, e)
-                found = True
-        return found
+                failed[rf.path] = e
+        damaged = {path: e for path, e in failed.items() if isinstance(e, pa.ArrowInvalid)}
+        if readable:
+            for path in failed.keys() - damaged.keys():
+                try:
+                    self._dataset([path]).to_table()  # a second try: a transient I/O error passes
+                except FileNotFoundError:
+                    pass
+                except (pa.ArrowException, OSError, ValueError) as again:
+                    damaged[path] = again
+        for path, e in damaged.items():
+            self._record_damage(path, e)
+        return bool(damaged)
 
     def read(self) -> pa.Table:
         """Every trial's row (the newest file of each key) as one table in today's schema. A row file that

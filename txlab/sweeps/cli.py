@@ -16,6 +16,19 @@ def default_store(name: str) -> str:
     return os.path.join("results", name)
 
 
+def default_plots(name: str) -> str:
+    """Where the plots of sweep `name` go: beside `results/`, never inside a store (which holds rows only)."""
+    return os.path.join("plots", name)
+
+
+def next_steps(store: str, name: str) -> str:
+    """The sweep's closing hint: the README's plot and report commands for this store."""
+    out = default_plots(name)
+    return (
+        f"plots: txlab plot --store {store} --out {out}; report: txlab report --store {store} --out {out}/report.html"
+    )
+
+
 def _in_ray_job_working_dir(store: str) -> bool:
     """`ray job submit --working-dir .` runs the driver inside a temporary copy that Ray deletes later."""
     return (
@@ -55,7 +68,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if result.store_error:
         print(f"error: {result.store_error}", file=sys.stderr)
         return 1
-    print(f"store: {store} ({len(p.store)} rows); plots: txlab plot --store {store} --out plots/{spec.name}")
+    print(f"store: {store} ({len(p.store)} rows); {next_steps(store, spec.name)}")
     from txlab.results.store import check_store
 
     check = check_store(store)
