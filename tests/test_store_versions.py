@@ -159,8 +159,10 @@ def test_schema_versions_are_pinned_and_noted():
     fixture_schema = pq.read_schema(next(FIXTURE.glob("*.parquet")))
     assert fixture_schema.metadata[b"txlab.schema_version"] == b"1"
     assert fingerprint(fixture_schema) == SCHEMA_FINGERPRINTS[1]  # version 1 is what 0.1 wrote
-    assert fingerprint(row_schema()) == SCHEMA_FINGERPRINTS.get(SCHEMA_VERSION), (
-        "the row schema changed: bump SCHEMA_VERSION, add a SCHEMA_HISTORY note and pin the new columns here"
+    now = fingerprint(row_schema())
+    assert now == SCHEMA_FINGERPRINTS.get(SCHEMA_VERSION), (
+        f"the row schema changed: bump SCHEMA_VERSION (txlab/results/columns.py), add its SCHEMA_HISTORY note "
+        f"and pin it here: SCHEMA_FINGERPRINTS[{SCHEMA_VERSION + 1}] = {now!r}"
     )
 
 
@@ -243,6 +245,24 @@ def test_the_newest_file_damaged_an_older_one_of_its_key_takes_over(old_store, c
     statuses = Store.open(str(old_store)).statuses()
     assert len(statuses) == 16 and statuses[SHORT_TRIAL] == "ok"
     assert newer.name in capsys.readouterr().err
+
+
+def test_a_row_of_a_newer_schema_is_refused_not_set_aside(old_store):
+    """A file that does not read into today's schema because a newer txlab wrote it (a retyped column, its
+    footer's schema version above ours) refuses the store: upgrade txlab. It is not damage to set aside."""
+    from txlab.results.store import StoreError
+
+    path = file_of(old_store, SHORT_TRIAL)
+    table = pq.read_table(path)
+    i = table.schema.get_field_index("peak_bytes")
+    table = table.set_column(i, "peak_bytes", pa.array(["0.09 GiB"]))
+    table = table.replace_schema_metadata({"txlab.schema_version": str(SCHEMA_VERSION + 1)})
+    pq.write_table(table, path)
+    store = Store.open(str(old_store))
+    with pytest.raises(StoreError, match=f"has schema version {SCHEMA_VERSION + 1}, newer than this txlab reads"):
+        with store.writer_lock():
+            store.read()
+    assert path.exists() and not (old_store / QUARANTINE).exists()
 
 
 def test_a_problem_that_is_not_one_file_still_fails_as_before(old_store, monkeypatch):

@@ -393,9 +393,25 @@ class Store:
                     pass
                 except (pa.ArrowException, OSError, ValueError) as again:
                     damaged[path] = again
+        for path in damaged:
+            self._refuse_if_newer(path)
         for path, e in damaged.items():
             self._record_damage(path, e)
         return bool(damaged)
+
+    def _refuse_if_newer(self, path: str) -> None:
+        """A row file that does not read into today's schema because a newer txlab wrote it (its footer says
+        so) is not damage: refuse the store (upgrade txlab) rather than set good rows aside."""
+        try:
+            meta = pq.read_schema(path, filesystem=self.fs).metadata or {}
+            version = int(meta.get(b"txlab.schema_version", b"0"))
+        except (pa.ArrowException, OSError, ValueError):
+            return  # the footer does not read either: damaged
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.uri}: row file {_name(path)} has schema version {version}, newer than this txlab reads "
+                f"({SCHEMA_VERSION}); upgrade txlab"
+            )
 
     def read(self) -> pa.Table:
         """Every trial's row (the newest file of each key) as one table in today's schema. A row file that
