@@ -78,10 +78,11 @@ window.addEventListener("load", () => {
 </script></body>"""
 
 
-def test_report_renders_in_headless_chromium(report, tmp_path):
+def test_report_renders_in_headless_chromium(request, tmp_path):
     browser = next((b for b in map(shutil.which, BROWSERS) if b), None)
     if browser is None:
         pytest.skip("no Chromium or Chrome installed")
+    report = request.getfixturevalue("report")  # built only where a browser can look at it
     page = tmp_path / "check.html"
     page.write_text(report.read_text().replace("</body>", CHECK))
     cmd = [

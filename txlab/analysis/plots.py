@@ -86,8 +86,8 @@ Drawn = plt.Figure | Skipped
 def _log2_len_axis(ax, lengths) -> None:
     ax.set_xscale("log", base=2)
     lengths = sorted({int(t) for t in lengths})
-    if len(lengths) > 6:  # every other tick, keeping the ends
-        lengths = lengths[::2] if len(lengths) % 2 else lengths[::2] + [lengths[-1]]
+    if len(lengths) > 6:  # every other tick, counted from the longest (both ends when the count is odd)
+        lengths = lengths[::-1][::2][::-1]
     ax.xaxis.set_major_locator(mticker.FixedLocator(lengths))
     ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: fmt_len(v)))
     ax.xaxis.set_minor_locator(mticker.NullLocator())
@@ -189,8 +189,8 @@ def _memory_legend(labels: list[str], valid: pd.DataFrame, failed: pd.DataFrame)
     basis_h, basis_l = _basis_handles(set(valid["basis"]))
     handles += [*basis_h, Line2D([], [], color="0.35", lw=1.2, ls=":")]
     labels += [*basis_l, "budget"]
-    for status, (marker, text) in STATUS_MARKERS.items():
-        if (failed["status"] == status).any():
+    for status, (marker, text) in STATUS_MARKERS.items():  # filled: measured; estimates are drawn hollow
+        if ((failed["status"] == status) & (failed["basis"] == "measured")).any():
             handles.append(Line2D([], [], marker=marker, ls="", color="0.6", markeredgecolor="black", markersize=8))
             labels.append(f"{text} (drawn at the\nbudget it ran under)")
     if (failed["basis"] == "estimated").any():
