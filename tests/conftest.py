@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# No test downloads anything: the Hugging Face hub is off for the test process and every process it starts
+# (a hub id then fails at once, as it does on a machine without the hub).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
 @pytest.fixture

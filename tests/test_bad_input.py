@@ -94,6 +94,7 @@ def make_assets(d: Path) -> None:
         },
     )
     (d / "spec_list.yaml").write_text("- grid\n")
+    make_checkpoint_assets(d)
 
     def store(name: str, marker=None, rows: int = 0, truncate: bool = False) -> None:
         s = Store.open(str(d / name), create=True)
@@ -131,6 +132,30 @@ def make_assets(d: Path) -> None:
     (d / "run_dir").mkdir()
 
 
+def make_checkpoint_assets(d: Path) -> None:
+    """Hugging Face checkpoints that are not: no config.json, not JSON, another family, no weights, and
+    weights of another shape than the config (a real tiny Llama written by transformers, then its
+    config made wider)."""
+    import json
+
+    (d / "plain.yaml").write_text(yaml.safe_dump({"workload": {"seq_len": 16, "steps": 1, "warmup_steps": 0}}))
+    (d / "hf_empty").mkdir()
+    (d / "hf_notjson").mkdir()
+    (d / "hf_notjson" / "config.json").write_text("{not json")
+    (d / "hf_bert").mkdir()
+    (d / "hf_bert" / "config.json").write_text('{"model_type": "bert", "hidden_size": 64}')
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    LlamaForCausalLM(LlamaConfig(**small)).save_pretrained(d / "hf_llama", safe_serialization=True)
+    (d / "hf_noweights").mkdir()
+    (d / "hf_noweights" / "config.json").write_text((d / "hf_llama" / "config.json").read_text())
+    (d / "hf_mismatch").mkdir()
+    wider = {**json.loads((d / "hf_llama" / "config.json").read_text()), "intermediate_size": 64}
+    (d / "hf_mismatch" / "config.json").write_text(json.dumps(wider))
+    (d / "hf_mismatch" / "model.safetensors").write_bytes((d / "hf_llama" / "model.safetensors").read_bytes())
+
+
 def make_object_store_assets() -> None:
     """A memory:// store whose lease a live sweep elsewhere holds, and a memory:// path that is a file."""
     import json
@@ -161,6 +186,83 @@ def case(*argv: str, needle: str, id: str):
 CASES = [
     # --- run: config files ------------------------------------------------------------------------
     case("run", "{d}/malformed.yaml", needle="malformed.yaml: malformed YAML at line", id="run-malformed-yaml"),
+    # model.hf: Hugging Face checkpoints
+    case(
+        "run",
+        "{d}/plain.yaml",
+        "--set",
+        "model.hf={d}/hf_missing",
+        needle="hf_missing: no such checkpoint",
+        id="run-hf-missing-dir",
+    ),
+    case(
+        "run",
+        "{d}/plain.yaml",
+        "--set",
+        "model.hf={d}/hf_empty",
+        needle="hf_empty: no config.json",
+        id="run-hf-no-config",
+    ),
+    case(
+        "run",
+        "{d}/plain.yaml",
+        "--set",
+        "model.hf={d}/hf_notjson",
+        needle="config.json: not a JSON config",
+        id="run-hf-not-json",
+    ),
+    case(
+        "run",
+        "{d}/plain.yaml",
+        "--set",
+        "model.hf={d}/hf_bert",
+        needle="model_type 'bert' is not supported; supported: gpt2, llama",
+        id="run-hf-family",
+    ),
+    case(
+        "run",
+        "{d}/plain.yaml",
+        "--set",
+        "model.hf=nobody/no-such-model-offline",
+        needle="the hub could not be read",
+        id="run-hf-hub-offline",
+    ),
+    case(
+        "run",
+        "{d}/plain.yaml",
+        "--set",
+        "model.hf={d}/hf_noweights",
+        "--set",
+        "model.init=pretrained",
+        needle="model.safetensors: weights file not found",
+        id="run-hf-no-weights",
+    ),
+    case(
+        "run",
+        "{d}/plain.yaml",
+        "--set",
+        "model.hf={d}/hf_mismatch",
+        "--set",
+        "model.init=pretrained",
+        needle="tensor 'model.layers.0.mlp.gate_proj.weight' has shape (48, 32)",
+        id="run-hf-weights-mismatch",
+    ),
+    case(
+        "run",
+        "{d}/plain.yaml",
+        "--set",
+        "model.init=pretrained",
+        needle="model.init: 'pretrained' loads the weights of model.hf",
+        id="run-pretrained-without-hf",
+    ),
+    case(
+        "estimate",
+        "{d}/plain.yaml",
+        "--set",
+        "model.hf={d}/hf_bert",
+        needle="model_type 'bert' is not supported",
+        id="estimate-hf-family",
+    ),
     case("run", "{d}/list.yaml", needle="list.yaml: the config must be a YAML mapping, got list", id="run-yaml-list"),
     case("run", "{d}/scalar.yaml", needle="must be a YAML mapping, got str", id="run-yaml-scalar"),
     case("run", "{d}/missing.yaml", needle="missing.yaml: config file not found", id="run-missing-file"),

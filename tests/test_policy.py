@@ -2,7 +2,9 @@
 preset gives the reference's loss (rel <= 1e-5) and every parameter's gradient (rel <= 1e-4).
 
 The reference is `math` attention, no recomputation, full loss. Configs are drawn at random (seeded)
-over depth, width, heads, grouped KV, RoPE, SwiGLU, RMSNorm, dropout on and off, and odd lengths.
+over depth, width, heads, grouped KV, RoPE, SwiGLU, RMSNorm, dropout on and off, and odd lengths; seeds
+6-9 add the knobs of real architectures (head_dim apart from d_model / n_heads, explicit MLP width, q/k
+norms, bias switches, RoPE base and Llama 3.1 scaling).
 """
 
 import random
@@ -58,10 +60,30 @@ def random_model(seed: int) -> tuple[dict, int]:
         "workload.seq_len": T,
         "workload.batch_size": rng.choice([1, 2]),
     }
+    if seed >= len(GPT_SEEDS):  # real architectures' knobs (Llama, Mistral, Qwen): drawn after the above
+        model.update(
+            {
+                "model.pos": "rope",
+                "model.norm": "rmsnorm",
+                "model.mlp": "swiglu",
+                "model.head_dim": rng.choice([8, 12, 16]),  # independent of d_model / n_heads
+                "model.d_model": rng.choice([24, 40]),
+                "model.mlp_hidden": rng.choice([20, 56]),
+                "model.norm_eps": 1e-5,
+                "model.attn_bias": rng.choice([True, False]),
+                "model.attn_out_bias": False,
+                "model.mlp_bias": False,
+                "model.qk_norm": rng.choice([True, False]),
+                "model.rope_theta": 500000.0,
+                "model.rope_scaling": rng.choice(["none", "llama3"]),
+                "model.rope_original_len": 16,
+            }
+        )
     return model, T
 
 
-SEEDS = list(range(6))
+GPT_SEEDS = list(range(6))  # GPT-2-shaped variants (0.1's matrix)
+SEEDS = GPT_SEEDS + [6, 7, 8, 9]  # + the knobs of real architectures
 
 
 @pytest.fixture(scope="module", params=SEEDS, ids=[f"model{s}" for s in SEEDS])

@@ -40,7 +40,10 @@ SHORT_TRIAL = "658ff64458918917"
 
 # The row columns of each schema version (sha256 of "name:type" lines). Changing the row schema without
 # bumping SCHEMA_VERSION (and adding its SCHEMA_HISTORY note and a line here) fails the test below.
-SCHEMA_FINGERPRINTS = {1: "3a63c4d7e2f40da8c12c07c78158309b15bfc7600de0e3a9494d5b0a019d235b"}
+SCHEMA_FINGERPRINTS = {
+    1: "3a63c4d7e2f40da8c12c07c78158309b15bfc7600de0e3a9494d5b0a019d235b",
+    2: "f0e3bdf5b2be65f0176d6df7aa41410e4b77261614b5bcb177e4a55c8237a95b",
+}
 
 
 def fingerprint(schema: pa.Schema) -> str:
@@ -387,3 +390,17 @@ def _kill_session(leader_pid: int) -> None:
                 proc.kill()
         except (psutil.Error, ProcessLookupError, PermissionError):
             pass
+
+
+def test_rows_older_than_a_key_read_its_default():
+    """A version-1 row holds null in a column added later; the store reads it as the key's default (what
+    the row ran with), so old and new rows of one computation group together."""
+    from txlab.results.columns import added_defaults
+    from txlab.results.store import read_store
+
+    df = read_store(str(FIXTURE))
+    defaults = added_defaults()
+    assert defaults["model.attn_bias"] is True and defaults["model.rope_theta"] == 10000.0
+    for column, value in defaults.items():
+        assert (df[column] == value).all(), column
+    assert df["model.hf"].isna().all()  # a null default stays null

@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from txlab.config.errors import ConfigError, suggest
+from txlab.config.hf import model_keys, read_hf_config
 from txlab.config.presets import CHUNK_KEYS, MODEL_SIZES, POLICY_PRESETS
 from txlab.config.schema import (
     SECTIONS,
@@ -183,6 +184,32 @@ def _build_section(name: str, cls: type, raw: dict[str, Any], preset: dict[str, 
     return cls(**kwargs)
 
 
+def _model_preset(model_raw: dict[str, Any]) -> dict[str, Any]:
+    """The layer under the user's model keys: a named size, or a checkpoint's config.json (model.hf)."""
+    hf = model_raw.get("hf")
+    if hf is not None:
+        hf = _check_type("model.hf", hf, str)
+        preset = model_keys(read_hf_config(hf))
+        preset.setdefault("size", "hf")
+        return preset
+    size = _check_type("model.size", model_raw.get("size", "debug"), str)
+    if size not in MODEL_SIZES:
+        raise ConfigError(
+            f"model.size: unknown size {size!r}{suggest(size, list(MODEL_SIZES))}; allowed: {', '.join(MODEL_SIZES)}"
+        )
+    return dict(MODEL_SIZES[size])
+
+
+def _build_model(model_raw: dict[str, Any]) -> ModelConfig:
+    model_preset = _model_preset(model_raw)
+    if "n_heads" in model_raw and "n_kv_heads" not in model_raw:
+        model_preset.pop("n_kv_heads", None)  # follows n_heads below, as in the MHA presets
+    model = _build_section("model", ModelConfig, model_raw, model_preset)
+    if "n_heads" in model_raw and "n_kv_heads" not in model_raw:
+        model.n_kv_heads = model.n_heads
+    return model
+
+
 def build_config(raw: dict[str, Any] | None = None) -> TrialConfig:
     """Resolve a nested (or dotted) dict of user values into a validated TrialConfig.
 
@@ -196,19 +223,7 @@ def build_config(raw: dict[str, Any] | None = None) -> TrialConfig:
         if k in SECTIONS and not isinstance(v, dict):
             raise ConfigError(f"{k}: must be a mapping of {k}.* keys, got {v!r}")
 
-    model_raw = raw.get("model", {})
-    size = _check_type("model.size", model_raw.get("size", "debug"), str)
-    if size not in MODEL_SIZES:
-        raise ConfigError(
-            f"model.size: unknown size {size!r}{suggest(size, list(MODEL_SIZES))}; allowed: {', '.join(MODEL_SIZES)}"
-        )
-    model_preset = dict(MODEL_SIZES[size])
-    if "n_heads" in model_raw and "n_kv_heads" not in model_raw:
-        model_preset.pop("n_kv_heads")  # follows n_heads below, as in the MHA presets
-    model = _build_section("model", ModelConfig, model_raw, model_preset)
-    if "n_heads" in model_raw and "n_kv_heads" not in model_raw:
-        model.n_kv_heads = model.n_heads
-
+    model = _build_model(raw.get("model", {}))
     workload = _build_section("workload", WorkloadConfig, raw.get("workload", {}), {})
 
     policy_raw = raw.get("policy", {})
@@ -221,7 +236,7 @@ def build_config(raw: dict[str, Any] | None = None) -> TrialConfig:
             setattr(policy, k, min(getattr(policy, k), tokens))
 
     data = _build_section("data", DataConfig, raw.get("data", {}), {})
-    if "vocab_size" not in model_raw and data.tokenizer == "bytes" and data.source != "synthetic":
+    if "vocab_size" not in raw.get("model", {}) and data.tokenizer == "bytes" and data.source != "synthetic":
         # Real text needs the end-of-text id: a preset's vocabulary grows to hold it (a recipe, not a
         # demand, like preset chunk sizes); a vocab_size the user writes is checked strictly.
         model.vocab_size = max(model.vocab_size, BYTE_VOCAB)

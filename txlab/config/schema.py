@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from txlab.config.identity import RUN_ONLY, trial_key
+from txlab.config.identity import RUN_ONLY, SINCE, trial_key
 from txlab.config.tree import flatten
 from txlab.config.validate import validate
 
@@ -28,6 +28,8 @@ Loss = Literal["full", "chunked"]
 Kv = Literal["cache", "grouped", "recompute"]
 Kind = Literal["train", "prefill", "decode"]
 Dtype = Literal["fp32", "bf16"]
+Init = Literal["random", "pretrained"]
+RopeScaling = Literal["none", "llama3"]
 
 
 @dataclass
@@ -46,10 +48,50 @@ class ModelConfig:
     tie_weights: bool = True  # output projection shares the token embedding
     quant: Quant = "none"  # int4: weight-only attention/MLP projections, 2 values per byte (prefill/decode only)
     quant_group: int = 128  # weights per int4 scale (along the input dim); even, divides the projections' input widths
+    # Added in 0.2 for real architectures (Llama, Mistral, Qwen): each default reproduces the 0.1 model, and
+    # a key left at its default stays out of the trial key (SINCE, see txlab.config.identity).
+    hf: str | None = field(
+        default=None, metadata={SINCE: "0.2"}
+    )  # Hugging Face checkpoint (dir, config.json or hub id) whose config.json fills this section
+    init: Init = field(
+        default="random", metadata={SINCE: "0.2"}
+    )  # random (GPT-2 init, seeded) or pretrained (model.hf's safetensors)
+    head_dim: int | None = field(default=None, metadata={SINCE: "0.2"})  # per-head width; None = d_model / n_heads
+    mlp_hidden: int | None = field(
+        default=None, metadata={SINCE: "0.2"}
+    )  # MLP hidden width; None = 4 d (gelu), 8/3 d rounded up to 64 (swiglu)
+    norm_eps: float | None = field(default=None, metadata={SINCE: "0.2"})  # None = 1e-5 (layernorm), 1e-6 (rmsnorm)
+    attn_bias: bool = field(default=True, metadata={SINCE: "0.2"})  # biases of the q, k, v projections
+    attn_out_bias: bool = field(default=True, metadata={SINCE: "0.2"})  # bias of the attention output projection
+    mlp_bias: bool = field(default=True, metadata={SINCE: "0.2"})  # biases of the MLP projections
+    qk_norm: bool = field(
+        default=False, metadata={SINCE: "0.2"}
+    )  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
+    rope_theta: float = field(default=10000.0, metadata={SINCE: "0.2"})  # RoPE base
+    rope_scaling: RopeScaling = field(
+        default="none", metadata={SINCE: "0.2"}
+    )  # none, or llama3 (Llama 3.1's long-context frequencies)
+    rope_factor: float = field(
+        default=8.0, metadata={SINCE: "0.2"}
+    )  # llama3: wavelengths past the low-frequency bound are stretched by this
+    rope_low_freq_factor: float = field(default=1.0, metadata={SINCE: "0.2"})  # llama3
+    rope_high_freq_factor: float = field(default=4.0, metadata={SINCE: "0.2"})  # llama3
+    rope_original_len: int = field(default=8192, metadata={SINCE: "0.2"})  # llama3: the pre-training context length
+
+    def attn_head_dim(self) -> int:
+        """Per-head width: head_dim, else d_model / n_heads."""
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
 
     def mlp_width(self) -> int:
-        """Hidden width of the MLP: 4 d for gelu; 8/3 d rounded up to 64 for swiglu (the parameter count of 4x GELU)."""
+        """Hidden width of the MLP: mlp_hidden, else 4 d for gelu and 8/3 d rounded up to 64 for swiglu (the
+        parameter count of 4x GELU)."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
         return 4 * self.d_model if self.mlp == "gelu" else 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+    def eps(self) -> float:
+        """The norms' epsilon: norm_eps, else 1e-5 for layernorm and 1e-6 for rmsnorm (0.1's values)."""
+        return self.norm_eps if self.norm_eps is not None else (1e-5 if self.norm == "layernorm" else 1e-6)
 
 
 @dataclass

@@ -42,17 +42,42 @@ def validate(cfg) -> None:
 def _validate_model(m) -> None:
     for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "vocab_size", "quant_group"):
         _positive(f"model.{key}", getattr(m, key))
-    _positive("model.n_positions", m.n_positions)
-    if m.d_model % m.n_heads:
-        raise ConfigError(f"model.n_heads: must divide model.d_model ({m.d_model} % {m.n_heads} != 0)")
+    for key in (
+        "n_positions",
+        "head_dim",
+        "mlp_hidden",
+        "norm_eps",
+        "rope_theta",
+        "rope_factor",
+        "rope_low_freq_factor",
+        "rope_high_freq_factor",
+        "rope_original_len",
+    ):
+        _positive(f"model.{key}", getattr(m, key))
+    if m.head_dim is None and m.d_model % m.n_heads:
+        raise ConfigError(
+            f"model.n_heads: must divide model.d_model ({m.d_model} % {m.n_heads} != 0), or set model.head_dim"
+        )
     if m.n_kv_heads > m.n_heads or m.n_heads % m.n_kv_heads:
         raise ConfigError(
             f"model.n_kv_heads: must divide model.n_heads ({m.n_heads} % {m.n_kv_heads} != 0)"
             if m.n_kv_heads <= m.n_heads
             else f"model.n_kv_heads: must be <= model.n_heads ({m.n_kv_heads} > {m.n_heads})"
         )
-    if m.pos == "rope" and (m.d_model // m.n_heads) % 2:
-        raise ConfigError(f"model.pos: rope needs an even head dim (d_model/n_heads = {m.d_model // m.n_heads})")
+    if m.pos == "rope" and m.attn_head_dim() % 2:
+        raise ConfigError(f"model.pos: rope needs an even head dim (got {m.attn_head_dim()})")
+    if m.pos != "rope" and (m.rope_scaling != "none" or m.rope_theta != 10000.0):
+        raise ConfigError(
+            "model.rope_theta / model.rope_scaling: apply to model.pos 'rope' only; leave them at "
+            f"their defaults with model.pos {m.pos!r}"
+        )
+    if m.rope_scaling == "llama3" and m.rope_high_freq_factor <= m.rope_low_freq_factor:
+        raise ConfigError(
+            f"model.rope_high_freq_factor: must be above model.rope_low_freq_factor "
+            f"({m.rope_high_freq_factor} <= {m.rope_low_freq_factor})"
+        )
+    if m.init == "pretrained" and m.hf is None:
+        raise ConfigError("model.init: 'pretrained' loads the weights of model.hf; set model.hf to a checkpoint")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
 

@@ -102,7 +102,7 @@ def estimate_trial(
         row.update(stats)
         row["n_params"] = model.num_params()
         row["flops_per_token"] = flops_per_token(
-            model.num_non_embedding_params(), m.n_layers, m.n_heads, m.d_model // m.n_heads, w.seq_len
+            model.num_non_embedding_params(), m.n_layers, m.n_heads, m.attn_head_dim(), w.seq_len
         )
         row["formula_activation_bytes"] = formula_activation_bytes(cfg, plan_segments(plan))
         row["status"] = "ok"

@@ -25,6 +25,7 @@ from txlab.measure.progress import log
 from txlab.measure.throughput import flops_per_token, mfu
 from txlab.model.decode import Inference, context_length
 from txlab.model.gpt import GPT
+from txlab.model.hf import init_model
 from txlab.model.quant import quantize_model, quantized_bytes, weight_bytes
 from txlab.policy.apply import apply_policy
 
@@ -33,7 +34,7 @@ def build_model(cfg: TrialConfig, device: torch.device, quant: bool = True) -> G
     """The trial's model for inference: eval mode, int4 projections when asked. Run it under no_grad
     (parameters keep requires_grad: torch's memory tracker hooks every parameter's gradient)."""
     torch.manual_seed(cfg.seed)
-    model = GPT(cfg.model, context_length(cfg))
+    model = init_model(cfg.model, context_length(cfg))
     if device.type != "cpu":
         model = model.to(device)
     model.eval()
@@ -122,9 +123,7 @@ def measure_inference(cfg: TrialConfig, device: torch.device, row: dict[str, Any
     row["weight_bytes_fp"] = weight_bytes(model)
     # model FLOPs of one forward token at the longest context it sees (training's 6N + 12LHQT, over 3)
     row["flops_per_token"] = (
-        flops_per_token(
-            model.num_non_embedding_params(), m.n_layers, m.n_heads, m.d_model // m.n_heads, context_length(cfg)
-        )
+        flops_per_token(model.num_non_embedding_params(), m.n_layers, m.n_heads, m.attn_head_dim(), context_length(cfg))
         / 3
     )
     if m.quant == "int4":

@@ -59,7 +59,7 @@ def profile_block(cfg: TrialConfig, kind: str = "cpu") -> BlockCost:
     with FakeTensorMode(), charge_as_cuda() if kind == "cuda" else nullcontext():
         block = Block(m)
         apply_policy(block, dataclasses.replace(p, remat="none"))  # its kernel; the modes below wrap it
-        rope = rope_tables(w.seq_len, m.d_model // m.n_heads) if m.pos == "rope" else None
+        rope = rope_tables(m, w.seq_len) if m.pos == "rope" else None
         grad_bytes = sum(q.numel() * q.element_size() for q in block.parameters())
         for mode in PLAN_MODES:
             wrapped = block if mode == "keep" else Recomputed([block], selective=mode == "selective")

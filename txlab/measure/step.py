@@ -15,6 +15,7 @@ from txlab.config import TrialConfig
 from txlab.data.batch import TrialBatches
 from txlab.data.synthetic import Synthetic
 from txlab.model.gpt import GPT
+from txlab.model.hf import init_model
 from txlab.policy.apply import apply_policy
 
 MEMORY_STEPS = 2
@@ -87,7 +88,7 @@ def build_trial(
     """
     m, w = cfg.model, cfg.workload
     torch.manual_seed(cfg.seed)
-    model = GPT(m, w.seq_len)
+    model = init_model(m, w.seq_len)
     if device.type != "cpu":  # a no-op on the CPU, and one fake tensors cannot take (Module._apply swaps)
         model = model.to(device)
     loss_fn = apply_policy(model, cfg.policy, plan)

@@ -36,6 +36,8 @@ from txlab.measure.progress import log
 from txlab.measure.row import base_row
 from txlab.measure.step import MEMORY_STEPS, TrialParts, build_trial
 from txlab.measure.throughput import flops_per_token, mfu
+from txlab.model.decode import context_length
+from txlab.model.hf import check_pretrained
 from txlab.policy.planner import NoFeasiblePlan
 
 
@@ -102,7 +104,7 @@ def _measure_training(cfg: TrialConfig, device: torch.device, row: dict[str, Any
     parts = build_trial(cfg, device, plan=plan, data=data)
     row["n_params"] = parts.model.num_params()
     row["flops_per_token"] = flops_per_token(
-        parts.model.num_non_embedding_params(), m.n_layers, m.n_heads, m.d_model // m.n_heads, w.seq_len
+        parts.model.num_non_embedding_params(), m.n_layers, m.n_heads, m.attn_head_dim(), w.seq_len
     )
     row["formula_activation_bytes"] = formula_activation_bytes(cfg, plan_segments(plan))
     with RssWindow() as rss:
@@ -144,8 +146,10 @@ def run_trial(cfg: TrialConfig, progress: bool = False) -> dict[str, Any]:
     row = base_row(cfg)
     device = resolve_device(cfg.measure.device)
     row["device"], row["device_capacity_bytes"] = device_info(device)
-    # bad data input is a ConfigError here, before any work
+    # bad data or weights are a ConfigError here, before any work
     real_data = open_data(cfg) if cfg.data.source != "synthetic" else None
+    if cfg.model.init == "pretrained":
+        check_pretrained(cfg.model, context_length(cfg))
     log(
         progress,
         f"trial {row['trial_key']}: {cfg.model.size} x{cfg.model.n_layers}, policy {cfg.policy.name}, "

@@ -16,19 +16,44 @@ from txlab.config import ModelConfig
 from txlab.model.attention import AttentionFn, sdpa_attention
 
 
-def make_norm(kind: str, d_model: int) -> nn.Module:
+def make_norm(kind: str, width: int, eps: float) -> nn.Module:
     match kind:
         case "layernorm":
-            return nn.LayerNorm(d_model)
+            return nn.LayerNorm(width, eps=eps)
         case "rmsnorm":
-            return nn.RMSNorm(d_model, eps=1e-6)
+            return nn.RMSNorm(width, eps=eps)
         case _:
             raise ValueError(f"unknown norm {kind!r}; known: layernorm, rmsnorm")
 
 
-def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # (T, head_dim/2)
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Angular frequency of each rotated pair, (head_dim / 2,): base^(-2i / head_dim), and under
+    `rope_scaling: llama3` Llama 3.1's stretch of the long wavelengths (Meta's reference code): wavelengths
+    longer than rope_original_len / low_freq_factor are divided by rope_factor, shorter than
+    rope_original_len / high_freq_factor kept, and the band between interpolated smoothly."""
+    D = cfg.attn_head_dim()
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    match cfg.rope_scaling:
+        case "none":
+            return inv_freq
+        case "llama3":
+            wavelen = 2 * math.pi / inv_freq
+            low_wavelen = cfg.rope_original_len / cfg.rope_low_freq_factor
+            high_wavelen = cfg.rope_original_len / cfg.rope_high_freq_factor
+            scaled = torch.where(wavelen > low_wavelen, inv_freq / cfg.rope_factor, inv_freq)
+            smooth = (cfg.rope_original_len / wavelen - cfg.rope_low_freq_factor) / (
+                cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
+            )
+            smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+            medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+            return torch.where(medium, smoothed, scaled)
+        case _:
+            raise ValueError(f"unknown rope scaling {cfg.rope_scaling!r}; known: none, llama3")
+
+
+def rope_tables(cfg: ModelConfig, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's angles, (seq_len, head_dim / 2) each."""
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), rope_frequencies(cfg))  # (T, head_dim/2)
     return angles.cos(), angles.sin()
 
 
@@ -43,9 +68,12 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
-        self.head_dim = cfg.d_model // cfg.n_heads
-        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * self.head_dim)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.head_dim = cfg.attn_head_dim()
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * self.head_dim, bias=cfg.attn_bias)
+        self.proj = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=cfg.attn_out_bias)
+        # Qwen3: each head's q and k normalized over head_dim before RoPE
+        self.q_norm = make_norm("rmsnorm", self.head_dim, cfg.eps()) if cfg.qk_norm else None
+        self.k_norm = make_norm("rmsnorm", self.head_dim, cfg.eps()) if cfg.qk_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         # A plain attribute, not a submodule: the kernel is a policy, swapped in by txlab.policy.
         self.attn_fn: AttentionFn = sdpa_attention
@@ -62,6 +90,8 @@ class Attention(nn.Module):
         kv = self.n_kv_heads * self.head_dim
         q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
         q, k, v = self.heads(q, self.n_heads), self.heads(k, self.n_kv_heads), self.heads(v, self.n_kv_heads)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return q, k, v
@@ -84,8 +114,8 @@ class MLP(nn.Module):
             raise ValueError(f"unknown mlp {cfg.mlp!r}; known: gelu, swiglu")
         hidden = cfg.mlp_width()  # shared with the int4 group check
         # swiglu: gate and up projections in one matmul
-        self.fc = nn.Linear(d, 2 * hidden if cfg.mlp == "swiglu" else hidden)
-        self.proj = nn.Linear(hidden, d)
+        self.fc = nn.Linear(d, 2 * hidden if cfg.mlp == "swiglu" else hidden, bias=cfg.mlp_bias)
+        self.proj = nn.Linear(hidden, d, bias=cfg.mlp_bias)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,9 +131,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.norm1 = make_norm(cfg.norm, cfg.d_model)
+        self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.eps())
         self.attn = Attention(cfg)
-        self.norm2 = make_norm(cfg.norm, cfg.d_model)
+        self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.eps())
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -124,12 +154,12 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(cfg.n_positions or seq_len, cfg.d_model) if cfg.pos == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm_f = make_norm(cfg.norm, cfg.d_model)
+        self.norm_f = make_norm(cfg.norm, cfg.d_model, cfg.eps())
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.lm_head.weight = self.wte.weight
         if cfg.pos == "rope":
-            cos, sin = rope_tables(seq_len, cfg.d_model // cfg.n_heads)
+            cos, sin = rope_tables(cfg, seq_len)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -168,6 +198,10 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, rope)
         return self.norm_f(x)
+
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) -> next-token logits (B, T, vocab)."""
+        return F.linear(self(idx), self.lm_head.weight)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -12,7 +12,7 @@ from typing import Literal, get_args, get_origin
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Every row schema version and its migration note. Any change to the row's columns (one added, removed,
 # renamed or retyped; config keys included, since every config key is a column) bumps SCHEMA_VERSION and
 # adds a line here saying what changed and how rows of the version before read under it. Added columns
@@ -22,6 +22,10 @@ SCHEMA_VERSION = 1
 SCHEMA_HISTORY: dict[int, str] = {
     1: "txlab 0.1: the first released row (identity, config and figure columns); "
     "tests/fixtures/store_v0_1_smoke holds a store of it",
+    2: "txlab 0.2: config columns of real architectures (model.hf, init, head_dim, mlp_hidden, norm_eps, "
+    "attn_bias, attn_out_bias, mlp_bias, qk_norm, rope_theta, rope_scaling, rope_factor, rope_low_freq_factor, "
+    "rope_high_freq_factor, rope_original_len); no migration: version-1 rows read them as null, which means "
+    "each key's declared default (the 0.1 model)",
 }
 
 STATUSES = ("ok", "oom", "over_budget", "error")
@@ -104,6 +108,20 @@ def config_columns() -> dict[str, pa.DataType]:
         if f.name not in SECTIONS:
             out[f.name] = _arrow_type(hints[f.name])
     return out
+
+
+def added_defaults() -> dict[str, object]:
+    """Config columns added after 0.1 (`SINCE` keys) with a non-null default: rows written before a key
+    existed hold null there, and that null means the default (the key's default reproduces the old model)."""
+    from txlab.config import SECTIONS
+    from txlab.config.identity import SINCE, declared_default
+
+    return {
+        f"{section}.{f.name}": declared_default(f)
+        for section, cls in SECTIONS.items()
+        for f in fields(cls)
+        if f.metadata.get(SINCE) and declared_default(f) is not None
+    }
 
 
 def row_schema() -> pa.Schema:

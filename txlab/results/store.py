@@ -46,12 +46,13 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from txlab.config import ConfigError
-from txlab.results.columns import FINAL_STATUSES, SCHEMA_VERSION, STATUSES, row_schema
+from txlab.results.columns import FINAL_STATUSES, SCHEMA_VERSION, STATUSES, added_defaults, row_schema
 
 MARKER = "_txlab_store.json"
 LOCK = "_txlab_writer.lock"
@@ -422,7 +423,7 @@ class Store:
             if not files:
                 return row_schema().empty_table()
             try:
-                return self._dataset([rf.path for rf in files]).to_table()
+                return _fill_added_defaults(self._dataset([rf.path for rf in files]).to_table())
             except FileNotFoundError:
                 # A writer replaced a row between our listing and our read (a rerun trial): list again.
                 vanished += 1
@@ -452,6 +453,17 @@ class Store:
 
     def __len__(self) -> int:
         return len(self._row_files())
+
+
+def _fill_added_defaults(table: pa.Table) -> pa.Table:
+    """Rows of an older schema read a later config key as null: give them the key's default, which is what
+    they ran with, so that old and new rows of the same computation group together in analysis."""
+    for name, value in added_defaults().items():
+        i = table.schema.get_field_index(name)
+        if i >= 0 and table.column(i).null_count:
+            filled = pc.fill_null(table.column(i), pa.scalar(value, table.schema.field(i).type))
+            table = table.set_column(i, name, filled)
+    return table
 
 
 def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:

@@ -11,7 +11,7 @@ Shape of a run:
   3. Each trial (a Ray actor, placed by Ray on a node with the resources) starts `python -m txlab.sweeps.worker`
      in a fresh process, waits for its row, adds `sweep` and `node_id`, and reports the row to Tune.
      Estimate-mode trials (fake tensors, nothing allocated) run in the actor, and actors are reused. An
-     exception inside the trial is already an `error` row (txlab.trial); a trial process that dies (signal,
+     exception inside the trial is already an `error` row (txlab.measure.trial); a trial process that dies (signal,
      kernel OOM killer) becomes an `error` row here. Neither is retried. Only failures Ray sees (a lost
      node, a killed actor) go to Tune's FailureConfig, which retries them.
   4. The driver's `StoreWriter` callback writes each reported row to the store as it arrives (one

@@ -6,7 +6,7 @@ the actor survives to report an `error` row, and only the failures Ray itself se
 killed actor) reach Tune's retry logic (FailureConfig).
 
 CONFIG.json holds the trial's flat config, the spec's mode and precheck; ROW.json receives the row written
-by `txlab.trial.run_trial`, or by `txlab.estimate.estimate_trial` when the precheck predicts the trial
+by `txlab.measure.trial.run_trial`, or by `txlab.measure.estimate.estimate_trial` when the precheck predicts the trial
 over its budget or over the memory free (then it is not run). Estimate-mode sweeps call `row_for` in
 the (reused) actor instead: fake tensors allocate nothing, so a process per estimate buys no isolation,
 only a torch import per trial.

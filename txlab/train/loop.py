@@ -33,6 +33,7 @@ from txlab.data.loader import Data, batches, open_data
 from txlab.measure.device import resolve_device
 from txlab.measure.step import make_adamw
 from txlab.model.gpt import GPT
+from txlab.model.hf import check_pretrained, init_model
 from txlab.policy.apply import apply_policy
 from txlab.train.checkpoint import CHECKPOINT, config_differences, read_checkpoint, save_checkpoint
 
@@ -219,10 +220,12 @@ def train(
     ckpt_path, metrics = out / CHECKPOINT, out / "metrics.jsonl"
     device = resolve_device(cfg.measure.device)
     data = data or open_data(cfg)  # every data error is raised here, before any training
+    if cfg.model.init == "pretrained":
+        check_pretrained(cfg.model, w.seq_len)  # and every weights error
     _write_run_files(out, cfg, data)
 
     torch.manual_seed(cfg.seed)
-    model = GPT(cfg.model, w.seq_len).to(device)
+    model = init_model(cfg.model, w.seq_len).to(device)
     params = model.state_dict(keep_vars=True)  # names before the policy wraps blocks; same tensors
     loss_fn = apply_policy(model, cfg.policy)
     optimizer = make_adamw(model, device, lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
