@@ -86,5 +86,7 @@ def read_checkpoint(path: Path, where: str) -> dict[str, Any]:
 
 
 def config_differences(a: TrialConfig, b_dict: dict[str, Any]) -> list[str]:
-    b = canonical(build_config(b_dict))
-    return [k for k, v in canonical(a).items() if b.get(k) != v]
+    # over the keys of both: a key added since 0.1 is left out of canonical() at its default, so a checkpoint
+    # that set one differs from a config that leaves it (and the other way round)
+    ca, cb = canonical(a), canonical(build_config(b_dict))
+    return sorted(k for k in set(ca) | set(cb) if ca.get(k) != cb.get(k))
