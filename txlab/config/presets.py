@@ -6,6 +6,67 @@ from __future__ import annotations
 
 from typing import Any
 
+from txlab.config.hf import model_keys
+
+# --- real architectures: shapes from the models' published config.json (no weights) ---------------------
+# Each dict holds the fields of the Hugging Face repository's config.json that decide the model (copied as
+# published; the rest, e.g. token ids and torch_dtype, left out). MODEL_SIZES maps them with
+# txlab.config.hf.model_keys, the one mapping `model.hf` uses too, so `model.size: llama-3.1-8b` and
+# `model.hf: <that checkpoint>` resolve to the same model keys. Parameter counts (tests/test_presets.py)
+# are computed from these shapes and match the published figures.
+PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
+    # meta-llama/Llama-3.2-1B config.json: GQA 32/8 heads of 64, tied embeddings, llama3 RoPE factor 32.
+    "llama-3.2-1b": {
+        "model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256,
+        "max_position_embeddings": 131072, "hidden_act": "silu", "rms_norm_eps": 1e-05,
+        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": True, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+    },
+    # meta-llama/Llama-3.1-8B config.json (no head_dim field: 4096 / 32 = 128), llama3 RoPE factor 8.
+    "llama-3.1-8b": {
+        "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+        "max_position_embeddings": 131072, "hidden_act": "silu", "rms_norm_eps": 1e-05,
+        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+    },
+    # meta-llama/Llama-3.1-70B config.json: GQA 64/8 heads of 128, llama3 RoPE factor 8.
+    "llama-3.1-70b": {
+        "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+        "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256,
+        "max_position_embeddings": 131072, "hidden_act": "silu", "rms_norm_eps": 1e-05,
+        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+    },
+    # mistralai/Mistral-7B-v0.3 config.json: vocab 32768, sliding_window null (full attention), RoPE 1e6.
+    "mistral-7b": {
+        "model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32768,
+        "max_position_embeddings": 32768, "hidden_act": "silu", "rms_norm_eps": 1e-05, "sliding_window": None,
+        "tie_word_embeddings": False, "rope_theta": 1000000.0,
+    },
+    # Qwen/Qwen2.5-7B config.json: GQA 28/4 heads of 128; Qwen2 has q/k/v biases and no o_proj bias (no
+    # attention_bias field); use_sliding_window false.
+    "qwen2.5-7b": {
+        "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+        "max_position_embeddings": 131072, "hidden_act": "silu", "rms_norm_eps": 1e-06,
+        "use_sliding_window": False, "tie_word_embeddings": False, "rope_theta": 1000000.0,
+    },
+    # Qwen/Qwen3-8B config.json: GQA 32/8 heads of 128, RMSNorm on q and k (Qwen3), rope_scaling null.
+    "qwen3-8b": {
+        "model_type": "qwen3", "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+        "max_position_embeddings": 40960, "hidden_act": "silu", "rms_norm_eps": 1e-06,
+        "attention_bias": False, "use_sliding_window": False, "sliding_window": None,
+        "tie_word_embeddings": False, "rope_scaling": None, "rope_theta": 1000000,
+    },
+}  # fmt: skip
+
 # --- presets ------------------------------------------------------------------------------------
 
 MODEL_SIZES: dict[str, dict[str, Any]] = {
@@ -15,6 +76,9 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
     "gpt2-medium": dict(n_layers=24, d_model=1024, n_heads=16, n_kv_heads=16, vocab_size=50257),
     "gpt2-large": dict(n_layers=36, d_model=1280, n_heads=20, n_kv_heads=20, vocab_size=50257),
     "gpt2-xl": dict(n_layers=48, d_model=1600, n_heads=25, n_kv_heads=25, vocab_size=50257),
+    # Real architectures (shapes only; PUBLISHED_CONFIGS above): llama-3.2-1b, llama-3.1-8b, llama-3.1-70b,
+    # mistral-7b (v0.3), qwen2.5-7b, qwen3-8b.
+    **{name: model_keys(hf, where=f"model.size {name}") for name, hf in PUBLISHED_CONFIGS.items()},
 }
 
 POLICY_PRESETS: dict[str, dict[str, Any]] = {
