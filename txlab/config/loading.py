@@ -25,6 +25,7 @@ from txlab.config.schema import (
     DataConfig,
     MeasureConfig,
     ModelConfig,
+    ParallelConfig,
     PolicyConfig,
     PolicyName,
     TrainConfig,
@@ -242,10 +243,12 @@ def build_config(raw: dict[str, Any] | None = None) -> TrialConfig:
         model.vocab_size = max(model.vocab_size, BYTE_VOCAB)
     measure = _build_section("measure", MeasureConfig, raw.get("measure", {}), {})
     train = _build_section("train", TrainConfig, raw.get("train", {}), {})
+    parallel = _build_section("parallel", ParallelConfig, raw.get("parallel", {}), {})
     seed = _check_type("seed", raw.get("seed", 0), int)
     return TrialConfig(
-        model=model, policy=policy, workload=workload, data=data, measure=measure, train=train, seed=seed
-    )
+        model=model, policy=policy, workload=workload, data=data, measure=measure, train=train, parallel=parallel,
+        seed=seed,
+    )  # fmt: skip
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> TrialConfig:

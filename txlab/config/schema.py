@@ -162,6 +162,19 @@ class MeasureConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How a trial spreads over devices. Only data-parallel sharding (FSDP2) today; the section leaves room
+    for tensor / context parallel degrees later (each a key of its own, default 1)."""
+
+    fsdp: int = field(
+        default=1, metadata={SINCE: "0.2"}
+    )  # ranks the model, gradients and AdamW state are sharded over (FSDP2); 1 = one device
+    reshard_after_forward: bool = field(
+        default=True, metadata={SINCE: "0.2"}
+    )  # free gathered block parameters after forward (gather again in backward)
+
+
+@dataclass
 class TrialConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -169,6 +182,7 @@ class TrialConfig:
     data: DataConfig = field(default_factory=DataConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = 0  # seeds weights, data and dropout
 
     def __post_init__(self) -> None:
@@ -193,4 +207,5 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "measure": MeasureConfig,
     "train": TrainConfig,
+    "parallel": ParallelConfig,
 }

@@ -36,6 +36,7 @@ def validate(cfg) -> None:
     _validate_data(cfg.model, cfg.data)
     _validate_train(cfg.train)
     _validate_measure(cfg.measure)
+    _validate_parallel(cfg.parallel, cfg.workload, cfg.policy)
     _positive("seed", cfg.seed, allow_zero=True)
 
 
@@ -201,3 +202,20 @@ def _validate_inference(m, p, w) -> None:
 def _gate_match(value: str, allowed: tuple[str, ...]) -> bool:
     """`value` is one of the names, or a prefix ending in ':' followed by a non-empty argument."""
     return any(value == a if not a.endswith(":") else (value.startswith(a) and len(value) > len(a)) for a in allowed)
+
+
+def _validate_parallel(par, w, p) -> None:
+    _positive("parallel.fsdp", par.fsdp)
+    if par.fsdp == 1:
+        return
+    if w.batch_size % par.fsdp:
+        raise ConfigError(
+            f"parallel.fsdp: {par.fsdp} ranks must divide workload.batch_size (the global batch; "
+            f"{w.batch_size} % {par.fsdp} != 0)"
+        )
+    if w.kind != "train":
+        raise ConfigError(f"parallel.fsdp: sharded trials train; workload.kind {w.kind!r} runs on one device (fsdp 1)")
+    if p.remat == "planned":
+        raise ConfigError("parallel.fsdp: the planner plans one device's memory; use another policy.name with fsdp > 1")
+    if w.compile:
+        raise ConfigError("workload.compile: not supported with parallel.fsdp > 1 yet; allowed: false")

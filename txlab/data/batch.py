@@ -36,13 +36,22 @@ class Indexed:
 
 class TrialBatches:
     """The batches of a measured trial: `next()` -> (x, y) on the device, from a split's batches 0, 1, ...;
-    the bytes the last batch's targets cover in `last_bytes` (None for synthetic tokens)."""
+    the bytes the last batch's targets cover in `last_bytes` (None for synthetic tokens).
 
-    def __init__(self, split: Indexed, device: torch.device):
-        self.it, self.device = split.iter_batches(0), device
+    Rank `rank` of `world` (a sharded trial) takes rows rank * B/world .. (rank + 1) * B/world of each
+    global batch of B rows, so the ranks together see exactly the batch a one-device trial sees. Its
+    `last_bytes` is None: the split counts bytes per batch, not per row.
+    """
+
+    def __init__(self, split: Indexed, device: torch.device, rank: int = 0, world: int = 1):
+        self.it, self.device, self.rank, self.world = split.iter_batches(0), device, rank, world
         self.last_bytes: int | None = None
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         b = next(self.it)
-        self.last_bytes = b.nbytes
-        return b.to(self.device)
+        if self.world == 1:
+            self.last_bytes = b.nbytes
+            return b.to(self.device)
+        share = b.tokens.shape[0] // self.world
+        rows = Batch(b.tokens[self.rank * share : (self.rank + 1) * share], None, b.index)
+        return rows.to(self.device)

@@ -8,9 +8,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from txlab.config import TrialConfig
 from txlab.measure.memory import MemoryMonitor
+from txlab.measure.step import MEMORY_STEPS, build_trial
+from txlab.parallel.fsdp import Ranks, close_ranks, fake_ranks
 
 
 def _make_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -34,21 +37,32 @@ def fake_step_memory(
     dispatched ops: most of the estimator's time); `steady=False` replays the measured run's steps
     exactly. The tests hold the two to the same figures.
 
+    `parallel.fsdp` = N > 1: rank 0 of N on torch's fake process group, the model sharded by FSDP2 as in
+    a measured sharded trial, under FSDPMemTracker: one rank's figures for any N, at the cost of one.
+
     Returns the monitor's figures (as a row fragment) and the built model (fake), so callers can
     read parameter counts. Allocates only the tracker's bookkeeping.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    sharded = cfg.parallel.fsdp > 1
+    ranks = fake_ranks(cfg.parallel.fsdp) if sharded else None  # the mesh before FakeTensorMode (FACTS)
+    try:
+        return _fake_step(cfg, kind, plan, steady, ranks)
+    finally:
+        if sharded:
+            close_ranks()
 
-    from txlab.measure.step import MEMORY_STEPS, build_trial
 
+def _fake_step(cfg: TrialConfig, kind: str, plan, steady: bool, ranks: Ranks | None) -> tuple[dict[str, Any], Any]:
     cpu = torch.device("cpu")
     with FakeTensorMode(allow_non_fake_inputs=False):
-        parts = build_trial(cfg, cpu, fused_optimizer=kind == "cuda", plan=plan)
+        parts = build_trial(cfg, cpu, fused_optimizer=kind == "cuda", plan=plan, ranks=ranks)
         if steady:
             _make_optimizer_state(parts.optimizer)
         batches = [parts.data.next() for _ in range(MEMORY_STEPS)]  # all alive in the window, as measured
         inputs = [t for b in batches for t in b]
-        with MemoryMonitor(cpu, parts.model, parts.optimizer, inputs, None, cuda_accounting=kind == "cuda") as monitor:
+        with MemoryMonitor(
+            cpu, parts.model, parts.optimizer, inputs, None, cuda_accounting=kind == "cuda", sharded=ranks is not None
+        ) as monitor:
             for x, y in batches[-1:] if steady else batches:
                 parts.step(x, y)
                 monitor.end_step()

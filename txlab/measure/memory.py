@@ -20,16 +20,23 @@ import torch
 from txlab.measure.budget import BudgetExceeded
 
 
-def mem_tracker_cls():
+def mem_tracker_cls(sharded: bool = False):
+    """torch's MemTracker (FSDPMemTracker for a model under FSDP2, whose categories tell sharded from
+    gathered parameters and the collectives' buffers), with the budget guard and a cheaper peak update."""
     # Imported lazily: torch.distributed is a heavy import and only needed in a measured window.
-    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+    if sharded:
+        from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker as Base
+        from torch.distributed._tools.fsdp2_mem_tracker import _FSDPRefType as RefType
+    else:
+        from torch.distributed._tools.mem_tracker import MemTracker as Base
+        from torch.distributed._tools.mem_tracker import _MemRefType as RefType
 
-    class BudgetedTracker(MemTracker):
-        """MemTracker that stops the step as soon as live tensors exceed a budget, so a CPU trial that
+    class BudgetedTracker(Base):
+        """The tracker that stops the step as soon as live tensors exceed a budget, so a CPU trial that
         would not fit never allocates past it (and never meets the kernel's OOM killer)."""
 
-        def __init__(self, budget_bytes: int | None):
-            super().__init__()
+        def __init__(self, budget_bytes: int | None, *args):
+            super().__init__(*args)  # FSDPMemTracker takes (model, optimizer)
             self.budget_bytes = budget_bytes
 
         def _update_peak_stats(self, peak_state) -> None:  # called after every op
@@ -44,7 +51,7 @@ def mem_tracker_cls():
                 if total > self.budget_bytes:
                     raise BudgetExceeded(total, self.budget_bytes)
 
-    return BudgetedTracker, _MemRefType
+    return BudgetedTracker, RefType
 
 
 # --- the CUDA caching allocator's rounding, for estimates made on fake CPU tensors -----------------
@@ -106,6 +113,8 @@ class MemoryStats:
     other_bytes: int
     tracked_peak_bytes: int
     reserved_bytes: int | None
+    gathered_params_bytes: int | None = None  # FSDP: unsharded parameters in flight (all-gathered)
+    comm_bytes: int | None = None  # FSDP: all-gather and reduce-scatter buffers
 
     def as_row(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -115,7 +124,8 @@ class MemoryMonitor:
     """`with MemoryMonitor(device, model, optimizer, inputs, budget) as mon: ...; mon.stats()`.
 
     `cuda_accounting=True` (the estimator) charges storages as the CUDA allocator would while the
-    tensors themselves are fake CPU tensors; the peak is then the tracker's.
+    tensors themselves are fake CPU tensors; the peak is then the tracker's. `sharded=True`: the model is
+    under FSDP2 (this rank's memory; parameters, gradients and optimizer state are this rank's shards).
     """
 
     def __init__(
@@ -126,16 +136,22 @@ class MemoryMonitor:
         inputs: list[torch.Tensor],
         budget_bytes: int | None,
         cuda_accounting: bool = False,
+        sharded: bool = False,
     ):
-        tracker_cls, self._ref = mem_tracker_cls()
-        self.device = device
+        tracker_cls, self._ref = mem_tracker_cls(sharded)
+        self.device, self.sharded = device, sharded
         self._stack = ExitStack()
         if cuda_accounting:  # before track_external, so parameters and optimizer state are charged alike
             self._stack.enter_context(charge_as_cuda())
         # CUDA has a real cap (set_per_process_memory_fraction); the tracker's budget guard is for CPU.
         try:
-            self.tracker = tracker_cls(budget_bytes if device.type == "cpu" else None)
-            self.tracker.track_external(model, optimizer, *inputs)
+            budget = budget_bytes if device.type == "cpu" else None
+            if sharded:
+                self.tracker = tracker_cls(budget, model, optimizer)
+                self.tracker.track_inputs(tuple(inputs))
+            else:
+                self.tracker = tracker_cls(budget)
+                self.tracker.track_external(model, optimizer, *inputs)
         except BaseException:
             self._stack.close()
             raise
@@ -166,12 +182,22 @@ class MemoryMonitor:
                 (s for d, s in self.tracker.get_tracker_snapshot("peak").items() if d.type == self.device.type), {}
             )
         R = self._ref
-        part = {
-            "params_bytes": snap.get(R.PARAM, 0),
-            "grads_bytes": snap.get(R.GRAD, 0),
-            "optimizer_bytes": snap.get(R.OPT, 0),
-            "activations_bytes": snap.get(R.ACT, 0),
-        }
+        if self.sharded:
+            part = {
+                "params_bytes": snap.get(R.SHARDED_PARAM, 0),
+                "grads_bytes": snap.get(R.SHARDED_GRAD, 0) + snap.get(R.UNSHARDED_GRAD, 0),
+                "optimizer_bytes": snap.get(R.OPT, 0),
+                "activations_bytes": snap.get(R.ACT, 0),
+                "gathered_params_bytes": snap.get(R.UNSHARDED_PARAM, 0),
+                "comm_bytes": snap.get(R.ALL_GATHER, 0) + snap.get(R.REDUCE_SCATTER, 0),
+            }
+        else:
+            part = {
+                "params_bytes": snap.get(R.PARAM, 0),
+                "grads_bytes": snap.get(R.GRAD, 0),
+                "optimizer_bytes": snap.get(R.OPT, 0),
+                "activations_bytes": snap.get(R.ACT, 0),
+            }
         tracked = snap.get("Total", 0)
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device)

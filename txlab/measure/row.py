@@ -1,15 +1,19 @@
-"""The empty result row of a trial: identity columns, the flat config, every figure null."""
+"""The result row of a trial before it runs (identity columns, the flat config, every figure null), and
+the one rule by which a failure becomes a row: out of memory is status `oom`, anything else `error`."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import socket
+import traceback
 from typing import Any
 
 import torch
 
 from txlab import __version__
 from txlab.config import TrialConfig
+from txlab.measure.device import is_oom
+from txlab.measure.progress import log
 from txlab.results.columns import FIGURES
 
 
@@ -32,3 +36,12 @@ def base_row(cfg: TrialConfig) -> dict[str, Any]:
     row.update(cfg.flat())
     row.update(dict.fromkeys(FIGURES))
     return row
+
+
+def failure_row(row: dict[str, Any], e: BaseException, progress: bool = False) -> None:
+    """Record an exception of the measured run: `oom` for an allocation failure, else `error` with it."""
+    if is_oom(e):
+        row.update(status="oom", error=f"{e.__class__.__name__}: {str(e).splitlines()[0][:500]}")
+    else:
+        row.update(status="error", error=f"{e.__class__.__name__}: {e}"[:2000])
+        log(progress, traceback.format_exc())

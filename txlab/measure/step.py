@@ -16,6 +16,7 @@ from txlab.data.batch import TrialBatches
 from txlab.data.synthetic import Synthetic
 from txlab.model.gpt import GPT
 from txlab.model.hf import init_model
+from txlab.parallel.fsdp import Ranks, apply_fsdp
 from txlab.policy.apply import apply_policy
 
 MEMORY_STEPS = 2
@@ -78,6 +79,7 @@ def build_trial(
     fused_optimizer: bool | None = None,
     plan: list[tuple[int, int, str]] | None = None,
     data=None,
+    ranks: Ranks | None = None,
 ) -> TrialParts:
     """Model on `device` with the policy applied, AdamW, the step function and the data.
 
@@ -92,9 +94,12 @@ def build_trial(
     if device.type != "cpu":  # a no-op on the CPU, and one fake tensors cannot take (Module._apply swaps)
         model = model.to(device)
     loss_fn = apply_policy(model, cfg.policy, plan)
+    if ranks is not None:  # after recomputation wrapped the blocks: each wrapped block is sharded as a unit
+        apply_fsdp(model, cfg, ranks)
     if w.compile:
         model.compile()
     optimizer = make_adamw(model, device, fused=fused_optimizer)
     if data is None:
-        data = TrialBatches(Synthetic(m.vocab_size, w.seq_len, w.batch_size, cfg.seed), device)
+        data = TrialBatches(Synthetic(m.vocab_size, w.seq_len, w.batch_size, cfg.seed), device,
+                            *((ranks.rank, ranks.world) if ranks else ()))  # fmt: skip
     return TrialParts(model, loss_fn, optimizer, make_step(model, loss_fn, optimizer, device, w.dtype), data)

@@ -24,8 +24,9 @@ SCHEMA_HISTORY: dict[int, str] = {
     "tests/fixtures/store_v0_1_smoke holds a store of it",
     2: "txlab 0.2: config columns of real architectures (model.hf, init, head_dim, mlp_hidden, norm_eps, "
     "attn_bias, attn_out_bias, mlp_bias, qk_norm, rope_theta, rope_scaling, rope_factor, rope_low_freq_factor, "
-    "rope_high_freq_factor, rope_original_len); no migration: version-1 rows read them as null, which means "
-    "each key's declared default (the 0.1 model)",
+    "rope_high_freq_factor, rope_original_len) and sharded trials (parallel.fsdp, parallel.reshard_after_forward; "
+    "figures gathered_params_bytes, comm_bytes, peak_spread_bytes); no migration: version-1 rows read them as "
+    "null, which for a config key means its declared default (the 0.1 model, one device)",
 }
 
 STATUSES = ("ok", "oom", "over_budget", "error")
@@ -57,6 +58,9 @@ FIGURES: dict[str, pa.DataType] = {
     "other_bytes": pa.int64(),  # ... the rest: backward temporaries, inputs, allocator slack
     "tracked_peak_bytes": pa.int64(),  # the tensor tracker's peak (equals peak_bytes on CPU)
     "reserved_bytes": pa.int64(),  # CUDA caching allocator's reserved peak
+    "gathered_params_bytes": pa.int64(),  # parallel.fsdp > 1: a breakdown column (gathered parameters in flight)
+    "comm_bytes": pa.int64(),  # parallel.fsdp > 1: a breakdown column (all-gather / reduce-scatter buffers)
+    "peak_spread_bytes": pa.int64(),  # parallel.fsdp > 1: largest minus smallest rank's peak (peak_bytes is the largest)
     "peak_rss_bytes": pa.int64(),  # CPU: resident high-water mark above the pre-trial baseline
     "n_params": pa.int64(),
     "step_time_s": pa.float64(),  # median of timed steps

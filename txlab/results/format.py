@@ -37,6 +37,11 @@ def format_row(row: dict[str, Any]) -> str:
         f"policy    {policy} ({', '.join(detail)})",
         f"workload  {row['workload.kind']}  seq_len {row['workload.seq_len']}  batch {row['workload.batch_size']}  {row['workload.dtype']}",
     ]
+    if (row.get("parallel.fsdp") or 1) > 1:
+        lines.append(
+            f"parallel  FSDP over {row['parallel.fsdp']} ranks (reshard after forward: "
+            f"{str(row.get('parallel.reshard_after_forward')).lower()}); peak and breakdown: the largest rank's"
+        )
     if row.get("plan"):
         lines.append(f"plan      {row['plan']}")
     if row.get("error"):
@@ -61,6 +66,13 @@ def format_row(row: dict[str, Any]) -> str:
                     for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "other_bytes")
                 )
             )
+        )
+    if row.get("gathered_params_bytes") is not None:
+        spread = row.get("peak_spread_bytes")
+        lines.append(
+            f"           gathered params {_gib(row['gathered_params_bytes'])}  communication buffers "
+            f"{_gib(row['comm_bytes'])} GiB (with the five above: the peak)"
+            + (f"; ranks' peaks within {_gib(spread)} GiB" if spread is not None else "")
         )
     if row.get("reserved_bytes") is not None:
         lines.append(f"  allocator reserved {_gib(row['reserved_bytes'])} GiB")

@@ -1,0 +1,208 @@
+"""Sharded trials (`parallel.fsdp` = N): N ranks over gloo on this CPU compute what one process computes
+(fp32: the same loss, rel <= 1e-5, and after a step the same parameters), each rank holds less, the
+estimate on a fake process group matches the measured per-rank peak, and a rank that ends badly ends the
+trial, with no rank left running."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+import torch
+
+from txlab.config import ConfigError, load_config
+from txlab.measure.estimate import estimate_trial
+from txlab.measure.sharded import merge_ranks
+from txlab.measure.trial import run_trial
+from txlab.parallel.launch import spawn_ranks
+
+SMALL = {"model.n_layers": 2, "model.d_model": 64, "model.n_heads": 4, "model.vocab_size": 97,
+         "workload.seq_len": 32, "workload.batch_size": 4, "workload.steps": 1, "workload.warmup_steps": 0,
+         "measure.device": "cpu"}  # fmt: skip
+
+
+def cfg(**over):
+    return load_config(None, {**SMALL, **{k.replace("__", "."): v for k, v in over.items()}})
+
+
+def _one_step_params(rank: int, world: int, config) -> dict:
+    """A rank's side of the parameter check: one training step sharded over `world` ranks (world 1: no
+    sharding), then every full parameter (gathered), from rank 0."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from txlab.measure.step import build_trial
+    from txlab.parallel.fsdp import Ranks
+
+    torch.set_num_threads(1)
+    ranks = None
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        ranks = Ranks(rank, world, init_device_mesh("cpu", (world,)))
+    parts = build_trial(config, torch.device("cpu"), ranks=ranks)
+    loss = parts.step(*parts.data.next())
+    full = {}
+    for name, p in parts.model.named_parameters():
+        t = p.full_tensor() if hasattr(p, "full_tensor") else p
+        full[name] = t.detach().flatten().tolist()
+    if world > 1:
+        dist.all_reduce(loss)
+        loss = loss / world
+        dist.destroy_process_group()
+    return {"loss": float(loss), "params": full if rank == 0 else None}
+
+
+@pytest.mark.parametrize("world, policy", [(2, "recompute"), (4, "sdpa")])
+def test_n_ranks_compute_the_one_process_loss_and_parameters(world, policy):
+    c = cfg(policy__name=policy, policy__q_chunk=8, policy__k_chunk=8, policy__loss_chunk=16)
+    one = _one_step_params(0, 1, c)  # this process, no sharding
+    many = spawn_ranks(_one_step_params, world, (c,))
+    assert all(isinstance(r, dict) for r in many), many
+    assert abs(many[0]["loss"] - one["loss"]) <= 1e-5 * abs(one["loss"])
+    ref, got = one["params"], many[0]["params"]
+    assert ref.keys() == got.keys()
+    for name in ref:
+        a, b = torch.tensor(got[name]), torch.tensor(ref[name])
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), (name, (a - b).abs().max())
+    from txlab.measure.step import build_trial
+
+    initial = dict(build_trial(c, torch.device("cpu")).model.named_parameters())
+    name = next(n for n in ref if n.endswith("attn.qkv.weight"))
+    assert not torch.allclose(torch.tensor(got[name]), initial[name].detach().flatten()), "the step moved nothing"
+
+
+def test_a_sharded_trial_row_has_the_global_loss_and_a_smaller_per_rank_peak():
+    c1 = cfg(policy__name="checkpoint", workload__steps=2)
+    c2 = cfg(policy__name="checkpoint", workload__steps=2, parallel__fsdp=2)
+    one, two = run_trial(c1), run_trial(c2)
+    assert one["status"] == two["status"] == "ok", (one["error"], two["error"])
+    assert abs(two["loss"] - one["loss"]) <= 1e-5 * abs(one["loss"])
+    assert two["peak_bytes"] < one["peak_bytes"]
+    # sharded: parameters, gradients and AdamW state are halves; the gathered block is the FSDP price
+    assert two["optimizer_bytes"] * 2 == pytest.approx(one["optimizer_bytes"], rel=0.02)
+    assert two["gathered_params_bytes"] > 0 and two["comm_bytes"] is not None and two["peak_spread_bytes"] >= 0
+    parts = ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "gathered_params_bytes",
+             "comm_bytes", "other_bytes")  # fmt: skip
+    assert sum(two[k] for k in parts) == two["peak_bytes"]
+    assert two["n_params"] == one["n_params"] and two["parallel.fsdp"] == 2
+    assert two["tokens_per_s"] == pytest.approx(4 * 32 / two["step_time_s"])
+    assert two["trial_key"] != one["trial_key"]  # fsdp set: a new key; fsdp 1 keeps the 0.1 key
+
+
+SHAPES = {
+    "sdpa": {"policy.name": "sdpa"},
+    "checkpoint-keep-gathered": {"policy.name": "checkpoint", "parallel.reshard_after_forward": False},
+    "recompute-llama-like": {"policy.name": "recompute", "policy.q_chunk": 16, "policy.k_chunk": 16,
+                             "policy.loss_chunk": 32, "model.pos": "rope", "model.norm": "rmsnorm", "model.mlp": "swiglu",
+                             "model.n_kv_heads": 2, "model.head_dim": 8, "model.qk_norm": True},
+    "selective-deeper": {"policy.name": "selective", "workload.seq_len": 64, "model.n_layers": 3},
+}  # fmt: skip
+
+
+def _measured_peaks(rank: int, world: int, configs: list) -> dict:
+    """Each config's training steps on this rank of one process group (as txlab.measure.sharded runs a
+    trial, without a process group per trial): its peak."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from txlab.measure.row import base_row
+    from txlab.measure.training import measure_training, trial_batches
+    from txlab.parallel.fsdp import Ranks
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    ranks = Ranks(rank, world, init_device_mesh("cpu", (world,)))
+    peaks = []
+    for c in configs:
+        row = base_row(c)
+        device = torch.device("cpu")
+        measure_training(c, device, row, False, trial_batches(c, device, None, ranks), ranks)
+        peaks.append(row["peak_bytes"])
+    dist.destroy_process_group()
+    return {"peaks": peaks}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_the_estimate_on_a_fake_process_group_matches_the_measured_per_rank_peak(world):
+    configs = [load_config(None, {**SMALL, **shape, "parallel.fsdp": world}) for shape in SHAPES.values()]
+    ranks = spawn_ranks(_measured_peaks, world, (configs,))
+    assert all(isinstance(r, dict) for r in ranks), ranks
+    for name, c, *measured in zip(SHAPES, configs, *(r["peaks"] for r in ranks)):
+        estimated = estimate_trial(c, "cpu")
+        assert estimated["status"] == "ok" and estimated["measured"] is False, estimated["error"]
+        rel = abs(estimated["peak_bytes"] - max(measured)) / max(measured)
+        assert rel <= 0.05, (name, world, estimated["peak_bytes"], measured)
+
+
+def test_the_estimate_of_many_ranks_costs_what_one_does():
+    base = {**SMALL, "model.n_layers": 4, "workload.batch_size": 64}
+    t0 = time.perf_counter()
+    e8 = estimate_trial(load_config(None, {**base, "parallel.fsdp": 8}), "cuda")
+    t8 = time.perf_counter() - t0
+    e64 = estimate_trial(load_config(None, {**base, "parallel.fsdp": 64}), "cuda")
+    assert e8["status"] == e64["status"] == "ok"
+    assert (
+        e64["optimizer_bytes"]
+        < e8["optimizer_bytes"]
+        < estimate_trial(load_config(None, base), "cuda")["optimizer_bytes"]
+    )
+    assert t8 < 60
+
+
+def _rank_that(rank: int, world: int, what: str) -> dict:
+    if rank == 1:
+        if what == "dies":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return {"status": "oom", "error": "OutOfMemoryError: simulated"}
+    time.sleep(600)  # rank 0 waits in a "collective" for a peer that is gone
+    return {"status": "ok"}
+
+
+@pytest.mark.parametrize("what", ["dies", "oom"])
+def test_a_rank_that_ends_badly_stops_the_others(what):
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    t0 = time.perf_counter()
+    out = spawn_ranks(_rank_that, 2, (what,), bad=lambda r: r.get("status") != "ok")
+    assert time.perf_counter() - t0 < 60
+    assert out[0] == "stopped after rank 1 ended"
+    assert out[1] == (
+        "killed by signal 9 (SIGKILL)" if what == "dies" else {"status": "oom", "error": "OutOfMemoryError: simulated"}
+    )
+    left = {p.pid for p in psutil.Process().children(recursive=True)} - before
+    assert not [p for p in left if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_merged_rows_say_which_rank_failed():
+    c = cfg(parallel__fsdp=2)
+    ok = {"status": "ok", "error": None, "peak_bytes": 10, "step_time_s": 1.0, "loss": 2.0}
+    row = {"device": "cpu"}
+    merge_ranks(row, [ok, "killed by signal 9 (SIGKILL)"], c)
+    assert row["status"] == "error" and row["error"] == "rank 1 of 2 died (killed by signal 9 (SIGKILL))"
+    row = {"device": "cpu"}
+    merge_ranks(row, ["stopped after rank 1 ended", {**ok, "status": "oom", "error": "OutOfMemoryError: x"}], c)
+    assert row["status"] == "oom" and row["error"] == "rank 1: OutOfMemoryError: x"
+    row = {"device": "cpu"}
+    merge_ranks(row, [ok, {**ok, "peak_bytes": 14, "step_time_s": 1.5}], c)
+    assert (
+        row["status"] == "ok"
+        and row["peak_bytes"] == 14
+        and row["peak_spread_bytes"] == 4
+        and row["step_time_s"] == 1.5
+    )
+
+
+@pytest.mark.parametrize(
+    "over, needle",
+    [
+        ({"parallel.fsdp": 0}, "parallel.fsdp: must be > 0"),
+        ({"parallel.fsdp": 3}, "parallel.fsdp: 3 ranks must divide workload.batch_size"),
+        ({"parallel.fsdp": 2, "workload.kind": "decode"}, "parallel.fsdp: sharded trials train"),
+        ({"parallel.fsdp": 2, "policy.name": "planned", "measure.budget_gib": 1}, "the planner plans one device"),
+    ],
+)
+def test_bad_parallel_configs_are_refused(over, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, {**SMALL, **over})
