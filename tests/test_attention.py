@@ -4,7 +4,13 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from txlab.model.attention import chunked_attention, get_attention, math_attention, sdpa_attention
+from txlab.model.attention import (
+    chunked_attention,
+    chunked_tile_body,
+    get_attention,
+    math_attention,
+    sdpa_attention,
+)
 
 
 def qkv(B=2, H=4, Hkv=2, T=37, D=16, seed=0, dtype=torch.float32):
@@ -13,14 +19,15 @@ def qkv(B=2, H=4, Hkv=2, T=37, D=16, seed=0, dtype=torch.float32):
     return mk(H), mk(Hkv), mk(Hkv)
 
 
+@pytest.mark.parametrize("body", ["fused", "ops"])
 @pytest.mark.parametrize("Hkv", [4, 2, 1])
-@pytest.mark.parametrize("chunks", [(8, 8), (5, 11), (37, 37), (1, 64)])
-def test_chunked_matches_math_forward_and_backward(Hkv, chunks):
+@pytest.mark.parametrize("chunks", [(8, 8), (5, 11), (37, 37), (1, 64), (16, 3), (3, 16)])
+def test_chunked_matches_math_forward_and_backward(Hkv, chunks, body):
     q, k, v = qkv(Hkv=Hkv)
     ref = math_attention(q, k, v)
     grad = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
-    out = chunked_attention(q, k, v, *[min(c, 37) for c in chunks])
+    out = chunked_attention(q, k, v, *[min(c, 37) for c in chunks], body=body)
     grads = torch.autograd.grad(out, (q, k, v), grad)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, ref_grads):
@@ -77,3 +84,46 @@ def test_chunked_flops_match_causal_work():
     with FlopCounterMode(display=False) as fc_chunk:
         chunked_attention(q, k, v, 16, 16)
     assert fc_chunk.get_total_flops() <= fc_math.get_total_flops() * 0.6  # about half: the upper triangle is skipped
+
+
+def test_tile_body_auto_is_fused_on_cpu_and_selectable():
+    """`auto` computes CPU tiles with torch's fused kernel; the context selects the PyTorch-ops body (what
+    the estimator models for CUDA), and both give the same numbers."""
+    import txlab.model.attention as attention
+
+    q, k, v = qkv(T=40)
+    assert attention._resolve_body("auto", q) == "fused"
+    with chunked_tile_body("ops"):
+        assert attention._resolve_body("auto", q) == "ops"
+        ops = chunked_attention(q, k, v, 16, 8)
+    assert attention._resolve_body("auto", q) == "fused"
+    torch.testing.assert_close(chunked_attention(q, k, v, 16, 8), ops, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown tile body"):
+        with chunked_tile_body("flash"):
+            pass
+
+
+def test_fused_subtiles_cover_the_causal_triangle_once():
+    """Every (query, key <= query) pair of a sequence lies in exactly one subtile, for ragged chunk sizes."""
+    import txlab.model.attention as attention
+
+    for T, qc, kc in [(37, 8, 8), (37, 5, 11), (37, 16, 3), (37, 1, 64), (40, 40, 40)]:
+        seen = torch.zeros(T, T, dtype=torch.int64)
+        for q0, q1, pieces in attention._fused_tiles(T, qc, min(kc, T), fake=False):
+            for r0, a, b, causal in pieces:
+                assert q0 <= r0 < q1 and a < b and (not causal or a == r0)
+                for i in range(r0, q1):
+                    hi = min(b, a + (i - r0) + 1) if causal else b
+                    assert hi > a  # no row without a key: every subtile's log-sum-exp is finite
+                    seen[i, a:hi] += 1
+        assert torch.equal(seen, torch.ones(T, T, dtype=torch.int64).tril()), (T, qc, kc)
+
+
+def test_fused_body_bf16_close_to_reference():
+    q, k, v = (t.detach().to(torch.bfloat16).requires_grad_() for t in qkv(Hkv=2, T=64))
+    ref = math_attention(*(t.float() for t in (q, k, v)))
+    out = chunked_attention(q, k, v, 16, 16, body="fused")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))

@@ -80,12 +80,14 @@ def test_one_steady_step_gives_the_figures_of_the_measured_two(preset, kind):
     assert {k: steady[k] for k in BREAKDOWN} == {k: replay[k] for k in BREAKDOWN}
 
 
+@pytest.mark.parametrize("kind", ["cpu", "cuda"])
 @pytest.mark.parametrize("T,q_chunk,k_chunk,kv_heads", [(250, 32, 16, 2), (192, 16, 48, 4)])
 def test_fake_chunked_attention_runs_representative_tiles_with_the_same_figures(
-    monkeypatch, T, q_chunk, k_chunk, kv_heads
+    monkeypatch, T, q_chunk, k_chunk, kv_heads, kind
 ):
     """On fake tensors the chunked kernel skips tiles that repeat another's allocations; the figures
-    must equal those of running every tile."""
+    must equal those of running every tile. CPU tiles run the fused body; the CUDA estimate models the
+    PyTorch-ops body that CUDA runs."""
     import txlab.model.attention as attention
     from txlab.measure.fake import fake_step_memory
 
@@ -99,12 +101,14 @@ def test_fake_chunked_attention_runs_representative_tiles_with_the_same_figures(
             "policy.loss_chunk": 64,
         }
     )
-    skipped = fake_step_memory(cfg, "cuda")[0]
+    skipped = fake_step_memory(cfg, kind)[0]
     monkeypatch.setattr(attention, "SKIP_REPEATED_FAKE_TILES", False)
-    every = fake_step_memory(cfg, "cuda")[0]
+    every = fake_step_memory(cfg, kind)[0]
     assert {k: skipped[k] for k in BREAKDOWN} == {k: every[k] for k in BREAKDOWN}
     tiles = lambda fake: sum(len(ks) for _, _, ks in attention._tiles(T, q_chunk, k_chunk, fake))  # noqa: E731
     assert tiles(True) <= 6 < tiles(False)
+    pieces = lambda fake: sum(len(p) for _, _, p in attention._fused_tiles(T, q_chunk, k_chunk, fake))  # noqa: E731
+    assert pieces(True) <= 8 < pieces(False)
 
 
 def test_estimate_row_has_every_column_and_no_time_figures():

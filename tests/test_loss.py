@@ -12,6 +12,7 @@ from torch.utils._pytree import tree_flatten
 
 from txlab.policy.loss import chunked_loss, full_loss, get_loss
 
+aten = torch.ops.aten
 V, C = 2003, 4  # a vocabulary no other dimension shares, so logits are easy to tell from the rest
 
 
@@ -82,11 +83,11 @@ class LargestTensor(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.numel = 0
-        self.backward_ops = 0
+        self.ops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.backward_ops += "backward" in func.__name__
+        self.ops += 1
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self.numel = max(self.numel, t.numel())
@@ -95,8 +96,10 @@ class LargestTensor(TorchDispatchMode):
 
 def largest_tensor(loss_fn, hidden, weight, targets) -> int:
     with LargestTensor() as mode:
-        loss_fn(hidden, weight, targets).backward()
-    assert mode.backward_ops > 0, "the mode should see the backward pass too"
+        loss = loss_fn(hidden, weight, targets)
+        forward_ops = mode.ops
+        loss.backward()
+    assert mode.ops > forward_ops, "the mode should see the backward pass too"
     return mode.numel
 
 
@@ -121,7 +124,7 @@ def test_chunked_loss_never_materializes_more_than_a_chunk_of_logits(chunk):
 
 def test_chunked_loss_peak_does_not_grow_with_the_tokens():
     """Live memory, not just the largest tensor: a few chunks' worth of logits at most, whatever the
-    number of tokens (forward keeps no chunk's logits; backward recomputes one chunk at a time)."""
+    number of tokens (forward keeps no chunk's logits, only the gradients it made chunk by chunk)."""
     chunk, fp32 = 16, 4
     chunked = functools.partial(chunked_loss, chunk=chunk)
     small = peak_bytes(chunked, *inputs(B=2, T=64))  # 8 chunks
@@ -130,3 +133,58 @@ def test_chunked_loss_peak_does_not_grow_with_the_tokens():
     assert full >= 4 * 64 * V * fp32  # control: the full loss holds every token's logits at once
     assert large < 4 * 64 * V * fp32 / 2, (large, full)
     assert large - small < chunk * V * fp32, (small, large)  # twice the tokens: not one more chunk of logits
+
+
+def _count_projections(loss_fn, hidden, weight, targets) -> int:
+    """Matrix products of the (rows x C) x (C x V) shape and its transposes, forward and backward."""
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._overloadpacket in (aten.mm, aten.addmm, aten.addmm_, aten.bmm, aten.matmul):
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        loss_fn(hidden, weight, targets).backward()
+    return Count.n
+
+
+def test_chunked_loss_projects_each_chunk_three_times_like_the_full_loss():
+    """Logits, their gradient into the hidden states, and into the weight: three products per chunk and
+    no recomputation (the full loss makes the same three over all tokens at once)."""
+    hidden, weight, targets = inputs(B=2, T=64)
+    assert _count_projections(full_loss, hidden, weight, targets) == 3
+    assert _count_projections(functools.partial(chunked_loss, chunk=16), hidden, weight, targets) == 3 * 8
+
+
+def test_chunked_loss_scales_by_the_incoming_gradient_and_respects_frozen_inputs():
+    hidden, weight, targets = inputs()
+    chunked = functools.partial(chunked_loss, chunk=5)
+    (2.5 * full_loss(hidden, weight, targets)).backward()
+    ref_dh, ref_dw = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    (2.5 * chunked(hidden, weight, targets)).backward()
+    torch.testing.assert_close(hidden.grad, ref_dh)
+    torch.testing.assert_close(weight.grad, ref_dw)
+    frozen = weight.detach()
+    hidden.grad = None
+    chunked(hidden, frozen, targets).backward()
+    torch.testing.assert_close(hidden.grad, ref_dh / 2.5)
+    with torch.no_grad():  # evaluation: the value alone
+        torch.testing.assert_close(chunked(hidden, weight, targets), full_loss(hidden, weight, targets))
+
+
+def test_chunked_loss_under_bf16_autocast_matches_the_full_loss():
+    hidden, weight, targets = inputs(B=2, T=32)
+    grads = []
+    for fn in (full_loss, functools.partial(chunked_loss, chunk=16)):
+        hidden.grad = weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fn(hidden, weight, targets)
+        loss.backward()
+        assert loss.dtype == torch.float32 and hidden.grad.dtype == weight.grad.dtype == torch.float32
+        grads.append((loss.detach(), hidden.grad.clone(), weight.grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)

@@ -13,6 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from txlab.config import TrialConfig
 from txlab.measure.memory import MemoryMonitor
 from txlab.measure.step import MEMORY_STEPS, build_trial
+from txlab.model.attention import chunked_tile_body
 from txlab.parallel.fsdp import Ranks, close_ranks, fake_ranks
 
 
@@ -60,9 +61,14 @@ def _fake_step(cfg: TrialConfig, kind: str, plan, steady: bool, ranks: Ranks | N
             _make_optimizer_state(parts.optimizer)
         batches = [parts.data.next() for _ in range(MEMORY_STEPS)]  # all alive in the window, as measured
         inputs = [t for b in batches for t in b]
-        with MemoryMonitor(
-            cpu, parts.model, parts.optimizer, inputs, None, cuda_accounting=kind == "cuda", sharded=ranks is not None
-        ) as monitor:
+        cuda = kind == "cuda"
+        sharded = ranks is not None
+        with (
+            MemoryMonitor(
+                cpu, parts.model, parts.optimizer, inputs, None, cuda_accounting=cuda, sharded=sharded
+            ) as monitor,
+            chunked_tile_body("ops" if cuda else "auto"),  # the tiles a CUDA run computes
+        ):
             for x, y in batches[-1:] if steady else batches:
                 parts.step(x, y)
                 monitor.end_step()

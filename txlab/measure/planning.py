@@ -15,6 +15,7 @@ from txlab.config import TrialConfig
 from txlab.measure.budget import budget_bytes
 from txlab.measure.fake import fake_step_memory
 from txlab.measure.memory import charge_as_cuda, mem_tracker_cls
+from txlab.model.attention import chunked_tile_body
 from txlab.model.gpt import Block, rope_tables
 from txlab.policy.apply import apply_policy
 from txlab.policy.planner import RATES, BlockCost, NoFeasiblePlan, Plan, Run, model_peak, optimise
@@ -56,7 +57,11 @@ def profile_block(cfg: TrialConfig, kind: str = "cpu") -> BlockCost:
     tracker_cls, _ = mem_tracker_cls()
     kept, backward = {}, {}
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if w.dtype == "bf16" else nullcontext
-    with FakeTensorMode(), charge_as_cuda() if kind == "cuda" else nullcontext():
+    with (
+        FakeTensorMode(),
+        charge_as_cuda() if kind == "cuda" else nullcontext(),
+        chunked_tile_body("ops" if kind == "cuda" else "auto"),  # the tiles a CUDA run computes
+    ):
         block = Block(m)
         apply_policy(block, dataclasses.replace(p, remat="none"))  # its kernel; the modes below wrap it
         rope = rope_tables(m, w.seq_len) if m.pos == "rope" else None

@@ -8,6 +8,8 @@ what lets the fused, chunked and materialized kernels agree exactly.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 from collections.abc import Callable, Iterator
@@ -83,6 +85,126 @@ def _is_fake(t: torch.Tensor) -> bool:
     return SKIP_REPEATED_FAKE_TILES and is_fake(t)
 
 
+# --- the tile body -----------------------------------------------------------------------------------
+# Two bodies compute the same tiles. `fused`: each tile is one call of torch's fused CPU attention kernel
+# (aten._scaled_dot_product_flash_attention_for_cpu and its backward), which returns the tile's output and
+# row log-sum-exp; tiles are merged by their log-sum-exp (the online softmax at tile granularity), and the
+# backward hands each tile the final output and log-sum-exp, so each call yields exactly that tile's share
+# of dq, dk, dv. `ops`: the tile body written in PyTorch ops (scores, running max and sum), the readable
+# form of the algorithm, for devices without that kernel. `auto` (the default): `fused` for CPU tensors
+# (fake ones included), `ops` elsewhere. The estimator, which models CUDA on fake CPU tensors, selects
+# `ops` for its CUDA figures (`chunked_tile_body`), since that is the body a CUDA run executes.
+TILE_BODIES = ("auto", "fused", "ops")
+_TILE_BODY: contextvars.ContextVar[str] = contextvars.ContextVar("txlab_chunked_tile_body", default="auto")
+
+
+@contextlib.contextmanager
+def chunked_tile_body(body: str):
+    """Within the block, the chunked kernel computes its tiles with `body` (one of TILE_BODIES)."""
+    if body not in TILE_BODIES:
+        raise ValueError(f"unknown tile body {body!r}; known: {', '.join(TILE_BODIES)}")
+    token = _TILE_BODY.set(body)
+    try:
+        yield
+    finally:
+        _TILE_BODY.reset(token)
+
+
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CPU_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _resolve_body(body: str, q: torch.Tensor) -> str:
+    body = _TILE_BODY.get() if body == "auto" else body
+    if body == "auto":
+        body = "fused" if q.device.type == "cpu" and _CPU_FLASH is not None else "ops"
+    if body == "fused" and (q.device.type != "cpu" or _CPU_FLASH is None):
+        raise ValueError(f"the fused tile body needs torch's CPU attention kernel; tensors on {q.device.type}")
+    return body
+
+
+def _subtiles(q0: int, q1: int, k0: int, k1: int) -> list[tuple[int, int, int, bool]]:
+    """A tile as pieces the fused kernel computes without a mask: (r0, a, b, causal), query rows r0..q1
+    against keys a..b, `causal` meaning query r0 + i sees keys a .. a + i (torch's top-left causal
+    alignment, exact because a == r0). Rows above the tile's first key see none of it and are left out."""
+    if k1 - 1 <= q0:  # every key at or before every query: no mask
+        return [(q0, k0, k1, False)]
+    if k0 >= q0:  # starts on or past the tile's first query: rows from k0 on, top-left causal
+        return [(k0, k0, k1, True)]
+    return [(q0, k0, q0, False), (q0, q0, k1, True)]  # straddles: the part below the diagonal, then causal
+
+
+def _fused_tiles(T: int, q_chunk: int, k_chunk: int, fake: bool) -> Iterator[tuple[int, int, list[tuple]]]:
+    """(q0, q1, [subtile, ...]) per q tile for the fused body. On fake tensors only the first subtile of each
+    kind (q tile rows, subtile rows, keys, causal): a subtile's allocations depend only on that."""
+    seen: set[tuple[int, int, int, bool]] = set()
+    for q0 in range(0, T, q_chunk):
+        q1 = min(q0 + q_chunk, T)
+        pieces = []
+        for k0 in range(0, q1, k_chunk):
+            for r0, a, b, causal in _subtiles(q0, q1, k0, min(k0 + k_chunk, q1)):
+                kind = (q1 - q0, q1 - r0, b - a, causal)
+                if fake and kind in seen:
+                    continue
+                seen.add(kind)
+                pieces.append((r0, a, b, causal))
+        if pieces:
+            yield q0, q1, pieces
+
+
+def _fused_forward(q, k, v, q_chunk: int, k_chunk: int, scale: float):
+    """Output (B, H, T, D) and row log-sum-exp (B, H, T) fp32, tile by tile through the fused kernel."""
+    B, H, T, D = q.shape
+    out = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    for q0, q1, pieces in _fused_tiles(T, q_chunk, k_chunk, _is_fake(q)):
+        # running output and log-sum-exp of the q tile's rows (the output buffer itself in fp32)
+        in_place = q.dtype == torch.float32
+        acc = out[:, :, q0:q1] if in_place else out.new_empty(B, H, q1 - q0, D, dtype=torch.float32)
+        acc.zero_()
+        run = lse[:, :, q0:q1]
+        run.fill_(float("-inf"))
+        for r0, a, b, causal in pieces:
+            o, m = _CPU_FLASH(q[:, :, r0:q1], k[:, :, a:b], v[:, :, a:b], 0.0, causal, scale=scale)
+            acc_r, run_r = acc[:, :, r0 - q0 :], run[:, :, r0 - q0 :]
+            new = torch.logaddexp(run_r, m)
+            acc_r.mul_(torch.exp(run_r - new).unsqueeze(-1)).add_(o.float() * torch.exp(m - new).unsqueeze(-1))
+            run_r.copy_(new)
+            del o, m, new
+        if not in_place:
+            out[:, :, q0:q1] = acc
+        del acc
+    return out, lse
+
+
+def _fused_backward(grad_out, q, k, v, out, lse, q_chunk: int, k_chunk: int, scale: float):
+    """dq, dk, dv: each tile's share from the fused backward given the final output and log-sum-exp."""
+    B, H, T, D = q.shape
+    grad_out = grad_out.contiguous()
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    for _, q1, pieces in _fused_tiles(T, q_chunk, k_chunk, _is_fake(q)):
+        for r0, a, b, causal in pieces:
+            rows = slice(r0, q1)
+            gq, gk, gv = _CPU_FLASH_BWD(
+                grad_out[:, :, rows],
+                q[:, :, rows],
+                k[:, :, a:b],
+                v[:, :, a:b],
+                out[:, :, rows],
+                lse[:, :, rows],
+                0.0,
+                causal,
+                scale=scale,
+            )
+            dq[:, :, rows] += gq
+            dk[:, :, a:b] += gk
+            dv[:, :, a:b] += gv
+            del gq, gk, gv
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 class _ChunkedAttention(torch.autograd.Function):
     """Online-softmax attention over q_chunk x k_chunk tiles (FlashAttention's algorithm, in PyTorch ops).
 
@@ -92,11 +214,17 @@ class _ChunkedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, q_chunk: int, k_chunk: int):
+    def forward(ctx, q, k, v, q_chunk: int, k_chunk: int, body: str = "auto"):
+        body = _resolve_body(body, q)
+        ctx.chunks, ctx.body = (q_chunk, k_chunk), body
         B, H, T, D = q.shape
+        scale = 1.0 / math.sqrt(D)
+        if body == "fused":
+            out, lse = _fused_forward(q, k, v, q_chunk, k_chunk, scale)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
         Hkv = k.shape[1]
         G = H // Hkv
-        scale = 1.0 / math.sqrt(D)
         qg = q.reshape(B, Hkv, G, T, D)
         out = torch.empty(B, Hkv, G, T, D, dtype=q.dtype, device=q.device)
         lse = torch.empty(B, Hkv, G, T, dtype=torch.float32, device=q.device)
@@ -117,7 +245,6 @@ class _ChunkedAttention(torch.autograd.Function):
             out[..., q0:q1, :] = (acc / row_sum.unsqueeze(-1)).to(q.dtype)
             lse[..., q0:q1] = row_max + torch.log(row_sum)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.chunks = (q_chunk, k_chunk)
         return out.reshape(B, H, T, D)
 
     @staticmethod
@@ -129,6 +256,8 @@ class _ChunkedAttention(torch.autograd.Function):
         Hkv = k.shape[1]
         G = H // Hkv
         scale = 1.0 / math.sqrt(D)
+        if ctx.body == "fused":
+            return (*_fused_backward(grad_out, q, k, v, out, lse, q_chunk, k_chunk, scale), None, None, None)
         qg = q.reshape(B, Hkv, G, T, D)
         dout = grad_out.reshape(B, Hkv, G, T, D)
         delta = (dout.float() * out.float()).sum(dim=-1)  # (B, Hkv, G, T): rowsum(dO * O)
@@ -147,11 +276,12 @@ class _ChunkedAttention(torch.autograd.Function):
                 ds = p * (dp - delta_i) * scale
                 dq[..., q0:q1, :] += ds @ kj.unsqueeze(2).float()
                 dk[:, :, k0:k1] += (ds.transpose(-2, -1) @ qi.float()).sum(dim=2)
-        return dq.reshape(B, H, T, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        return dq.reshape(B, H, T, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
-def chunked_attention(q, k, v, q_chunk: int = 512, k_chunk: int = 512) -> torch.Tensor:
-    return _ChunkedAttention.apply(q, k, v, q_chunk, k_chunk)
+def chunked_attention(q, k, v, q_chunk: int = 512, k_chunk: int = 512, body: str = "auto") -> torch.Tensor:
+    """Causal attention over q_chunk x k_chunk tiles; `body`: how a tile is computed (TILE_BODIES)."""
+    return _ChunkedAttention.apply(q, k, v, q_chunk, k_chunk, body)
 
 
 def get_attention(name: str, q_chunk: int = 512, k_chunk: int = 512) -> AttentionFn:
