@@ -130,6 +130,7 @@ def make_assets(d: Path) -> None:
     with open(d / "hostile.pt", "wb") as f:
         pickle.dump({"config": _RunsCode(d / "PWNED"), "model": {}}, f)
     (d / "run_dir").mkdir()
+    (d / "empty.txt").write_text(" \n\n")
 
 
 def make_checkpoint_assets(d: Path) -> None:
@@ -978,6 +979,29 @@ CASES = [
         id="generate-zero-tokens",
     ),
     case("generate", "--prompt", "x", needle="required: --checkpoint", id="generate-no-checkpoint"),
+    # --- attention ------------------------------------------------------------------------------
+    *[
+        case(
+            "attention", "--checkpoint", ckpt, "--text", text, "--out", out, *more, needle=needle, id=f"attention-{id}"
+        )
+        for ckpt, text, out, more, needle, id in [
+            ("{d}/missing.pt", "{d}/a_file", "{d}/attn", [], "missing.pt: no such file or directory", "missing"),
+            ("{d}/run_dir", "{d}/a_file", "{d}/attn", [], "run_dir: no checkpoint there", "empty-run-dir"),
+            ("{d}/not_a_checkpoint.pt", "{d}/a_file", "{d}/attn", [], "not a txlab checkpoint", "not-checkpoint"),
+            ("{d}/hostile.pt", "{d}/a_file", "{d}/attn", [], "hostile.pt: not a txlab checkpoint", "hostile"),
+            ("{d}/hf_mismatch", "{d}/a_file", "{d}/attn", [], "gate_proj.weight' has shape (48, 32)", "hf-weights"),
+            ("{d}/hf_llama", "{d}/a_file", "{d}/attn", [], "token id 121 is outside the model's 64 ids", "vocab"),
+            ("{d}/hf_llama", "{d}/missing.txt", "{d}/attn", [], "--text: {d}/missing.txt: no such file", "no-text"),
+            ("{d}/hf_llama", "{d}/run_dir", "{d}/attn", [], "run_dir: no such file (a directory)", "text-dir"),
+            ("{d}/hf_llama", "{d}/empty.txt", "{d}/attn", [], "empty.txt: the file is empty", "empty-text"),
+            ("{d}/hf_llama", "{d}/binary.yaml", "{d}/attn", [], "binary.yaml: not UTF-8 text", "binary-text"),
+            ("{d}/hf_llama", "{d}/a_file", "{d}/store_ok/attn", [], "inside the txlab store", "out-in-store"),
+            ("{d}/hf_llama", "{d}/a_file", "{d}/a_file", [], "a_file: exists and is not a directory", "out-file"),
+            ("{d}/hf_llama", "{d}/a_file", "{d}/attn", ["--max-tokens", "1"], "must be >= 2, got 1", "max-tokens"),
+            ("{d}/hf_llama", "{d}/a_file", "{d}/attn", ["--max-tokens", "9999"], "above the model's 2048", "max-above"),
+        ]
+    ],
+    case("attention", "--checkpoint", "{d}/hf_llama", "--out", "x", needle="required: --text", id="attention-no-text"),
     # --- plot -----------------------------------------------------------------------------------
     case(
         "plot",
@@ -1199,7 +1223,7 @@ def fill(argv: list[str], d: Path, key: str) -> list[str]:
 def test_corpus_is_large_and_covers_every_command():
     commands = {p.values[0][0] for p in CASES}
     assert len(CASES) >= 40
-    assert {"run", "sweep", "rerun", "estimate", "train", "generate", "plot", "report"} <= commands
+    assert {"run", "sweep", "rerun", "estimate", "train", "generate", "plot", "report", "attention"} <= commands
     assert any("--dry-run" in p.values[0] for p in CASES)
 
 

@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, help="sample from the smallest set of tokens holding this probability")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_generate)
+
+    p = sub.add_parser("attention", help="attention-distance histograms per layer of a model on a text")
+    p.add_argument("--checkpoint", required=True, help="txlab run directory or checkpoint.pt, or local HF checkpoint")
+    p.add_argument("--text", required=True, help="UTF-8 text file to run the model on")
+    p.add_argument("--out", required=True, help="output directory: attention_distance.parquet, .png, .svg")
+    p.add_argument("--max-tokens", type=int, help="the text's first N tokens (default: the model's positions, <= 4096)")
+    p.set_defaults(handler=cmd_attention)
     return parser
 
 
@@ -131,6 +138,43 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed
     )
     print(args.prompt + text)
+    return 0
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    """`txlab attention --checkpoint PATH --text FILE --out DIR [--max-tokens N]` (docs/analysis.md)."""
+    from pathlib import Path
+
+    from txlab.results.store import refuse_output_in_store
+
+    refuse_output_in_store(args.out)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out: {args.out}: exists and is not a directory")
+    from txlab.measure.attention_distance import attention_distance, check_inputs, load_hf, token_ids
+
+    text, kind = check_inputs(args.checkpoint, args.text, args.max_tokens)  # before any model is loaded
+    if kind == "hf":
+        model, tok = load_hf(args.checkpoint)
+    else:
+        from txlab.train.checkpoint import load_model
+        from txlab.train.generate import checkpoint_tokenizer
+
+        model, cfg = load_model(args.checkpoint)
+        tok = checkpoint_tokenizer(Path(args.checkpoint), cfg.data.tokenizer)
+    ids, note = token_ids(model, tok.encode(text), args.max_tokens, args.text)
+    if note:
+        print(f"note: {note}")
+    table = attention_distance(model, ids)
+    from txlab.analysis.attention import write_attention_plot  # matplotlib: only once the table exists
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(out / "attention_distance.parquet", index=False)
+    paths = [out / "attention_distance.parquet", *write_attention_plot(out / "attention_distance.parquet", out)]
+    means = table[table["head"] == -1].groupby("layer")["mean_distance"].first()
+    print(f"{len(ids)} tokens; mean attention distance per layer: " + ", ".join(f"{m:.1f}" for m in means))
+    for p in paths:
+        print(f"wrote {p}")
     return 0
 
 
