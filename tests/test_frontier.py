@@ -179,3 +179,53 @@ def test_answer_tables_per_budget(hand):
     assert measured.loc["best vs sdpa", "2 layers"] == "≥ x8 checkpoint"
     # no baseline in the store: no gain row
     assert "best vs" not in " ".join(frontier_tables(frontier(hand, [1]), None)[1.0]["policy"])
+
+
+def _sharded_rows(peaks: dict[tuple[int, int, str], float | None]) -> pd.DataFrame:
+    """Estimate rows of a sharded sweep: (fsdp, seq_len, policy) -> per-rank peak GiB (None: error row)."""
+    from txlab.config import load_config
+    from txlab.results.store import rows_to_table
+
+    rows = []
+    for (n, seq, pol), gib in peaks.items():
+        cfg = load_config(None, {"parallel.fsdp": n, "workload.batch_size": n, "workload.seq_len": seq,
+                                 "policy.name": pol, "measure.budget_gib": 10.0})  # fmt: skip
+        rows.append({**cfg.flat(), "trial_key": cfg.trial_key, "sweep": "s", "measured": False, "device": "cuda",
+                     "status": "error" if gib is None else "ok", "error": "boom" if gib is None else None,
+                     "peak_bytes": None if gib is None else int(gib * 2**30)})  # fmt: skip
+    return rows_to_table(rows).to_pandas()
+
+
+def test_fewest_devices_is_the_smallest_shard_degree_that_fits():
+    from txlab.analysis.frontier import fewest_devices, fewest_devices_markdown
+
+    df = _sharded_rows({
+        (1, 1024, "sdpa"): 30.0, (2, 1024, "sdpa"): 16.0, (4, 1024, "sdpa"): 9.0, (8, 1024, "sdpa"): 5.0,
+        (1, 4096, "sdpa"): 60.0, (2, 4096, "sdpa"): 31.0, (4, 4096, "sdpa"): None, (8, 4096, "sdpa"): 12.0,
+        (1, 1024, "checkpoint"): 9.5, (2, 1024, "checkpoint"): 5.0,
+    })  # fmt: skip
+    fd = fewest_devices(df)
+    got = {
+        (r.policy, r.seq_len): (r.label, None if pd.isna(r.fewest_ranks) else r.fewest_ranks) for r in fd.itertuples()
+    }
+    assert got[("sdpa", 1024)] == ("4", 4)  # 9 GiB fits 10, 16 does not
+    assert got[("sdpa", 4096)] == ("> 8", None)  # the error row at 4 is not evidence; 8 is still 12 GiB
+    assert got[("checkpoint", 1024)] == ("1", 1)
+    assert (fd["budget_gib"] == 10.0).all() and (fd["rank_batch"] == 1).all() and (fd["basis"] == "estimated").all()
+    assert set(fd["model"]) == {"debug, 4 layers"}
+    assert fd.loc[(fd["policy"] == "sdpa") & (fd["seq_len"] == 1024), "peak_gib_at_fewest"].item() == pytest.approx(9.0)
+    md = fewest_devices_markdown(fd)
+    assert (
+        "10 GiB per device, 1 sequence(s) per rank (estimates)" in md and "| debug, 4 layers | sdpa | 4 | > 8 |" in md
+    )
+    assert fewest_devices(_sharded_rows({(1, 1024, "sdpa"): 3.0})).empty  # no sharded rows: no table
+
+
+def test_the_fewest_devices_plot_draws_a_panel_per_model_and_budget():
+    from txlab.analysis.plots import Skipped, draw
+
+    df = _sharded_rows({(1, 1024, "sdpa"): 30.0, (4, 1024, "sdpa"): 9.0, (4, 2048, "sdpa"): 19.0})
+    fig = draw("fewest_devices", df, [10.0, 20.0])
+    assert not isinstance(fig, Skipped)
+    assert len([ax for ax in fig.axes if ax.get_visible() and ax.get_title()]) == 2
+    assert isinstance(draw("fewest_devices", _sharded_rows({(1, 1024, "sdpa"): 3.0})), Skipped)

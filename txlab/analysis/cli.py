@@ -29,14 +29,26 @@ def _write_figures(df, out: Path, budgets: list[float], echo) -> dict[str, list[
 
 
 def _write_tables(df, out: Path, budgets: list[float], where: str) -> list[Path]:
-    """frontier.csv, versus_baseline.csv and both as frontier.md."""
-    from txlab.analysis.frontier import frontier, frontier_markdown, versus_baseline
+    """frontier.csv, versus_baseline.csv and both as frontier.md; with sharded trials, fewest_devices.csv
+    and its tables in frontier.md too."""
+    from txlab.analysis.frontier import (
+        fewest_devices,
+        fewest_devices_markdown,
+        frontier,
+        frontier_markdown,
+        versus_baseline,
+    )
 
-    fr, vs = frontier(df, budgets), versus_baseline(df)
+    fr, vs, fd = frontier(df, budgets), versus_baseline(df), fewest_devices(df, budgets)
     paths = [out / "frontier.csv", out / "versus_baseline.csv", out / "frontier.md"]
     fr.to_csv(paths[0], index=False)
     vs.to_csv(paths[1], index=False)
-    paths[2].write_text(frontier_markdown(fr, vs, where))
+    markdown = frontier_markdown(fr, vs, where)
+    if not fd.empty:
+        paths.append(out / "fewest_devices.csv")
+        fd.to_csv(paths[-1], index=False)
+        markdown += "\n" + fewest_devices_markdown(fd)
+    paths[2].write_text(markdown)
     return paths
 
 

@@ -397,3 +397,63 @@ def frontier_tables(fr: pd.DataFrame, base: str | None) -> dict[float, pd.DataFr
         t = pd.DataFrame(records, columns=["setting", "policy", *cols])
         out[float(b)] = t.drop(columns="setting") if (t["setting"] == "").all() else t
     return out
+
+
+# --- sharded trials: the fewest devices that fit ----------------------------------------------------
+
+FSDP, BATCH = "parallel.fsdp", "workload.batch_size"
+FEWEST_COLUMNS = ["model", "policy", "seq_len", "rank_batch", "budget_gib", "fewest_ranks", "label", "basis",
+                  "ranks_tried", "peak_gib_at_fewest"]  # fmt: skip
+
+
+def _model_label(df: pd.DataFrame) -> pd.Series:
+    """What a device count answers for: the model size and depth, and whatever else varies, without the
+    shard degree and the global batch (which grows with it)."""
+    label = df["model.size"].astype(str) + ", " + df["depth"].astype(str) + " layers"
+    for k in setting_keys(df):
+        if k not in (FSDP, BATCH, "model.size"):
+            label = label + f", {k.split('.')[-1]}=" + df[k].astype(str)
+    return label
+
+
+def fewest_devices(source: Source, budgets: Iterable[float] | None = None) -> pd.DataFrame:
+    """Per (model, policy, seq_len, sequences per rank) and per-device budget: the fewest `parallel.fsdp`
+    ranks whose per-rank peak fits (`label` '> N' when none of the degrees tried fits, N the most tried).
+    Only rows of stores that vary the shard degree; estimates count (basis says which)."""
+    df = prepare(source)
+    if df.empty or FSDP not in df or pd.to_numeric(df[FSDP], errors="coerce").fillna(1).max() <= 1:
+        return pd.DataFrame(columns=FEWEST_COLUMNS)
+    budgets, _ = budgets_of(df, budgets)
+    valid = df[df["status"] != "error"].copy()
+    valid["ranks"] = pd.to_numeric(valid[FSDP], errors="coerce").fillna(1).astype(int)
+    valid["rank_batch"] = pd.to_numeric(valid[BATCH]).astype(int) // valid["ranks"]
+    valid["model"] = _model_label(valid)
+    rows = []
+    for (model, policy, seq, rb), g in valid.groupby(["model", "policy", "seq_len", "rank_batch"], sort=False):
+        for b in budgets:
+            fits = g[feasible_mask(g, b)]
+            best = fits.loc[fits["ranks"].idxmin()] if len(fits) else None
+            rows.append({
+                "model": model, "policy": policy, "seq_len": int(seq), "rank_batch": int(rb), "budget_gib": b,
+                "fewest_ranks": None if best is None else int(best["ranks"]),
+                "label": f"> {g['ranks'].max()}" if best is None else str(int(best["ranks"])),
+                "basis": (best if best is not None else g.iloc[0])["basis"],
+                "ranks_tried": ",".join(str(r) for r in sorted(g["ranks"].unique())),
+                "peak_gib_at_fewest": None if best is None else float(best["peak_gib"]),
+            })  # fmt: skip
+    out = pd.DataFrame(rows, columns=FEWEST_COLUMNS)
+    out["fewest_ranks"] = pd.to_numeric(out["fewest_ranks"]).astype("Int64")
+    return out.sort_values(["budget_gib", "model", "policy", "seq_len"]).reset_index(drop=True)
+
+
+def fewest_devices_markdown(fd: pd.DataFrame) -> str:
+    """One table per budget and sequences per rank: models x policies by sequence length."""
+    if fd.empty:
+        return ""
+    out = ["## Fewest devices that fit (parallel.fsdp ranks, per-device budget)", ""]
+    for (b, rb), f in fd.groupby(["budget_gib", "rank_batch"], sort=True):
+        pivot = f.pivot_table(index=["model", "policy"], columns="seq_len", values="label", aggfunc="first")
+        pivot.columns = [f"{int(c)} tokens" for c in pivot.columns]
+        est = " (estimates)" if (f["basis"] == "estimated").all() else ""
+        out += [f"### {b:g} GiB per device, {rb} sequence(s) per rank{est}", "", md_table(pivot.reset_index()), ""]
+    return "\n".join(out)

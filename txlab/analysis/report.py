@@ -44,6 +44,7 @@ CAPTIONS = {
     "frontier_steps": "The same frontier against depth: where each policy stops fitting.",
     "time_vs_memory": "Step time against peak memory at fixed shapes; the Pareto front circled.",
     "chunk_sizes": "Chunked attention: peak memory and step time over q_chunk x k_chunk.",
+    "fewest_devices": "The fewest FSDP ranks whose per-rank peak fits each per-device budget, per model and policy.",
 }
 
 

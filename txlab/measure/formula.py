@@ -30,7 +30,8 @@ def formula_activation_bytes(cfg: TrialConfig, plan_segments: list[tuple[int, in
     m, p, w = cfg.model, cfg.policy, cfg.workload
     if w.kind != "train":
         return None
-    s, b, h, a = w.seq_len, w.batch_size, m.d_model, m.n_heads
+    # one device's share: a sharded trial's ranks each hold batch_size / fsdp sequences
+    s, b, h, a = w.seq_len, w.batch_size // cfg.parallel.fsdp, m.d_model, m.n_heads
     word = 2 if w.dtype == "bf16" else 4  # bytes of a "16-bit" tensor of the paper in this trial
     mask = 1 if m.dropout > 0 else 0
     linear = s * b * h * (32 * word // 2 + 2 * mask)
