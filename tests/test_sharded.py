@@ -109,7 +109,8 @@ def _measured_peaks(rank: int, world: int, configs: list) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
     from txlab.measure.row import base_row
-    from txlab.measure.training import measure_training, trial_batches
+    from txlab.measure.step import trial_batches
+    from txlab.measure.training import measure_training
     from txlab.parallel.fsdp import Ranks
 
     torch.set_num_threads(1)

@@ -22,8 +22,9 @@ from txlab.config import ConfigError, TrialConfig
 from txlab.measure.device import device_info, resolve_device
 from txlab.measure.progress import log
 from txlab.measure.row import base_row, failure_row
+from txlab.measure.step import trial_batches
 from txlab.measure.throughput import mfu
-from txlab.measure.training import check_inputs, measure_training, trial_batches
+from txlab.measure.training import check_inputs, measure_training
 from txlab.parallel.fsdp import Ranks, close_ranks
 from txlab.parallel.launch import spawn_ranks
 

@@ -13,6 +13,7 @@ import torch
 
 from txlab.config import TrialConfig
 from txlab.data.batch import TrialBatches
+from txlab.data.loader import Data
 from txlab.data.synthetic import Synthetic
 from txlab.model.gpt import GPT
 from txlab.model.hf import init_model
@@ -62,6 +63,16 @@ def make_step(
     return step
 
 
+def trial_batches(
+    cfg: TrialConfig, device: torch.device, real_data: Data | None, ranks: Ranks | None = None
+) -> TrialBatches:
+    """The trial's (x, y) stream: real text when the config reads some, else synthetic tokens (same shapes).
+    A rank of a sharded trial takes its share of the rows of the same global batches."""
+    m, w = cfg.model, cfg.workload
+    split = real_data.train if real_data is not None else Synthetic(m.vocab_size, w.seq_len, w.batch_size, cfg.seed)
+    return TrialBatches(split, device, *((ranks.rank, ranks.world) if ranks else ()))
+
+
 @dataclass
 class TrialParts:
     """What one trial trains: built once, shared by the measured run and the estimator."""
@@ -100,6 +111,5 @@ def build_trial(
         model.compile()
     optimizer = make_adamw(model, device, fused=fused_optimizer)
     if data is None:
-        data = TrialBatches(Synthetic(m.vocab_size, w.seq_len, w.batch_size, cfg.seed), device,
-                            *((ranks.rank, ranks.world) if ranks else ()))  # fmt: skip
+        data = trial_batches(cfg, device, None, ranks)
     return TrialParts(model, loss_fn, optimizer, make_step(model, loss_fn, optimizer, device, w.dtype), data)

@@ -14,9 +14,7 @@ from typing import Any
 import torch
 
 from txlab.config import TrialConfig
-from txlab.data.batch import TrialBatches
-from txlab.data.loader import Data, bits_per_byte, open_data
-from txlab.data.synthetic import Synthetic
+from txlab.data.loader import bits_per_byte, open_data
 from txlab.measure.budget import BudgetExceeded, budget_bytes, infeasible_plan_row, over_budget, stopped_row
 from txlab.measure.device import sync
 from txlab.measure.formula import formula_activation_bytes, plan_segments
@@ -29,16 +27,6 @@ from txlab.model.decode import context_length
 from txlab.model.hf import check_pretrained
 from txlab.parallel.fsdp import Ranks, mean_over_ranks
 from txlab.policy.planner import NoFeasiblePlan
-
-
-def trial_batches(
-    cfg: TrialConfig, device: torch.device, real_data: Data | None, ranks: Ranks | None = None
-) -> TrialBatches:
-    """The trial's (x, y) stream: real text when the config reads some, else synthetic tokens (same shapes).
-    A rank of a sharded trial takes its share of the rows of the same global batches."""
-    m, w = cfg.model, cfg.workload
-    split = real_data.train if real_data is not None else Synthetic(m.vocab_size, w.seq_len, w.batch_size, cfg.seed)
-    return TrialBatches(split, device, *((ranks.rank, ranks.world) if ranks else ()))
 
 
 def _plan(cfg: TrialConfig, device: torch.device, row: dict[str, Any], progress: bool) -> list | None:

@@ -26,7 +26,8 @@ from txlab.measure.inference import measure_inference
 from txlab.measure.progress import log
 from txlab.measure.row import base_row, failure_row
 from txlab.measure.sharded import run_sharded
-from txlab.measure.training import check_inputs, measure_training, trial_batches
+from txlab.measure.step import trial_batches
+from txlab.measure.training import check_inputs, measure_training
 
 
 def _measure(cfg: TrialConfig, device: torch.device, row: dict[str, Any], progress: bool, real_data=None) -> None:
