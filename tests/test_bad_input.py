@@ -84,6 +84,10 @@ def make_assets(d: Path) -> None:
     spec("spec_resource_name.yaml", resources={"tpu": 1})
     spec("spec_concurrent.yaml", max_concurrent=0)
     spec("spec_mode.yaml", mode="guess")
+    sharded = {**TINY, "workload": {**TINY["workload"], "batch_size": 2}, "parallel": {"fsdp": 2}}
+    spec("spec_fsdp_gpu_share.yaml", base=sharded, resources={"gpu": 0.5})
+    spec("spec_fsdp_never_fits.yaml", base=sharded, resources={"cpu": 100000})
+    spec("spec_never_fits.yaml", resources={"cpu": 100000})
     spec("spec_budget.yaml", grid={"measure.budget_gib": [1, 0]})
     spec("spec_name.yaml", name="a/b")
     spec(
@@ -676,6 +680,29 @@ CASES = [
         id="sweep-zero-concurrency",
     ),
     case("sweep", "{d}/spec_mode.yaml", needle="mode: unknown mode 'guess'", id="sweep-unknown-mode"),
+    case(
+        "sweep",
+        "{d}/spec_fsdp_gpu_share.yaml",
+        "--dry-run",
+        needle="resources.gpu: 0.5 per rank, but trial {workload.seq_len=64} has parallel.fsdp 2",
+        id="sweep-fsdp-gpu-share",
+    ),
+    case(
+        "sweep",
+        "{d}/spec_fsdp_never_fits.yaml",
+        "--store",
+        "{d}/new_store",
+        needle="trials with parallel.fsdp 2 need 2 x {100000 CPU, 0 GPU} (resources per rank; 200000 CPU and 0 GPU",
+        id="sweep-fsdp-never-placed",
+    ),
+    case(
+        "sweep",
+        "{d}/spec_never_fits.yaml",
+        "--store",
+        "{d}/new_store",
+        needle="each trial needs {100000 CPU, 0 GPU}; this machine has 1 x {",
+        id="sweep-never-placed",
+    ),
     case("sweep", "{d}/spec_name.yaml", needle="name: expected a non-empty name without '/'", id="sweep-bad-name"),
     case(
         "sweep",

@@ -243,3 +243,33 @@ def test_dry_run_lists_skipped_and_stored(tmp_path):
     assert len(plan(spec, str(store), rerun_failed=True).to_run) == 1
     text = format_dry_run(p)
     assert "skipped    workload.seq_len=128" in text and "[skip_if: workload.seq_len > 100]" in text
+
+
+# --- sharded trials (parallel.fsdp) ----------------------------------------------------------------
+
+
+def test_skip_if_drops_the_fsdp_points_that_would_not_validate(tmp_path):
+    """fsdp must divide the global batch and shards training only: skip_if sees parallel.fsdp and drops
+    exactly those points; the rest validate and the dry run says what each sharded trial takes."""
+    spec = spec_of(
+        grid={"parallel.fsdp": [1, 2, 4], "workload.batch_size": [1, 2, 4], "workload.kind": ["train", "prefill"]},
+        skip_if=["parallel.fsdp > workload.batch_size", "parallel.fsdp > 1 and workload.kind != 'train'"],
+    )
+    e = expand(spec)
+    assert sorted((t.point["parallel.fsdp"], t.point["workload.batch_size"]) for t in e.trials) == [
+        (1, 1), (1, 1), (1, 2), (1, 2), (1, 4), (1, 4), (2, 2), (2, 4), (4, 4)
+    ]  # fmt: skip
+    assert len(e.skipped) == 9 and all(t.config.parallel.fsdp == t.point["parallel.fsdp"] for t in e.trials)
+    text = format_dry_run(plan(spec, str(tmp_path / "st")))
+    assert "each trial 1 CPU, 0 GPU (per rank: parallel.fsdp 2/4 trials take that many times as much)" in text
+    with pytest.raises(ConfigError, match=r"trial \{parallel.fsdp=4, workload.batch_size=1.*must divide"):
+        expand(spec_of(grid={"parallel.fsdp": [4], "workload.batch_size": [1]}))
+
+
+def test_a_rank_takes_one_whole_gpu():
+    grid = {"parallel.fsdp": [1, 2], "workload.batch_size": [2]}
+    with pytest.raises(ConfigError, match=r"resources.gpu: 0.5 per rank, but trial \{parallel.fsdp=2, .*one GPU"):
+        expand(spec_of(grid=grid, resources={"gpu": 0.5}))
+    assert len(expand(spec_of(grid=grid, resources={"gpu": 1})).trials) == 2
+    assert len(expand(spec_of(grid=grid, resources={"gpu": 0.5}, mode="estimate")).trials) == 2  # nothing runs
+    assert len(expand(spec_of(grid={"parallel.fsdp": [1]}, resources={"gpu": 0.5})).trials) == 1

@@ -101,6 +101,117 @@ def test_dashboard_address_is_refused_with_a_hint(tmp_path, capsys):
     assert not list((tmp_path / "st").glob("*.parquet"))
 
 
+# --- sharded trials: what they ask of Ray, where they can go, a rank's precheck (no Ray started) ----------
+
+SHARDED = {**TINY_BASE, "workload": {**TINY_BASE["workload"], "batch_size": 4}, "measure": {"device": "cpu"}}
+
+
+def test_a_sharded_trial_asks_tune_for_one_bundle_per_rank(tmp_path):
+    from txlab.sweeps.driver import plan, trial_resources
+    from txlab.sweeps.spec import parse_spec
+
+    raw = {"name": "t", "base": SHARDED, "grid": {"parallel.fsdp": [1, 4]}, "resources": {"cpu": 1.5, "gpu": 1}}
+    p = plan(parse_spec(raw), str(tmp_path / "st"))
+    resources = trial_resources(p.spec, p.to_run)
+    one, four = (resources({"trial_key": t.key}) for t in p.to_run)
+    assert one.bundles == [{"CPU": 1.5, "GPU": 1.0}] and not one.head_bundle_is_empty
+    # the trainable in an empty head bundle, one bundle per rank, packed onto as few nodes as hold them
+    assert four.head_bundle_is_empty and four.bundles == [{"CPU": 1.5, "GPU": 1.0}] * 4 and four.strategy == "PACK"
+    assert four.required_resources == {"CPU": 6.0, "GPU": 4.0}
+    p = plan(parse_spec({**raw, "mode": "estimate"}), str(tmp_path / "st"))  # rank 0 on a fake process group
+    assert [trial_resources(p.spec, p.to_run)({"trial_key": t.key}).bundles for t in p.to_run] == [
+        [{"CPU": 1.5, "GPU": 1.0}]
+    ] * 2
+
+
+def test_trials_that_can_never_be_placed_are_refused_on_a_fixed_cluster(capsys):
+    from txlab.config import ConfigError
+    from txlab.sweeps.driver import _check_fits, scales_by_report
+    from txlab.sweeps.spec import expand, parse_spec
+
+    def trials(**raw):
+        spec = parse_spec({"name": "t", "base": SHARDED, "grid": {"parallel.fsdp": [1, 2]}, **raw})
+        return spec, expand(spec).trials
+
+    spec, ts = trials(resources={"cpu": 1})
+    _check_fits(spec, ts, [{"CPU": 1.0}, {"CPU": 1.0, "GPU": 0.0}], False, "the cluster")  # a rank on each node
+    with pytest.raises(ConfigError) as e:
+        _check_fits(spec, ts, [{"CPU": 1.0}], False, "the cluster (local)")
+    assert str(e.value) == (
+        "sweep t: trials with parallel.fsdp 2 need 2 x {1 CPU, 0 GPU} (resources per rank; 2 CPU and 0 GPU in all); "
+        "the cluster (local) has 1 x {1 CPU, 0 GPU}: they can never be placed (lower resources or parallel.fsdp, "
+        "or run on a larger cluster)"
+    )
+    for scales in (True, None):  # an autoscaler may add nodes (or Ray does not say): a warning, no refusal
+        _check_fits(spec, ts, [{"CPU": 1.0}], scales, "the cluster")
+        assert "warning: trials with parallel.fsdp 2 need 2 x {1 CPU, 0 GPU}" in capsys.readouterr().err
+    spec, ts = trials(resources={"cpu": 2, "gpu": 1})  # per node: min over CPU and GPU
+    _check_fits(spec, ts, [{"CPU": 8.0, "GPU": 1.0}] * 2, False, "c")
+    with pytest.raises(ConfigError, match=r"has 2 x \{1 CPU, 2 GPU\}"):
+        _check_fits(spec, ts, [{"CPU": 1.0, "GPU": 2.0}] * 2, False, "c")
+    spec, ts = trials(resources={"cpu": 4}, grid={"parallel.fsdp": [1]})
+    with pytest.raises(ConfigError, match=r"each trial needs \{4 CPU, 0 GPU\}; c has 2 x \{2 CPU, 0 GPU\}"):
+        _check_fits(spec, ts, [{"CPU": 2.0}] * 2, False, "c")
+    spec, ts = trials(resources={"cpu": 1}, mode="estimate")  # an estimate is one process, whatever N
+    _check_fits(spec, ts, [{"CPU": 1.0}], False, "c")
+    # the v1 monitor's report: a read-only provider (nodes started by hand) names each type after its node
+    report = '{"autoscaler_report": {"node_type_mapping": {"2ddb": "node_2ddb", "77af": "node_77af"}}}'
+    assert scales_by_report(report) is False
+    assert scales_by_report('{"autoscaler_report": {"node_type_mapping": {"10.0.0.5": "gpu_80gb"}}}') is True
+    assert scales_by_report(None) is None and scales_by_report("{}") is None
+
+
+def test_a_ranks_precheck_is_one_ranks_estimate_against_its_memory(monkeypatch):
+    from txlab.measure.estimate import estimate_trial, precheck
+    from txlab.sweeps.worker import precheck_rank, rank_row
+
+    def config(**over):
+        return build_config({**SHARDED, **{k: {**SHARDED.get(k, {}), **v} for k, v in over.items()}})
+
+    one, two = config(), config(parallel={"fsdp": 2})
+    p1, p2 = estimate_trial(one, "cpu")["peak_bytes"], estimate_trial(two, "cpu")["peak_bytes"]
+    assert p2 < p1
+    between = (p1 + p2) / 2 / 2**30  # GiB: over one device's peak, above one rank's of two
+    assert precheck(config(measure={"budget_gib": between}))["status"] == "over_budget"
+    assert precheck_rank(config(measure={"budget_gib": between}, parallel={"fsdp": 2})) is None
+    # CPU ranks on one machine share its RAM: each compares with its share of what is free
+    monkeypatch.setattr("txlab.measure.estimate.free_bytes", lambda kind, device="auto": int(p2 * 1.5))
+    assert precheck_rank(two, ranks_here=1) is None
+    row = precheck_rank(two, ranks_here=2)
+    assert row["status"] == "over_budget" and row["measured"] is False and row["peak_bytes"] == p2
+    assert "over its share of the RAM free now (1/2: 2 ranks on this machine)" in row["error"], row["error"]
+    assert row["error"].endswith("(not run)")
+    # a rank predicted over its budget returns at once: it never joins its process group (no master here)
+    tiny = config(measure={"budget_gib": 1e-6}, parallel={"fsdp": 2})
+    job = {"precheck": True, "rank": 1, "world": 2, "master": ["192.0.2.1", 9], "ranks_here": 1}
+    row = rank_row(tiny, job)
+    assert row["status"] == "over_budget" and row["error"].endswith("(not run)")
+
+
+def test_the_rows_of_ranks_on_two_nodes_merge_into_one():
+    from txlab.sweeps.ranks import _merge, rank_jobs
+
+    cfg = build_config({**SHARDED, "parallel": {"fsdp": 2}})
+    places = [{"node_id": "aa", "ip": "10.0.0.1", "host": "h1", "port": 29500},
+              {"node_id": "bb", "ip": "10.0.0.2", "host": "h2", "port": 1}]  # fmt: skip
+    jobs = rank_jobs({"trial_key": cfg.trial_key}, places, gpu=0, cpu=1)
+    assert [(j["rank"], j["world"], j["master"], j["local_rank"], j["ranks_here"]) for j in jobs] == [
+        (0, 2, ["10.0.0.1", 29500], 0, 1), (1, 2, ["10.0.0.1", 29500], 0, 1)
+    ]  # fmt: skip
+    assert [j["local_rank"] for j in rank_jobs({}, [places[0], places[0]], gpu=0, cpu=1)] == [0, 1]
+    assert [j["local_rank"] for j in rank_jobs({}, [places[0], places[0]], gpu=1, cpu=1)] == [0, 0]  # own GPU each
+    ok = {"status": "ok", "error": None, "peak_bytes": 10, "step_time_s": 1.0, "loss": 2.0, "device": "cpu",
+          "device_capacity_bytes": 99, "measured": True}  # fmt: skip
+    row = _merge(cfg, [ok, {**ok, "peak_bytes": 12}], places, "t0", time.perf_counter())
+    assert row["status"] == "ok" and row["peak_bytes"] == 12 and row["node_id"] == "aa,bb" and row["host"] == "h1,h2"
+    assert row["measured"] is True and row["device"] == "cpu" and row["started_at"] == "t0"
+    over = {**ok, "status": "over_budget", "error": "predicted peak 1 GiB over the budget (not run)", "measured": False}
+    row = _merge(cfg, ["stopped after rank 1 ended", over], places, "t0", time.perf_counter())
+    assert row["status"] == "over_budget" and row["measured"] is False and row["error"].startswith("rank 1: predicted")
+    row = _merge(cfg, [ok, "killed by signal 9 (SIGKILL) on h2"], places, "t0", time.perf_counter())
+    assert row["status"] == "error" and row["error"] == "rank 1 of 2 died (killed by signal 9 (SIGKILL) on h2)"
+
+
 # --- Ray: local instance -----------------------------------------------------------------------------
 
 
@@ -272,3 +383,62 @@ def test_dead_trial_actor_is_retried_by_tune(tmp_path):
     assert "retrying" in out and "1 retried" in out
     rows = Store.open(str(store)).read().to_pylist()
     assert len(rows) == 1 and rows[0]["status"] == "ok"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_sharded_trials_on_ray_and_a_killed_rank(tmp_path):
+    """Two parallel.fsdp = 2 trials on local Ray, each rank in a bundle of its own (both CPUs: one trial at a
+    time). Rank 1 of the long one is SIGKILLed from outside: that trial is an `error` row naming rank 1, its
+    rank 0 is stopped (not left in a collective for the 10-minute timeout); the other trial is one `ok` row."""
+    import json
+
+    import psutil
+
+    store = tmp_path / "store"
+    base = {"model": {"n_layers": 2, "d_model": 64}, "measure": {"device": "cpu"},
+            "workload": {"warmup_steps": 0, "seq_len": 128, "batch_size": 2}, "parallel": {"fsdp": 2}}  # fmt: skip
+    spec = write_spec(tmp_path / "t.yaml", {"workload.steps": [2, 400]}, base=base, precheck=False)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "txlab.cli", "sweep", str(spec), "--store", str(store)],
+        env=txlab_env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+    def rank1_of_the_long_trial():
+        for proc in trial_processes(driver.pid):
+            try:
+                job = proc.cmdline()[-2]
+                if "txlab-rank1-" in job and json.load(open(job))["config"]["workload.steps"] == 400:
+                    return proc
+            except (psutil.Error, OSError, ValueError, IndexError):
+                pass
+        return None
+
+    try:
+        victim, deadline = None, time.monotonic() + 300
+        while victim is None and time.monotonic() < deadline and driver.poll() is None:
+            victim = rank1_of_the_long_trial()
+            time.sleep(0.2)
+        assert victim is not None, "rank 1 of the long trial never ran"
+        time.sleep(10)  # into its steps: rank 0 waits on it in collectives
+        victim.kill()
+        out, _ = driver.communicate(timeout=300)
+        left = trial_processes(driver.pid)
+    finally:
+        kill_session(driver.pid)
+    assert driver.returncode == 1, out  # one trial ended in error
+    assert "2/2 done" in out and "1 trial(s) ended in error" in out, out
+    assert not left, "a rank outlived its trial"
+    rows = {r["workload.steps"]: r for r in Store.open(str(store)).read().to_pylist()}
+    killed, ok = rows[400], rows[2]
+    assert killed["status"] == "error" and killed["error"].startswith(
+        "rank 1 of 2 died (killed by signal 9 (SIGKILL) on "
+    )
+    assert killed["duration_s"] < 200 and killed["parallel.fsdp"] == 2
+    assert ok["status"] == "ok" and ok["measured"] and ok["peak_bytes"] > 0 and ok["peak_spread_bytes"] >= 0, ok
+    assert ok["node_id"] and "," not in ok["node_id"] and ok["tokens_per_s"] > 0  # both ranks on this one node

@@ -131,11 +131,27 @@ def cluster():
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(720)
 def test_job_submit_sweep_on_two_nodes_survives_a_lost_worker(cluster, tmp_path):
-    """Rows from both nodes; then the worker node is stopped (every process of it SIGKILLed) while it runs a
-    trial: Tune retries that trial on the head and the store ends complete, each trial once."""
+    """First one sharded trial (parallel.fsdp 2) whose ranks, one CPU each, Ray places on both nodes (one
+    row, both node ids). Then rows from both nodes; then the worker node is stopped (every process of it
+    SIGKILLed) while it runs a trial: Tune retries that trial on the head and the store ends complete, each
+    trial once."""
     from txlab.results.store import check_store
+
+    sharded = tmp_path / "sharded.yaml"
+    base = {"model": {"n_layers": 2, "d_model": 64}, "parallel": {"fsdp": 2},
+            "workload": {"steps": 1, "warmup_steps": 0, "seq_len": 64, "batch_size": 2}}  # fmt: skip
+    sharded.write_text(
+        yaml.safe_dump({"name": "sharded", "base": base, "grid": {"seed": [0]}, "resources": {"cpu": 1}})
+    )
+    job = cluster.submit("txlab", "sweep", str(sharded), "--store", str(tmp_path / "sharded_store"), timeout=300)
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
+    assert "never be placed" not in job.stdout + job.stderr and "1/1 done" in job.stdout, job.stdout[-4000:]
+    (row,) = Store.open(str(tmp_path / "sharded_store")).read().to_pylist()
+    assert row["status"] == "ok" and row["measured"] and row["parallel.fsdp"] == 2 and row["peak_bytes"] > 0, row
+    rank_nodes = row["node_id"].split(",")
+    assert len(set(rank_nodes)) == len(rank_nodes) == 2, row["node_id"]  # rank 0 on one node, rank 1 on the other
 
     spec = tmp_path / "two_nodes.yaml"
     lengths = [64, 96, 128, 160, 192, 224]
@@ -181,6 +197,7 @@ def test_job_submit_sweep_on_two_nodes_survives_a_lost_worker(cluster, tmp_path)
     assert len(rows) == len(lengths) and {r["status"] for r in rows} == {"ok"}, rows
     assert sorted(r["workload.seq_len"] for r in rows) == lengths
     assert len({r["node_id"] for r in rows}) == 2, "rows from both nodes"
+    assert set(rank_nodes) == {r["node_id"] for r in rows}, "the sharded trial's ranks were on these two nodes"
     assert all(r["sweep"] == "two_nodes" and r["host"] and r["device"] == "cpu" for r in rows)
     check = check_store(str(store))
     assert check.ok and check.rows == len(lengths) and check.superseded == 0, check.summary()

@@ -53,16 +53,20 @@ def check_ranks(cfg: TrialConfig) -> torch.device:
     return device
 
 
-def _rank_main(rank: int, world: int, cfg: TrialConfig, progress: bool) -> dict[str, Any]:
-    """One rank: join the process group, measure its share, return its row."""
+def _rank_main(
+    rank: int, world: int, cfg: TrialConfig, progress: bool, local_rank: int | None = None, threads: int | None = None
+) -> dict[str, Any]:
+    """One rank: join the process group (MASTER_ADDR / MASTER_PORT from the environment), measure its
+    share, return its row. `local_rank`: the index of its GPU on this machine (default: its rank);
+    `threads`: CPU threads (default: this machine's cores shared by the `world` ranks)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    device = rank_device(cfg, rank)
+    device = rank_device(cfg, rank if local_rank is None else local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:  # the ranks share the cores: one thread each, as many as fit
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
     row = base_row(cfg)
     row["device"], row["device_capacity_bytes"] = device_info(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
@@ -77,6 +81,22 @@ def _rank_main(rank: int, world: int, cfg: TrialConfig, progress: bool) -> dict[
         gc.collect()
         close_ranks()
     return row
+
+
+def run_rank(
+    cfg: TrialConfig,
+    rank: int,
+    world: int,
+    master: tuple[str, int],
+    local_rank: int | None = None,
+    threads: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """One rank of a trial whose ranks were placed by someone else (a sweep on Ray: txlab.sweeps.ranks), in
+    this process: rank 0 serves the process group's store at `master` (host, port). Returns the rank's
+    row, which `merge_ranks` takes with the others'; stopping the other ranks is the caller's job."""
+    os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(rank), WORLD_SIZE=str(world))
+    return _rank_main(rank, world, cfg, progress, local_rank=local_rank, threads=threads)
 
 
 def _stops_the_others(row: dict[str, Any]) -> bool:

@@ -79,11 +79,24 @@ def _read(path: str) -> dict[str, Any] | None:
         return None
 
 
+def stopped(culprit: int) -> str:
+    """The outcome of a rank stopped because rank `culprit` ended badly (merge_ranks looks past these)."""
+    return f"stopped after rank {culprit} ended"
+
+
+def exit_text(exitcode: int | None) -> str:
+    """How a rank process that left no result ended: "killed by signal 9 (SIGKILL)", "exit code 1"."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by signal {-exitcode} ({signal.Signals(-exitcode).name})"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
 def _outcome(p, result: dict[str, Any] | None, rank: int, culprit: int | None) -> dict[str, Any] | str:
     if result is not None:
         return result
     if p.exitcode is not None and p.exitcode < 0 and rank != culprit and culprit is not None:
-        return f"stopped after rank {culprit} ended"
-    if p.exitcode is not None and p.exitcode < 0:
-        return f"killed by signal {-p.exitcode} ({signal.Signals(-p.exitcode).name})"
-    return f"exit code {p.exitcode}"
+        return stopped(culprit)
+    return exit_text(p.exitcode)

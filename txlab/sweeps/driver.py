@@ -29,7 +29,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,8 +42,6 @@ from txlab.sweeps.spec import Expansion, SweepSpec, Trial, expand
 
 # What to do when another driver took over this driver's store lease (object storage).
 LEASE_LOST_FIX = "let the other sweep finish (or stop it)"
-# How much of a dead trial process's stderr goes into the row's `error` message.
-STDERR_TAIL_CHARS = 1500
 
 
 # --- planning ------------------------------------------------------------------------------------
@@ -106,16 +103,6 @@ def _now() -> str:
 # --- the trial: runs inside a Ray actor ------------------------------------------------------------
 
 
-def _pythonpath() -> str:
-    """The directory holding the `txlab` package this actor imported, first on the path, so the trial
-    process runs the same code (a `ray job submit --working-dir` upload or an install)."""
-    import txlab
-
-    here = os.path.dirname(os.path.dirname(os.path.abspath(txlab.__file__)))
-    rest = os.environ.get("PYTHONPATH")
-    return os.pathsep.join([here] + ([rest] if rest else []))
-
-
 def run_in_subprocess(
     trial_key: str,
     flat: dict[str, Any],
@@ -128,37 +115,24 @@ def run_in_subprocess(
     `mode` and `precheck`: the spec's (see sweeps.spec)."""
     import socket
 
+    from txlab.sweeps.worker import run_worker
+
     started, t0 = _now(), time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="txlab-trial-") as tmp:
-        config_path, row_path, err_path = (os.path.join(tmp, n) for n in ("config.json", "row.json", "stderr.txt"))
-        with open(config_path, "w") as f:
-            json.dump({"trial_key": trial_key, "config": flat, "mode": mode, "precheck": precheck}, f)
-        env = dict(os.environ, PYTHONPATH=_pythonpath(), TXLAB_PARENT_PID=str(os.getpid()))
-        with open(err_path, "wb") as err:
-            proc = subprocess.run(
-                [python or sys.executable, "-m", "txlab.sweeps.worker", config_path, row_path],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-                env=env,
-            )
-        if proc.returncode == 0 and os.path.exists(row_path):
-            with open(row_path) as f:
-                return json.load(f)
-        with open(err_path, "rb") as f:
-            tail = f.read()[-STDERR_TAIL_CHARS:].decode(errors="replace").strip()
-    if proc.returncode < 0:
+    done = run_worker({"trial_key": trial_key, "config": flat, "mode": mode, "precheck": precheck}, python)
+    if done.returncode == 0 and done.row is not None:
+        return done.row
+    if done.returncode < 0:
         try:
-            name = signal.Signals(-proc.returncode).name
+            name = signal.Signals(-done.returncode).name
         except ValueError:
-            name = f"signal {-proc.returncode}"
+            name = f"signal {-done.returncode}"
         why = f"trial process killed by {name}"
         if name == "SIGKILL":
             why += " (out of host memory? the kernel's OOM killer sends SIGKILL)"
     else:
-        why = f"trial process exited with status {proc.returncode}"
-    last = [ln for ln in tail.splitlines() if ln.strip()]
-    message = why + (f": {last[-1].strip()}" if last else "")
+        why = f"trial process exited with status {done.returncode}"
+    last = done.last_line()
+    message = why + (f": {last}" if last else "")
     return error_row(
         trial_key,
         flat,
@@ -192,12 +166,49 @@ def estimate_in_actor(trial_key: str, flat: dict[str, Any], sweep: str) -> dict[
         )
 
 
+def sharded_on_ray(
+    trial_key: str, flat: dict[str, Any], sweep: str, precheck: bool, cpu: float, gpu: float
+) -> dict[str, Any]:
+    """A `parallel.fsdp` = N trial: its N ranks in the trial's placement group (txlab.sweeps.ranks), one
+    row. A rank whose Ray actor died raises (RankLost) so that Tune retries the trial."""
+    import socket
+
+    from txlab.config import config_from_flat
+    from txlab.sweeps.ranks import run_ranks
+
+    started, t0 = _now(), time.perf_counter()
+    try:
+        cfg = config_from_flat(flat)
+        if cfg.trial_key != trial_key:
+            raise RuntimeError(
+                f"trial key mismatch: the driver planned {trial_key}, this node resolves {cfg.trial_key} "
+                "(is the same txlab version installed on every node?)"
+            )
+    except Exception as e:  # noqa: BLE001 - a config this node cannot build is the trial's error row
+        message = f"{e.__class__.__name__}: {e}"
+        return error_row(trial_key, flat, sweep, message, host=socket.gethostname(), started_at=started)
+    job = {"trial_key": trial_key, "config": flat, "mode": "measure", "precheck": precheck}
+    return run_ranks(cfg, job, cpu, gpu, started, t0)
+
+
+def _ranks(flat: dict[str, Any], mode: str) -> int:
+    """How many ranks (bundles of the spec's resources) a trial takes: `parallel.fsdp` when measured; an
+    estimate runs rank 0 alone on a fake process group."""
+    return int(flat.get("parallel.fsdp") or 1) if mode == "measure" else 1
+
+
+def _trial_ranks(trial: Trial, mode: str) -> int:
+    return trial.config.parallel.fsdp if mode == "measure" else 1
+
+
 def _trainable(
     config: dict[str, Any],
     jobs: dict[str, dict[str, Any]] | None = None,
     sweep: str = "",
     mode: str = "measure",
     precheck: bool = True,
+    cpu: float = 1.0,
+    gpu: float = 0.0,
 ) -> None:
     """The Tune function trainable: one trial, one row, one `tune.report`."""
     import ray
@@ -206,10 +217,12 @@ def _trainable(
     key = config["trial_key"]
     if mode == "estimate":
         row = estimate_in_actor(key, jobs[key], sweep)
+    elif _ranks(jobs[key], mode) > 1:
+        row = sharded_on_ray(key, jobs[key], sweep, precheck, cpu, gpu)
     else:
         row = run_in_subprocess(key, jobs[key], sweep, mode=mode, precheck=precheck)
     row["sweep"] = sweep
-    row["node_id"] = ray.get_runtime_context().get_node_id()
+    row["node_id"] = row.get("node_id") or ray.get_runtime_context().get_node_id()
     tune.report({"row": json.dumps(row, default=str), "status": row["status"]})
 
 
@@ -529,8 +542,13 @@ def run_sweep(
     if not plan_.to_run:
         return SweepResult(plan_, progress.counts, 0.0)
 
-    _quiet_env()
     import ray
+
+    if not (address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized():
+        # A local instance has this machine's CPUs and GPUs: refuse what it could never place before
+        # starting it (and before the store is made).
+        _check_fits(spec, plan_.to_run, [local_resources()], False, "this machine")
+    _quiet_env()
     from ray import tune
 
     # The lock first: a second sweep on this store is refused before it starts a Ray instance. (A bad
@@ -541,9 +559,10 @@ def run_sweep(
             cluster = ray.cluster_resources()
             progress.print(
                 f"[{spec.name}] {len(plan_.to_run)} trials on Ray ({where}: {int(cluster.get('CPU', 0))} CPU, "
-                f"{cluster.get('GPU', 0):g} GPU); each trial {spec.cpu:g} CPU, {spec.gpu:g} GPU; store {plan_.store.uri}"
+                f"{cluster.get('GPU', 0):g} GPU); {_per_trial(spec, plan_.to_run)}; store {plan_.store.uri}"
             )
-            _check_fits(spec, cluster)
+            nodes = live_nodes()
+            _check_fits(spec, plan_.to_run, nodes, False if started_here else autoscaling(), f"the cluster ({where})")
             jobs = {t.key: {"config": t.config.flat()} for t in plan_.to_run}
             trainable = tune.with_resources(
                 tune.with_parameters(
@@ -552,8 +571,10 @@ def run_sweep(
                     sweep=spec.name,
                     mode=spec.mode,
                     precheck=spec.precheck,
+                    cpu=spec.cpu,
+                    gpu=spec.gpu,
                 ),
-                {"cpu": spec.cpu, "gpu": spec.gpu},
+                trial_resources(spec, plan_.to_run),
             )
             callback = _make_callback_class()(plan_, jobs, progress, heartbeat_s)
             tmp_storage = tempfile.mkdtemp(prefix="txlab-tune-")
@@ -593,20 +614,127 @@ def run_sweep(
     return SweepResult(plan_, progress.counts, time.monotonic() - t0, interrupted, callback.store_error)
 
 
-def _check_fits(spec: SweepSpec, cluster: dict[str, float]) -> None:
-    """A trial that asks for more than the cluster has would wait forever on a fixed-size cluster; an
-    autoscaling cluster adds nodes, so only warn there."""
-    short = []
-    if spec.gpu > 0 and cluster.get("GPU", 0) < spec.gpu:
-        short.append(f"{spec.gpu:g} GPU (cluster has {cluster.get('GPU', 0):g})")
-    if cluster.get("CPU", 0) < spec.cpu:
-        short.append(f"{spec.cpu:g} CPU (cluster has {cluster.get('CPU', 0):g})")
-    if short:
-        print(
-            f"warning: each trial asks for {' and '.join(short)}; trials wait until the cluster (autoscaler) adds such nodes",
-            file=sys.stderr,
-            flush=True,
+def trial_resources(spec: SweepSpec, trials: list[Trial]):
+    """Tune's resources per trial, a function of the trial's config: a placement group of one bundle of the
+    spec's resources, or for a measured `parallel.fsdp` = N trial an empty head bundle (the trainable) and N
+    bundles of them, one per rank, packed onto as few nodes as hold them."""
+    from ray.tune import PlacementGroupFactory
+
+    from txlab.sweeps.ranks import trial_bundles
+
+    ranks = {t.key: n for t in trials if (n := _trial_ranks(t, spec.mode)) > 1}  # small: it is pickled
+    cpu, gpu = spec.cpu, spec.gpu
+
+    def resources(config: dict[str, Any]) -> PlacementGroupFactory:
+        return PlacementGroupFactory(trial_bundles(cpu, gpu, ranks.get(config["trial_key"], 1)), strategy="PACK")
+
+    return resources
+
+
+def _per_trial(spec: SweepSpec, trials: list[Trial]) -> str:
+    """What each trial asks of Ray, for the sweep's opening line and the dry run."""
+    text = f"each trial {spec.cpu:g} CPU, {spec.gpu:g} GPU"
+    sizes = sorted({_trial_ranks(t, spec.mode) for t in trials} - {1})
+    if sizes:
+        text += f" (per rank: parallel.fsdp {'/'.join(map(str, sizes))} trials take that many times as much)"
+    return text
+
+
+def local_resources() -> dict[str, float]:
+    """The CPUs and GPUs a local Ray instance started here would have (Ray's own detection)."""
+    try:
+        from ray._private.accelerators import NvidiaGPUAcceleratorManager as gpus
+        from ray._private.utils import get_num_cpus
+
+        n_gpus = gpus.get_current_node_num_accelerators()
+        visible = gpus.get_current_process_visible_accelerator_ids()
+        return {"CPU": float(get_num_cpus()), "GPU": float(n_gpus if visible is None else min(n_gpus, len(visible)))}
+    except (ImportError, AttributeError):  # private API moved: count as Python does (no GPUs known)
+        return {"CPU": float(os.cpu_count() or 1), "GPU": 0.0}
+
+
+def live_nodes() -> list[dict[str, float]]:
+    """The resources of each live node of the connected cluster."""
+    import ray
+
+    return [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+
+
+def autoscaling() -> bool | None:
+    """Whether the connected cluster's autoscaler can add nodes: True, False (a fixed set of nodes: `ray
+    start` by hand, a local instance), None when Ray does not say (the check only warns then)."""
+    try:
+        from ray._private.state import state
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        config = state.get_cluster_config()  # autoscaler v2 / KubeRay: the node groups and their limits
+        if config is not None and config.node_group_configs:
+            groups = [g for g in config.node_group_configs if g.resources and g.max_count != 0]
+            return any(g.max_count == -1 or g.max_count > g.min_count for g in groups)
+        return scales_by_report(_internal_kv_get("__autoscaling_status"))  # the v1 monitor's last report
+    except Exception:  # noqa: BLE001 - private API: unknown is a fine answer
+        return None
+
+
+def scales_by_report(raw: bytes | str | None) -> bool | None:
+    """The v1 autoscaler's status report: without an autoscaling config the monitor runs a read-only
+    provider that names each node's type after the node itself (nothing can be added); node types of a
+    cluster config (`gpu_80gb`, ...) mean an autoscaler that can add nodes. None: no report (yet)."""
+    try:
+        types = (json.loads(raw or "{}").get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    except (ValueError, AttributeError):
+        return None
+    if not types:
+        return None
+    return not all(t == f"node_{node}" for node, t in types.items())
+
+
+def _placeable(bundle: dict[str, float], n: int, nodes: list[dict[str, float]]) -> bool:
+    """N equal bundles fit on these nodes (any number per node, as PACK allows)."""
+    need = {k: v for k, v in bundle.items() if v > 0}
+    if not need:
+        return True
+    return sum(min(int(node.get(k, 0) / v + 1e-9) for k, v in need.items()) for node in nodes) >= n
+
+
+def _describe_nodes(nodes: list[dict[str, float]]) -> str:
+    counts: dict[str, int] = {}
+    for node in nodes:
+        text = f"{{{node.get('CPU', 0):g} CPU, {node.get('GPU', 0):g} GPU}}"
+        counts[text] = counts.get(text, 0) + 1
+    return ", ".join(f"{c} x {t}" for t, c in counts.items()) or "none"
+
+
+def _check_fits(
+    spec: SweepSpec, trials: list[Trial], nodes: list[dict[str, float]], scales: bool | None, where: str
+) -> None:
+    """Every trial's bundles (one of the spec's resources per rank; one for a one-device trial) must fit on
+    the cluster's nodes. A trial that cannot is refused (ConfigError: exit 2, before any trial runs) when the
+    set of nodes is fixed; an autoscaling cluster (or one that does not say) may add such nodes: a warning."""
+    sizes = sorted({_trial_ranks(t, spec.mode) for t in trials}, reverse=True)
+    bundle = {"CPU": spec.cpu, "GPU": spec.gpu}
+    misfit = next((n for n in sizes if not _placeable(bundle, n, nodes)), None)
+    if misfit is None:
+        return
+    per = f"{{{spec.cpu:g} CPU, {spec.gpu:g} GPU}}"
+    if misfit > 1:
+        needs = (
+            f"trials with parallel.fsdp {misfit} need {misfit} x {per} (resources per rank; "
+            f"{misfit * spec.cpu:g} CPU and {misfit * spec.gpu:g} GPU in all)"
         )
+    else:
+        needs = f"each trial needs {per}"
+    has = f"{where} has {_describe_nodes(nodes)}"
+    if scales is False:
+        raise ConfigError(
+            f"sweep {spec.name}: {needs}; {has}: they can never be placed (lower resources or parallel.fsdp, "
+            "or run on a larger cluster)"
+        )
+    print(
+        f"warning: {needs}; {has}: such trials wait until the cluster (autoscaler) adds nodes that hold them",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def format_dry_run(plan_: Plan) -> str:
@@ -622,7 +750,7 @@ def format_dry_run(plan_: Plan) -> str:
         lines.append(f"  {state:<20} {t.key}  {t.label()}")
     spec = plan_.spec
     lines.append(
-        f"resources per trial: {spec.cpu:g} CPU, {spec.gpu:g} GPU; max_concurrent {spec.max_concurrent or 'unlimited'}; "
+        f"resources: {_per_trial(spec, plan_.to_run)}; max_concurrent {spec.max_concurrent or 'unlimited'}; "
         f"max_failures {spec.max_failures}; store {plan_.store.uri}"
     )
     return "\n".join(lines)

@@ -10,7 +10,8 @@ A spec is small on purpose (see docs/sweeps.md):
       policy.name: [sdpa, recompute]
     skip_if:                              # optional; a point matching any expression is skipped
       - "policy.q_chunk > workload.seq_len"
-    resources: {cpu: 1, gpu: 0}           # per trial; gpu may be fractional (0.5 = two trials per GPU)
+    resources: {cpu: 1, gpu: 0}           # per trial; gpu may be fractional (0.5 = two trials per GPU);
+                                          # per rank for parallel.fsdp = N (N x these, gpu 0 or 1)
     max_concurrent: null                  # cap on trials running at once; null = as many as resources allow
     max_failures: 3                       # retries of a trial whose node or worker process died
     mode: measure                         # measure (run each trial) or estimate (txlab.measure.estimate: fake
@@ -426,6 +427,18 @@ def _unvalidated_flat(raw: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def _check_rank_resources(spec: SweepSpec, point: dict[str, Any], cfg: TrialConfig) -> None:
+    """A measured `parallel.fsdp` = N trial takes N x the spec's resources, one share per rank, and a rank
+    drives one GPU of its own (NCCL refuses two ranks on one device): resources.gpu is 0 or 1 there."""
+    if spec.mode != "measure" or cfg.parallel.fsdp == 1 or spec.gpu in (0, 1):
+        return
+    label = ", ".join(f"{k}={v}" for k, v in point.items())
+    raise ConfigError(
+        f"{_where(spec.path, 'resources.gpu')}: {spec.gpu:g} per rank, but trial {{{label}}} has parallel.fsdp "
+        f"{cfg.parallel.fsdp} and each rank uses one GPU of its own; allowed: 1 (or 0 on CPU); resources are per rank"
+    )
+
+
 def expand(spec: SweepSpec) -> Expansion:
     """Every grid point -> skipped, or a validated trial. A point that fails validation raises ConfigError
     naming the point and the key, so a bad spec fails before anything runs."""
@@ -448,6 +461,7 @@ def expand(spec: SweepSpec) -> Expansion:
         if cfg is None:
             label = ", ".join(f"{k}={v}" for k, v in point.items())
             raise ConfigError(f"{_where(spec.path, 'trial')} {{{label}}}: {error} (drop such points with skip_if)")
+        _check_rank_resources(spec, point, cfg)
         key = cfg.trial_key
         if key in seen:
             duplicates.append((point, key))

@@ -10,6 +10,11 @@ by `txlab.measure.trial.run_trial`, or by `txlab.measure.estimate.estimate_trial
 over its budget or over the memory free (then it is not run). Estimate-mode sweeps call `row_for` in
 the (reused) actor instead: fake tensors allocate nothing, so a process per estimate buys no isolation,
 only a torch import per trial.
+
+One rank of a sharded trial placed by Ray (`parallel.fsdp` = N > 1, txlab.sweeps.ranks) runs here too: its
+job adds `rank`, `world`, `master` (rank 0's host and port), `local_rank`, `threads` and `ranks_here`
+(ranks of the trial on this machine); ROW.json receives the rank's row (`txlab.measure.sharded.run_rank`),
+or its precheck's when the estimate of one rank is over its budget or its share of the memory free.
 Exit status 0 when the row was written (whatever its status), 1 otherwise (traceback on stderr).
 """
 
@@ -17,7 +22,83 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+# How much of a finished process's stderr the caller keeps (the `error` message of a row quotes its end).
+STDERR_TAIL_CHARS = 1500
+
+
+# --- the caller's side: start this module in a fresh process and wait for it ---------------------
+
+
+@dataclass
+class Finished:
+    """How a worker process ended: its exit status (negative: the signal), its row if it wrote one, and the
+    end of its stderr."""
+
+    returncode: int
+    row: dict[str, Any] | None
+    stderr_tail: str
+
+    def last_line(self) -> str:
+        lines = [ln.strip() for ln in self.stderr_tail.splitlines() if ln.strip()]
+        return lines[-1] if lines else ""
+
+
+def pythonpath() -> str:
+    """The directory holding the `txlab` package this process imported, first on the path, so the worker
+    runs the same code (a `ray job submit --working-dir` upload or an install)."""
+    import txlab
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(txlab.__file__)))
+    rest = os.environ.get("PYTHONPATH")
+    return os.pathsep.join([here] + ([rest] if rest else []))
+
+
+def run_worker(job: dict, python: str | None = None, tag: str = "trial", echo: bool = False) -> Finished:
+    """Run `job` in `python -m txlab.sweeps.worker` (a fresh process that dies with this one) and wait.
+    `tag` names its temporary directory (txlab-TAG-...: visible in its command line); `echo` copies its
+    stderr to this process's stderr as it comes (Ray keeps an actor's stderr in the node's worker logs)."""
+    with tempfile.TemporaryDirectory(prefix=f"txlab-{tag}-") as tmp:
+        config_path, row_path = os.path.join(tmp, "config.json"), os.path.join(tmp, "row.json")
+        with open(config_path, "w") as f:
+            json.dump(job, f)
+        env = dict(os.environ, PYTHONPATH=pythonpath(), TXLAB_PARENT_PID=str(os.getpid()))
+        tail = bytearray()
+        proc = subprocess.Popen(
+            [python or sys.executable, "-m", "txlab.sweeps.worker", config_path, row_path],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+
+        def drain() -> None:
+            for chunk in iter(lambda: proc.stderr.read1(65536), b""):
+                tail.extend(chunk)
+                del tail[: max(0, len(tail) - 4 * STDERR_TAIL_CHARS)]
+                if echo:
+                    sys.stderr.buffer.write(chunk)
+                    sys.stderr.flush()
+
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        returncode = proc.wait()
+        reader.join(10)
+        row = None
+        if returncode == 0 and os.path.exists(row_path):
+            with open(row_path) as f:
+                row = json.load(f)
+    text = bytes(tail)[-STDERR_TAIL_CHARS:].decode(errors="replace").strip()
+    return Finished(returncode, row, text)
+
+
+# --- the worker process ---------------------------------------------------------------------------
 
 
 def _die_with_parent() -> None:
@@ -55,8 +136,46 @@ def row_for(job: dict) -> dict:
 
     if job.get("mode", "measure") == "estimate":
         return estimate_trial(cfg)
+    if "rank" in job:
+        return rank_row(cfg, job)
     row = precheck(cfg) if job.get("precheck", True) else None
     return run_trial(cfg, progress=False) if row is None else row
+
+
+def rank_row(cfg, job: dict) -> dict:
+    """One rank of a sharded trial: its precheck (one rank's estimate, on the fake process group of N),
+    then its share of the measured run."""
+    from txlab.measure.sharded import run_rank
+
+    row = precheck_rank(cfg, job.get("ranks_here", 1)) if job.get("precheck", True) else None
+    if row is not None:
+        return row
+    master = (job["master"][0], int(job["master"][1]))
+    return run_rank(cfg, job["rank"], job["world"], master, job.get("local_rank"), job.get("threads"))
+
+
+def precheck_rank(cfg, ranks_here: int = 1) -> dict | None:
+    """`txlab.measure.estimate.precheck` for one rank: the estimate is one rank's figures (the trial's
+    `parallel.fsdp` ranks on a fake process group) against the budget and against this rank's memory: the
+    memory free on its own GPU, or on CPU its share of the RAM free when `ranks_here` ranks of the trial
+    run on this machine. The estimate's row when over, else None (run it)."""
+    import torch
+
+    from txlab.measure.estimate import estimate_trial, free_bytes, precheck
+
+    device = cfg.measure.device
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda or ranks_here <= 1:
+        return precheck(cfg)  # each rank has its GPU (or this machine) to itself
+    import psutil
+
+    row = estimate_trial(cfg, "cpu", capacity_bytes=free_bytes("cpu") // ranks_here)
+    row["device_capacity_bytes"] = int(psutil.virtual_memory().total)
+    if row["status"] != "over_budget":
+        return None
+    share = f"over its share of the RAM free now (1/{ranks_here}: {ranks_here} ranks on this machine),"
+    row["error"] = row["error"].replace("over the capacity of", share) + " (not run)"
+    return row
 
 
 def main(argv: list[str]) -> int:
