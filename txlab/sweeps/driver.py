@@ -4,12 +4,16 @@ Shape of a run:
   1. `plan()` expands the spec (txlab.sweeps.spec), validates every trial config, opens the store and drops the
      trial keys already stored (status ok/oom/over_budget; `error` too unless --rerun-failed). Nothing
      touches Ray until the whole plan is valid.
-  2. `run_sweep()` connects to Ray (local instance, `--address` or RAY_ADDRESS) and runs a `tune.Tuner`
-     whose param space is `tune.grid_search` over the remaining trials, each trial with the spec's
-     resources (`tune.with_resources`), `reuse_actors` (estimate mode only), `max_concurrent_trials` and
-     `FailureConfig(max_failures)`.
+  2. `run_sweep()` connects to Ray (local instance, `--address` or RAY_ADDRESS), refuses trials that can
+     never be placed on a fixed set of nodes (`_check_fits`; a local instance is checked before it starts)
+     and runs a `tune.Tuner` whose param space is `tune.grid_search` over the remaining trials, each trial
+     with its placement group (`trial_resources` in `tune.with_resources`: the spec's resources, or one
+     bundle of them per rank for `parallel.fsdp` = N), `reuse_actors` (estimate mode only),
+     `max_concurrent_trials` and `FailureConfig(max_failures)`.
   3. Each trial (a Ray actor, placed by Ray on a node with the resources) starts `python -m txlab.sweeps.worker`
-     in a fresh process, waits for its row, adds `sweep` and `node_id`, and reports the row to Tune.
+     in a fresh process, waits for its row, adds `sweep` and `node_id`, and reports the row to Tune. A
+     sharded trial starts one actor per rank in its bundles instead, each running its rank's worker
+     process, and merges their rows (txlab.sweeps.ranks).
      Estimate-mode trials (fake tensors, nothing allocated) run in the actor, and actors are reused. An
      exception inside the trial is already an `error` row (txlab.measure.trial); a trial process that dies (signal,
      kernel OOM killer) becomes an `error` row here. Neither is retried. Only failures Ray sees (a lost
