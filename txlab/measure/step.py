@@ -5,6 +5,7 @@ build the same parts, so what is estimated is what is run.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -61,6 +62,20 @@ def make_step(
         return loss.detach()
 
     return step
+
+
+def compile_step(step, data, device: torch.device) -> float:
+    """With `workload.compile`: one untimed step before any measurement, in which torch.compile (inductor)
+    compiles the model's forward and backward graphs. Returns its wall seconds (device synchronized), from
+    which the trial reports `compile_s`: this step's time less the median timed step's."""
+    from txlab.measure.device import sync
+
+    x, y = data.next()
+    sync(device)
+    t0 = time.perf_counter()
+    step(x, y)
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def trial_batches(

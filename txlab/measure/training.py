@@ -21,7 +21,7 @@ from txlab.measure.formula import formula_activation_bytes, plan_segments
 from txlab.measure.memory import MemoryMonitor, RssWindow
 from txlab.measure.planning import plan_trial
 from txlab.measure.progress import log
-from txlab.measure.step import MEMORY_STEPS, TrialParts, build_trial
+from txlab.measure.step import MEMORY_STEPS, TrialParts, build_trial, compile_step
 from txlab.measure.throughput import flops_per_token, mfu
 from txlab.model.decode import context_length
 from txlab.model.hf import check_pretrained
@@ -95,6 +95,8 @@ def measure_training(
     )
     row["formula_activation_bytes"] = formula_activation_bytes(cfg, plan_segments(plan))
     with RssWindow() as rss:
+        # compiled: the compiling step first, so compilation is timed apart and stays out of the memory window
+        first_s = compile_step(parts.step, parts.data, device) if w.compile else None
         try:
             _memory_steps(parts, device, budget, row, progress, sharded=ranks is not None)
         except BudgetExceeded as e:
@@ -105,6 +107,9 @@ def measure_training(
         row["loss"] = mean_over_ranks(row["loss"], device)
     row["peak_rss_bytes"] = rss.peak if device.type == "cpu" else None
     row["step_time_s"] = statistics.median(times)
+    if first_s is not None:
+        row["compile_s"] = max(0.0, first_s - row["step_time_s"])
+        log(progress, f"  compiled in {row['compile_s']:.1f} s (first step {first_s:.1f} s)")
     row["tokens_per_s"] = w.batch_size * w.seq_len / row["step_time_s"]  # the global batch
     if device.type == "cuda":
         row["mfu"] = mfu(row["flops_per_token"], row["tokens_per_s"], row["device"], w.dtype)

@@ -279,6 +279,10 @@ class _ChunkedAttention(torch.autograd.Function):
         return dq.reshape(B, H, T, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
+# Under torch.compile (workload.compile) the kernel runs as it is, between compiled graphs: its tile loop is
+# already calls of fused kernels, tracing it would unroll (T / chunk)^2 / 2 tiles into the graph, and its
+# fake-tensor tile skipping must never see dynamo's fake tensors.
+@torch.compiler.disable
 def chunked_attention(q, k, v, q_chunk: int = 512, k_chunk: int = 512, body: str = "auto") -> torch.Tensor:
     """Causal attention over q_chunk x k_chunk tiles; `body`: how a tile is computed (TILE_BODIES)."""
     return _ChunkedAttention.apply(q, k, v, q_chunk, k_chunk, body)

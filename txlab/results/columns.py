@@ -25,8 +25,9 @@ SCHEMA_HISTORY: dict[int, str] = {
     2: "txlab 0.2: config columns of real architectures (model.hf, init, head_dim, mlp_hidden, norm_eps, "
     "attn_bias, attn_out_bias, mlp_bias, qk_norm, rope_theta, rope_scaling, rope_factor, rope_low_freq_factor, "
     "rope_high_freq_factor, rope_original_len) and sharded trials (parallel.fsdp, parallel.reshard_after_forward; "
-    "figures gathered_params_bytes, comm_bytes, peak_spread_bytes); no migration: version-1 rows read them as "
-    "null, which for a config key means its declared default (the 0.1 model, one device)",
+    "figures gathered_params_bytes, comm_bytes, peak_spread_bytes), and compiled trials' compile_s; no "
+    "migration: version-1 rows read them as null, which for a config key means its declared default (the 0.1 "
+    "model, one device)",
 }
 
 STATUSES = ("ok", "oom", "over_budget", "error")
@@ -64,6 +65,7 @@ FIGURES: dict[str, pa.DataType] = {
     "peak_rss_bytes": pa.int64(),  # CPU: resident high-water mark above the pre-trial baseline
     "n_params": pa.int64(),
     "step_time_s": pa.float64(),  # median of timed steps
+    "compile_s": pa.float64(),  # workload.compile: the compiling first step's time less step_time_s
     "tokens_per_s": pa.float64(),
     "flops_per_token": pa.float64(),  # analytic, training (6N + 12 L H Q T)
     "mfu": pa.float64(),  # CUDA only: achieved / peak FLOP/s of the device

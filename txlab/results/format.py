@@ -88,6 +88,10 @@ def format_row(row: dict[str, Any]) -> str:
             f"step      {row['step_time_s']:.4f} s (median of {row['workload.steps']})  "
             f"{row['tokens_per_s']:.0f} tokens/s{mfu}  loss {row['loss']:.4f}"
         )
+        if row.get("compile_s") is not None:
+            lines.append(
+                f"compile   {row['compile_s']:.1f} s (the compiling first step, less one step; not in the step time)"
+            )
     lines.append(f"took      {row['duration_s']:.1f} s")
     return "\n".join(lines)
 
