@@ -138,3 +138,18 @@ def test_model_hf_on_the_published_config_gives_the_preset(name, tmp_path):
     via_size = build_config({"model": {"size": name}}).flat()
     differ = {k for k in via_hf if via_hf[k] != via_size[k]}
     assert differ == {"model.hf", "model.size"}
+
+
+def test_the_real_models_frontier_spec_estimates_every_real_preset():
+    """sweeps/frontier_real_models.yaml: estimates only, every real preset, 80 and 141 GiB (70B at 80 only:
+    its state alone is over 1 TiB), bf16 on CUDA, Llama 3.2 1B up to its 128k context."""
+    from txlab.sweeps.spec import expand, load_spec
+
+    spec = load_spec("sweeps/frontier_real_models.yaml")
+    assert spec.mode == "estimate" and spec.gpu == 0
+    trials = [t.config for t in expand(spec).trials]
+    assert len(trials) == 192 and {c.model.size for c in trials} == set(REAL)
+    assert {(c.measure.device, c.workload.dtype, c.workload.kind) for c in trials} == {("cuda", "bf16", "train")}
+    assert {c.measure.budget_gib for c in trials if c.model.size == "llama-3.1-70b"} == {80}
+    assert {c.measure.budget_gib for c in trials} == {80, 141}
+    assert max(c.workload.seq_len for c in trials if c.model.size == "llama-3.2-1b") == 131072
