@@ -189,6 +189,20 @@ def test_bad_checkpoint_configs_are_one_line_errors(tmp_path, content, needle):
         build_config({"model": {"hf": str(tmp_path)}})
 
 
+def test_a_size_preset_and_a_checkpoint_cannot_both_name_the_model(checkpoint):
+    family, hf, directory = checkpoint
+    with pytest.raises(ConfigError, match="model.size: 'debug' and model.hf both give the model's shape"):
+        build_config({"model": {"hf": str(directory), "size": "debug"}, "workload": {"seq_len": 16}})
+    assert build_config({"model": {"hf": str(directory), "size": "hf"}, "workload": {"seq_len": 16}}).model.size == "hf"
+
+
+def test_sliding_window_checkpoints_are_refused(tmp_path):
+    cfg = transformers.MistralConfig(**COMMON, num_key_value_heads=2, sliding_window=4096)
+    cfg.save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="sliding-window attention \\(window 4096\\) is not supported"):
+        build_config({"model": {"hf": str(tmp_path)}, "workload": {"seq_len": 16}})
+
+
 def test_missing_paths_and_offline_hub_ids_are_one_line_errors(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="no such checkpoint directory"):
         build_config({"model": {"hf": str(tmp_path / "nope")}})

@@ -102,6 +102,12 @@ def model_keys(hf: dict[str, Any], where: str = "model.hf") -> dict[str, Any]:
             )  # fmt: skip
         if hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{where}: activation {hf['hidden_act']!r} is not supported; supported: silu")
+        window = hf.get("sliding_window")
+        if window is not None and hf.get("use_sliding_window", True):
+            raise ConfigError(
+                f"{where}: sliding-window attention (window {window}) is not supported; txlab computes full "
+                "causal attention (a checkpoint without a window, e.g. Mistral v0.3, is)"
+            )
         heads = int(hf["num_attention_heads"])
         bias = bool(hf.get("attention_bias", family == "qwen2"))  # Qwen2's q/k/v always have biases
         return dict(

@@ -190,9 +190,12 @@ def _model_preset(model_raw: dict[str, Any]) -> dict[str, Any]:
     hf = model_raw.get("hf")
     if hf is not None:
         hf = _check_type("model.hf", hf, str)
-        preset = model_keys(read_hf_config(hf))
-        preset.setdefault("size", "hf")
-        return preset
+        if model_raw.get("size", "hf") != "hf":  # a size preset and a checkpoint would both name the shape
+            raise ConfigError(
+                f"model.size: {model_raw['size']!r} and model.hf both give the model's shape; with model.hf "
+                "set model.size to 'hf' (or drop it)"
+            )
+        return {**model_keys(read_hf_config(hf)), "size": "hf"}
     size = _check_type("model.size", model_raw.get("size", "debug"), str)
     if size not in MODEL_SIZES:
         raise ConfigError(
