@@ -103,20 +103,40 @@ def test_tile_body_auto_is_fused_on_cpu_and_selectable():
             pass
 
 
-def test_fused_subtiles_cover_the_causal_triangle_once():
-    """Every (query, key <= query) pair of a sequence lies in exactly one subtile, for ragged chunk sizes."""
+def test_fused_pieces_cover_the_causal_triangle_once():
+    """Every (query, key <= query) pair of a sequence lies in exactly one piece, for ragged tiles."""
     import txlab.model.attention as attention
 
-    for T, qc, kc in [(37, 8, 8), (37, 5, 11), (37, 16, 3), (37, 1, 64), (40, 40, 40)]:
+    for T, qc in [(37, 8), (37, 5), (37, 16), (37, 1), (40, 40)]:
         seen = torch.zeros(T, T, dtype=torch.int64)
-        for q0, q1, pieces in attention._fused_tiles(T, qc, min(kc, T), fake=False):
+        for q0, q1, pieces in attention._fused_tiles(T, qc, fake=False):
             for r0, a, b, causal in pieces:
                 assert q0 <= r0 < q1 and a < b and (not causal or a == r0)
                 for i in range(r0, q1):
                     hi = min(b, a + (i - r0) + 1) if causal else b
                     assert hi > a  # no row without a key: every subtile's log-sum-exp is finite
                     seen[i, a:hi] += 1
-        assert torch.equal(seen, torch.ones(T, T, dtype=torch.int64).tril()), (T, qc, kc)
+        assert torch.equal(seen, torch.ones(T, T, dtype=torch.int64).tril()), (T, qc)
+
+
+@pytest.mark.parametrize("Hkv", [4, 1])
+def test_fused_body_takes_the_models_layouts(Hkv):
+    """q, k, v as the model makes them (heads split from one projection: (B, T, H, D) memory seen as
+    (B, H, T, D)) and an output gradient in the same layout: the same numbers as contiguous inputs."""
+    B, H, T, D = 2, 4, 29, 8
+    g = torch.Generator().manual_seed(3)
+    proj = torch.randn(B, T, (H + 2 * Hkv) * D, generator=g, requires_grad=True)
+    q, k, v = (t.unflatten(-1, (-1, D)).transpose(1, 2) for t in proj.split([H * D, Hkv * D, Hkv * D], dim=-1))
+    grad = torch.randn(B, T, H, D, generator=g).transpose(1, 2)
+    out = chunked_attention(q, k, v, 8, 8, body="fused")
+    assert out.transpose(1, 2).is_contiguous()  # the output projection reads it without a copy
+    got = torch.autograd.grad(out, proj, grad)[0]
+    qc, kc, vc = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
+    ref = math_attention(qc, kc, vc)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    ref_grads = torch.autograd.grad(ref, (qc, kc, vc), grad.contiguous())
+    want = torch.cat([r.transpose(1, 2).flatten(-2) for r in ref_grads], dim=-1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_fused_body_bf16_close_to_reference():

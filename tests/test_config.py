@@ -46,8 +46,11 @@ def test_policy_presets_fill_keys(name):
 def test_preset_chunks_clamped_to_sequence_but_explicit_chunks_checked():
     cfg = load_config(None, ["policy.name=recompute", "workload.seq_len=128"])
     assert cfg.policy.q_chunk == cfg.policy.k_chunk == cfg.policy.loss_chunk == 128
+    with pytest.raises(ConfigError, match=r"policy.loss_chunk: 512 is larger than workload.seq_len \(128\)"):
+        load_config(None, ["policy.name=recompute", "workload.seq_len=128", "policy.loss_chunk=512"])
+    chunked = ["policy.name=recompute", "policy.attention=chunked", "workload.seq_len=128"]  # 0.1's recompute
     with pytest.raises(ConfigError, match=r"policy.q_chunk: 512 is larger than workload.seq_len \(128\)"):
-        load_config(None, ["policy.name=recompute", "workload.seq_len=128", "policy.q_chunk=512"])
+        load_config(None, [*chunked, "policy.q_chunk=512"])
 
 
 def test_file_then_overrides(tmp_path):

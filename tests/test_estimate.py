@@ -45,12 +45,14 @@ def cfg_of(over: dict):
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", PRESETS + ["recompute+chunked"])
 def test_estimate_within_5_percent_of_measured_cpu_peak(preset, shape):
-    over = {**SHAPES[shape], "policy.name": preset}
-    if preset == "recompute":  # a few tiles and loss chunks per sequence
+    over = {**SHAPES[shape], "policy.name": preset.split("+")[0]}
+    if preset.startswith("recompute"):  # a few tiles and loss chunks per sequence
         T = over["workload.seq_len"]
         over.update({"policy.q_chunk": T // 2, "policy.k_chunk": T // 2, "policy.loss_chunk": T // 2})
+    if preset.endswith("+chunked"):  # 0.1's recompute: chunked attention (its fused CPU tiles)
+        over["policy.attention"] = "chunked"
     cfg = cfg_of(over)
     measured = run_trial(cfg)
     est = estimate_trial(cfg, "cpu")
@@ -96,6 +98,7 @@ def test_fake_chunked_attention_runs_representative_tiles_with_the_same_figures(
             "workload.seq_len": T,
             "model.n_kv_heads": kv_heads,
             "policy.name": "recompute",
+            "policy.attention": "chunked",  # 0.1's recompute: the preset's own attention is sdpa since 0.2
             "policy.q_chunk": q_chunk,
             "policy.k_chunk": k_chunk,
             "policy.loss_chunk": 64,
@@ -107,8 +110,8 @@ def test_fake_chunked_attention_runs_representative_tiles_with_the_same_figures(
     assert {k: skipped[k] for k in BREAKDOWN} == {k: every[k] for k in BREAKDOWN}
     tiles = lambda fake: sum(len(ks) for _, _, ks in attention._tiles(T, q_chunk, k_chunk, fake))  # noqa: E731
     assert tiles(True) <= 6 < tiles(False)
-    pieces = lambda fake: sum(len(p) for _, _, p in attention._fused_tiles(T, q_chunk, k_chunk, fake))  # noqa: E731
-    assert pieces(True) <= 8 < pieces(False)
+    fused = lambda fake: len(attention._fused_tiles(T, q_chunk, fake))  # noqa: E731
+    assert fused(True) <= 3 < fused(False)
 
 
 def test_estimate_row_has_every_column_and_no_time_figures():

@@ -1,5 +1,5 @@
-"""Stores outlive versions (issue 14): the store written by txlab 0.1 resumes with nothing to run, plots and
-checks; rows of several schema versions read as one table; a damaged row file is set aside, not fatal; and
+"""Stores outlive versions (issue 14): the store written by txlab 0.1 resumes with nothing to run but the
+trials of the one preset whose computation changed since (`recompute`, issue 17), plots and checks; rows of several schema versions read as one table; a damaged row file is set aside, not fatal; and
 the store directory holds rows only, so any Parquet reader opens it after the README's main job.
 
 tests/fixtures/store_v0_1_smoke is the 16-row store that txlab 0.1 (commit f016620) wrote with
@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from txlab.cli import main
 from txlab.config import build_config
@@ -37,6 +38,35 @@ SMOKE = REPO / "sweeps" / "smoke.yaml"
 FIXTURE_STATUSES = {"ok": 14, "over_budget": 2}
 # A short trial of the smoke grid (512 tokens, naive): the one the damage tests break and rerun.
 SHORT_TRIAL = "658ff64458918917"
+# The smoke grid's four `recompute` rows. The preset computes something else since 0.2 (issue 17: fused
+# attention inside the recomputed blocks, where 0.1 ran chunked attention), so these rows match no trial of
+# the spec any more (docs/design.md, "Trial keys": a different computation, a different key) and the spec's
+# recompute trials run anew under new keys; every other 0.1 row still matches its trial.
+RECOMPUTE_0_1 = frozenset({"04e527765434495a", "3675721c7ac4a394", "c9d3dc38bbfed241", "cddf1d6837000b16"})
+
+
+def smoke_spec_without_recompute(tmp_path: Path) -> Path:
+    """The smoke spec less its `recompute` trials: the 12 trials whose 0.1 rows still match."""
+    raw = yaml.safe_load(SMOKE.read_text())
+    raw["grid"]["policy.name"] = [p for p in raw["grid"]["policy.name"] if p != "recompute"]
+    path = tmp_path / "smoke_no_recompute.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def run_new_recompute_trials(spec_path: Path, store: Path) -> set[str]:
+    """Measure the spec's trials not in the store (the recompute ones) in this process and write their rows,
+    as the sweep would, but without Ray (seconds for the debug model)."""
+    from txlab.measure.trial import run_trial
+
+    spec = load_spec(spec_path)
+    p = plan(spec, str(store))
+    for t in p.to_run:
+        row = run_trial(t.config)
+        row["sweep"] = spec.name
+        Store.open(str(store)).write_row(row)
+    return {t.key for t in p.to_run}
+
 
 # The row columns of each schema version (sha256 of "name:type" lines). Changing the row schema without
 # bumping SCHEMA_VERSION (and adding its SCHEMA_HISTORY note and a line here) fails the test below.
@@ -77,14 +107,17 @@ def file_of(store: Path, key: str) -> Path:
 # --- the 0.1 store under the current code ------------------------------------------------------------
 
 
-def test_the_0_1_store_plans_nothing_to_run(old_store, capsys):
+def test_the_0_1_store_plans_only_the_trials_of_the_changed_preset(old_store, capsys, tmp_path):
     p = plan(load_spec(SMOKE), str(old_store))
-    assert len(p.expansion.trials) == 16 and not p.to_run
-    assert p.summary().endswith("16 trials, 16 already in the store, 0 to run")
+    assert len(p.expansion.trials) == 16 and len(p.to_run) == 4
+    assert {t.config.policy.name for t in p.to_run} == {"recompute"}
+    assert not {t.key for t in p.to_run} & RECOMPUTE_0_1  # new keys: 0.1's recompute rows measured chunked attention
+    assert p.summary().endswith("16 trials, 12 already in the store, 4 to run")
     assert main(["sweep", str(SMOKE), "--store", str(old_store), "--dry-run"]) == 0
-    assert "16 already in the store, 0 to run" in capsys.readouterr().out
-    assert main(["sweep", str(SMOKE), "--store", str(old_store)]) == 0  # no Ray: nothing to run
-    assert "nothing to run: every trial is in" in capsys.readouterr().out
+    assert "12 already in the store, 4 to run" in capsys.readouterr().out
+    unchanged = smoke_spec_without_recompute(tmp_path)
+    assert main(["sweep", str(unchanged), "--store", str(old_store)]) == 0  # no Ray: nothing to run
+    assert "12 already in the store, 0 to run" in capsys.readouterr().out
 
 
 def test_the_0_1_store_checks_sound(old_store):
@@ -104,10 +137,10 @@ def test_the_0_1_store_plots_and_reports(old_store, tmp_path, capsys):
     capsys.readouterr()
 
 
-def test_a_config_key_added_later_keeps_the_0_1_store_resumable(old_store, monkeypatch):
+def test_a_config_key_added_later_keeps_the_0_1_store_resumable(old_store, monkeypatch, tmp_path):
     """A future release adds `policy.fused_norm` (since 0.2, default off = today's computation): the 0.1
-    store still plans 0 to run, its rows read the new column as the key's default (what they ran with), and
-    a grid that sets the key runs every trial anew."""
+    store still plans 0 to run (the trials whose preset kept its meaning), its rows read the new column as
+    the key's default (what they ran with), and a grid that sets the key runs every trial anew."""
     from txlab.config import loading, schema
     from txlab.config.identity import SINCE
 
@@ -120,14 +153,14 @@ def test_a_config_key_added_later_keeps_the_0_1_store_resumable(old_store, monke
     monkeypatch.setattr(schema.TrialConfig.__dataclass_fields__["policy"], "default_factory", FuturePolicy)
     assert "policy.fused_norm" in row_schema().names
 
-    spec = load_spec(SMOKE)
+    spec = load_spec(smoke_spec_without_recompute(tmp_path))
     assert not plan(spec, str(old_store)).to_run
     column = Store.open(str(old_store)).read().column("policy.fused_norm")
     assert column.null_count == 0 and not any(column.to_pylist())
 
     spec.grid["policy.fused_norm"] = [False, True]
     p = plan(spec, str(old_store))
-    assert len(p.expansion.trials) == 32 and len(p.to_run) == 16
+    assert len(p.expansion.trials) == 24 and len(p.to_run) == 12
     assert {t.config.policy.fused_norm for t in p.to_run} == {True}
 
 
@@ -213,7 +246,8 @@ def test_a_truncated_file_is_skipped_reported_and_its_trial_reruns(old_store, ca
     assert f"{bad.name}: unreadable" in check.summary()
 
     p = plan(load_spec(SMOKE), str(old_store))
-    assert [t.key for t in p.to_run] == [SHORT_TRIAL] and p.summary().endswith("15 already in the store, 1 to run")
+    reruns = {t.key for t in p.to_run if t.config.policy.name != "recompute"}  # (the 4 recompute trials run anew)
+    assert reruns == {SHORT_TRIAL} and p.summary().endswith("11 already in the store, 5 to run")
 
     # a writer (a sweep) moves them aside: every Parquet reader opens the store again
     with p.store.writer_lock():
@@ -225,7 +259,9 @@ def test_a_truncated_file_is_skipped_reported_and_its_trial_reruns(old_store, ca
     assert len(pd.read_parquet(old_store)) == 15 and pads.dataset(str(old_store)).count_rows() == 15
     after = check_store(str(old_store))
     assert after.ok and after.quarantined == 2 and "2 unreadable file(s) set aside in _quarantine/" in after.summary()
-    assert [t.key for t in plan(load_spec(SMOKE), str(old_store)).to_run] == [SHORT_TRIAL]
+    assert {t.key for t in plan(load_spec(SMOKE), str(old_store)).to_run if t.config.policy.name != "recompute"} == {
+        SHORT_TRIAL
+    }
 
 
 def test_damage_found_while_writing_is_moved_at_once(old_store, capsys):
@@ -302,8 +338,9 @@ def readme_main_job() -> list[list[str]]:
 
 def test_readme_main_job_leaves_a_store_every_reader_opens(tmp_path, monkeypatch, capsys):
     """Run the README's main-job commands exactly as written (in a scratch directory whose results/smoke
-    already holds the smoke sweep's 16 rows, from the 0.1 fixture, so the sweep resumes with nothing to run
-    instead of spending minutes on Ray); then pandas and pyarrow read one row per trial from the store."""
+    already holds a row of each of the smoke sweep's 16 trials: the 0.1 fixture's and the 4 recompute trials
+    measured here, so the sweep resumes with nothing to run instead of spending minutes on Ray); then pandas
+    and pyarrow read one row per trial from the store (the 0.1 recompute rows beside them)."""
     commands = readme_main_job()
     assert [c[:2] for c in commands] == [["txlab", "sweep"], ["txlab", "plot"], ["txlab", "report"]], commands
     stores = {c[c.index("--store") + 1] for c in commands}
@@ -312,6 +349,8 @@ def test_readme_main_job_leaves_a_store_every_reader_opens(tmp_path, monkeypatch
     shutil.copytree(REPO / "sweeps", tmp_path / "sweeps")
     shutil.copytree(FIXTURE, tmp_path / store)
     monkeypatch.chdir(tmp_path)
+    spec_path = Path([c for c in commands if c[1] == "sweep"][0][2])
+    assert len(run_new_recompute_trials(spec_path, tmp_path / store)) == 4
     for argv in commands:
         assert main(argv[1:]) == 0, argv
     out = capsys.readouterr().out
@@ -320,9 +359,9 @@ def test_readme_main_job_leaves_a_store_every_reader_opens(tmp_path, monkeypatch
     import pandas as pd
 
     df = pd.read_parquet(store)
-    assert len(df) == 16 and df["trial_key"].is_unique
-    assert pads.dataset(store, format="parquet").count_rows() == 16
-    assert pq.read_table(store).num_rows == 16
+    assert len(df) == 20 and df["trial_key"].is_unique
+    assert pads.dataset(store, format="parquet").count_rows() == 20
+    assert pq.read_table(store).num_rows == 20
     written = [p for p in (tmp_path / store).rglob("*") if p.is_file() and not p.name.startswith("_")]
     assert all(p.suffix == ".parquet" and p.parent == tmp_path / store for p in written), written
     # the sweep's closing hint gives the README's own plot and report commands
@@ -371,15 +410,16 @@ def test_sweep_resumes_a_damaged_0_1_store_rerunning_that_trial_only(old_store):
     finally:
         _kill_session(proc.pid)
     assert proc.returncode == 0, out
-    assert "15 already in the store, 1 to run" in out and "[smoke] 1/1 done" in out
+    # the damaged trial and the 4 recompute trials of the changed preset (RECOMPUTE_0_1) run
+    assert "11 already in the store, 5 to run" in out and "[smoke] 5/5 done" in out
     assert out.count("warning:") == 1 and "is unreadable" in out
-    assert "1 unreadable file(s) set aside in _quarantine/" in out and "store check: 16 rows" in out
+    assert "1 unreadable file(s) set aside in _quarantine/" in out and "store check: 20 rows" in out
     assert {p.name: p.read_bytes() for p in old_store.glob("*.parquet") if p.name in others} == others
     statuses = Store.open(str(old_store)).statuses()
-    assert len(statuses) == 16 and statuses[SHORT_TRIAL] == "ok"
+    assert len(statuses) == 20 and statuses[SHORT_TRIAL] == "ok"
     import pandas as pd
 
-    assert len(pd.read_parquet(old_store)) == 16
+    assert len(pd.read_parquet(old_store)) == 20
 
 
 def _kill_session(leader_pid: int) -> None:

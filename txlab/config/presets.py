@@ -86,7 +86,10 @@ POLICY_PRESETS: dict[str, dict[str, Any]] = {
     "sdpa": dict(attention="sdpa", remat="none", loss="full"),
     "checkpoint": dict(attention="sdpa", remat="block", loss="full"),
     "selective": dict(attention="sdpa", remat="selective", loss="full"),
-    "recompute": dict(attention="chunked", remat="block", loss="chunked"),
+    # the least memory at the least time (issue 17): torch's fused attention is already linear in T where
+    # it applies (CPU; CUDA flash / memory-efficient), so the blocks recompute with it; until 0.2 this was
+    # `chunked` attention, which `policy.attention: chunked` still selects (devices without such a kernel)
+    "recompute": dict(attention="sdpa", remat="block", loss="chunked"),
     "planned": dict(attention="sdpa", remat="planned", loss="full"),
     # no preset values: every policy key comes from the file/overrides or the defaults
     "custom": dict(),

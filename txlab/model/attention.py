@@ -86,14 +86,18 @@ def _is_fake(t: torch.Tensor) -> bool:
 
 
 # --- the tile body -----------------------------------------------------------------------------------
-# Two bodies compute the same tiles. `fused`: each tile is one call of torch's fused CPU attention kernel
-# (aten._scaled_dot_product_flash_attention_for_cpu and its backward), which returns the tile's output and
-# row log-sum-exp; tiles are merged by their log-sum-exp (the online softmax at tile granularity), and the
-# backward hands each tile the final output and log-sum-exp, so each call yields exactly that tile's share
-# of dq, dk, dv. `ops`: the tile body written in PyTorch ops (scores, running max and sum), the readable
-# form of the algorithm, for devices without that kernel. `auto` (the default): `fused` for CPU tensors
-# (fake ones included), `ops` elsewhere. The estimator, which models CUDA on fake CPU tensors, selects
-# `ops` for its CUDA figures (`chunked_tile_body`), since that is the body a CUDA run executes.
+# Two bodies compute the same function. `fused` (CPU): torch's fused CPU attention kernel per query tile
+# (aten._scaled_dot_product_flash_attention_for_cpu and its backward, which take and give the row
+# log-sum-exp): a q tile's rows against the keys before the tile (no mask) and against the tile's own keys
+# (causal, top-left aligned), the two merged by their log-sum-exp; backward hands both calls the final
+# output and log-sum-exp, so each yields exactly its share of dq, dk, dv. The kernel walks the keys in
+# blocks of its own, so no call holds more than a q tile's rows of output at once: memory stays
+# O(T * D + q_chunk * D), and k_chunk does not apply. `ops`: q_chunk x k_chunk tiles in PyTorch ops
+# (scores, running max and sum), the readable form of the algorithm, for devices without that kernel.
+# `auto` (the default): `fused` for CPU tensors (fake ones included), `ops` elsewhere. The estimator, which
+# models CUDA on fake CPU tensors, selects `ops` for its CUDA figures (`chunked_tile_body`), since that is
+# the body a CUDA run executes. The body is resolved when the kernel is called, so a recomputed block must
+# be recomputed in the same setting (the estimator holds it over the whole step).
 TILE_BODIES = ("auto", "fused", "ops")
 _TILE_BODY: contextvars.ContextVar[str] = contextvars.ContextVar("txlab_chunked_tile_body", default="auto")
 
@@ -123,86 +127,77 @@ def _resolve_body(body: str, q: torch.Tensor) -> str:
     return body
 
 
-def _subtiles(q0: int, q1: int, k0: int, k1: int) -> list[tuple[int, int, int, bool]]:
-    """A tile as pieces the fused kernel computes without a mask: (r0, a, b, causal), query rows r0..q1
-    against keys a..b, `causal` meaning query r0 + i sees keys a .. a + i (torch's top-left causal
-    alignment, exact because a == r0). Rows above the tile's first key see none of it and are left out."""
-    if k1 - 1 <= q0:  # every key at or before every query: no mask
-        return [(q0, k0, k1, False)]
-    if k0 >= q0:  # starts on or past the tile's first query: rows from k0 on, top-left causal
-        return [(k0, k0, k1, True)]
-    return [(q0, k0, q0, False), (q0, q0, k1, True)]  # straddles: the part below the diagonal, then causal
-
-
-def _fused_tiles(T: int, q_chunk: int, k_chunk: int, fake: bool) -> Iterator[tuple[int, int, list[tuple]]]:
-    """(q0, q1, [subtile, ...]) per q tile for the fused body. On fake tensors only the first subtile of each
-    kind (q tile rows, subtile rows, keys, causal): a subtile's allocations depend only on that."""
-    seen: set[tuple[int, int, int, bool]] = set()
+def _fused_tiles(T: int, q_chunk: int, fake: bool) -> list[tuple[int, int, list[tuple[int, int, int, bool]]]]:
+    """(q0, q1, pieces) per q tile, each piece (r0, a, b, causal): query rows r0..q1 against keys a..b,
+    `causal` meaning query r0 + i sees keys a .. a + i (exact top-left alignment: a == r0). On fake tensors,
+    of each kind of tile (rows, whether keys precede it) only the last: a tile's allocations are its rows'
+    outputs and, in backward, the gradients of the keys before it, so the last of a kind allocates most."""
+    tiles = []
     for q0 in range(0, T, q_chunk):
         q1 = min(q0 + q_chunk, T)
-        pieces = []
-        for k0 in range(0, q1, k_chunk):
-            for r0, a, b, causal in _subtiles(q0, q1, k0, min(k0 + k_chunk, q1)):
-                kind = (q1 - q0, q1 - r0, b - a, causal)
-                if fake and kind in seen:
-                    continue
-                seen.add(kind)
-                pieces.append((r0, a, b, causal))
-        if pieces:
-            yield q0, q1, pieces
+        tiles.append((q0, q1, ([(q0, 0, q0, False)] if q0 else []) + [(q0, q0, q1, True)]))
+    if not fake:
+        return tiles
+    last = {(q1 - q0, q0 > 0): (q0, q1, p) for q0, q1, p in tiles}
+    return sorted(last.values())
 
 
-def _fused_forward(q, k, v, q_chunk: int, k_chunk: int, scale: float):
-    """Output (B, H, T, D) and row log-sum-exp (B, H, T) fp32, tile by tile through the fused kernel."""
+def _bthd(B: int, H: int, T: int, D: int, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An empty (B, H, T, D) tensor laid out as (B, T, H, D), the fused kernel's own output layout (and the
+    one the model's output projection reads without a copy)."""
+    return torch.empty(B, T, H, D, dtype=dtype, device=like.device).transpose(1, 2)
+
+
+def _fused_forward(q, k, v, q_chunk: int, scale: float):
+    """Output (B, H, T, D) and row log-sum-exp (B, H, T) fp32, a q tile at a time through the fused kernel."""
     B, H, T, D = q.shape
-    out = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-    for q0, q1, pieces in _fused_tiles(T, q_chunk, k_chunk, _is_fake(q)):
-        # running output and log-sum-exp of the q tile's rows (the output buffer itself in fp32)
-        in_place = q.dtype == torch.float32
-        acc = out[:, :, q0:q1] if in_place else out.new_empty(B, H, q1 - q0, D, dtype=torch.float32)
-        acc.zero_()
-        run = lse[:, :, q0:q1]
-        run.fill_(float("-inf"))
-        for r0, a, b, causal in pieces:
-            o, m = _CPU_FLASH(q[:, :, r0:q1], k[:, :, a:b], v[:, :, a:b], 0.0, causal, scale=scale)
-            acc_r, run_r = acc[:, :, r0 - q0 :], run[:, :, r0 - q0 :]
-            new = torch.logaddexp(run_r, m)
-            acc_r.mul_(torch.exp(run_r - new).unsqueeze(-1)).add_(o.float() * torch.exp(m - new).unsqueeze(-1))
-            run_r.copy_(new)
-            del o, m, new
-        if not in_place:
-            out[:, :, q0:q1] = acc
-        del acc
+    out = _bthd(B, H, T, D, q, q.dtype)
+    lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device).transpose(1, 2)
+    for q0, q1, _ in _fused_tiles(T, q_chunk, _is_fake(q)):
+        qi = q[:, :, q0:q1]
+        o, m = _CPU_FLASH(qi, k[:, :, q0:q1], v[:, :, q0:q1], 0.0, True, scale=scale)  # the tile's own keys
+        if q0 == 0:
+            out[:, :, q0:q1], lse[:, :, q0:q1] = o, m
+            continue
+        o_b, m_b = _CPU_FLASH(qi, k[:, :, :q0], v[:, :, :q0], 0.0, False, scale=scale)  # the keys before it
+        new = torch.logaddexp(m_b, m)
+        w_b, w = (m_b - new).exp_().unsqueeze(-1), (m - new).exp_().unsqueeze(-1)
+        if q.dtype == torch.float32:
+            dst = out[:, :, q0:q1]
+            torch.mul(o_b, w_b, out=dst)
+            dst.addcmul_(o, w)
+        else:
+            out[:, :, q0:q1] = o_b.float() * w_b + o.float() * w
+        lse[:, :, q0:q1] = new
+        del o, m, o_b, m_b, new, w_b, w
     return out, lse
 
 
-def _fused_backward(grad_out, q, k, v, out, lse, q_chunk: int, k_chunk: int, scale: float):
-    """dq, dk, dv: each tile's share from the fused backward given the final output and log-sum-exp."""
+def _fused_backward(grad_out, q, k, v, out, lse, q_chunk: int, scale: float):
+    """dq, dk, dv: the share of each call of the forward, from the fused backward given the final output
+    and log-sum-exp."""
     B, H, T, D = q.shape
-    grad_out = grad_out.contiguous()
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    dq = _bthd(B, H, T, D, q, q.dtype)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
-    for _, q1, pieces in _fused_tiles(T, q_chunk, k_chunk, _is_fake(q)):
-        for r0, a, b, causal in pieces:
-            rows = slice(r0, q1)
-            gq, gk, gv = _CPU_FLASH_BWD(
-                grad_out[:, :, rows],
-                q[:, :, rows],
-                k[:, :, a:b],
-                v[:, :, a:b],
-                out[:, :, rows],
-                lse[:, :, rows],
-                0.0,
-                causal,
-                scale=scale,
-            )
-            dq[:, :, rows] += gq
-            dk[:, :, a:b] += gk
-            dv[:, :, a:b] += gv
-            del gq, gk, gv
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    for q0, q1, _ in _fused_tiles(T, q_chunk, _is_fake(q)):
+        rows = slice(q0, q1)
+        args = (grad_out[:, :, rows], q[:, :, rows])
+        saved = (out[:, :, rows], lse[:, :, rows], 0.0)
+        gq, gk, gv = _CPU_FLASH_BWD(*args, k[:, :, rows], v[:, :, rows], *saved, True, scale=scale)
+        dk[:, :, rows] += gk
+        dv[:, :, rows] += gv
+        if q0 == 0:
+            dq[:, :, rows] = gq
+            continue
+        gq_b, gk_b, gv_b = _CPU_FLASH_BWD(*args, k[:, :, :q0], v[:, :, :q0], *saved, False, scale=scale)
+        torch.add(gq_b, gq, out=dq[:, :, rows])
+        dk[:, :, :q0] += gk_b
+        dv[:, :, :q0] += gv_b
+        del gq, gk, gv, gq_b, gk_b, gv_b
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _ChunkedAttention(torch.autograd.Function):
@@ -220,7 +215,7 @@ class _ChunkedAttention(torch.autograd.Function):
         B, H, T, D = q.shape
         scale = 1.0 / math.sqrt(D)
         if body == "fused":
-            out, lse = _fused_forward(q, k, v, q_chunk, k_chunk, scale)
+            out, lse = _fused_forward(q, k, v, q_chunk, scale)
             ctx.save_for_backward(q, k, v, out, lse)
             return out
         Hkv = k.shape[1]
@@ -257,7 +252,7 @@ class _ChunkedAttention(torch.autograd.Function):
         G = H // Hkv
         scale = 1.0 / math.sqrt(D)
         if ctx.body == "fused":
-            return (*_fused_backward(grad_out, q, k, v, out, lse, q_chunk, k_chunk, scale), None, None, None)
+            return (*_fused_backward(grad_out, q, k, v, out, lse, q_chunk, scale), None, None, None)
         qg = q.reshape(B, Hkv, G, T, D)
         dout = grad_out.reshape(B, Hkv, G, T, D)
         delta = (dout.float() * out.float()).sum(dim=-1)  # (B, Hkv, G, T): rowsum(dO * O)
