@@ -27,16 +27,23 @@ import _common as C  # noqa: E402
 HEADS, HEAD_DIM = 12, 64
 
 
-def kernels(chunks) -> dict[str, tuple[str, int]]:
-    """name -> (policy.attention, chunk)."""
+def kernels(chunks, ops: bool = True) -> dict[str, tuple[str, int]]:
+    """name -> (kernel, chunk); `chunked C (ops)`: the same tiles computed by the PyTorch-ops body (txlab
+    0.2's CPU kernel, the body other devices run), beside today's CPU body, the fused kernel per q tile."""
     out = {"math": ("math", 0), "sdpa": ("sdpa", 0)}
     out.update({f"chunked {c}": ("chunked", c) for c in chunks})
+    if ops:
+        out.update({f"chunked {c} (ops)": ("chunked-ops", c) for c in chunks})
     return out
 
 
 def _fn(kind: str, chunk: int):
-    from txlab.model.attention import get_attention
+    import functools
 
+    from txlab.model.attention import chunked_attention, get_attention
+
+    if kind == "chunked-ops":
+        return functools.partial(chunked_attention, q_chunk=chunk, k_chunk=chunk, body="ops")
     return get_attention(kind, chunk or 512, chunk or 512)
 
 
@@ -44,8 +51,9 @@ def _inputs(T: int, heads: int, head_dim: int):
     import torch
 
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, heads, T, head_dim, generator=g).requires_grad_() for _ in range(3))
-    dout = torch.randn(1, heads, T, head_dim, generator=g)
+    # laid out as the model passes them: heads split from a (B, T, H * D) projection, seen as (B, H, T, D)
+    q, k, v = (torch.randn(1, T, heads, head_dim, generator=g).transpose(1, 2).requires_grad_() for _ in range(3))
+    dout = torch.randn(1, T, heads, head_dim, generator=g).transpose(1, 2)
     return q, k, v, dout
 
 
@@ -84,10 +92,12 @@ def run(
     heads: int = HEADS,
     head_dim: int = HEAD_DIM,
     log: bool = True,
+    ops: bool = True,
+    ops_max_len: int | None = None,
 ):
     import pandas as pd
 
-    ks = kernels(chunks)
+    ks = kernels(chunks, ops)
     rows = {}
     for T in sorted(set(memory_lengths) | set(time_lengths)):
         for name, (kind, chunk) in ks.items():
@@ -116,6 +126,9 @@ def run(
                 continue
             if r["status"] != "ok" or r["peak_GiB"] > ram_cap_gib:
                 r["time_note"] = "not timed: over the budget or the RAM cap"
+                continue
+            if kind == "chunked-ops" and ops_max_len is not None and T > ops_max_len:
+                r["time_note"] = f"not timed: the ops body above --ops-max-len {ops_max_len}"
                 continue
             fn = _fn(kind, chunk)
             fns[name] = lambda fn=fn, inputs=inputs: fwd_bwd(fn, *inputs)
@@ -212,6 +225,8 @@ def main(argv=None) -> int:
     ap.add_argument("--time-lengths", type=int, nargs="*", default=[1024, 2048, 4096])
     ap.add_argument("--chunks", type=int, nargs="*", default=[256, 1024], help="chunked kernel's q_chunk = k_chunk")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-ops", action="store_true", help="leave out the chunked kernel's PyTorch-ops body")
+    ap.add_argument("--ops-max-len", type=int, default=None, help="time the ops body only up to this length")
     ap.add_argument("--budget-gib", type=float, default=8.0, help="tracked-memory budget per point (fake run)")
     ap.add_argument("--ram-cap-gib", type=float, default=4.0, help="time only points whose peak is under this")
     ap.add_argument("--out", default="results/benchmarks/attention_alone")
@@ -226,7 +241,16 @@ def main(argv=None) -> int:
         df.loc[df["status"] != "ok", "peak_vs_sdpa"] = None
     else:
         print(C.machine_line())
-        df = run(args.memory_lengths, args.time_lengths, args.chunks, args.reps, args.budget_gib, args.ram_cap_gib)
+        df = run(
+            args.memory_lengths,
+            args.time_lengths,
+            args.chunks,
+            args.reps,
+            args.budget_gib,
+            args.ram_cap_gib,
+            ops=not args.no_ops,
+            ops_max_len=args.ops_max_len,
+        )
     cols = [
         "seq_len",
         "kernel",
