@@ -1,6 +1,11 @@
-"""What the comparison benchmarks share: the contenders (txlab presets and Hugging Face GPT-2) behind one
-interface, peak memory through txlab's MemoryMonitor (real or fake tensors), interleaved timing with
-medians and spread, Parquet output and plot hygiene.
+"""What the comparison benchmarks share: the contenders (txlab presets and Hugging Face GPT-2 or Llama)
+behind one interface, peak memory through txlab's MemoryMonitor (real or fake tensors), interleaved timing
+with medians and spread, Parquet output and plot hygiene.
+
+Llama (`family="llama"`): the Hugging Face side is built from a config.json written locally
+(`write_hf_checkpoint`; random weights, no download), and txlab's from the same file (`model.hf: DIR`
+in the overrides), so both run exactly one architecture; with `model.init: pretrained` txlab loads the
+HF contender's own weights (saved beside the config).
 
 Not a library: imported by the scripts in this folder (which put the repository on sys.path).
 """
@@ -107,27 +112,80 @@ class Contender:
     model: torch.nn.Module
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     note: str  # what the variant resolved to (HF's attention implementation, txlab's policy)
+    # run (untimed) before each of its steps: HF's checkpointing switched on or off where contenders share
+    # one HF model (`build_shared`)
+    prepare: Callable[[], None] | None = None
 
 
 def build(
-    variant: str, seq_len: int, size: str = "gpt2-small", seed: int = 0, overrides: dict | None = None
+    variant: str,
+    seq_len: int,
+    size: str = "gpt2-small",
+    seed: int = 0,
+    overrides: dict | None = None,
+    share: dict | None = None,
 ) -> Contender:
-    """gpt2-`size` shapes, dropout off, position table of `seq_len` rows, random weights, train mode."""
+    """gpt2-`size` shapes, dropout off, position table of `seq_len` rows, random weights, train mode; or,
+    with `model.hf: DIR` in the overrides, the architecture of DIR's config.json (both sides).
+    `share` (txlab presets): an empty dict is filled with this model's parameters, a filled one gives
+    this model those parameters (the same tensors; see `build_shared`)."""
     torch.manual_seed(seed)
     if variant.startswith("hf"):
         return _build_hf(variant, seq_len, size, overrides or {})
-    return _build_txlab(variant, seq_len, size, overrides or {})
+    return _build_txlab(variant, seq_len, size, overrides or {}, share)
 
 
-def _build_txlab(preset: str, seq_len: int, size: str, overrides: dict) -> Contender:
+def build_shared(variants, seq_len: int, size: str = "gpt2-small", overrides: dict | None = None):
+    """The contenders of one timed length, holding weights once per side: HF default and HF + grad ckpt
+    are one HF model (`prepare` switches the checkpointing before each step), the txlab presets one set of
+    parameters (each preset its own modules and policy over the same tensors). So one optimizer per side
+    serves its contenders (`optimizer_groups`), and the RAM for N contenders is two models, not N."""
+    out, hf_model, params = {}, None, {}
+    for v in variants:
+        if v in ("hf", "hf-gc") and hf_model is not None:
+            c = _hf_contender(v, hf_model)
+        else:
+            c = build(v, seq_len, size, overrides=overrides, share=None if v.startswith("hf") else params)
+            if v in ("hf", "hf-gc"):
+                hf_model = c.model
+        if v in ("hf", "hf-gc"):
+            c.prepare = lambda m=c.model, on=v == "hf-gc": set_hf_checkpointing(m, on)
+        out[v] = c
+    return out
+
+
+def optimizer_groups(contenders: dict[str, Contender], make) -> dict[str, torch.optim.Optimizer]:
+    """variant -> its optimizer, `make(model)` called once per set of shared parameters."""
+    made: dict[int, torch.optim.Optimizer] = {}
+    out = {}
+    for v, c in contenders.items():
+        key = id(next(c.model.parameters()))
+        if key not in made:
+            made[key] = make(c.model)
+        out[v] = made[key]
+    return out
+
+
+def _share_parameters(model: torch.nn.Module, share: dict) -> None:
+    """Fill `share` with the model's parameters (by name, tied names included), or give the model those."""
+    if not share:
+        share.update(model.named_parameters(remove_duplicate=False))
+        return
+    for name, p in share.items():
+        parent, leaf = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), leaf, p)
+
+
+def _build_txlab(preset: str, seq_len: int, size: str, overrides: dict, share: dict | None = None) -> Contender:
     from txlab.config import load_config
-    from txlab.model.gpt import GPT
+    from txlab.model.hf import init_model
     from txlab.policy.apply import apply_policy
 
     cfg = load_config(
         None,
         {
-            "model.size": size,
+            # a checkpoint's config.json (model.hf) is the model section, as a size preset would be
+            **({} if "model.hf" in overrides else {"model.size": size}),
             "model.dropout": 0.0,
             "workload.seq_len": seq_len,
             "policy.name": preset,
@@ -138,7 +196,9 @@ def _build_txlab(preset: str, seq_len: int, size: str, overrides: dict) -> Conte
             **overrides,
         },
     )
-    model = GPT(cfg.model, seq_len)
+    model = init_model(cfg.model, seq_len)  # random, or model.hf's weights (model.init: pretrained)
+    if share is not None:
+        _share_parameters(model, share)  # before the policy wraps the blocks (the names are the model's)
     loss_fn = apply_policy(model, cfg.policy)
     model.train()
     p = cfg.policy
@@ -148,7 +208,53 @@ def _build_txlab(preset: str, seq_len: int, size: str, overrides: dict) -> Conte
         + f", remat {p.remat}, loss {p.loss}"
         + (f" {p.loss_chunk}" if p.loss == "chunked" else "")
     )
+    if cfg.model.init == "pretrained":
+        note += ", weights loaded from the HF checkpoint (model.init pretrained)"
     return Contender(preset, model, lambda x, y: loss_fn(model(x), model.lm_head.weight, y), note)
+
+
+# Llama 3.2 1B's shape (meta-llama/Llama-3.2-1B's config.json), layers cut by `model.n_layers`; debug: the
+# same kinds (GQA, head_dim, tied embeddings, Llama 3.1 RoPE scaling) in miniature
+LLAMA_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192, "rope_theta": 500000.0}  # fmt: skip
+LLAMA_SHAPES = {
+    "llama-3.2-1b": dict(num_hidden_layers=16, hidden_size=2048, num_attention_heads=32, num_key_value_heads=8,
+                         head_dim=64, intermediate_size=8192, vocab_size=128256, max_position_embeddings=131072,
+                         bos_token_id=128000, eos_token_id=128001),
+    "debug": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  intermediate_size=128, vocab_size=256, max_position_embeddings=131072, bos_token_id=1,
+                  eos_token_id=2),
+}  # fmt: skip
+
+
+def llama_config(size: str, overrides: dict):
+    from transformers import LlamaConfig
+
+    shape = dict(LLAMA_SHAPES[size])
+    if "model.n_layers" in overrides:
+        shape["num_hidden_layers"] = overrides["model.n_layers"]
+    return LlamaConfig(**shape, rms_norm_eps=1e-5, tie_word_embeddings=True, rope_scaling=dict(LLAMA_ROPE),
+                       hidden_act="silu", attention_dropout=0.0, use_cache=False)  # fmt: skip
+
+
+def write_hf_checkpoint(directory: Path, size: str, overrides: dict, family: str = "llama") -> Path:
+    """config.json of a `family` model of `size` in `directory` (weights: save the HF contender's model
+    there, `c.model.save_pretrained(directory)`); returns the directory, for `model.hf`."""
+    if family != "llama":
+        raise ValueError(f"no checkpoint writer for family {family!r}; known: llama")
+    directory.mkdir(parents=True, exist_ok=True)
+    llama_config(size, overrides).save_pretrained(directory)
+    return directory
+
+
+def set_hf_checkpointing(model, on: bool) -> None:
+    """HF's gradient checkpointing on or off (5.x: the old names are deprecated aliases, same effect)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        if on:
+            model.gradient_checkpointing_enable()
+        else:
+            model.gradient_checkpointing_disable()
 
 
 def hf_config(seq_len: int, size: str, overrides: dict):
@@ -178,24 +284,35 @@ def hf_config(seq_len: int, size: str, overrides: dict):
 
 
 def _build_hf(variant: str, seq_len: int, size: str, overrides: dict) -> Contender:
-    import transformers
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoConfig, AutoModelForCausalLM, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    cfg = hf_config(seq_len, size, overrides)
-    if variant == "hf-eager":
-        cfg._attn_implementation = "eager"
-    model = GPT2LMHeadModel(cfg)
+    if variant not in HF_VARIANTS:
+        raise ValueError(f"unknown HF variant {variant!r}; known: {', '.join(HF_VARIANTS)}")
+    if "model.hf" in overrides:  # the checkpoint's config.json (txlab reads the same file)
+        cfg = AutoConfig.from_pretrained(overrides["model.hf"])
+        cfg.use_cache = False
+        cfg._attn_implementation = "eager" if variant == "hf-eager" else "sdpa"
+        model = AutoModelForCausalLM.from_config(cfg)
+    else:
+        cfg = hf_config(seq_len, size, overrides)
+        if variant == "hf-eager":
+            cfg._attn_implementation = "eager"
+        model = GPT2LMHeadModel(cfg)
     model.train()  # gradient checkpointing is active only in training mode; dropout is 0 anyway
     if variant == "hf-gc":
-        with warnings.catch_warnings():  # 5.x: deprecated in favour of activation_checkpointing_enable, same effect
-            warnings.simplefilter("ignore", FutureWarning)
-            model.gradient_checkpointing_enable()
-    elif variant not in ("hf", "hf-eager"):
-        raise ValueError(f"unknown HF variant {variant!r}; known: {', '.join(HF_VARIANTS)}")
-    note = f"transformers {transformers.__version__}, attn_implementation {model.config._attn_implementation}" + (
-        ", gradient_checkpointing_enable()" if variant == "hf-gc" else ""
+        set_hf_checkpointing(model, True)
+    return _hf_contender(variant, model)
+
+
+def _hf_contender(variant: str, model) -> Contender:
+    import transformers
+
+    note = (
+        f"transformers {transformers.__version__}, {type(model).__name__}, "
+        f"attn_implementation {model.config._attn_implementation}"
+        + (", gradient_checkpointing_enable()" if variant == "hf-gc" else "")
     )
 
     # What a user writes: labels = input ids, HF shifts them inside (so T-1 predicted positions, not T).
@@ -213,6 +330,15 @@ def tokens(vocab: int, seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch
 
 def vocab_of(c: Contender) -> int:
     return c.model.config.vocab_size if c.variant.startswith("hf") else c.model.lm_head.weight.shape[0]
+
+
+def benchmark_adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """txlab's AdamW (unfused on CPU) at learning rate 0: every op of the step runs (the moments, weight
+    decay, the update), but the weights stay put, so contenders that share weights, and every repetition,
+    see the same model and report comparable losses."""
+    from txlab.measure.step import make_adamw
+
+    return make_adamw(model, CPU, lr=0.0, fused=False)
 
 
 def make_step(c: Contender, optimizer: torch.optim.Optimizer | None):
@@ -234,6 +360,8 @@ def tracked_steps(c: Contender, optimizer, batches, budget_bytes: int | None = N
     peak a lower bound, when the tracker stopped the step at the budget)."""
     step = make_step(c, optimizer)
     row = {"status": "ok", "loss": None}
+    if c.prepare is not None:
+        c.prepare()
     try:
         with MemoryMonitor(CPU, c.model, optimizer, [t for b in batches for t in b], budget_bytes) as mon:
             for x, y in batches:
@@ -269,12 +397,10 @@ def measure_memory(
     MemoryMonitor, on fake tensors (exact accounting, no arithmetic) or real ones. With a budget the
     tracker stops the step as soon as live tensors pass it (status over_budget, peak a lower bound).
     """
-    from txlab.measure.step import make_adamw
-
     t0 = time.perf_counter()
     with fake_mode(hf=variant.startswith("hf")) if fake else nullcontext():
         c = build(variant, seq_len, size, overrides=overrides)
-        opt = make_adamw(c.model, CPU, fused=False) if optimizer else None
+        opt = benchmark_adamw(c.model) if optimizer else None
         batches = [tokens(vocab_of(c), seq_len, seed=i) for i in range(2 if optimizer else 1)]
         row = {
             "variant": variant,
@@ -282,6 +408,7 @@ def measure_memory(
             "fake": fake,
             "note": c.note,
             "n_params": sum(p.numel() for p in c.model.parameters()),
+            "vocab_size": vocab_of(c),
         }
         row.update(tracked_steps(c, opt, batches, budget_bytes))
     row["measure_s"] = time.perf_counter() - t0
@@ -292,15 +419,22 @@ def measure_memory(
 
 
 def interleaved(
-    fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1, log: bool = True
+    fns: dict[str, Callable[[], object]],
+    reps: int,
+    warmup: int = 1,
+    log: bool = True,
+    prepare: dict[str, Callable[[], object]] | None = None,
 ) -> dict[str, list[float]]:
     """Wall seconds of each callable, `warmup` untimed rounds then `reps` timed rounds; within a round every
-    contender runs once and the order rotates per round, so a change in machine load hits all alike."""
+    contender runs once and the order rotates per round, so a change in machine load hits all alike.
+    `prepare[name]`, where given, runs untimed just before each call of `name`."""
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(warmup + reps):
         order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
+            if prepare and prepare.get(n) is not None:
+                prepare[n]()
             t0 = time.perf_counter()
             fns[n]()
             dt = time.perf_counter() - t0

@@ -1,12 +1,23 @@
-"""txlab presets against Hugging Face GPT-2 (what a user would pick instead): peak memory of one forward +
-backward and its time, gpt2-small shapes, batch 1, fp32, no optimizer.
+"""txlab presets against Hugging Face GPT-2 or Llama (what a user would pick instead): peak memory of one
+training step and its time, batch 1, fp32.
 
     python benchmarks/vs_hf_gpt2.py                                # memory 1k..8k (fake tensors), time at 1024
     python benchmarks/vs_hf_gpt2.py --lengths 1024 2048 --reps 3   # time at 2048 too (~4x longer)
     python benchmarks/vs_hf_gpt2.py --lengths 1024 2048 4096 --ram-cap-gib 10
+    python benchmarks/vs_hf_gpt2.py --family llama                 # Llama 3.2 1B shape, 2 layers, + AdamW
 
-Contenders: `GPT2LMHeadModel` from the installed transformers (built from a GPT2Config of gpt2-small shape,
-random weights, dropout 0, use_cache off, train mode), with its default attention and with
+`--family gpt2` (the default): gpt2-small shapes, one forward + backward, no optimizer (`--optimizer` adds
+AdamW). `--family llama`: `LlamaForCausalLM` of Llama 3.2 1B's shape (2048 wide, 32 heads, 8 KV heads,
+head_dim 64, MLP 8192, vocab 128256, tied embeddings, Llama 3.1 RoPE scaling factor 32) cut to `--layers`
+layers (default 2), random weights, written as a local config.json (+ the weights, for the real runs);
+txlab builds its model from that same file (`model.hf: DIR`) and loads those weights (`model.init:
+pretrained`), so both sides run one architecture on one set of weights. Steps are forward + backward +
+AdamW by default (txlab's AdamW for both sides, unfused, at learning rate 0: every op runs, the weights
+stay put, `_common.benchmark_adamw`).
+
+Contenders: `GPT2LMHeadModel` (or `LlamaForCausalLM`, attn_implementation sdpa) from the installed
+transformers (built from a config of the shape, random weights, dropout 0, use_cache off, train mode),
+with its default attention and with
 `gradient_checkpointing_enable()`, and txlab's `sdpa`, `checkpoint`, `selective`, `recompute` presets
 (`--variants` adds `hf-eager`, `naive`). Everyone gets the same (1, T) tokens; HF computes its loss from
 `labels=input_ids` as users write it.
@@ -15,8 +26,12 @@ Memory: txlab's MemoryMonitor (torch's MemTracker) on both models. Every length 
 (exact byte accounting of every storage, no arithmetic, so 8192 costs seconds); the timed lengths are also
 measured on real tensors (the first, untimed step), and the two columns must agree. Time: the step without
 the tracker, contenders interleaved per repetition (rotating order), median of `--reps` after the tracked
-step as warm-up; the spread is (max - min) / median. A contender whose fake peak is over `--ram-cap-gib` is
-not run for real (the machine is shared).
+step as warm-up (with an optimizer: a warm-up round, in which the optimizers make their state); the spread
+is (max - min) / median. For the timing HF default and HF + grad ckpt are one HF model (checkpointing
+switched before each step) and the txlab presets share one set of parameters (`_common.build_shared`), so
+the RAM held is two models and two optimizers, not one per contender; the tracked steps give each
+contender a fresh optimizer. A contender whose fake peak is over `--ram-cap-gib` is not run for real (the
+machine is shared).
 """
 
 from __future__ import annotations
@@ -24,6 +39,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,6 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 DEFAULT_VARIANTS = ["hf", "hf-gc", "sdpa", "checkpoint", "selective", "recompute"]
+FAMILIES = {  # family -> (default size, default layers, optimizer by default, Hugging Face class)
+    "gpt2": ("gpt2-small", None, False, "GPT2LMHeadModel"),
+    "llama": ("llama-3.2-1b", 2, True, "LlamaForCausalLM"),
+}
 
 
 def run(
@@ -42,20 +62,41 @@ def run(
     size: str = "gpt2-small",
     overrides: dict | None = None,
     log: bool = True,
+    family: str = "gpt2",
+    optimizer: bool = False,
+    real_memory: bool = True,
 ):
-    """The table as a DataFrame: one row per (variant, seq_len)."""
+    """The table as a DataFrame: one row per (variant, seq_len). `real_memory`: the timed lengths' peaks
+    measured on real tensors too (tracked steps, then also the warm-up)."""
+    overrides = dict(overrides or {})
+    shape = size + (f", {overrides['model.n_layers']} layers" if "model.n_layers" in overrides else "")
+    with tempfile.TemporaryDirectory(prefix="vs_hf_") as tmp:
+        if family != "gpt2":  # both sides read one config.json; txlab loads the HF model's weights
+            ckpt = C.write_hf_checkpoint(Path(tmp), size, overrides, family)
+            overrides = {"model.hf": str(ckpt), "model.init": "pretrained"}
+            if lengths:  # real runs: the weights the HF contender is built with (seed 0), saved for txlab
+                C.build("hf", min(lengths), size, overrides=overrides).model.save_pretrained(ckpt)
+        df = _measure(
+            lengths, memory_lengths, variants, reps, ram_cap_gib, size, overrides, log, optimizer, real_memory
+        )
+    df["family"], df["shape"], df["optimizer"] = family, shape, optimizer
+    return ratios(df)
+
+
+def _measure(lengths, memory_lengths, variants, reps, ram_cap_gib, size, overrides, log, optimizer, real_memory):
     import pandas as pd
     import torch
 
     rows = {}
     for T in sorted(set(memory_lengths) | set(lengths)):
         for v in variants:
-            r = C.measure_memory(v, T, fake=True, size=size, overrides=overrides)
+            r = C.measure_memory(v, T, fake=True, size=size, overrides=overrides, optimizer=optimizer)
             rows[(v, T)] = {
                 "variant": v,
                 "seq_len": T,
                 "note": r["note"],
                 "n_params": r["n_params"],
+                "vocab_size": r["vocab_size"],
                 "peak_GiB": r["peak_bytes"] / C.GiB,
                 "activations_GiB": r["activations_bytes"] / C.GiB,
                 "other_GiB": r["other_bytes"] / C.GiB,
@@ -74,10 +115,14 @@ def run(
         for v in variants:
             if v not in runnable:
                 rows[(v, T)]["status_real"] = f"not run: fake peak > {ram_cap_gib} GiB RAM cap"
-        contenders = {v: C.build(v, T, size, overrides=overrides) for v in runnable}
-        x, y = C.tokens(C.vocab_of(next(iter(contenders.values()))), T) if contenders else (None, None)
-        for v, c in contenders.items():  # the tracked step, real tensors; also the warm-up
-            r = C.tracked_steps(c, None, [(x, y)])
+        contenders = C.build_shared(runnable, T, size, overrides)
+        vocab = C.vocab_of(next(iter(contenders.values()))) if contenders else None
+        batches = [C.tokens(vocab, T, seed=i) for i in range(2 if optimizer else 1)] if contenders else []
+        x, y = batches[0] if batches else (None, None)
+        for v, c in contenders.items() if real_memory else ():  # tracked step(s), real tensors (also a warm-up)
+            opt = C.benchmark_adamw(c.model) if optimizer else None  # fresh: its state made in the tracked steps
+            r = C.tracked_steps(c, opt, batches)
+            del opt
             rows[(v, T)].update(real_peak_GiB=r["peak_bytes"] / C.GiB, loss=r["loss"], status_real=r["status"])
             if log:
                 print(
@@ -85,13 +130,24 @@ def run(
                     file=sys.stderr,
                     flush=True,
                 )
-        steps = {v: C.make_step(c, None) for v, c in contenders.items()}
-        times = C.interleaved({v: (lambda s=s: s(x, y)) for v, s in steps.items()}, reps, warmup=0, log=log)
-        for v, ts in times.items():
-            rows[(v, T)].update(C.spread(ts))
-        del contenders, steps
+        load_before = C.machine()["load_1m"]
+        opts = C.optimizer_groups(contenders, C.benchmark_adamw) if optimizer else {}  # one per shared weights
+        steps = {v: C.make_step(c, opts.get(v)) for v, c in contenders.items()}
+        losses = {}
+        times = C.interleaved(
+            {v: (lambda s=s, v=v: losses.__setitem__(v, float(s(x, y)))) for v, s in steps.items()},
+            reps,
+            warmup=1 if optimizer or not real_memory else 0,  # an optimizer makes its state in the warm-up
+            log=log,
+            prepare={v: c.prepare for v, c in contenders.items()},
+        )
+        for v, ts in times.items():  # the 1-minute load before and after this length's timing
+            rows[(v, T)].update(C.spread(ts), load_1m_before=load_before, load_1m_after=C.machine()["load_1m"])
+            if rows[(v, T)]["loss"] is None:  # no tracked step: the loss of the last timed one
+                rows[(v, T)]["loss"] = losses[v]
+        del contenders, steps, opts
         torch.manual_seed(0)
-    return ratios(pd.DataFrame(rows.values()))
+    return pd.DataFrame(rows.values())
 
 
 def ratios(df):
@@ -124,7 +180,9 @@ def show(df) -> None:
         "loss",
     ]
     C.print_table(df[[c for c in cols if c in df]])
-    print(f"(gpt2 vocabulary: ln(50257) = {math.log(50257):.3f} is the loss of a uniform guess)")
+    family = df["family"].iloc[0] if "family" in df else "gpt2"
+    vocab = int(df["vocab_size"].iloc[0]) if "vocab_size" in df else 50257
+    print(f"({family} vocabulary: ln({vocab}) = {math.log(vocab):.3f} is the loss of a uniform guess)")
     for v, note in df.groupby("variant")["note"].first().items():
         print(f"  {C.label(v)}: {note}")
 
@@ -152,17 +210,18 @@ def plot(df, path: Path) -> Path:
         )
     C.log2_axis(ax1, df["seq_len"])
     ax1.set_yscale("log")
-    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-    ax1.yaxis.set_major_locator(FixedLocator([1, 2, 4, 8, 16]))
-    ax1.yaxis.set_major_formatter(ScalarFormatter())
+    ax1.yaxis.set_major_locator(FixedLocator([0.5, 1, 2, 4, 8, 16, 32, 64, 128]))
+    ax1.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax1.yaxis.set_minor_locator(NullLocator())
     wide = df.pivot(index="seq_len", columns="variant", values="peak_GiB")
-    if {"hf-gc", "checkpoint"} <= set(wide) and (wide["hf-gc"] == wide["checkpoint"]).all():
+    gap = (wide["checkpoint"] / wide["hf-gc"] - 1).abs().max() if {"hf-gc", "checkpoint"} <= set(wide) else None
+    if gap is not None and gap < 0.005:
         ax1.text(
             0.98,
             0.03,
-            "HF + grad ckpt and txlab checkpoint: equal peaks",
+            "HF + grad ckpt and txlab checkpoint: " + ("equal peaks" if gap == 0 else f"peaks within {gap:.2%}"),
             transform=ax1.transAxes,
             ha="right",
             va="bottom",
@@ -171,7 +230,8 @@ def plot(df, path: Path) -> Path:
         )
     ax1.set_xlabel("sequence length (tokens)")
     ax1.set_ylabel("peak tracked memory, GiB (2^30 B), log scale")
-    ax1.set_title("peak memory of one forward + backward")
+    what = "forward + backward" + (" + AdamW" if "optimizer" in df and df["optimizer"].iloc[0] else "")
+    ax1.set_title(f"peak memory of one {what}")
     ax1.legend(fontsize=8, loc="upper left")
     timed = df[df["time_s"].notna()]
     lengths = sorted(timed["seq_len"].unique())
@@ -198,15 +258,18 @@ def plot(df, path: Path) -> Path:
     ax2.set_xticks(range(len(lengths)))
     ax2.set_xticklabels([f"seq_len {T}" for T in lengths])
     ax2.set_ylabel("step time / HF default's median")
-    ax2.set_title("forward + backward time (median, whiskers min..max;\n2 shared CPU cores)", fontsize=10)
+    ax2.set_title(f"{what} time (median, whiskers min..max;\n2 shared CPU cores)", fontsize=10)
     ax2.set_ylim(0, ax2.get_ylim()[1] * 1.3)
     ax2.legend(fontsize=7, ncol=3, loc="upper center")
-    fig.suptitle("gpt2-small, batch 1, fp32: txlab presets vs Hugging Face GPT2LMHeadModel", fontsize=11)
+    family = df["family"].iloc[0] if "family" in df else "gpt2"
+    shape = df["shape"].iloc[0] if "shape" in df else "gpt2-small"
+    fig.suptitle(f"{shape}, batch 1, fp32: txlab presets vs Hugging Face {FAMILIES[family][3]}", fontsize=11)
     return C.save_fig(fig, path)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", choices=list(FAMILIES), default="gpt2", help="the Hugging Face architecture")
     ap.add_argument("--lengths", type=int, nargs="*", default=[1024], help="timed (and real-memory) lengths")
     ap.add_argument(
         "--memory-lengths",
@@ -217,10 +280,22 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=C.HF_VARIANTS + C.TXLAB_PRESETS)
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions per contender (after one warm-up)")
-    ap.add_argument("--size", default="gpt2-small", help="model size (debug for a smoke run)")
+    ap.add_argument("--size", help="model size (debug for a smoke run); default gpt2-small / llama-3.2-1b")
+    ap.add_argument("--layers", type=int, help="model.n_layers (default: the size's; llama: 2)")
+    ap.add_argument(
+        "--optimizer",
+        action=argparse.BooleanOptionalAction,
+        help="steps with AdamW (default: llama yes, gpt2 no: forward + backward)",
+    )
+    ap.add_argument(
+        "--real-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the timed lengths' peaks on real tensors too (--no-real-memory: fake tensors only, a warm-up round)",
+    )
     ap.add_argument("--ram-cap-gib", type=float, default=8.0, help="skip real runs whose fake peak is above this")
-    ap.add_argument("--out", default="results/benchmarks/vs_hf_gpt2", help="Parquet folder")
-    ap.add_argument("--plot", default="docs/img/vs_hf_gpt2.png")
+    ap.add_argument("--out", help="Parquet folder (default results/benchmarks/vs_hf_FAMILY)")
+    ap.add_argument("--plot", help="PNG (default docs/img/vs_hf_FAMILY.png)")
     ap.add_argument(
         "--from",
         dest="stored",
@@ -228,6 +303,12 @@ def main(argv=None) -> int:
         help="merge stored vs_hf_gpt2.parquet files (timed rows win), reprint and redraw; run nothing",
     )
     args = ap.parse_args(argv)
+    size, layers, optimizer, _ = FAMILIES[args.family]
+    size, layers = args.size or size, args.layers or layers
+    optimizer = optimizer if args.optimizer is None else args.optimizer
+    out = Path(args.out or f"results/benchmarks/vs_hf_{args.family}")
+    png = Path(args.plot or f"docs/img/vs_hf_{args.family}.png")
+    name = f"vs_hf_{args.family}"
 
     if args.stored:
         import pandas as pd
@@ -237,17 +318,29 @@ def main(argv=None) -> int:
         order = {v: i for i, v in enumerate(dict.fromkeys(df.sort_index()["variant"]))}
         df = ratios(df.sort_values(["seq_len", "variant"], key=lambda s: s.map(order) if s.name == "variant" else s))
         show(df)
-        print(f"wrote {plot(df, Path(args.plot))}")
+        print(f"wrote {plot(df, png)}")
         return 0
+    start = C.machine()
     print(C.machine_line())
-    df = run(args.lengths, args.memory_lengths, args.variants, args.reps, args.ram_cap_gib, args.size)
-    for k, v in C.machine().items():
+    df = run(
+        args.lengths,
+        args.memory_lengths,
+        args.variants,
+        args.reps,
+        args.ram_cap_gib,
+        size,
+        {"model.n_layers": layers} if layers else None,
+        family=args.family,
+        optimizer=optimizer,
+        real_memory=args.real_memory,
+    )
+    for k, v in C.machine().items():  # at the end of the run; the start's load beside it
         df[f"machine_{k}"] = v
+    df["machine_load_1m_start"], df["machine_utc_start"] = start["load_1m"], start["utc"]
     show(df)
     print(C.machine_line())
-    path = C.write_parquet(df, Path(args.out), "vs_hf_gpt2")
-    png = plot(df, Path(args.plot))
-    print(f"wrote {path} and {png}")
+    path = C.write_parquet(df, out, name)
+    print(f"wrote {path} and {plot(df, png)}")
     return 0
 
 

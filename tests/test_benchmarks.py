@@ -90,3 +90,33 @@ def test_longest_merge_prefers_the_longer_fit():
     got = L.merge([first, ext]).set_index("variant")
     assert got.loc["recompute", "longest_seq_len"] == 14080 and not got.loc["recompute", "capped"]
     assert got.loc["recompute", "x_hf"] == pytest.approx(14080 / 768)
+
+
+def test_vs_hf_llama_debug(tmp_path):
+    """The Llama peer: both sides from one config.json (txlab by model.hf, on the HF model's own weights),
+    AdamW in the step; HF default and HF + grad ckpt share one model, the txlab presets one set of weights."""
+    pytest.importorskip("transformers")
+    import vs_hf_gpt2 as V
+
+    df = V.run([64], [64], ["hf", "hf-gc", "sdpa", "recompute"], reps=1, ram_cap_gib=1.0, size="debug",
+               log=False, family="llama", optimizer=True)  # fmt: skip
+    assert (df["peak_GiB"] == df["real_peak_GiB"]).all()  # fake and real tensors, shared weights or not
+    assert df["time_s"].notna().all() and (df["family"] == "llama").all()
+    assert all(
+        "LlamaForCausalLM, attn_implementation sdpa" in n for n in df.loc[df["variant"].str.startswith("hf"), "note"]
+    )
+    loss = dict(zip(df["variant"], df["loss"]))
+    # one set of weights (learning rate 0 keeps it): HF's loss (over T - 1 positions) is txlab's within 1%
+    assert loss["hf"] == loss["hf-gc"] and loss["sdpa"] == pytest.approx(loss["recompute"], rel=1e-5)
+    assert loss["sdpa"] == pytest.approx(loss["hf"], rel=1e-2) and abs(loss["hf"] - math.log(256)) < 1.0
+    assert V.plot(df, tmp_path / "llama.png").stat().st_size > 0
+
+
+def test_vs_hf_without_real_memory_times_after_a_warm_up_round():
+    pytest.importorskip("transformers")
+    import vs_hf_gpt2 as V
+
+    df = V.run([32], [], ["hf", "sdpa"], reps=1, ram_cap_gib=1.0, size="debug", log=False, family="llama",
+               optimizer=True, real_memory=False)  # fmt: skip
+    assert df["real_peak_GiB"].isna().all() and df["time_s"].notna().all()
+    assert df["loss"].notna().all() and df["loss"].iloc[0] == pytest.approx(df["loss"].iloc[1], rel=1e-2)

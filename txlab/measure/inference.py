@@ -58,13 +58,21 @@ class _Run:
     state: Inference
     prefill_s: float
     token_s: list[float]
+    tokens: list[torch.Tensor] | None  # with keep_tokens: the greedy token after the prompt, then after each step
 
 
 def _run_once(
-    model: GPT, cfg: TrialConfig, prompt: torch.Tensor, device: torch.device, timed: bool, end_step=lambda: None
+    model: GPT,
+    cfg: TrialConfig,
+    prompt: torch.Tensor,
+    device: torch.device,
+    timed: bool,
+    end_step=lambda: None,
+    keep_tokens: bool = False,
 ) -> _Run:
     """Prefill, and for decode `decode_tokens` greedy steps; times (device synchronized) when `timed`.
-    `end_step` is called after the prefill and after every step (the monitor's per-forward reset)."""
+    `end_step` is called after the prefill and after every step (the monitor's per-forward reset).
+    `keep_tokens`: return the generated tokens (off in measured runs: nothing extra is held)."""
     w = cfg.workload
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if w.dtype == "bf16" else nullcontext()
     with torch.no_grad(), autocast:
@@ -79,7 +87,7 @@ def _run_once(
             sync(device)
         prefill_s = time.perf_counter() - t0
         end_step()
-        token_s = []
+        token_s, tokens = [], ([nxt] if keep_tokens else None)
         if w.kind == "decode":
             for _ in range(w.decode_tokens):
                 if timed:
@@ -89,8 +97,10 @@ def _run_once(
                 if timed:
                     sync(device)
                 token_s.append(time.perf_counter() - t0)
+                if keep_tokens:
+                    tokens.append(nxt)
                 end_step()
-    return _Run(run, prefill_s, token_s)
+    return _Run(run, prefill_s, token_s, tokens)
 
 
 @torch.no_grad()

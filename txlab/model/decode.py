@@ -189,11 +189,14 @@ class Inference:
         self, block: nn.Module, layer: int, w: torch.Tensor, b: torch.Tensor | None, k0: int, k1: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of positions k0..k1-1, from the kept layer inputs and the K/V rows of the
-        block's projection (the query rows are not needed), split into heads as the block does."""
+        block's projection (the query rows are not needed), split into heads, normalized (qk_norm) and
+        rotated as `Attention.project` does."""
         attn, kv_width = block.attn, self.n_kv_heads * self.head_dim
         h = self.inputs[layer][:, k0:k1]  # (B, tk, d_model)
         k, v = F.linear(h.to(w.dtype), w, b).split([kv_width, kv_width], dim=-1)  # (B, tk, Hkv * D) each
         k, v = attn.heads(k, self.n_kv_heads), attn.heads(v, self.n_kv_heads)  # (B, Hkv, tk, D)
+        if attn.k_norm is not None:  # Qwen3: as Attention.project, each key head normalized before RoPE
+            k = attn.k_norm(k)
         rope = self.model.rope_at(k0, k1 - k0)
         if rope is not None:
             k = apply_rope(k, *rope)
