@@ -166,6 +166,48 @@ def optimizer_groups(contenders: dict[str, Contender], make) -> dict[str, torch.
     return out
 
 
+class OneSideAtATime:
+    """The contenders of a timed length where RAM holds one side only (HF's, or txlab's presets): a side is
+    built (`build_shared`) when one of its contenders is next and the other side is dropped first; its
+    optimizers get their state from one zero-gradient step (learning rate 0: the weights do not move).
+    For `interleaved`: `prepare(v)` (untimed) then `step(v, x, y)`. The HF side is rebuilt from the same
+    seed, the txlab side reloads the checkpoint, so every build holds the same weights."""
+
+    def __init__(self, variants, seq_len: int, size: str, overrides: dict | None, optimizer: bool):
+        self.variants, self.seq_len, self.size, self.overrides = list(variants), seq_len, size, overrides
+        self.optimizer, self.side, self.contenders, self.opts = optimizer, None, {}, {}
+        self.builds = 0
+
+    @staticmethod
+    def side_of(variant: str) -> str:
+        return "hf" if variant in ("hf", "hf-gc") else "txlab" if variant in TXLAB_PRESETS else variant
+
+    def prepare(self, variant: str) -> None:
+        side = self.side_of(variant)
+        if side != self.side:
+            self.contenders, self.opts, self.side = {}, {}, None
+            import gc
+
+            gc.collect()  # the other side's model, gradients and optimizer state go before this side's come
+            mine = [v for v in self.variants if self.side_of(v) == side]
+            self.contenders = build_shared(mine, self.seq_len, self.size, self.overrides)
+            if self.optimizer:
+                self.opts = optimizer_groups(self.contenders, benchmark_adamw)
+                for opt in {id(o): o for o in self.opts.values()}.values():
+                    params = [p for g in opt.param_groups for p in g["params"]]
+                    for p in params:
+                        p.grad = torch.zeros_like(p)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            self.side, self.builds = side, self.builds + 1
+        c = self.contenders[variant]
+        if c.prepare is not None:
+            c.prepare()
+
+    def step(self, variant: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return make_step(self.contenders[variant], self.opts.get(variant))(x, y)
+
+
 def _share_parameters(model: torch.nn.Module, share: dict) -> None:
     """Fill `share` with the model's parameters (by name, tied names included), or give the model those."""
     if not share:

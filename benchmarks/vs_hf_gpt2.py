@@ -65,9 +65,11 @@ def run(
     family: str = "gpt2",
     optimizer: bool = False,
     real_memory: bool = True,
+    low_ram: bool = False,
 ):
     """The table as a DataFrame: one row per (variant, seq_len). `real_memory`: the timed lengths' peaks
-    measured on real tensors too (tracked steps, then also the warm-up)."""
+    measured on real tensors too (tracked steps, then also the warm-up). `low_ram`: one side's model held
+    at a time (`_common.OneSideAtATime`; the tracked steps each on a contender of its own)."""
     overrides = dict(overrides or {})
     shape = size + (f", {overrides['model.n_layers']} layers" if "model.n_layers" in overrides else "")
     with tempfile.TemporaryDirectory(prefix="vs_hf_") as tmp:
@@ -77,13 +79,15 @@ def run(
             if lengths:  # real runs: the weights the HF contender is built with (seed 0), saved for txlab
                 C.build("hf", min(lengths), size, overrides=overrides).model.save_pretrained(ckpt)
         df = _measure(
-            lengths, memory_lengths, variants, reps, ram_cap_gib, size, overrides, log, optimizer, real_memory
+            lengths, memory_lengths, variants, reps, ram_cap_gib, size, overrides, log, optimizer, real_memory, low_ram
         )
     df["family"], df["shape"], df["optimizer"] = family, shape, optimizer
     return ratios(df)
 
 
-def _measure(lengths, memory_lengths, variants, reps, ram_cap_gib, size, overrides, log, optimizer, real_memory):
+def _measure(
+    lengths, memory_lengths, variants, reps, ram_cap_gib, size, overrides, log, optimizer, real_memory, low_ram
+):
     import pandas as pd
     import torch
 
@@ -115,14 +119,19 @@ def _measure(lengths, memory_lengths, variants, reps, ram_cap_gib, size, overrid
         for v in variants:
             if v not in runnable:
                 rows[(v, T)]["status_real"] = f"not run: fake peak > {ram_cap_gib} GiB RAM cap"
-        contenders = C.build_shared(runnable, T, size, overrides)
-        vocab = C.vocab_of(next(iter(contenders.values()))) if contenders else None
-        batches = [C.tokens(vocab, T, seed=i) for i in range(2 if optimizer else 1)] if contenders else []
-        x, y = batches[0] if batches else (None, None)
-        for v, c in contenders.items() if real_memory else ():  # tracked step(s), real tensors (also a warm-up)
-            opt = C.benchmark_adamw(c.model) if optimizer else None  # fresh: its state made in the tracked steps
-            r = C.tracked_steps(c, opt, batches)
-            del opt
+        if not runnable:
+            continue
+        vocab = rows[(runnable[0], T)]["vocab_size"]
+        batches = [C.tokens(vocab, T, seed=i) for i in range(2 if optimizer else 1)]
+        x, y = batches[0]
+        contenders = {} if low_ram else C.build_shared(runnable, T, size, overrides)
+        for v in runnable if real_memory else ():  # tracked step(s), real tensors (also a warm-up)
+            if low_ram:  # a contender of its own, alone in RAM
+                r = C.measure_memory(v, T, fake=False, size=size, overrides=overrides, optimizer=optimizer)
+            else:
+                opt = C.benchmark_adamw(contenders[v].model) if optimizer else None  # fresh: state made here
+                r = C.tracked_steps(contenders[v], opt, batches)
+                del opt
             rows[(v, T)].update(real_peak_GiB=r["peak_bytes"] / C.GiB, loss=r["loss"], status_real=r["status"])
             if log:
                 print(
@@ -131,21 +140,29 @@ def _measure(lengths, memory_lengths, variants, reps, ram_cap_gib, size, overrid
                     flush=True,
                 )
         load_before = C.machine()["load_1m"]
-        opts = C.optimizer_groups(contenders, C.benchmark_adamw) if optimizer else {}  # one per shared weights
-        steps = {v: C.make_step(c, opts.get(v)) for v, c in contenders.items()}
         losses = {}
+        if low_ram:
+            sides = C.OneSideAtATime(runnable, T, size, overrides, optimizer)
+            steps = {v: (lambda v=v: sides.step(v, x, y)) for v in runnable}
+            prepare = {v: (lambda v=v: sides.prepare(v)) for v in runnable}
+        else:
+            opts = C.optimizer_groups(contenders, C.benchmark_adamw) if optimizer else {}  # one per shared weights
+            steps = {v: (lambda s=C.make_step(c, opts.get(v)): s(x, y)) for v, c in contenders.items()}
+            prepare = {v: c.prepare for v, c in contenders.items()}
         times = C.interleaved(
-            {v: (lambda s=s, v=v: losses.__setitem__(v, float(s(x, y)))) for v, s in steps.items()},
+            {v: (lambda s=s, v=v: losses.__setitem__(v, float(s()))) for v, s in steps.items()},
             reps,
-            warmup=1 if optimizer or not real_memory else 0,  # an optimizer makes its state in the warm-up
+            # an optimizer makes its state in the warm-up; one side at a time: every build is fresh
+            warmup=1 if optimizer or not real_memory or low_ram else 0,
             log=log,
-            prepare={v: c.prepare for v, c in contenders.items()},
+            prepare=prepare,
         )
         for v, ts in times.items():  # the 1-minute load before and after this length's timing
             rows[(v, T)].update(C.spread(ts), load_1m_before=load_before, load_1m_after=C.machine()["load_1m"])
             if rows[(v, T)]["loss"] is None:  # no tracked step: the loss of the last timed one
                 rows[(v, T)]["loss"] = losses[v]
-        del contenders, steps, opts
+        del contenders, steps, prepare
+        sides = opts = None  # noqa: F841 - dropped before the next length builds its own
         torch.manual_seed(0)
     return pd.DataFrame(rows.values())
 
@@ -217,18 +234,10 @@ def plot(df, path: Path) -> Path:
     ax1.yaxis.set_minor_locator(NullLocator())
     wide = df.pivot(index="seq_len", columns="variant", values="peak_GiB")
     gap = (wide["checkpoint"] / wide["hf-gc"] - 1).abs().max() if {"hf-gc", "checkpoint"} <= set(wide) else None
-    if gap is not None and gap < 0.005:
-        ax1.text(
-            0.98,
-            0.03,
-            "HF + grad ckpt and txlab checkpoint: " + ("equal peaks" if gap == 0 else f"peaks within {gap:.2%}"),
-            transform=ax1.transAxes,
-            ha="right",
-            va="bottom",
-            fontsize=7,
-            color="grey",
-        )
-    ax1.set_xlabel("sequence length (tokens)")
+    xlabel = "sequence length (tokens)"
+    if gap is not None and gap < 0.005:  # under the axis: the lines coincide, no place inside is free for every family
+        xlabel += "\nHF + grad ckpt and txlab checkpoint: " + ("equal peaks" if gap == 0 else f"peaks within {gap:.2%}")
+    ax1.set_xlabel(xlabel)
     ax1.set_ylabel("peak tracked memory, GiB (2^30 B), log scale")
     what = "forward + backward" + (" + AdamW" if "optimizer" in df and df["optimizer"].iloc[0] else "")
     ax1.set_title(f"peak memory of one {what}")
@@ -293,6 +302,11 @@ def main(argv=None) -> int:
         default=True,
         help="the timed lengths' peaks on real tensors too (--no-real-memory: fake tensors only, a warm-up round)",
     )
+    ap.add_argument(
+        "--low-ram",
+        action="store_true",
+        help="hold one side's model (HF or txlab) at a time, rebuilt untimed when its turn comes",
+    )
     ap.add_argument("--ram-cap-gib", type=float, default=8.0, help="skip real runs whose fake peak is above this")
     ap.add_argument("--out", help="Parquet folder (default results/benchmarks/vs_hf_FAMILY)")
     ap.add_argument("--plot", help="PNG (default docs/img/vs_hf_FAMILY.png)")
@@ -333,6 +347,7 @@ def main(argv=None) -> int:
         family=args.family,
         optimizer=optimizer,
         real_memory=args.real_memory,
+        low_ram=args.low_ram,
     )
     for k, v in C.machine().items():  # at the end of the run; the start's load beside it
         df[f"machine_{k}"] = v
