@@ -36,7 +36,7 @@ def _model(policy: str, L: int, T: int, q: int, k: int, d: int = 768, V: int = 5
         act = L * block * 0.55 + logits
     elif policy == "checkpoint":
         act = L * T * d * 4 + block + logits
-    else:  # recompute: chunked attention and chunked loss
+    else:  # recompute with `policy.attention: chunked` (its kernel until 0.2): chunked attention and loss
         act = L * T * d * 4 + block * 0.7 + 4 * h * q * k + 3 * min(T, 1024) * V * 4
     other = 0.08 * act + 64 * 2**20
     flops = (6 * n + 12 * L * d * T) * T
@@ -87,8 +87,8 @@ def synthetic_rows(
                         "workload.seq_len": T,
                         "measure.budget_gib": budget_gib,
                     }
-                    if p == "recompute":
-                        over.update({"policy.q_chunk": q, "policy.k_chunk": k})
+                    if p == "recompute":  # the chunked kernel, so that chunk settings mean something
+                        over.update({"policy.attention": "chunked", "policy.q_chunk": q, "policy.k_chunk": k})
                     cfg = load_config(None, over)
                     flat = cfg.flat()
                     m = _model(p, flat["model.n_layers"], T, q, k, d=flat["model.d_model"], h=flat["model.n_heads"])

@@ -56,7 +56,10 @@ def test_run_json_row_and_store(tmp_path):
         (["run", "examples/debug.yaml", "--set", "model.n_heads=5"], "model.n_heads"),
         (["run", "examples/debug.yaml", "--set", "model.n_kv_heads=3"], "model.n_kv_heads"),
         (["run", "examples/debug.yaml", "--set", "policy.q_chunk=0"], "policy.q_chunk"),
-        (["run", "examples/debug.yaml", "--set", "policy.q_chunk=1024"], "policy.q_chunk"),
+        (
+            ["run", "examples/debug.yaml", "--set", "policy.attention=chunked", "--set", "policy.q_chunk=1024"],
+            "policy.q_chunk",
+        ),
         (["run", "examples/debug.yaml", "--set", "policy.name=turbo"], "policy.name"),
         (["run", "missing.yaml"], "missing.yaml"),
         (["run"], "config"),

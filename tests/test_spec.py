@@ -111,7 +111,7 @@ def test_invalid_trial_fails_fast_naming_point_and_key(tmp_path, capsys):
     raw = {
         "name": "bad",
         "base": TINY_BASE,
-        "grid": {"workload.seq_len": [64, 128], "policy.name": ["recompute"], "policy.q_chunk": [128]},
+        "grid": {"workload.seq_len": [64, 128], "policy.attention": ["chunked"], "policy.q_chunk": [128]},
     }
     with pytest.raises(ConfigError) as e:
         expand(parse_spec(raw, path="bad.yaml"))
