@@ -11,7 +11,10 @@ same with gradient_checkpointing_enable()), txlab's `sdpa`, `checkpoint`, `selec
 presets, `recompute-chunked`: the `recompute` preset with `policy.attention: chunked` (what the preset was
 until 0.2, with this release's kernels), and `recompute-0.2`: the same with the kernels of txlab 0.2 (the
 chunked attention's PyTorch-ops tile body and the chunked loss that recomputes each chunk's logits under
-checkpointing), so the gain of this issue's kernels and preset shows in the same run.
+checkpointing), so the gain of this issue's kernels and preset shows in the same run. `--variants` also
+takes `selective-matmuls` and `selective-torchtitan`: the selective preset saving only the matmul outputs
+(torch's documented op-level example) or as torchtitan's op-level policy does (every second matmul
+recomputed), beside txlab's own save list.
 
 Memory: the tracked peak (txlab's MemoryMonitor) of every contender at every length on fake tensors, and on
 real tensors in the first (untimed, warm-up) step of each timed contender; contenders whose fake peak is
@@ -35,7 +38,14 @@ DEFAULT_VARIANTS = ["hf", "hf-gc", "sdpa", "checkpoint", "selective", "recompute
 # variants of the recompute preset: its blocks with chunked attention (this release's fused CPU tiles), and
 # with txlab 0.2's kernels (the chunked attention's PyTorch-ops tiles, the loss recomputing each chunk)
 CHUNKED = {"recompute-chunked", "recompute-0.2"}
-LABELS = {"recompute-chunked": "txlab recompute, chunked attn", "recompute-0.2": "txlab recompute (0.2 kernels)"}
+# the selective preset saving what other op-level policies save (txlab.policy.remat.SELECTIVE_POLICIES)
+SAVES = {"selective-matmuls": "matmuls", "selective-torchtitan": "torchtitan"}
+LABELS = {
+    "recompute-chunked": "txlab recompute, chunked attn",
+    "recompute-0.2": "txlab recompute (0.2 kernels)",
+    "selective-matmuls": "selective, save matmuls only",
+    "selective-torchtitan": "selective, torchtitan op-SAC",
+}
 
 
 def label(v: str) -> str:
@@ -59,6 +69,14 @@ def old_chunked_loss(hidden, weight, targets, chunk: int):
 def build(v: str, T: int, size: str):
     """A contender; the chunked variants run the recompute preset with `policy.attention: chunked` (0.2's
     recompute), `recompute-0.2` also with 0.2's kernels."""
+    if v in SAVES:
+        from txlab.policy.remat import Recomputed
+
+        c = C.build("selective", T, size)
+        for m in c.model.modules():
+            if isinstance(m, Recomputed):
+                m.save = SAVES[v]
+        return C.Contender(v, c.model, c.loss, c.note + f"; saves as {SAVES[v]}")
     if v not in CHUNKED:
         return C.build(v, T, size)
     import functools
@@ -230,7 +248,7 @@ def plot(df, path: Path) -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
-    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=DEFAULT_VARIANTS + ["naive"])
+    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=DEFAULT_VARIANTS + ["naive", *SAVES])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--size", default="gpt2-small")
     ap.add_argument("--ram-cap-gib", type=float, default=7.0, help="run for real only contenders under this")

@@ -125,3 +125,17 @@ def test_gpu_check_markdown_and_verdicts():
     assert rows[2]["speedup_vs_eager"] == pytest.approx(2.0)
     md = G.markdown(rows, "test device")
     assert "| kind | check |" in md and "failed: sdpa after" in md
+
+
+def test_compile_gain_debug():
+    import shutil
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("inductor needs a C++ compiler")
+    import compile_gain as G
+
+    df = G.run(["sdpa"], seq_len=32, steps=1, warmup=0, size="debug", log=False)
+    assert list(df["compiled"]) == [False, True] and (df["status"] == "ok").all()
+    eager, compiled = df.iloc[0], df.iloc[1]
+    assert eager["compile_s"] is None or eager["compile_s"] != eager["compile_s"]  # null: not compiled
+    assert compiled["compile_s"] >= 0 and compiled["speedup_vs_eager"] > 0

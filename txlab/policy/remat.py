@@ -7,6 +7,7 @@ when a block is recomputed in backward and gradients stay exact.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -37,17 +38,55 @@ def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in SELECTIVE_SAVE else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _selective_context():
-    return create_selective_checkpoint_contexts(_selective_policy)
+_MATMULS = frozenset(op for op in SELECTIVE_SAVE if op._overloadpacket in (aten.mm, aten.addmm))
+
+
+def _matmuls_policy():
+    """Save the matmul outputs only (torch's documented example of op-level selective checkpointing,
+    `create_selective_checkpoint_contexts([aten.mm.default])`, with GPT-2's biased projections' addmm):
+    attention is recomputed in backward too."""
+    return lambda ctx, op, *a, **k: CheckpointPolicy.MUST_SAVE if op in _MATMULS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _torchtitan_policy():
+    """torchtitan's op-level selective checkpointing: save every compute op of its list (matmuls, attention)
+    except every second matmul, counted per checkpointed region and pass (forward, recomputation)."""
+    counts = {False: 0, True: 0}
+
+    def policy(ctx, op, *args, **kwargs):
+        if op in _MATMULS:
+            counts[ctx.is_recompute] += 1
+            if counts[ctx.is_recompute] % 2 == 0:
+                return CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.MUST_SAVE if op in SELECTIVE_SAVE else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+# What a selective run saves, by name: txlab's (the `selective` remat), and two of the op-level policies
+# users meet elsewhere, compared in benchmarks/memory_for_free.py. Each entry makes a fresh policy per
+# checkpointed region (torchtitan's counts matmuls per region).
+SELECTIVE_POLICIES = {
+    "txlab": lambda: _selective_policy,
+    "matmuls": _matmuls_policy,
+    "torchtitan": _torchtitan_policy,
+}
+
+
+def _selective_context(save: str = "txlab"):
+    return create_selective_checkpoint_contexts(SELECTIVE_POLICIES[save]())
 
 
 class Recomputed(nn.Module):
     """Runs a run of blocks under checkpoint: only its input is kept; the inside is recomputed in backward."""
 
-    def __init__(self, blocks: list[nn.Module], selective: bool = False):
+    def __init__(self, blocks: list[nn.Module], selective: bool = False, save: str = "txlab"):
         super().__init__()
         self.inner = nn.ModuleList(blocks)
         self.selective = selective
+        if save not in SELECTIVE_POLICIES:
+            raise ValueError(f"unknown selective save policy {save!r}; known: {', '.join(SELECTIVE_POLICIES)}")
+        self.save = save  # which SELECTIVE_POLICIES entry a selective run keeps
 
     def _run(self, x, *args):
         for block in self.inner:
@@ -55,7 +94,7 @@ class Recomputed(nn.Module):
         return x
 
     def forward(self, x, *args):
-        kwargs = {"context_fn": _selective_context} if self.selective else {}
+        kwargs = {"context_fn": functools.partial(_selective_context, self.save)} if self.selective else {}
         return checkpoint(self._run, x, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
 
 

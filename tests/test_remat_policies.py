@@ -1,0 +1,70 @@
+"""The op-level save policies of `selective` recomputation (txlab.policy.remat.SELECTIVE_POLICIES): each
+keeps the reference's loss and gradients, and they order as they should in activation memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.support import config
+from txlab.model.gpt import GPT
+from txlab.policy.apply import apply_policy
+from txlab.policy.remat import SELECTIVE_POLICIES, Recomputed
+
+MODEL = {
+    "model.n_layers": 2,
+    "model.d_model": 32,
+    "model.n_heads": 2,
+    "model.n_kv_heads": 2,
+    "model.vocab_size": 50,
+    "model.dropout": 0.1,
+    "workload.seq_len": 48,
+}
+
+
+def _run(remat: str, save: str = "txlab"):
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    cfg = config(
+        {**MODEL, "policy.name": "custom", "policy.attention": "sdpa", "policy.loss": "full", "policy.remat": remat}
+    )
+    torch.manual_seed(1)
+    model = GPT(cfg.model, 48)
+    params = dict(model.named_parameters())
+    loss_fn = apply_policy(model, cfg.policy)
+    for m in model.modules():
+        if isinstance(m, Recomputed):
+            m.save = save
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 50, (2, 48), generator=g), torch.randint(0, 50, (2, 48), generator=g)
+    torch.manual_seed(2)  # the same dropout masks
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker:
+        loss = loss_fn(model(x), model.lm_head.weight, y)
+        saved = tracker.get_tracker_snapshot()[torch.device("cpu")].get(tracker._ref_class.ACT, 0)
+        loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in params.items()}, saved
+
+
+@pytest.mark.parametrize("save", list(SELECTIVE_POLICIES))
+def test_every_save_policy_is_exact(save):
+    ref_loss, ref_grads, _ = _run("none")
+    loss, grads, _ = _run("selective", save)
+    assert torch.equal(loss, ref_loss)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[n], rtol=1e-5, atol=1e-7)
+
+
+def test_save_policies_order_by_what_they_keep():
+    """Activations alive at the end of forward: block recomputation < matmuls only < torchtitan (every second
+    matmul recomputed) < txlab's list (every matmul and attention) < keeping everything."""
+    kept = {name: _run("selective", name)[2] for name in SELECTIVE_POLICIES}
+    block, none = _run("block")[2], _run("none")[2]
+    assert block < kept["matmuls"] < kept["txlab"] < none
+    assert kept["torchtitan"] < kept["txlab"]
+
+
+def test_an_unknown_save_policy_is_refused():
+    with pytest.raises(ValueError, match="unknown selective save policy 'all'"):
+        Recomputed([], selective=True, save="all")
