@@ -544,10 +544,11 @@ def pyplot():
     return plt
 
 
-def save_fig(fig, path: Path, dpi: int = 100) -> Path:
-    """PNG small enough to commit (the docs show it)."""
+def save_fig(fig, path: Path, dpi: int = 100, rect=(0, 0, 1, 1)) -> Path:
+    """PNG small enough to commit (the docs show it). `rect`: the part of the figure the axes may fill
+    (room for a figure-level legend)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=dpi)
     import matplotlib.pyplot as plt
 
