@@ -206,7 +206,7 @@ def plot(df, path: Path, budget_gib: float) -> Path:
     )
     C.log2_axis(ax1, df["seq_len"])
     C.log2_axis(ax2, df.loc[df["time_s"].notna(), "seq_len"])
-    ax1.legend(fontsize=8, loc="lower right")
+    ax1.legend(fontsize=8, loc="upper left")
     ax2.legend(fontsize=8, loc="upper left")
     for ax in (ax1, ax2):
         ax.set_yscale("log")
@@ -214,7 +214,7 @@ def plot(df, path: Path, budget_gib: float) -> Path:
     ax1.set_ylabel("peak tracked memory, GiB (2^30 B), log scale")
     ax1.set_title("forward + backward, peak memory")
     ax2.set_ylabel("seconds (median; whiskers min..max), log scale")
-    ax2.set_title("forward + backward, time (2 shared CPU cores)")
+    ax2.set_title("forward + backward, time (2 CPU cores)")
     fig.suptitle(f"causal attention alone: batch 1, {HEADS} heads x {HEAD_DIM}, fp32", fontsize=11)
     return C.save_fig(fig, path)
 

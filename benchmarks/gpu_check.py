@@ -23,7 +23,7 @@ Checks, in this order, each a row of the table:
 Writes results/gpu_check/gpu_check.md (the table and the verdicts) and gpu_check.parquet. A deadline
 (--deadline-s, default 450) skips the checks left when it passes, each named as skipped, so the whole run
 stays under 8 minutes. On a machine without CUDA it refuses with one line (exit 2); --dry-run prints the
-plan anywhere (tests/test_gpu_check.py runs it on the CPU).
+plan anywhere (tests/test_benchmarks_speed.py runs it on the CPU).
 """
 
 from __future__ import annotations
