@@ -267,7 +267,9 @@ def plot(df, path: Path) -> Path:
     ax2.set_xticks(range(len(lengths)))
     ax2.set_xticklabels([f"seq_len {T}" for T in lengths])
     ax2.set_ylabel("step time / HF default's median")
-    ax2.set_title(f"{what} time (median, whiskers min..max;\n2 shared CPU cores)", fontsize=10)
+    loads = [df[c].max() for c in ("machine_load_1m_start", "machine_load_1m") if c in df]
+    load = f", load up to {max(loads):g}" if loads else ""
+    ax2.set_title(f"{what} time (median, whiskers min..max;\n2 CPU cores{load})", fontsize=10)
     ax2.set_ylim(0, ax2.get_ylim()[1] * 1.3)
     ax2.legend(fontsize=7, ncol=3, loc="upper center")
     family = df["family"].iloc[0] if "family" in df else "gpt2"
