@@ -128,10 +128,10 @@ def plan_trial(cfg: TrialConfig, kind: str = "cpu", rounds: int = 4) -> Plan:
     # plans and can pass over a uniform heuristic that fits with less recomputation (gpt2-small at 1024
     # tokens: every block recomputed where every second one fits). The heuristics cheaper than the plan
     # are checked by the estimator, cheapest first, so `planned` never recomputes more than one that fits.
-    for runs in sorted(_heuristics(L), key=lambda runs: _cost(blocks, runs)):
+    for runs in sorted(_heuristics(L), key=lambda runs: round(_cost(blocks, runs), 12)):  # ties: list order
         # at equal cost the heuristic wins: per-block runs measured faster than the model's equal-cost
         # long runs (gpt2-small at 1024: every block 5.6 s, sqrt-like segments 6.6 s)
-        if found is not None and _cost(blocks, runs) > found.cost_s:
+        if found is not None and _cost(blocks, runs) > found.cost_s * (1 + 1e-9):  # sums in other orders
             break
         if estimate(runs) <= budget:
             found = Plan(runs, _cost(blocks, runs), model_peak(blocks, runs, const), estimate(runs))
