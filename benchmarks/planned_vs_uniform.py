@@ -31,13 +31,11 @@ UNIFORM = ["none", "block", "every2", "every3", "every4", "sqrt", "selective"]
 
 
 def uniform_runs(name: str, L: int) -> list[tuple[int, int, str]]:
-    from txlab.policy.remat import segments
+    from txlab.measure.planning import uniform_plan
 
-    remat, every = {"none": ("none", 1), "block": ("block", 1), "sqrt": ("sqrt", 1), "selective": ("selective", 1)}.get(
-        name, ("every", int(name.removeprefix("every")) if name.startswith("every") else 1)
-    )
-    mode = "selective" if remat == "selective" else "full"
-    return [(a, b, mode if r else "keep") for a, b, r in segments(L, remat, every)]
+    if name.startswith("every"):
+        return uniform_plan(L, "every", int(name.removeprefix("every")))
+    return uniform_plan(L, name)
 
 
 def base_config(

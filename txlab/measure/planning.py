@@ -158,8 +158,13 @@ def _cost(blocks: list[BlockCost], runs: list[Run]) -> float:
 def _heuristics(L: int) -> list[list[Run]]:
     """The uniform recomputation policies as plans: every block (full, selective), every k-th block
     (k = 2, 3, 4), sqrt(L) segments."""
-    out = []
-    for remat, every in [("block", 1), ("selective", 1), ("sqrt", 1)] + [("every", k) for k in (2, 3, 4) if k < L]:
-        mode = "selective" if remat == "selective" else "full"
-        out.append([(a, b, mode if recomputed else "keep") for a, b, recomputed in segments(L, remat, every)])
-    return out
+    return [
+        uniform_plan(L, remat, every)
+        for remat, every in [("block", 1), ("selective", 1), ("sqrt", 1)] + [("every", k) for k in (2, 3, 4) if k < L]
+    ]
+
+
+def uniform_plan(L: int, remat: str, every: int = 1) -> list[Run]:
+    """A uniform `policy.remat` (none, block, selective, sqrt, every k) as the runs of a plan."""
+    mode = "selective" if remat == "selective" else "full"
+    return [(a, b, mode if recomputed else "keep") for a, b, recomputed in segments(L, remat, every)]
