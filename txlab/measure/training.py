@@ -2,6 +2,10 @@
 the memory monitor (the first creates AdamW's state, the second is a steady-state step; the peak is
 over both), then `warmup_steps` untimed steps, then `steps` timed steps (device synchronized around each;
 the median is reported). `txlab.measure.trial` runs it on one device, `txlab.measure.sharded` on each rank.
+
+A `workload.compile` trial compiles in an untimed step before the memory steps, and that step is its first
+warm-up step: so a compiled trial trains the same steps on the same batches as the eager one and their
+losses compare (with `warmup_steps: 0` the compiling step is still taken: one step more than eager).
 """
 
 from __future__ import annotations
@@ -57,13 +61,13 @@ def _memory_steps(
 
 
 def _timed_steps(
-    parts: TrialParts, cfg: TrialConfig, device: torch.device, progress: bool
+    parts: TrialParts, cfg: TrialConfig, device: torch.device, progress: bool, warmup: int
 ) -> tuple[list[float], float]:
-    """`warmup_steps` untimed steps, then `steps` timed ones (device synchronized): their times, last loss."""
+    """`warmup` untimed steps, then `steps` timed ones (device synchronized): their times, last loss."""
     w = cfg.workload
-    for i in range(w.warmup_steps):
+    for i in range(warmup):
         parts.step(*parts.data.next())
-        log(progress, f"  warm-up step {i + 1}/{w.warmup_steps}")
+        log(progress, f"  warm-up step {i + 1}/{warmup}")
     times = []
     for i in range(w.steps):
         x, y = parts.data.next()
@@ -102,7 +106,8 @@ def measure_training(
         except BudgetExceeded as e:
             stopped_row(row, e)
             return
-        times, row["loss"] = _timed_steps(parts, cfg, device, progress)
+        warmup = max(0, w.warmup_steps - 1) if w.compile else w.warmup_steps  # the compiling step was the first
+        times, row["loss"] = _timed_steps(parts, cfg, device, progress, warmup)
     if ranks is not None:
         row["loss"] = mean_over_ranks(row["loss"], device)
     row["peak_rss_bytes"] = rss.peak if device.type == "cpu" else None
