@@ -37,6 +37,11 @@ def test_flops_per_token_attention_term_is_linear_in_the_sequence():
         ("NVIDIA A100 80GB PCIe", "bf16", 312e12),
         ("NVIDIA L40S", "bf16", 362.05e12),  # not L4's figure, though "L4" is in the name
         ("NVIDIA L4", "bf16", 121e12),
+        ("NVIDIA L40", "bf16", 181.05e12),  # neither L4 nor L40S
+        ("NVIDIA H100 PCIe", "bf16", 756.5e12),  # the PCIe part, not the SXM part's figure
+        ("NVIDIA H100 PCIe", "fp32", 51.2e12),
+        ("NVIDIA H100 NVL", "bf16", 835.5e12),
+        ("NVIDIA H200 NVL", "fp32", 60e12),
     ],
 )
 def test_peak_flops_by_device_name(name, dtype, expected):
@@ -50,6 +55,7 @@ def test_peak_flops_by_device_name(name, dtype, expected):
         ("cpu", "bf16"),
         ("NVIDIA GeForce RTX 4090", "bf16"),
         ("Tesla V100-SXM2-16GB", "fp32"),
+        ("NVIDIA GH100-ish", "bf16"),  # a word that only contains a model's name
         ("", "bf16"),
         ("NVIDIA H100 80GB HBM3", "fp16"),  # a dtype with no entry
     ],
