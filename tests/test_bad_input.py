@@ -540,6 +540,18 @@ CASES = [
         needle="measure.device: unknown device 'tpu'",
         id="run-unknown-device",
     ),
+    case(
+        "run",
+        "{d}/good.yaml",
+        "--set",
+        "parallel.fsdp=2",
+        "--set",
+        "workload.batch_size=2",
+        "--set",
+        "measure.device=cuda:1",
+        needle="measure.device: 'cuda:1' names one GPU, but the 2 ranks of parallel.fsdp run on cuda:0..1",
+        id="run-fsdp-one-named-gpu",
+    ),
     # --- run: stores --------------------------------------------------------------------------------
     case(
         "run", "{d}/good.yaml", "--store", "{d}/a_file", needle="a_file: store path is a file", id="run-store-is-file"

@@ -221,6 +221,7 @@ def test_merged_rows_say_which_rank_failed():
         ({"parallel.fsdp": 3}, "parallel.fsdp: 3 ranks must divide workload.batch_size"),
         ({"parallel.fsdp": 2, "workload.kind": "decode"}, "parallel.fsdp: sharded trials train"),
         ({"parallel.fsdp": 2, "policy.name": "planned", "measure.budget_gib": 1}, "the planner plans one device"),
+        ({"parallel.fsdp": 2, "measure.device": "cuda:1"}, r"measure.device: 'cuda:1' names one GPU.*cuda:0..1"),
     ],
 )
 def test_bad_parallel_configs_are_refused(over, needle):

@@ -36,7 +36,7 @@ def validate(cfg) -> None:
     _validate_data(cfg.model, cfg.data)
     _validate_train(cfg.train)
     _validate_measure(cfg.measure)
-    _validate_parallel(cfg.parallel, cfg.workload, cfg.policy)
+    _validate_parallel(cfg.parallel, cfg.workload, cfg.policy, cfg.measure)
     _positive("seed", cfg.seed, allow_zero=True)
 
 
@@ -204,7 +204,7 @@ def _gate_match(value: str, allowed: tuple[str, ...]) -> bool:
     return any(value == a if not a.endswith(":") else (value.startswith(a) and len(value) > len(a)) for a in allowed)
 
 
-def _validate_parallel(par, w, p) -> None:
+def _validate_parallel(par, w, p, ms) -> None:
     _positive("parallel.fsdp", par.fsdp)
     if par.fsdp == 1:
         return
@@ -219,3 +219,8 @@ def _validate_parallel(par, w, p) -> None:
         raise ConfigError("parallel.fsdp: the planner plans one device's memory; use another policy.name with fsdp > 1")
     if w.compile:
         raise ConfigError("workload.compile: not supported with parallel.fsdp > 1 yet; allowed: false")
+    if ms.device.startswith("cuda:"):  # rank r runs on cuda:r: one named GPU cannot hold the ranks
+        raise ConfigError(
+            f"measure.device: {ms.device!r} names one GPU, but the {par.fsdp} ranks of parallel.fsdp run on "
+            f"cuda:0..{par.fsdp - 1}; allowed with fsdp > 1: auto, cpu, cuda (pick GPUs with CUDA_VISIBLE_DEVICES)"
+        )
