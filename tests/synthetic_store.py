@@ -4,9 +4,9 @@ Not measurements: a rough analytic memory and time model (GPT-2 small width, fp3
 statuses a real sweep produces (oom above the cap, over_budget just around it, one error, estimated rows
 beyond the measured lengths). Host and sweep name say "synthetic".
 
-    python tests/test_analysis_synthetic.py DIR            # writes a demo store to DIR
-    python tests/test_analysis_synthetic.py DIR sweep400   # the 400-trial estimate sweep (8 x 10 x 5)
-    python tests/test_analysis_synthetic.py DIR sizes      # the estimated frontier of gpt2 small..xl
+    python tests/synthetic_store.py DIR            # writes a demo store to DIR
+    python tests/synthetic_store.py DIR sweep400   # the 400-trial estimate sweep (8 x 10 x 5)
+    python tests/synthetic_store.py DIR sizes      # the estimated frontier of gpt2 small..xl
 
 The last two are shaped like `txlab sweep` in estimate mode (every row `measured: false`, `over_budget` past
 the budget) at the scale of a real sweep, for checking that plots and the report stay readable.

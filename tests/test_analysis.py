@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from test_analysis_synthetic import synthetic_rows, write_store
 
+from tests.synthetic_store import synthetic_rows, write_store
 from txlab.analysis.cli import write_plots
 from txlab.analysis.data import AnalysisError, budgets_of, prepare
 from txlab.analysis.frontier import frontier

@@ -1,7 +1,7 @@
 """Plots at the scale of real sweeps (issue 18): one colour per policy in every store, panels that wrap
 within a bounded width, heat-map text at tick-label size that fits its cell.
 
-The 400-trial and gpt2-sizes stores are synthetic (tests/test_analysis_synthetic.py), built as DataFrames:
+The 400-trial and gpt2-sizes stores are synthetic (tests/synthetic_store.py), built as DataFrames:
 every plot takes one, and nothing is written.
 """
 
@@ -14,8 +14,8 @@ import matplotlib
 import pandas as pd
 import pytest
 from matplotlib.colors import to_rgb
-from test_analysis_synthetic import SIZES_100, SWEEP_400, synthetic_rows
 
+from tests.synthetic_store import SIZES_100, SWEEP_400, synthetic_rows
 from txlab.analysis.data import POLICY_ORDER, prepare
 from txlab.analysis.layout import MAX_COLS, MAX_WIDTH_IN
 from txlab.analysis.palette import KV_POLICIES, PRESETS, RESERVED_COLORS, STATUS_MARKERS, palette, style

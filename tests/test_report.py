@@ -10,8 +10,8 @@ import shutil
 import subprocess
 
 import pytest
-from test_analysis_synthetic import synthetic_rows, write_store
 
+from tests.synthetic_store import synthetic_rows, write_store
 from txlab.analysis.plots import PLOTS
 from txlab.analysis.report import write_report
 
