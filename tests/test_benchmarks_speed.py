@@ -29,7 +29,23 @@ def test_memory_for_free_debug(tmp_path):
     losses = by.loc[["recompute", "recompute-chunked", "recompute-0.2"], "loss"]
     assert losses.max() - losses.min() < 1e-4
     assert "attention sdpa" in by.loc["recompute", "note"] and "chunked" in by.loc["recompute-0.2", "note"]
+    M.show(df)
     assert M.plot(df, tmp_path / "mff.png").stat().st_size > 0
+
+
+def test_memory_for_free_without_hf(tmp_path, capsys):
+    """The selective comparison runs no HF contender: ratios, table, goal lines and plot are sdpa's."""
+    import memory_for_free as M
+
+    variants = ["sdpa", "selective", "selective-matmuls", "selective-torchtitan"]
+    # 512 tokens: long enough for the blocks' activations, not the loss, to make the peak
+    df = M.run([512], variants, reps=1, ram_cap_gib=1.0, size="debug", log=False)
+    by = df.set_index("variant")
+    assert "time_vs_hf_gc" not in df and by.loc["sdpa", "time_vs_sdpa"] == 1.0
+    assert (by.loc[variants[1:], "activations_vs_sdpa"] < 1.0).all()  # every save list holds less than sdpa
+    M.show(df)
+    assert capsys.readouterr().out.count("x sdpa (<= 1.10)") == 3
+    assert M.baseline(df) == "sdpa" and M.plot(df, tmp_path / "mff.png").stat().st_size > 0
 
 
 def test_planned_vs_uniform_debug(tmp_path):
