@@ -70,13 +70,8 @@ def build(v: str, T: int, size: str):
     """A contender; the chunked variants run the recompute preset with `policy.attention: chunked` (0.2's
     recompute), `recompute-0.2` also with 0.2's kernels."""
     if v in SAVES:
-        from txlab.policy.remat import Recomputed
-
-        c = C.build("selective", T, size)
-        for m in c.model.modules():
-            if isinstance(m, Recomputed):
-                m.save = SAVES[v]
-        return C.Contender(v, c.model, c.loss, c.note + f"; saves as {SAVES[v]}")
+        c = C.build("selective", T, size, overrides={"policy.selective_save": SAVES[v]})
+        return C.Contender(v, c.model, c.loss, c.note + f"; policy.selective_save {SAVES[v]}")
     if v not in CHUNKED:
         return C.build(v, T, size)
     import functools

@@ -552,6 +552,14 @@ CASES = [
         needle="measure.device: 'cuda:1' names one GPU, but the 2 ranks of parallel.fsdp run on cuda:0..1",
         id="run-fsdp-one-named-gpu",
     ),
+    case(
+        "run",
+        "{d}/good.yaml",
+        "--set",
+        "policy.selective_save=torchtitan",
+        needle="policy.selective_save: 'torchtitan' says what a selective recomputation keeps, but policy.remat is",
+        id="run-selective-save-without-selective",
+    ),
     # --- run: stores --------------------------------------------------------------------------------
     case(
         "run", "{d}/good.yaml", "--store", "{d}/a_file", needle="a_file: store path is a file", id="run-store-is-file"

@@ -26,6 +26,7 @@ Attention = Literal["sdpa", "math", "chunked"]
 Remat = Literal["none", "block", "every", "sqrt", "selective", "planned"]
 Loss = Literal["full", "chunked"]
 Kv = Literal["cache", "grouped", "recompute"]
+SelectiveSave = Literal["txlab", "matmuls", "torchtitan"]  # txlab.policy.remat.SELECTIVE_POLICIES
 Kind = Literal["train", "prefill", "decode"]
 Dtype = Literal["fp32", "bf16"]
 Init = Literal["random", "pretrained"]
@@ -105,6 +106,9 @@ class PolicyConfig:
     loss: Loss = "full"  # full T x V logits, or projection + cross-entropy per loss_chunk tokens
     loss_chunk: int = 1024  # tokens per chunk of the chunked loss
     kv: Kv = "cache"  # prefill/decode: keep K/V (cache; grouped = GQA model) or recompute them from kept layer inputs
+    # what a selective recomputation saves: txlab's list (matmuls + fused attention), torch's documented
+    # example (matmuls only), or torchtitan's op-level policy (every second matmul recomputed)
+    selective_save: SelectiveSave = field(default="txlab", metadata={SINCE: "0.2"})
 
 
 @dataclass

@@ -102,6 +102,11 @@ def _validate_policy(m, p, w, ms) -> None:
                 raise ConfigError(f"policy.{key}: {getattr(p, key)} is larger than workload.seq_len ({w.seq_len})")
     if p.loss == "chunked" and p.loss_chunk > w.seq_len:
         raise ConfigError(f"policy.loss_chunk: {p.loss_chunk} is larger than workload.seq_len ({w.seq_len})")
+    if p.selective_save != "txlab" and p.remat not in ("selective", "planned"):
+        raise ConfigError(
+            f"policy.selective_save: {p.selective_save!r} says what a selective recomputation keeps, but "
+            f"policy.remat is {p.remat!r}; allowed with remat selective or planned (else leave it txlab)"
+        )
     if p.remat == "every" and p.remat_every > m.n_layers:
         raise ConfigError(f"policy.remat_every: {p.remat_every} is larger than model.n_layers ({m.n_layers})")
     if p.remat == "planned" and ms.budget_gib is None:

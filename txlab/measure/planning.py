@@ -19,19 +19,24 @@ from txlab.model.attention import chunked_tile_body
 from txlab.model.gpt import Block, rope_tables
 from txlab.policy.apply import apply_policy
 from txlab.policy.planner import RATES, BlockCost, NoFeasiblePlan, Plan, Run, model_peak, optimise, run_cost
-from txlab.policy.remat import PLAN_MODES, SELECTIVE_SAVE, Recomputed, segments
+from txlab.policy.remat import PLAN_MODES, SELECTIVE_POLICIES, Recomputed, segments
 
 # --- profiling a block on fake tensors --------------------------------------------------------------
 
 
-def _recompute_seconds(block, x, rope, kind: str, autocast) -> dict[str, float]:
-    """Seconds to recompute the block in each mode: FLOPs and bytes written of the ops recomputed."""
+def _recompute_seconds(block, x, rope, kind: str, autocast, save: str = "txlab") -> dict[str, float]:
+    """Seconds to recompute the block in each mode: FLOPs and bytes written of the ops recomputed (in a
+    selective run, the ops the `save` policy itself does not keep: asked as in a forward pass)."""
+    from types import SimpleNamespace
+
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
+    from torch.utils.checkpoint import CheckpointPolicy
     from torch.utils.flop_counter import flop_registry
 
     flops_per_s, bytes_per_s = RATES[kind]
     totals = {"keep": 0.0, "full": 0.0, "selective": 0.0}
+    keeps, forward = SELECTIVE_POLICIES[save](), SimpleNamespace(is_recompute=False)
 
     class Cost(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -42,7 +47,7 @@ def _recompute_seconds(block, x, rope, kind: str, autocast) -> dict[str, float]:
             written = sum(t.numel() * t.element_size() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
             secs = flops / flops_per_s + written / bytes_per_s
             totals["full"] += secs
-            if func not in SELECTIVE_SAVE:
+            if keeps(forward, func, *args, **kwargs) != CheckpointPolicy.MUST_SAVE:
                 totals["selective"] += secs
             return out
 
@@ -67,7 +72,7 @@ def profile_block(cfg: TrialConfig, kind: str = "cpu") -> BlockCost:
         rope = rope_tables(m, w.seq_len) if m.pos == "rope" else None
         grad_bytes = sum(q.numel() * q.element_size() for q in block.parameters())
         for mode in PLAN_MODES:
-            wrapped = block if mode == "keep" else Recomputed([block], selective=mode == "selective")
+            wrapped = block if mode == "keep" else Recomputed([block], mode == "selective", p.selective_save)
             tracker = tracker_cls(None)
             tracker.track_external(wrapped, *(rope or ()))
             with tracker:
@@ -87,7 +92,8 @@ def profile_block(cfg: TrialConfig, kind: str = "cpu") -> BlockCost:
                 # in the chain nothing holds y here, and gy is the transient the block above leaves
                 backward[mode] = gy_bytes + max(0, peak - base)
                 del y, gy, x
-        recompute = _recompute_seconds(block, torch.empty(w.batch_size, w.seq_len, m.d_model), rope, kind, autocast)
+        x = torch.empty(w.batch_size, w.seq_len, m.d_model)
+        recompute = _recompute_seconds(block, x, rope, kind, autocast, p.selective_save)
     return BlockCost(x_bytes, kept, backward, grad_bytes, recompute)
 
 

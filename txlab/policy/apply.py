@@ -27,7 +27,7 @@ def apply_policy(model: nn.Module, policy: PolicyConfig, plan: list[tuple[int, i
     if policy.remat == "planned":
         if plan is None:
             raise ValueError("policy.remat = planned needs a plan (txlab.measure.planning.plan_trial)")
-        apply_plan(model, plan)
+        apply_plan(model, plan, policy.selective_save)
     else:
-        apply_remat(model, policy.remat, policy.remat_every)
+        apply_remat(model, policy.remat, policy.remat_every, policy.selective_save)
     return get_loss(policy.loss, policy.loss_chunk)

@@ -117,14 +117,16 @@ def segments(n_layers: int, policy: str, every: int = 1) -> list[tuple[int, int,
             raise ValueError(f"unknown remat {policy!r}; known: none, block, every, sqrt, selective")
 
 
-def apply_remat(model: nn.Module, policy: str, every: int = 1) -> nn.Module:
-    """Wrap `model.blocks` in place for `policy`; parameters stay the same objects."""
+def apply_remat(model: nn.Module, policy: str, every: int = 1, save: str = "txlab") -> nn.Module:
+    """Wrap `model.blocks` in place for `policy`; parameters stay the same objects. `save`: what a selective
+    run keeps (a SELECTIVE_POLICIES name)."""
     if policy == "none":
         return model
     if policy == "planned":
         raise ValueError("remat 'planned' needs a plan: txlab.policy.planner chooses it and apply_plan applies it")
     mode = "selective" if policy == "selective" else "full"
-    return apply_plan(model, [(a, b, mode if r else "keep") for a, b, r in segments(len(model.blocks), policy, every)])
+    runs = [(a, b, mode if r else "keep") for a, b, r in segments(len(model.blocks), policy, every)]
+    return apply_plan(model, runs, save)
 
 
 # Modes of a run of blocks in a plan: keep everything, recompute the whole run from its input, or keep
@@ -132,8 +134,9 @@ def apply_remat(model: nn.Module, policy: str, every: int = 1) -> nn.Module:
 PLAN_MODES = ("keep", "full", "selective")
 
 
-def apply_plan(model: nn.Module, runs: list[tuple[int, int, str]]) -> nn.Module:
-    """Wrap `model.blocks` in place by (start, stop, mode) runs covering every block in order."""
+def apply_plan(model: nn.Module, runs: list[tuple[int, int, str]], save: str = "txlab") -> nn.Module:
+    """Wrap `model.blocks` in place by (start, stop, mode) runs covering every block in order; selective runs
+    keep what the `save` policy names."""
     blocks = list(model.blocks)
     if [r[0] for r in runs] != [0] + [r[1] for r in runs[:-1]] or runs[-1][1] != len(blocks):
         raise ValueError(f"plan runs {runs} do not cover blocks 0..{len(blocks)} in order")
@@ -143,7 +146,7 @@ def apply_plan(model: nn.Module, runs: list[tuple[int, int, str]]) -> nn.Module:
             case "keep":
                 wrapped.extend(blocks[start:stop])
             case "full" | "selective":
-                wrapped.append(Recomputed(blocks[start:stop], selective=mode == "selective"))
+                wrapped.append(Recomputed(blocks[start:stop], selective=mode == "selective", save=save))
             case _:
                 raise ValueError(f"unknown plan mode {mode!r}; known: {', '.join(PLAN_MODES)}")
     model.blocks = nn.ModuleList(wrapped)
