@@ -73,6 +73,7 @@ def run_new_recompute_trials(spec_path: Path, store: Path) -> set[str]:
 SCHEMA_FINGERPRINTS = {
     1: "3a63c4d7e2f40da8c12c07c78158309b15bfc7600de0e3a9494d5b0a019d235b",
     2: "29443d631af47f1e9757ab7d3254da445d806851e8d784bf6b9ed4df2e2b9c41",
+    3: "59b51d251cfc0605036f76cf5ec5056a70e30170b1645b94dcffdc5eea9387f8",
 }
 
 

@@ -12,7 +12,7 @@ from typing import Literal, get_args, get_origin
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Every row schema version and its migration note. Any change to the row's columns (one added, removed,
 # renamed or retyped; config keys included, since every config key is a column) bumps SCHEMA_VERSION and
 # adds a line here saying what changed and how rows of the version before read under it. Added columns
@@ -28,6 +28,8 @@ SCHEMA_HISTORY: dict[int, str] = {
     "figures gathered_params_bytes, comm_bytes, peak_spread_bytes), and compiled trials' compile_s; no "
     "migration: version-1 rows read them as null, which for a config key means its declared default (the 0.1 "
     "model, one device)",
+    3: "txlab 0.2: config column policy.selective_save (what selective runs keep); no migration: older rows "
+    "read it as its declared default, txlab (the only save list before it)",
 }
 
 STATUSES = ("ok", "oom", "over_budget", "error")
