@@ -119,18 +119,24 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+def trial_config(trial_key: str, flat: dict[str, Any]):
+    """The trial config the driver planned as `trial_key`, rebuilt from its flat keys on this node; raises
+    when this node resolves it to another key (a different txlab version is installed here)."""
+    from txlab.config import config_from_flat
+
+    cfg = config_from_flat(flat)
+    if cfg.trial_key != trial_key:
+        raise RuntimeError(
+            f"trial key mismatch: the driver planned {trial_key}, this node resolves {cfg.trial_key} "
+            "(is the same txlab version installed on every node?)"
+        )
+    return cfg
+
+
 def row_for(job: dict) -> dict:
     """The row of one job (`{"trial_key", "config", "mode", "precheck"}`): an estimate in estimate mode
     or when the precheck predicts the trial over its budget or over the memory free, else a measured run."""
-    from txlab.config import config_from_flat
-
-    cfg = config_from_flat(job["config"])
-    if cfg.trial_key != job["trial_key"]:
-        # The driver and this node resolve the same config differently: different txlab versions.
-        raise RuntimeError(
-            f"trial key mismatch: the driver planned {job['trial_key']}, this node resolves {cfg.trial_key} "
-            "(is the same txlab version installed on every node?)"
-        )
+    cfg = trial_config(job["trial_key"], job["config"])
     from txlab.measure.estimate import estimate_trial, precheck
     from txlab.measure.trial import run_trial
 
