@@ -12,6 +12,8 @@ from typing import Literal, get_args, get_origin
 
 import pyarrow as pa
 
+from txlab.units import GiB  # noqa: F401 - the analysis reads the unit of the byte columns from here
+
 SCHEMA_VERSION = 3
 # Every row schema version and its migration note. Any change to the row's columns (one added, removed,
 # renamed or retyped; config keys included, since every config key is a column) bumps SCHEMA_VERSION and
