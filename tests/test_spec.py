@@ -9,7 +9,8 @@ import yaml
 
 from txlab.cli import main
 from txlab.config import ConfigError
-from txlab.sweeps.driver import format_dry_run, plan
+from txlab.sweeps.dry_run import format_dry_run
+from txlab.sweeps.plan import plan
 from txlab.sweeps.spec import SkipRule, expand, load_spec, parse_spec
 
 SPECS = sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml"))
@@ -230,7 +231,7 @@ def test_skip_if_sees_resolved_presets():
 
 def test_dry_run_lists_skipped_and_stored(tmp_path):
     from txlab.results.store import Store
-    from txlab.sweeps.driver import error_row
+    from txlab.sweeps.rows import error_row
 
     spec = spec_of(grid={"workload.seq_len": [64, 128]}, skip_if=["workload.seq_len > 100"])
     store = tmp_path / "st"

@@ -156,7 +156,8 @@ def test_second_sweep_on_one_object_store_uri_is_refused_naming_the_holder(fast_
     sweep plans, then is refused by the lease before it starts Ray: exit 2, one line naming the holder."""
     import yaml
 
-    from txlab.sweeps.driver import plan, run_sweep
+    from txlab.sweeps.driver import run_sweep
+    from txlab.sweeps.plan import plan
     from txlab.sweeps.spec import parse_spec
 
     uri = f"memory://txlab-lease-{uuid.uuid4().hex[:8]}/store"

@@ -29,7 +29,7 @@ from txlab.config import build_config
 from txlab.results import columns
 from txlab.results.columns import SCHEMA_HISTORY, SCHEMA_VERSION, row_schema
 from txlab.results.store import MARKER, QUARANTINE, Store, check_store
-from txlab.sweeps.driver import plan
+from txlab.sweeps.plan import plan
 from txlab.sweeps.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]

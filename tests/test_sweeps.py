@@ -19,7 +19,8 @@ from tests.support import REPO, TINY_BASE, kill_session, row_files, trial_proces
 from txlab.cli import main
 from txlab.config import build_config
 from txlab.results.store import Store
-from txlab.sweeps.driver import error_row, run_in_subprocess
+from txlab.sweeps.rows import error_row
+from txlab.sweeps.trial import run_in_subprocess
 
 
 def run_txlab(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
@@ -73,14 +74,15 @@ def test_row_the_store_refuses_becomes_an_error_row(tmp_path):
     import json
     from types import SimpleNamespace
 
-    from txlab.sweeps.driver import Progress, _make_callback_class, plan
+    from txlab.sweeps.plan import plan
+    from txlab.sweeps.progress import Progress, make_callback_class
     from txlab.sweeps.spec import parse_spec
 
     spec = parse_spec({"name": "t", "base": TINY_BASE, "grid": {"workload.seq_len": [64, 128]}})
     p = plan(spec, str(tmp_path / "st"))
     jobs = {t.key: {"config": t.config.flat()} for t in p.to_run}
     progress = Progress("t", total=2, stream=io.StringIO())
-    writer = _make_callback_class()(p, jobs, progress, heartbeat_s=1e9)
+    writer = make_callback_class()(p, jobs, progress, heartbeat_s=1e9)
     good, bad = p.to_run
     for trial, extra in ((good, {}), (bad, {"from_the_future": 1})):
         row = {**error_row(trial.key, trial.config.flat(), "t", ""), "status": "ok", "error": None, **extra}
@@ -107,7 +109,8 @@ SHARDED = {**TINY_BASE, "workload": {**TINY_BASE["workload"], "batch_size": 4}, 
 
 
 def test_a_sharded_trial_asks_tune_for_one_bundle_per_rank(tmp_path):
-    from txlab.sweeps.driver import plan, trial_resources
+    from txlab.sweeps.placement import trial_resources
+    from txlab.sweeps.plan import plan
     from txlab.sweeps.spec import parse_spec
 
     raw = {"name": "t", "base": SHARDED, "grid": {"parallel.fsdp": [1, 4]}, "resources": {"cpu": 1.5, "gpu": 1}}
@@ -126,7 +129,8 @@ def test_a_sharded_trial_asks_tune_for_one_bundle_per_rank(tmp_path):
 
 def test_trials_that_can_never_be_placed_are_refused_on_a_fixed_cluster(capsys):
     from txlab.config import ConfigError
-    from txlab.sweeps.driver import _check_fits, scales_by_report
+    from txlab.sweeps.cluster import scales_by_report
+    from txlab.sweeps.placement import check_fits
     from txlab.sweeps.spec import expand, parse_spec
 
     def trials(**raw):
@@ -134,26 +138,26 @@ def test_trials_that_can_never_be_placed_are_refused_on_a_fixed_cluster(capsys):
         return spec, expand(spec).trials
 
     spec, ts = trials(resources={"cpu": 1})
-    _check_fits(spec, ts, [{"CPU": 1.0}, {"CPU": 1.0, "GPU": 0.0}], False, "the cluster")  # a rank on each node
+    check_fits(spec, ts, [{"CPU": 1.0}, {"CPU": 1.0, "GPU": 0.0}], False, "the cluster")  # a rank on each node
     with pytest.raises(ConfigError) as e:
-        _check_fits(spec, ts, [{"CPU": 1.0}], False, "the cluster (local)")
+        check_fits(spec, ts, [{"CPU": 1.0}], False, "the cluster (local)")
     assert str(e.value) == (
         "sweep t: trials with parallel.fsdp 2 need 2 x {1 CPU, 0 GPU} (resources per rank; 2 CPU and 0 GPU in all); "
         "the cluster (local) has 1 x {1 CPU, 0 GPU}: they can never be placed (lower resources or parallel.fsdp, "
         "or run on a larger cluster)"
     )
     for scales in (True, None):  # an autoscaler may add nodes (or Ray does not say): a warning, no refusal
-        _check_fits(spec, ts, [{"CPU": 1.0}], scales, "the cluster")
+        check_fits(spec, ts, [{"CPU": 1.0}], scales, "the cluster")
         assert "warning: trials with parallel.fsdp 2 need 2 x {1 CPU, 0 GPU}" in capsys.readouterr().err
     spec, ts = trials(resources={"cpu": 2, "gpu": 1})  # per node: min over CPU and GPU
-    _check_fits(spec, ts, [{"CPU": 8.0, "GPU": 1.0}] * 2, False, "c")
+    check_fits(spec, ts, [{"CPU": 8.0, "GPU": 1.0}] * 2, False, "c")
     with pytest.raises(ConfigError, match=r"has 2 x \{1 CPU, 2 GPU\}"):
-        _check_fits(spec, ts, [{"CPU": 1.0, "GPU": 2.0}] * 2, False, "c")
+        check_fits(spec, ts, [{"CPU": 1.0, "GPU": 2.0}] * 2, False, "c")
     spec, ts = trials(resources={"cpu": 4}, grid={"parallel.fsdp": [1]})
     with pytest.raises(ConfigError, match=r"each trial needs \{4 CPU, 0 GPU\}; c has 2 x \{2 CPU, 0 GPU\}"):
-        _check_fits(spec, ts, [{"CPU": 2.0}] * 2, False, "c")
+        check_fits(spec, ts, [{"CPU": 2.0}] * 2, False, "c")
     spec, ts = trials(resources={"cpu": 1}, mode="estimate")  # an estimate is one process, whatever N
-    _check_fits(spec, ts, [{"CPU": 1.0}], False, "c")
+    check_fits(spec, ts, [{"CPU": 1.0}], False, "c")
     # the v1 monitor's report: a read-only provider (nodes started by hand) names each type after its node
     report = '{"autoscaler_report": {"node_type_mapping": {"2ddb": "node_2ddb", "77af": "node_77af"}}}'
     assert scales_by_report(report) is False

@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 from txlab.config import ConfigError, all_keys, config_from_flat, parse_override, set_dotted
+from txlab.units import GiB
 
 
 def default_store(name: str) -> str:
@@ -39,7 +40,10 @@ def _in_ray_job_working_dir(store: str) -> bool:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from txlab.sweeps.driver import check_address, format_dry_run, plan, run_sweep
+    from txlab.sweeps.cluster import check_address
+    from txlab.sweeps.driver import run_sweep
+    from txlab.sweeps.dry_run import format_dry_run
+    from txlab.sweeps.plan import plan
     from txlab.sweeps.spec import load_spec
 
     spec = load_spec(args.spec)
@@ -110,7 +114,7 @@ def _fmt(value: Any, unit: str | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if unit == "GiB":
-        return f"{value / 2**30:.4f} GiB"
+        return f"{value / GiB:.4f} GiB"
     if isinstance(value, float):
         return f"{value:.4g}{' ' + unit if unit else ''}"
     return str(value)
@@ -129,7 +133,7 @@ def find_row(store_uri: str, key: str) -> dict[str, Any]:
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
-    from txlab.measure.trial import run_trial
+    from txlab.trial import run_trial
 
     stored = find_row(args.store, args.trial)
     keys = all_keys()
