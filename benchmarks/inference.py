@@ -213,7 +213,7 @@ def interleaved(args) -> pd.DataFrame:
     import torch
 
     from txlab.measure.inference import build_model
-    from txlab.model.decode import Inference
+    from txlab.model.decode import Inference, generate_tokens
 
     rows = []
     for T in args.lengths:
@@ -223,19 +223,17 @@ def interleaved(args) -> pd.DataFrame:
             cfg = load_config(None, {**base(args.size, T, args.decode_tokens, args.k_chunk), "policy.kv": kv, **extra})
             model = build_model(cfg, torch.device("cpu"))
             prompt = torch.randint(0, cfg.model.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
-            run = Inference(model, cfg.policy, T + args.decode_tokens, 1)
-            with torch.no_grad():
-                nxt = run.logits(run.prefill(prompt)[:, -1]).argmax(-1)
-            states[kv] = [run, nxt, []]
+            run = Inference(model, T + args.decode_tokens, 1, cfg.policy.kv, cfg.policy.k_chunk)
+            tokens = generate_tokens(run, prompt)  # the engine's loop, greedy
+            next(tokens)  # the prefill (untimed) and its token
+            states[kv] = [tokens, []]
             print(f"  interleaved: {kv} prefilled {T} tokens", file=sys.stderr, flush=True)
         for _ in range(args.decode_tokens):
-            for kv, st in states.items():
-                run, nxt, times = st
+            for kv, (tokens, times) in states.items():
                 t0 = time.perf_counter()
-                with torch.no_grad():
-                    st[1] = run.logits(run.step(nxt)).argmax(-1)
+                next(tokens)  # one step
                 times.append(time.perf_counter() - t0)
-        for kv, (_, _, times) in states.items():
+        for kv, (_, times) in states.items():
             rows.append({"seq_len": T, "kv": kv, "s_per_token": statistics.median(times), "tokens": len(times)})
         del states
     out = pd.DataFrame(rows)

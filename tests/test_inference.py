@@ -55,7 +55,7 @@ def test_every_kv_policy_gives_the_cache_logits_and_greedy_tokens(shape):
     )
     model = build_model(cfg, torch.device("cpu"))
     prompt = _prompt(cfg)
-    ref_tokens, ref_logits, _ = generate_greedy(model, dataclasses.replace(cfg.policy, kv="cache"), prompt, NEW)
+    ref_tokens, ref_logits, _ = generate_greedy(model, prompt, NEW, kv="cache")
     ref_logits = torch.stack(ref_logits)  # (NEW + 1, B, V)
     # the cache itself against the model's own forward over the whole generated sequence
     full = torch.cat([prompt, ref_tokens], dim=1)
@@ -75,7 +75,7 @@ def test_every_kv_policy_gives_the_cache_logits_and_greedy_tokens(shape):
     for kv, attention, k_chunk in cases:
         policy = dataclasses.replace(cfg.policy, kv=kv, attention=attention, q_chunk=16, k_chunk=k_chunk)
         apply_policy(model, policy)  # the prefill kernel is the model's, set from outside as in a trial
-        tokens, logits, _ = generate_greedy(model, policy, prompt, NEW)
+        tokens, logits, _ = generate_greedy(model, prompt, NEW, kv=kv, k_chunk=k_chunk)
         assert torch.equal(tokens, ref_tokens), (kv, attention, k_chunk)
         torch.testing.assert_close(torch.stack(logits), ref_logits, rtol=1e-4, atol=1e-5)
 
@@ -86,7 +86,7 @@ def test_every_kv_policy_gives_the_cache_logits_and_greedy_tokens(shape):
 def test_kv_cache_bytes_are_the_analytic_size(kv, n_kv_heads):
     cfg = cfg_of(model__n_kv_heads=n_kv_heads, policy__kv=kv)
     model = build_model(cfg, torch.device("cpu"))
-    _, _, run = generate_greedy(model, cfg.policy, _prompt(cfg, batch=1), NEW)
+    _, _, run = generate_greedy(model, _prompt(cfg, batch=1), NEW, kv=kv, k_chunk=cfg.policy.k_chunk)
     m = cfg.model
     T = PROMPT + NEW
     analytic = kv_cache_analytic_bytes(m.n_layers, m.n_kv_heads, m.d_model // m.n_heads, T, 4)
@@ -102,13 +102,13 @@ def test_grouped_cache_shrinks_by_the_head_ratio():
     sizes = {}
     for n_kv in (4, 2, 1):
         cfg = cfg_of(model__n_kv_heads=n_kv, policy__kv="cache" if n_kv == 4 else "grouped")
-        sizes[n_kv] = Inference(build_model(cfg, torch.device("cpu")), cfg.policy, PROMPT, 1).kv_cache_bytes
+        sizes[n_kv] = Inference(build_model(cfg, torch.device("cpu")), PROMPT, 1, kv=cfg.policy.kv).kv_cache_bytes
     assert sizes[4] == 2 * sizes[2] == 4 * sizes[1]
 
 
 def test_step_past_the_end_is_refused():
     cfg = cfg_of()
-    run = Inference(build_model(cfg, torch.device("cpu")), cfg.policy, PROMPT, 1)
+    run = Inference(build_model(cfg, torch.device("cpu")), PROMPT, 1, kv=cfg.policy.kv)
     run.prefill(_prompt(cfg, batch=1))
     with pytest.raises(ValueError, match="all are used"):
         run.step(torch.tensor([1]))

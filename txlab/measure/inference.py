@@ -17,24 +17,29 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from txlab.config import TrialConfig
+from txlab.config import TrialConfig, WorkloadConfig
 from txlab.measure.budget import BudgetExceeded, GiB, budget_bytes, over_budget, stopped_row
 from txlab.measure.device import sync
 from txlab.measure.memory import MemoryMonitor, RssWindow
 from txlab.measure.progress import log
 from txlab.measure.throughput import flops_per_token, mfu
-from txlab.model.decode import Inference, context_length
+from txlab.model.decode import Inference, generate_tokens
 from txlab.model.gpt import GPT
 from txlab.model.hf import init_model
 from txlab.model.quant import quantize_model, quantized_bytes, weight_bytes
 from txlab.policy.apply import apply_policy
 
 
+def context_length(workload: WorkloadConfig) -> int:
+    """Positions a trial's model must hold: the prompt, plus the generated tokens when decoding."""
+    return workload.seq_len + (workload.decode_tokens if workload.kind == "decode" else 0)
+
+
 def build_model(cfg: TrialConfig, device: torch.device, quant: bool = True) -> GPT:
     """The trial's model for inference: eval mode, int4 projections when asked. Run it under no_grad
     (parameters keep requires_grad: torch's memory tracker hooks every parameter's gradient)."""
     torch.manual_seed(cfg.seed)
-    model = init_model(cfg.model, context_length(cfg))
+    model = init_model(cfg.model, context_length(cfg.workload))
     if device.type != "cpu":
         model = model.to(device)
     model.eval()
@@ -73,34 +78,28 @@ def _run_once(
     """Prefill, and for decode `decode_tokens` greedy steps; times (device synchronized) when `timed`.
     `end_step` is called after the prefill and after every step (the monitor's per-forward reset).
     `keep_tokens`: return the generated tokens (off in measured runs: nothing extra is held)."""
-    w = cfg.workload
+    w, p = cfg.workload, cfg.policy
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if w.dtype == "bf16" else nullcontext()
+    times, tokens = [], ([] if keep_tokens else None)
     with torch.no_grad(), autocast:
         if timed:
             sync(device)
         t0 = time.perf_counter()
-        run = Inference(model, cfg.policy, context_length(cfg), w.batch_size, state_dtype(cfg))
-        hidden = run.prefill(prompt)
-        nxt = run.logits(hidden[:, -1]).argmax(-1)
-        del hidden
-        if timed:
-            sync(device)
-        prefill_s = time.perf_counter() - t0
-        end_step()
-        token_s, tokens = [], ([nxt] if keep_tokens else None)
-        if w.kind == "decode":
-            for _ in range(w.decode_tokens):
+        run = Inference(model, context_length(w), w.batch_size, p.kv, p.k_chunk, state_dtype(cfg))
+        steps = generate_tokens(run, prompt)  # greedy; lazy: the prefill runs at the first next()
+        for i in range(1 + (w.decode_tokens if w.kind == "decode" else 0)):  # the prefill's token, then steps
+            if i:  # a step's clock starts here (the prefill's before the state is allocated)
                 if timed:
                     sync(device)
                 t0 = time.perf_counter()
-                nxt = run.logits(run.step(nxt)).argmax(-1)
-                if timed:
-                    sync(device)
-                token_s.append(time.perf_counter() - t0)
-                if keep_tokens:
-                    tokens.append(nxt)
-                end_step()
-    return _Run(run, prefill_s, token_s, tokens)
+            nxt = next(steps)[1]  # the logits are not kept
+            if timed:
+                sync(device)
+            times.append(time.perf_counter() - t0)
+            if keep_tokens:
+                tokens.append(nxt)
+            end_step()
+    return _Run(run, times[0], times[1:], tokens)
 
 
 @torch.no_grad()
@@ -133,7 +132,9 @@ def measure_inference(cfg: TrialConfig, device: torch.device, row: dict[str, Any
     row["weight_bytes_fp"] = weight_bytes(model)
     # model FLOPs of one forward token at the longest context it sees (training's 6N + 12LHQT, over 3)
     row["flops_per_token"] = (
-        flops_per_token(model.num_non_embedding_params(), m.n_layers, m.n_heads, m.attn_head_dim(), context_length(cfg))
+        flops_per_token(
+            model.num_non_embedding_params(), m.n_layers, m.n_heads, m.attn_head_dim(), context_length(cfg.workload)
+        )
         / 3
     )
     if m.quant == "int4":

@@ -1,4 +1,8 @@
-"""Long-context inference: prefill and token-by-token decode under a KV policy (`policy.kv`).
+"""Long-context inference: prefill and token-by-token decode under a KV policy (`kv`).
+
+The engine knows models, not configs: it takes the narrow things a run needs (the KV policy's name, its
+tile, the positions to hold, the batch, the dtype), resolved by its callers (`txlab.measure.inference`
+from a trial's config, `txlab.train.generate` from a checkpoint's).
 
 The engine drives the model's own modules: each block's `attn.project` (the QKV projection, head split
 and RoPE of `txlab.model.gpt`), its attention kernel (set by `txlab.policy.apply_policy`) for the
@@ -7,7 +11,7 @@ in sync. What it adds is what decoding needs: absolute positions, and whatever t
 between steps:
 
 - `cache`: the keys and values of every layer, (B, n_kv_heads, T_max, head_dim) each, allocated once
-  for the whole run (T_max = seq_len, + decode_tokens when decoding), so the cache is never copied.
+  for the whole run (T_max = the prompt, + the generated tokens), so the cache is never copied.
 - `grouped`: the same cache on a grouped-query model (n_kv_heads < n_heads): it shrinks by the ratio.
 - `recompute`: no keys or values outlive one layer of one step. What is kept is each layer's
   attention input (the normalized residual stream, (B, T_max, d_model) per layer); a decode step
@@ -17,26 +21,35 @@ between steps:
 
 Every policy computes the same logits as `cache` (fp32 tolerance), which the tests hold them to, greedy
 generations included.
+
+`generate_tokens` is the one generation loop (decode trials, `txlab generate`, the tests' greedy runs):
+prefill once, then one `step` per token, each token chosen from the logits by a `pick` function (argmax,
+or `txlab generate`'s sampler).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from txlab.config import PolicyConfig, TrialConfig
 from txlab.model.gpt import GPT, apply_rope
 from txlab.model.quant import Int4Linear, unpack_int4
 
+KV_POLICIES = ("cache", "grouped", "recompute")
 
-def context_length(cfg: TrialConfig) -> int:
-    """Positions a trial's model must hold: the prompt, plus the generated tokens when decoding."""
-    w = cfg.workload
-    return w.seq_len + (w.decode_tokens if w.kind == "decode" else 0)
+
+def context_length(cfg) -> int:
+    """Moved to `txlab.measure.inference.context_length(workload)`; this forwarder only keeps
+    txlab/measure/training.py importing until it imports it from there (then delete it)."""
+    from txlab.measure.inference import context_length as moved
+
+    return moved(cfg.workload)
 
 
 def kv_cache_analytic_bytes(
@@ -58,12 +71,13 @@ def _kv_weight(qkv: nn.Module, start: int, dtype: torch.dtype) -> tuple[torch.Te
 
 @dataclass
 class Inference:
-    """One generation's state: the model, the policy, and what the policy keeps between steps."""
+    """One generation's state: the model, the KV policy, and what the policy keeps between steps."""
 
     model: GPT
-    policy: PolicyConfig
     max_len: int  # positions the run may reach (prompt + generated)
     batch_size: int
+    kv: str = "cache"  # KV policy: cache, grouped (the cache of a grouped-query model) or recompute
+    k_chunk: int = 512  # recompute: positions of K/V recomputed at a time (the tile); unused by the cache
     dtype: torch.dtype = torch.float32  # of the kept K/V (or layer inputs): the projections' output dtype
     pos: int = 0  # tokens consumed so far
     keys: list[torch.Tensor] = field(default_factory=list)
@@ -78,13 +92,17 @@ class Inference:
         self.device = m.wte.weight.device
         B, T, Hkv, D = self.batch_size, self.max_len, self.n_kv_heads, self.head_dim
         # Allocated up front, for the whole run: the cache never grows by copying.
-        if self.policy.kv in ("cache", "grouped"):
+        if self.max_len < 1:
+            raise ValueError(f"max_len: a run holds at least one position, got {self.max_len}")
+        if self.kv in ("cache", "grouped"):
             self.keys = [torch.empty(B, Hkv, T, D, dtype=self.dtype, device=self.device) for _ in m.blocks]
             self.values = [torch.empty(B, Hkv, T, D, dtype=self.dtype, device=self.device) for _ in m.blocks]
-        elif self.policy.kv == "recompute":
+        elif self.kv == "recompute":
+            if self.k_chunk < 1:
+                raise ValueError(f"k_chunk: the recompute tile holds at least one position, got {self.k_chunk}")
             self.inputs = [torch.empty(B, T, self.d_model, dtype=self.dtype, device=self.device) for _ in m.blocks]
         else:
-            raise ValueError(f"unknown kv policy {self.policy.kv!r}; known: cache, grouped, recompute")
+            raise ValueError(f"unknown kv policy {self.kv!r}; known: {', '.join(KV_POLICIES)}")
 
     # --- what the policy keeps -------------------------------------------------------------------
 
@@ -164,7 +182,7 @@ class Inference:
         row_max = torch.full((B, Hkv, G, 1), float("-inf"), dtype=torch.float32, device=q.device)
         row_sum = torch.zeros_like(row_max)
         acc = torch.zeros(B, Hkv, G, 1, D, dtype=torch.float32, device=q.device)
-        chunk = self.policy.k_chunk
+        chunk = self.k_chunk
         for k0 in range(0, t + 1, chunk):
             k1 = min(k0 + chunk, t + 1)
             if k1 == t + 1:  # the tile ends at the new position: its K/V are already computed
@@ -207,20 +225,65 @@ class Inference:
         return F.linear(hidden, self.model.lm_head.weight).float()
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """Logits (B, V) -> the most likely token of each row (B,)."""
+    return logits.argmax(-1)
+
+
 @torch.no_grad()
+def generate_tokens(
+    run: Inference,
+    prompt: torch.Tensor,
+    pick: Callable[[torch.Tensor], torch.Tensor] = greedy,
+    slide: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The generation loop: prefill `prompt` (B, T) into `run`, then one `run.step` per token.
+
+    Yields (logits (B, V) fp32, token (B,) = pick(logits)): first the token after the prompt, then, each
+    time the caller asks for the next one, the token after that (the previous token fed as one step).
+    Lazy: the caller stops it by not asking (an end-of-text token, a token budget), and no step is computed
+    past the last token taken, so n tokens cost the prefill and n - 1 steps, and use T + n - 1 positions.
+
+    When all `run.max_len` positions are used: `slide=False` raises (the step's ValueError); `slide=True`
+    crops the context as a model of max_len positions sees a longer text: the last max_len tokens are
+    prefilled again from position 0 for every further token (and a prompt longer than the run is cropped to
+    its last max_len tokens). This reproduces a loop that reruns the model on `ids[-max_len:]` exactly, at
+    that loop's cost (one prefill per token) once the window is full, and at one step per token before.
+    Only `slide=True` keeps the token history it needs for that.
+    """
+    B = prompt.shape[0]
+    history = [prompt] if slide else None
+    x = prompt[:, -run.max_len :] if slide else prompt
+    logits = run.logits(run.prefill(x)[:, -1])  # the prefill's hidden states are freed here
+    while True:
+        token = pick(logits)
+        yield logits, token
+        del logits  # before the next step: only what the caller kept stays alive
+        if slide:
+            history.append(token.view(B, 1))
+            if run.pos == run.max_len:  # the window is full: crop the context and prefill it again
+                window = torch.cat(history, dim=1)[:, -run.max_len :]  # (B, max_len)
+                history = [window]
+                logits = run.logits(run.prefill(window)[:, -1])
+                continue
+        logits = run.logits(run.step(token))
+
+
 def generate_greedy(
-    model: GPT, policy: PolicyConfig, prompt: torch.Tensor, n_new: int, dtype: torch.dtype = torch.float32
+    model: GPT,
+    prompt: torch.Tensor,
+    n_new: int,
+    kv: str = "cache",
+    k_chunk: int = 512,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, list[torch.Tensor], Inference]:
     """Prefill `prompt` (B, T), then `n_new` greedy steps: (tokens (B, n_new), logits of each step, state).
 
     Token i is the argmax of the logits after the prompt and tokens < i; `n_new` steps each feed one
-    token, so the state ends holding T + n_new positions.
+    token, so the state ends holding T + n_new positions and the logits are n_new + 1 (the last one after
+    the last token). `generate_tokens` with `greedy`, for n_new + 1 tokens.
     """
-    run = Inference(model, policy, prompt.shape[1] + n_new, prompt.shape[0], dtype)
-    out_logits = [run.logits(run.prefill(prompt)[:, -1])]
-    tokens = []
-    for _ in range(n_new):
-        nxt = out_logits[-1].argmax(-1)
-        tokens.append(nxt)
-        out_logits.append(run.logits(run.step(nxt)))
-    return torch.stack(tokens, dim=1), out_logits, run
+    run = Inference(model, prompt.shape[1] + n_new, prompt.shape[0], kv, k_chunk, dtype)
+    out = list(itertools.islice(generate_tokens(run, prompt), n_new + 1))
+    tokens = torch.stack([token for _, token in out[:n_new]], dim=1) if n_new else prompt[:, :0]
+    return tokens, [logits for logits, _ in out], run

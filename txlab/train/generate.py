@@ -1,20 +1,24 @@
 """`txlab generate`: sampling from a `txlab train` checkpoint (temperature, top-k, top-p, seed).
 
-The model runs without a KV cache (each new token re-reads the context, cropped to the model's
-sequence length): simple and exact, and fast enough for the sizes trained here. Sampling stops at
-the end-of-text token or after `max_new_tokens`.
+Tokens come from the decode engine's one generation loop (`txlab.model.decode.generate_tokens`) under
+the `cache` KV policy: the prompt is prefilled once, then each token is one step against the cache.
+Past the model's positions the context is cropped to its last `context` tokens, as the model sees a
+longer text (the window is prefilled again for each further token). Sampling stops at the end-of-text
+token or after `max_new_tokens`.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from txlab.config import ConfigError
 from txlab.data.tokenizer import Tokenizer, load_tokenizer
+from txlab.model.decode import Inference, generate_tokens
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -30,6 +34,21 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+def sampler(
+    temperature: float, top_k: int | None, top_p: float | None, gen: torch.Generator
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Logits (1, V) -> the next token (1,): the argmax at temperature 0, else a draw from `gen` over the
+    tokens top-k and top-p keep, at `temperature`."""
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        if temperature == 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(filter_logits(logits[0] / temperature, top_k, top_p), dim=-1)  # (V,)
+        return torch.multinomial(probs, 1, generator=gen)
+
+    return pick
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -42,22 +61,24 @@ def sample(
     eot_id: int | None = None,
     context: int | None = None,
 ) -> list[int]:
-    """New token ids after `prompt_ids`; temperature 0 is greedy."""
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
+    """New token ids after `prompt_ids`; temperature 0 is greedy. `context`: the positions the model
+    holds (None: as many as the prompt and the tokens need); the model sees the last `context` tokens."""
+    if max_new_tokens <= 0:
+        return []
+    param = next(model.parameters())
+    gen = torch.Generator(device=param.device).manual_seed(seed)
     ids = list(prompt_ids) or ([eot_id] if eot_id is not None else [0])  # an empty prompt starts a document
+    # n tokens use len(ids) + n - 1 positions (the last token is not fed back); at most `context` are held
+    positions = len(ids) + max_new_tokens - 1
+    run = Inference(model, min(positions, context) if context else positions, 1, kv="cache", dtype=param.dtype)
+    tokens = generate_tokens(
+        run, torch.tensor([ids], device=param.device), sampler(temperature, top_k, top_p, gen), slide=True
+    )
     out: list[int] = []
-    for _ in range(max_new_tokens):
-        x = torch.tensor([ids[-context:] if context else ids], device=device)
-        logits = F.linear(model(x)[0, -1], model.lm_head.weight).float()
-        if temperature == 0:
-            nxt = int(logits.argmax())
-        else:
-            probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
-            nxt = int(torch.multinomial(probs, 1, generator=gen))
+    for _, token in itertools.islice(tokens, max_new_tokens):
+        nxt = int(token)
         if nxt == eot_id:
             break
-        ids.append(nxt)
         out.append(nxt)
     return out
 
