@@ -17,10 +17,10 @@ from __future__ import annotations
 import sys
 
 from txlab.config import load_config
+from txlab.results.columns import GiB
 from txlab.results.store import Store
 
 H100 = "NVIDIA H100 80GB HBM3"
-GIB = 2**30
 
 
 def _model(policy: str, L: int, T: int, q: int, k: int, d: int = 768, V: int = 50257, h: int = 12):
@@ -71,7 +71,7 @@ def synthetic_rows(
 ) -> list[dict]:
     """`depths=None`: each size at its preset's depth (gpt2-small 12 ... gpt2-xl 48)."""
     rows = []
-    cap = 80 * GIB
+    cap = 80 * GiB
     shapes = [(size, L) for size in sizes for L in (depths or [None])]
     for size, L in shapes:
         for p in policies:
@@ -112,7 +112,7 @@ def synthetic_rows(
                     }
                     if not measured:
                         row["step_time_s"] = row["tokens_per_s"] = None
-                        if peak > budget_gib * GIB:
+                        if peak > budget_gib * GiB:
                             row["status"] = "over_budget"
                     elif peak > cap * 1.03:
                         row.update(
@@ -124,9 +124,9 @@ def synthetic_rows(
                             step_time_s=None,
                             tokens_per_s=None,
                         )
-                    elif peak > budget_gib * GIB:
+                    elif peak > budget_gib * GiB:
                         row.update(
-                            status="over_budget", error=f"peak {peak / GIB:.1f} GiB over budget {budget_gib} GiB"
+                            status="over_budget", error=f"peak {peak / GiB:.1f} GiB over budget {budget_gib} GiB"
                         )
                     rows.append(row)
     if error:

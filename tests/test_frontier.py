@@ -8,8 +8,7 @@ import pandas as pd
 import pytest
 
 from txlab.analysis.frontier import frontier, frontier_label, frontier_markdown, frontier_tables, versus_baseline
-
-GIB = 2**30
+from txlab.results.columns import GiB
 
 
 def row(policy, T, status="ok", peak=None, depth=2, q=512, k=512, step=None, measured=True, budget=None):
@@ -29,7 +28,7 @@ def row(policy, T, status="ok", peak=None, depth=2, q=512, k=512, step=None, mea
         "device": "cpu",
         "measured": measured,
         "measure.budget_gib": budget,
-        "peak_bytes": None if peak is None else int(peak * GIB),
+        "peak_bytes": None if peak is None else int(peak * GiB),
         "step_time_s": step,
     }
 

@@ -1,5 +1,5 @@
 """The attention-distance plot of `txlab attention`, drawn from its table alone (a Parquet path or a
-DataFrame with the columns of `txlab.measure.attention_distance`), never from a model.
+DataFrame with the columns of `txlab.interpret.attention_distance`), never from a model.
 
 One panel per layer (wrapped four a row, `layout`): the probability mass in distance bins that double
 in width (0, 1, 2-3, 4-7, ...), all heads together as bars, each head as a grey dot, the mass uniform
@@ -21,7 +21,16 @@ import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from txlab.analysis.layout import MAX_COLS, finish, grid, hide_empty, is_last_in_column, panel_width, wrap  # noqa: E402
+from txlab.analysis.layout import (  # noqa: E402
+    MAX_COLS,
+    finish,
+    grid,
+    hide_empty,
+    is_last_in_column,
+    panel_width,
+    save_figure,
+    wrap,
+)
 
 COLUMNS = ("layer", "head", "distance", "mass", "mean_distance", "tokens")
 ALL_HEADS = -1
@@ -122,10 +131,4 @@ def plot_attention_distance(source, title_text: str | None = None) -> plt.Figure
 
 def write_attention_plot(source, out: str | Path, stem: str = "attention_distance", title_text=None) -> list[Path]:
     """The plot as `out/stem.png` (130 dpi) and `.svg`; returns the paths."""
-    fig = plot_attention_distance(source, title_text)
-    out = Path(out)
-    paths = [out / f"{stem}.png", out / f"{stem}.svg"]
-    fig.savefig(paths[0], dpi=130, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
-    plt.close(fig)
-    return paths
+    return save_figure(plot_attention_distance(source, title_text), out, stem)

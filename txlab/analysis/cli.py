@@ -9,9 +9,9 @@ from txlab.analysis.data import AnalysisError, budgets_of, prepare, require_rows
 
 
 def _write_figures(df, out: Path, budgets: list[float], echo) -> dict[str, list[Path]]:
-    """Each plot the store can show as PNG + SVG; the others are skipped with their reason."""
-    import matplotlib.pyplot as plt
-
+    """Each plot the store can show as PNG + SVG (each figure closed once saved); the others are skipped with
+    their reason."""
+    from txlab.analysis.layout import save_figure
     from txlab.analysis.plots import PLOTS, Skipped, draw
 
     written = {}
@@ -20,11 +20,7 @@ def _write_figures(df, out: Path, budgets: list[float], echo) -> dict[str, list[
         if isinstance(fig, Skipped):
             echo(f"skipped {name}: {fig.reason}")
             continue
-        paths = [out / f"{name}.png", out / f"{name}.svg"]
-        fig.savefig(paths[0], dpi=130, bbox_inches="tight")
-        fig.savefig(paths[1], bbox_inches="tight")
-        plt.close(fig)
-        written[name] = paths
+        written[name] = save_figure(fig, out, name)
     return written
 
 

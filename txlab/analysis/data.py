@@ -26,10 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from txlab.results.columns import column_names, config_columns
+from txlab.results.columns import GiB, column_names, config_columns
 from txlab.results.store import StoreError, read_store
-
-GIB = 2**30  # GiB = 2^30 bytes, everywhere in analysis
 
 POLICY, DEPTH, SIZE, SEQ, KIND = "policy.name", "model.n_layers", "model.size", "workload.seq_len", "workload.kind"
 BUDGET = "measure.budget_gib"
@@ -150,7 +148,7 @@ def prepare(source: Source) -> pd.DataFrame:
     df["seq_len"] = pd.to_numeric(df[SEQ]).astype("Int64")
     measured = df["measured"].astype(object).where(df["measured"].notna(), True).astype(bool)
     df["basis"] = np.where(measured, "measured", "estimated")
-    df["peak_gib"] = pd.to_numeric(df["peak_bytes"], errors="coerce").astype(float) / GIB
+    df["peak_gib"] = pd.to_numeric(df["peak_bytes"], errors="coerce").astype(float) / GiB
     gk = group_keys()
     keyed = df[gk].astype(object).where(df[gk].notna(), "<null>").astype(str)
     df["group"] = keyed.agg("|".join, axis=1)
@@ -190,7 +188,7 @@ def budgets_of(df: pd.DataFrame, asked: Iterable[float] | None = None) -> tuple[
         return sorted(float(b) for b in stored), "store"
     cap = pd.to_numeric(df["device_capacity_bytes"], errors="coerce").dropna().unique()
     if len(cap):
-        return sorted({round(float(c) / GIB, 2) for c in cap}), "device capacity"
+        return sorted({round(float(c) / GiB, 2) for c in cap}), "device capacity"
     return [], "none"
 
 

@@ -26,7 +26,6 @@ import pandas as pd
 
 from txlab.analysis.data import (
     BASELINES,
-    GIB,
     KV,
     POLICY,
     Source,
@@ -37,6 +36,7 @@ from txlab.analysis.data import (
     prepare,
     setting_keys,
 )
+from txlab.results.columns import GiB
 
 FRONTIER_COLUMNS = [
     "setting",
@@ -69,7 +69,7 @@ def frontier_label(longest, shortest_tried, longest_tried) -> str:
 
 def feasible_mask(df: pd.DataFrame, budget_gib: float) -> pd.Series:
     peak = pd.to_numeric(df["peak_bytes"], errors="coerce")
-    return (df["status"] == "ok") & peak.notna() & (peak <= budget_gib * GIB)
+    return (df["status"] == "ok") & peak.notna() & (peak <= budget_gib * GiB)
 
 
 def frontier(source: Source, budgets: Iterable[float] | None = None) -> pd.DataFrame:
@@ -132,7 +132,7 @@ def _frontier_rows(g: pd.DataFrame, basis: str, budgets: list[float], skeys: lis
                 "shortest_tried": g["seq_len"].min(),
                 "longest_tried": g["seq_len"].max(),
                 "n_trials": len(g),
-                "peak_gib_at_frontier": float(best["peak_bytes"]) / GIB if best is not None else np.nan,
+                "peak_gib_at_frontier": float(best["peak_bytes"]) / GiB if best is not None else np.nan,
                 "q_chunk": best["policy.q_chunk"] if chunked else pd.NA,
                 "k_chunk": best["policy.k_chunk"] if chunked else pd.NA,
                 "device": first["device"],

@@ -4,6 +4,7 @@ beside a narrow figure and below a wide one. See docs/analysis.md ("Layout")."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import matplotlib
 
@@ -103,3 +104,15 @@ def finish(fig, title_text: str, handles: list, labels: list, note: str = "") ->
         fig.text(0.01, -0.01, note, fontsize=9, color="0.3", ha="left", va="top", wrap=True)
     fig.tight_layout(rect=(0, bottom, 1, 1))
     return fig
+
+
+def save_figure(fig, out: str | Path, stem: str, dpi: int = 130) -> list[Path]:
+    """`out/stem.png` (at `dpi`) and `out/stem.svg`, then the figure is closed (also when saving fails)."""
+    out = Path(out)
+    paths = [out / f"{stem}.png", out / f"{stem}.svg"]
+    try:
+        fig.savefig(paths[0], dpi=dpi, bbox_inches="tight")
+        fig.savefig(paths[1], bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return paths

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from txlab.analysis.data import GIB, AnalysisError, Source, budgets_of, prepare, require_rows
+from txlab.analysis.data import AnalysisError, Source, budgets_of, prepare, require_rows
 from txlab.analysis.frontier import (
     baseline_name,
     frontier,
@@ -35,6 +35,7 @@ from txlab.analysis.frontier import (
     versus_baseline,
     versus_pivot,
 )
+from txlab.results.columns import GiB
 
 CAPTIONS = {
     "memory_vs_length": "Peak memory against sequence length, one line per policy, a panel per depth. "
@@ -69,7 +70,7 @@ def status_counts(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def devices(df: pd.DataFrame) -> pd.DataFrame:
-    d = df.assign(capacity_gib=(pd.to_numeric(df["device_capacity_bytes"], errors="coerce") / GIB).round(1))
+    d = df.assign(capacity_gib=(pd.to_numeric(df["device_capacity_bytes"], errors="coerce") / GiB).round(1))
     cols = ["device", "capacity_gib", "host", "torch_version", "txlab_version"]
     d = d[cols].astype(object).where(d[cols].notna(), "")
     return d.value_counts().rename("trials").reset_index()
@@ -209,8 +210,10 @@ def _figures_as(df, budgets, save) -> dict[str, str]:
         if isinstance(fig, Skipped):
             out[name] = fig
             continue
-        out[name] = save(name, fig)
-        plt.close(fig)
+        try:
+            out[name] = save(name, fig)
+        finally:
+            plt.close(fig)
     return out
 
 

@@ -1,3 +1,3 @@
-"""Measuring one trial: devices, building a step (`step`), the memory monitor (`memory`), budgets
-(`budget`), one measured trial (`trial`) and inference trials (`inference`), fake-tensor estimation
-(`fake`, `estimate`, `planning`), the closed-form activation formula (`formula`) and FLOPs (`throughput`)."""
+"""The instruments of a trial and what they return: the memory monitor (`memory`), FLOPs and MFU
+(`throughput`), the closed-form activation formula (`formula`), and the typed records every stage of a
+trial returns (`records`). The trial pipeline that uses them is `txlab.trial`."""

@@ -4,13 +4,19 @@
 
 from __future__ import annotations
 
-from txlab.config import TrialConfig
+from txlab.config import ModelConfig, PolicyConfig, WorkloadConfig
 from txlab.policy.remat import segments
 
 # --- the closed form ------------------------------------------------------------------------------
 
 
-def formula_activation_bytes(cfg: TrialConfig, plan_segments: list[tuple[int, int, bool]] | None = None) -> int | None:
+def formula_activation_bytes(
+    m: ModelConfig,
+    p: PolicyConfig,
+    w: WorkloadConfig,
+    ranks: int = 1,
+    plan: list[tuple[int, int, str]] | None = None,
+) -> int | None:
     """Activation bytes of the transformer layers by Korthikanti et al. 2022 ("Reducing Activation
     Recomputation in Large Transformer Models", section 4), scaled to the trial.
 
@@ -25,28 +31,27 @@ def formula_activation_bytes(cfg: TrialConfig, plan_segments: list[tuple[int, in
     - recomputation (the paper's full recomputation): a recomputed run of layers keeps only its
       input, 2 sbh at 16 bits; `selective` is the paper's selective recomputation (no s^2 terms).
     Embeddings, the final norm and the logits are outside the formula (as in the paper). None for
-    workloads other than training.
+    workloads other than training. `ranks`: the data-parallel ranks sharing the batch; `plan`: a planned
+    trial's runs (start, stop, mode).
     """
-    m, p, w = cfg.model, cfg.policy, cfg.workload
     if w.kind != "train":
         return None
-    # one device's share: a sharded trial's ranks each hold batch_size / fsdp sequences
-    s, b, h, a = w.seq_len, w.batch_size // cfg.parallel.fsdp, m.d_model, m.n_heads
+    # one device's share: a sharded trial's ranks each hold batch_size / ranks sequences
+    s, b, h, a = w.seq_len, w.batch_size // ranks, m.d_model, m.n_heads
     word = 2 if w.dtype == "bf16" else 4  # bytes of a "16-bit" tensor of the paper in this trial
     mask = 1 if m.dropout > 0 else 0
     linear = s * b * h * (32 * word // 2 + 2 * mask)
     quadratic = 4 * a * s * s * b * word // 2 if p.attention == "math" and p.remat != "selective" else 0
     full_layer = linear + quadratic
     layer_input = s * b * h * word
-    runs = plan_segments if plan_segments is not None else _formula_segments(cfg)
+    runs = _plan_segments(plan) if plan is not None else _formula_segments(p, m.n_layers)
     total = 0
     for start, stop, recomputed in runs:
         total += layer_input if recomputed else full_layer * (stop - start)
     return int(total)
 
 
-def _formula_segments(cfg: TrialConfig) -> list[tuple[int, int, bool]]:
-    p, L = cfg.policy, cfg.model.n_layers
+def _formula_segments(p: PolicyConfig, L: int) -> list[tuple[int, int, bool]]:
     if p.remat == "selective":  # the paper's selective recomputation keeps every layer's linear terms
         return [(0, L, False)]
     if p.remat == "planned":
@@ -54,9 +59,7 @@ def _formula_segments(cfg: TrialConfig) -> list[tuple[int, int, bool]]:
     return segments(L, p.remat, p.remat_every)
 
 
-def plan_segments(plan: list[tuple[int, int, str]] | None) -> list[tuple[int, int, bool]] | None:
+def _plan_segments(plan: list[tuple[int, int, str]]) -> list[tuple[int, int, bool]]:
     """A plan's runs in the formula's terms: `full` runs keep their input only; `keep` and `selective`
     blocks keep the linear terms (the paper's selective recomputation)."""
-    if plan is None:
-        return None
     return [(a, b, mode == "full") for a, b, mode in plan]

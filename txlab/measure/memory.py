@@ -12,12 +12,23 @@ from __future__ import annotations
 import resource
 import sys
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from txlab.measure.budget import BudgetExceeded
+from txlab.measure.records import Memory
+from txlab.units import GiB
+
+
+class BudgetExceeded(RuntimeError):
+    """Tracked memory went over `measure.budget_gib` on a device without a hard cap (CPU): the tracker
+    stopped the step there, so `tracked_bytes` is a lower bound of the peak."""
+
+    def __init__(self, tracked_bytes: int, budget_bytes: int):
+        self.tracked_bytes, self.budget_bytes = tracked_bytes, budget_bytes
+        super().__init__(
+            f"tracked memory reached {tracked_bytes / GiB:.3f} GiB, over the budget of {budget_bytes / GiB:.3f} GiB; "
+            "stopped there (peak_bytes is a lower bound)"
+        )
 
 
 def mem_tracker_cls(sharded: bool = False):
@@ -103,23 +114,6 @@ def charge_as_cuda():
         mem_tracker._WeakRefInfo = base
 
 
-@dataclass
-class MemoryStats:
-    peak_bytes: int
-    params_bytes: int
-    grads_bytes: int
-    optimizer_bytes: int
-    activations_bytes: int
-    other_bytes: int
-    tracked_peak_bytes: int
-    reserved_bytes: int | None
-    gathered_params_bytes: int | None = None  # FSDP: unsharded parameters in flight (all-gathered)
-    comm_bytes: int | None = None  # FSDP: all-gather and reduce-scatter buffers
-
-    def as_row(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
 class MemoryMonitor:
     """`with MemoryMonitor(device, model, optimizer, inputs, budget) as mon: ...; mon.stats()`.
 
@@ -175,7 +169,7 @@ class MemoryMonitor:
         """Call between steps: MemTracker keeps per-module stats for one iteration only."""
         self.tracker.reset_mod_stats()
 
-    def stats(self) -> MemoryStats:
+    def stats(self) -> Memory:
         snap = self.tracker.get_tracker_snapshot("peak").get(self.device)
         if snap is None:  # MemTracker keys CPU tensors as device("cpu"); be lenient about the index
             snap = next(
@@ -205,9 +199,7 @@ class MemoryMonitor:
         else:
             peak, reserved = tracked, None
         other = max(0, peak - sum(part.values()))  # temporaries, buffers, inputs (+ allocator slack on CUDA)
-        return MemoryStats(
-            peak_bytes=peak, other_bytes=other, tracked_peak_bytes=tracked, reserved_bytes=reserved, **part
-        )
+        return Memory(peak_bytes=peak, other_bytes=other, tracked_peak_bytes=tracked, reserved_bytes=reserved, **part)
 
 
 # --- resident set size (CPU check on the tracker) --------------------------------------------------

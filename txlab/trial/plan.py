@@ -1,5 +1,5 @@
 """Planning a `planned` trial: profile one block on fake tensors, optimise the plan (the pure dynamic
-programme of `txlab.policy.planner`), check it with the estimator (`txlab.measure.fake`).
+programme of `txlab.policy.planner`), check it with the estimator (`txlab.trial.fake`).
 """
 
 from __future__ import annotations
@@ -11,15 +11,16 @@ from contextlib import nullcontext
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from txlab.config import TrialConfig
-from txlab.measure.budget import budget_bytes
-from txlab.measure.fake import fake_step_memory
+from txlab.config import ModelConfig, PolicyConfig, WorkloadConfig
 from txlab.measure.memory import charge_as_cuda, mem_tracker_cls
 from txlab.model.attention import chunked_tile_body
 from txlab.model.gpt import Block, rope_tables
 from txlab.policy.apply import apply_policy
 from txlab.policy.planner import RATES, BlockCost, NoFeasiblePlan, Plan, Run, model_peak, optimise, run_cost
 from txlab.policy.remat import PLAN_MODES, SELECTIVE_POLICIES, Recomputed, segments
+from txlab.trial.fake import fake_step_memory
+from txlab.runtime.progress import log
+from txlab.trial.resolve import Setup
 
 # --- profiling a block on fake tensors --------------------------------------------------------------
 
@@ -56,9 +57,8 @@ def _recompute_seconds(block, x, rope, kind: str, autocast, save: str = "txlab")
     return totals
 
 
-def profile_block(cfg: TrialConfig, kind: str = "cpu") -> BlockCost:
+def profile_block(m: ModelConfig, w: WorkloadConfig, p: PolicyConfig, kind: str = "cpu") -> BlockCost:
     """One block of the trial's model, on fake tensors under the same tracker, in each mode."""
-    m, w, p = cfg.model, cfg.workload, cfg.policy
     tracker_cls, _ = mem_tracker_cls()
     kept, backward = {}, {}
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if w.dtype == "bf16" else nullcontext
@@ -104,17 +104,17 @@ def _total(tracker) -> int:
 # --- planning a trial ---------------------------------------------------------------------------------
 
 
-def plan_trial(cfg: TrialConfig, kind: str = "cpu", rounds: int = 4) -> Plan:
-    """The plan for a `planned` trial, checked by the estimator. Raises NoFeasiblePlan."""
-    budget = budget_bytes(cfg.measure.budget_gib)
-    blocks = [profile_block(cfg, kind)] * cfg.model.n_layers
-    L = cfg.model.n_layers
+def plan_trial(setup: Setup, rounds: int = 4) -> Plan:
+    """The plan for a `planned` trial on a device of kind `setup.kind`, checked by the estimator. Raises
+    NoFeasiblePlan."""
+    budget, L = setup.budget_bytes, setup.model.n_layers
+    blocks = [profile_block(setup.model, setup.workload, setup.policy, setup.kind)] * L
 
     estimates: dict[tuple[Run, ...], int] = {}
 
     def estimate(runs: list[Run]) -> int:
         if tuple(runs) not in estimates:
-            estimates[tuple(runs)] = fake_step_memory(cfg, kind, plan=runs)[0]["peak_bytes"]
+            estimates[tuple(runs)] = fake_step_memory(setup, plan=runs)[0].peak_bytes
         return estimates[tuple(runs)]
 
     # calibrate the constant on the two extreme plans
@@ -174,3 +174,12 @@ def uniform_plan(L: int, remat: str, every: int = 1) -> list[Run]:
     """A uniform `policy.remat` (none, block, selective, sqrt, every k) as the runs of a plan."""
     mode = "selective" if remat == "selective" else "full"
     return [(a, b, mode if recomputed else "keep") for a, b, recomputed in segments(L, remat, every)]
+
+
+def planned(setup: Setup, progress: bool = False) -> Plan | None:
+    """The planner's plan for a `planned` trial (None for the other policies). Raises NoFeasiblePlan."""
+    if setup.policy.remat != "planned":
+        return None
+    chosen = plan_trial(setup)
+    log(progress, f"  plan: {chosen.describe()}")
+    return chosen

@@ -5,19 +5,20 @@ its code, with nothing allocated.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from txlab.config import TrialConfig
 from txlab.measure.memory import MemoryMonitor
-from txlab.measure.step import MEMORY_STEPS, build_trial
+from txlab.measure.records import Memory
 from txlab.model.attention import chunked_tile_body
 from txlab.parallel.fsdp import Ranks, close_ranks, fake_ranks
+from txlab.trial.build import MEMORY_STEPS, build_trial
+from txlab.trial.resolve import Setup
 
 
-def _make_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+def make_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Create AdamW's state now, as its first step would (one step on zero gradients; the values are
     fake anyway), and drop the gradients again, as `make_step` does before each step."""
     for group in optimizer.param_groups:
@@ -28,9 +29,10 @@ def _make_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 def fake_step_memory(
-    cfg: TrialConfig, kind: str = "cpu", plan: list[tuple[int, int, str]] | None = None, steady: bool = True
-) -> tuple[dict[str, Any], Any]:
-    """Run `build_trial` and its steps on fake tensors under the MemoryMonitor.
+    setup: Setup, plan: list[tuple[int, int, str]] | None = None, steady: bool = True
+) -> tuple[Memory, torch.nn.Module]:
+    """Run `build_trial` and its steps on fake tensors under the MemoryMonitor, for the device kind
+    `setup.kind` (cuda: CUDA's fused AdamW and allocator rounding, on fake CPU tensors).
 
     A measured trial watches `MEMORY_STEPS` = 2 steps because AdamW makes its state lazily in the
     first: the second step is the steady state, with the state alive throughout, and it holds the
@@ -38,34 +40,32 @@ def fake_step_memory(
     dispatched ops: most of the estimator's time); `steady=False` replays the measured run's steps
     exactly. The tests hold the two to the same figures.
 
-    `parallel.fsdp` = N > 1: rank 0 of N on torch's fake process group, the model sharded by FSDP2 as in
-    a measured sharded trial, under FSDPMemTracker: one rank's figures for any N, at the cost of one.
+    A sharded layout: rank 0 of N on torch's fake process group, the model sharded by FSDP2 as in a
+    measured sharded trial, under FSDPMemTracker: one rank's figures for any N, at the cost of one.
 
-    Returns the monitor's figures (as a row fragment) and the built model (fake), so callers can
-    read parameter counts. Allocates only the tracker's bookkeeping.
+    Returns the monitor's figures and the built model (fake), so callers can read parameter counts.
+    Allocates only the tracker's bookkeeping.
     """
-    sharded = cfg.parallel.fsdp > 1
-    ranks = fake_ranks(cfg.parallel.fsdp) if sharded else None  # the mesh before FakeTensorMode (FACTS)
+    setup = dataclasses.replace(setup, device=torch.device("cpu"), data=None)  # fake CPU tensors, synthetic tokens
+    ranks = fake_ranks(setup.layout.world) if setup.sharded else None  # the mesh before FakeTensorMode (FACTS)
     try:
-        return _fake_step(cfg, kind, plan, steady, ranks)
+        return _fake_step(setup, plan, steady, ranks)
     finally:
-        if sharded:
+        if ranks is not None:
             close_ranks()
 
 
-def _fake_step(cfg: TrialConfig, kind: str, plan, steady: bool, ranks: Ranks | None) -> tuple[dict[str, Any], Any]:
-    cpu = torch.device("cpu")
+def _fake_step(setup: Setup, plan, steady: bool, ranks: Ranks | None) -> tuple[Memory, torch.nn.Module]:
+    cuda = setup.kind == "cuda"
     with FakeTensorMode(allow_non_fake_inputs=False):
-        parts = build_trial(cfg, cpu, fused_optimizer=kind == "cuda", plan=plan, ranks=ranks)
+        parts = build_trial(setup, fused_optimizer=cuda, plan=plan, ranks=ranks)
         if steady:
-            _make_optimizer_state(parts.optimizer)
+            make_optimizer_state(parts.optimizer)
         batches = [parts.data.next() for _ in range(MEMORY_STEPS)]  # all alive in the window, as measured
         inputs = [t for b in batches for t in b]
-        cuda = kind == "cuda"
-        sharded = ranks is not None
         with (
             MemoryMonitor(
-                cpu, parts.model, parts.optimizer, inputs, None, cuda_accounting=cuda, sharded=sharded
+                setup.device, parts.model, parts.optimizer, inputs, None, cuda_accounting=cuda, sharded=ranks is not None
             ) as monitor,
             chunked_tile_body("ops" if cuda else "auto"),  # the tiles a CUDA run computes
         ):
@@ -73,7 +73,7 @@ def _fake_step(cfg: TrialConfig, kind: str, plan, steady: bool, ranks: Ranks | N
                 parts.step(x, y)
                 monitor.end_step()
         del batches, inputs
-        stats = monitor.stats().as_row()
-    if kind == "cuda":
-        stats["reserved_bytes"] = None  # the caching allocator's segments depend on history: not modelled
-    return stats, parts.model
+        memory = monitor.stats()
+    if cuda:  # the caching allocator's segments depend on history: not modelled
+        memory = dataclasses.replace(memory, reserved_bytes=None)
+    return memory, parts.model

@@ -1,0 +1,1 @@
+"""Looking inside a trained model: attention distances per layer (`txlab attention`)."""

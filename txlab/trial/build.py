@@ -1,0 +1,120 @@
+"""Building one training step: the model on its device with the policy applied (and sharded, for a rank of
+a sharded trial), AdamW, the step function and the batches. The measured trial (`txlab.trial.train`) and
+the estimator (`txlab.trial.fake`) build the same parts, so what is estimated is what is run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from txlab.data.batch import TrialBatches
+from txlab.data.synthetic import Synthetic
+from txlab.measure.formula import formula_activation_bytes
+from txlab.measure.records import Facts
+from txlab.measure.throughput import flops_per_token
+from txlab.model.gpt import GPT
+from txlab.model.hf import init_model
+from txlab.parallel.fsdp import Ranks, apply_fsdp
+from txlab.policy.apply import apply_policy
+from txlab.policy.planner import Plan
+from txlab.runtime.device import sync
+from txlab.runtime.optim import make_adamw
+from txlab.trial.resolve import Setup
+
+MEMORY_STEPS = 2  # the first step makes AdamW's state, the second is the steady state: the peak is over both
+
+
+def make_step(
+    model, loss_fn, optimizer, device: torch.device, dtype: str
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            hidden = model(x)
+            loss = loss_fn(hidden, model.lm_head.weight, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def compile_step(step, data, device: torch.device) -> float:
+    """With `workload.compile`: one untimed step before any measurement, in which torch.compile (inductor)
+    compiles the model's forward and backward graphs. Returns its wall seconds (device synchronized), from
+    which the trial reports `compile_s`: this step's time less the median timed step's."""
+    x, y = data.next()
+    sync(device)
+    t0 = time.perf_counter()
+    step(x, y)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def trial_batches(setup: Setup, ranks: Ranks | None = None) -> TrialBatches:
+    """The trial's (x, y) stream on its device: real text when the config reads some, else synthetic tokens
+    (same shapes). A rank of a sharded trial takes its share of the rows of the same global batches."""
+    m, w = setup.model, setup.workload
+    split = setup.data.train if setup.data is not None else Synthetic(m.vocab_size, w.seq_len, w.batch_size, setup.seed)
+    return TrialBatches(split, setup.device, *((ranks.rank, ranks.world) if ranks else ()))
+
+
+@dataclass
+class TrialParts:
+    """What one trial trains: built once, shared by the measured run and the estimator."""
+
+    model: GPT
+    loss_fn: Callable
+    optimizer: torch.optim.Optimizer
+    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    data: TrialBatches
+
+
+def build_trial(
+    setup: Setup,
+    fused_optimizer: bool | None = None,
+    plan: list[tuple[int, int, str]] | None = None,
+    ranks: Ranks | None = None,
+) -> TrialParts:
+    """Model on `setup.device` with the policy applied, AdamW, the step function and the data.
+
+    Works under a FakeTensorMode too (the estimator): the model is built on the CPU and moved only
+    when the device is not the CPU. `fused_optimizer` lets the estimator build CUDA's fused AdamW on
+    fake CPU tensors (None: fused on CUDA only). `plan`: the runs chosen by the planner, required
+    with policy.remat = planned. `ranks`: this process's place in a sharded trial (FSDP2 over its mesh).
+    """
+    m, w, device = setup.model, setup.workload, setup.device
+    torch.manual_seed(setup.seed)
+    model = init_model(m, w.seq_len)
+    if device.type != "cpu":  # a no-op on the CPU, and one fake tensors cannot take (Module._apply swaps)
+        model = model.to(device)
+    loss_fn = apply_policy(model, setup.policy, plan)
+    if ranks is not None:  # after recomputation wrapped the blocks: each wrapped block is sharded as a unit
+        apply_fsdp(model, ranks, w.dtype, setup.layout.reshard_after_forward)
+    if w.compile:
+        model.compile()
+    optimizer = make_adamw(model, device, fused=fused_optimizer)
+    step = make_step(model, loss_fn, optimizer, device, w.dtype)
+    return TrialParts(model, loss_fn, optimizer, step, trial_batches(setup, ranks))
+
+
+def training_facts(setup: Setup, model, plan: Plan | None) -> Facts:
+    """What a training trial computes: parameters, model FLOPs per token, the closed-form activations."""
+    m = setup.model
+    return Facts(
+        n_params=model.num_params(),
+        flops_per_token=flops_per_token(
+            model.num_non_embedding_params(), m.n_layers, m.n_heads, m.attn_head_dim(), setup.workload.seq_len
+        ),
+        formula_activation_bytes=formula_activation_bytes(
+            m, setup.policy, setup.workload, setup.layout.fsdp, plan.runs if plan is not None else None
+        ),
+        plan=plan.describe() if plan is not None else None,
+    )

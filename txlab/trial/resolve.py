@@ -1,0 +1,93 @@
+"""A trial's config resolved once into what its stages need: `Setup`.
+
+The stages (build, memory, timing, inference, estimation on fake tensors) take this small record, or the
+narrow parts of it they use, never the whole config: the budget is in bytes here and nowhere else, the
+device is a `torch.device`, the ranks are a `Layout`, the data is opened (bad data is a ConfigError here,
+before any work). What comes next lands here too: a layout of several parallel dimensions (tensor,
+context and expert parallel degrees beside `fsdp`), and the hardware profile a time model reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from txlab.config import ModelConfig, ParallelConfig, PolicyConfig, TrialConfig, WorkloadConfig
+from txlab.data.loader import Data, open_data
+from txlab.model.hf import check_pretrained
+from txlab.runtime.device import device_kind, resolve_device
+from txlab.units import gib_to_bytes
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a trial's ranks are laid out: one mesh of `fsdp` data-parallel ranks (FSDP2). Further parallel
+    degrees (tensor, context, expert) are one more field each, with `world` their product."""
+
+    fsdp: int = 1
+    reshard_after_forward: bool = True  # free gathered block parameters after forward
+
+    @classmethod
+    def of(cls, parallel: ParallelConfig) -> Layout:
+        return cls(parallel.fsdp, parallel.reshard_after_forward)
+
+    @property
+    def world(self) -> int:
+        """Ranks (processes, devices) the trial takes."""
+        return self.fsdp
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One trial, resolved: what every stage reads."""
+
+    trial_key: str
+    model: ModelConfig
+    policy: PolicyConfig
+    workload: WorkloadConfig
+    seed: int
+    kind: str  # "cpu" or "cuda": the device kind the figures are for (an estimate's fake tensors live on the CPU)
+    device: torch.device  # where tensors live: the trial's device (rank 0's when sharded); the CPU for estimates
+    budget_bytes: int | None  # measure.budget_gib in bytes (2^30 per GiB); None: no budget
+    layout: Layout
+    data: Data | None  # the opened real text; None: synthetic tokens
+    measure_device: str  # measure.device as written (free memory of a named GPU, a rank's GPU)
+
+    @property
+    def sharded(self) -> bool:
+        return self.layout.world > 1
+
+    @property
+    def context_length(self) -> int:
+        return context_length(self.workload)
+
+    def on(self, device: torch.device) -> Setup:
+        """The same trial on another device (a rank's own GPU)."""
+        return replace(self, device=device)
+
+
+def context_length(w: WorkloadConfig) -> int:
+    """Positions a trial's model must hold: the prompt, plus the generated tokens when decoding."""
+    return w.seq_len + (w.decode_tokens if w.kind == "decode" else 0)
+
+
+def resolve(cfg: TrialConfig, estimate: bool = False, kind: str | None = None) -> Setup:
+    """Resolve `cfg` once. Measured (`estimate` False): the device must exist here, the data and a
+    pretrained checkpoint are opened and checked (ConfigError before any work). An estimate models device
+    `kind` (default: the kind `measure.device` names) on fake CPU tensors and reads no data or weights."""
+    m, w = cfg.model, cfg.workload
+    if estimate:
+        kind = kind or device_kind(cfg.measure.device)
+        device, data = torch.device("cpu"), None
+    else:
+        device = resolve_device(cfg.measure.device)
+        kind = device.type
+        data = open_data(cfg) if cfg.data.source != "synthetic" else None
+        if m.init == "pretrained":
+            check_pretrained(m, context_length(w))
+    return Setup(
+        trial_key=cfg.trial_key, model=m, policy=cfg.policy, workload=w, seed=cfg.seed, kind=kind, device=device,
+        budget_bytes=gib_to_bytes(cfg.measure.budget_gib), layout=Layout.of(cfg.parallel), data=data,
+        measure_device=cfg.measure.device,
+    )  # fmt: skip
