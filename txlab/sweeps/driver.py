@@ -16,7 +16,7 @@ Shape of a run:
      `node_id`, and reports the row to Tune. A sharded trial starts one actor per rank in its bundles
      instead, each running its rank's worker process, and merges their rows (txlab.sweeps.ranks).
      Estimate-mode trials (fake tensors, nothing allocated) run in the actor, and actors are reused. An
-     exception inside the trial is already an `error` row (txlab.measure.trial); a trial process that dies
+     exception inside the trial is already an `error` row (txlab.trial.run_trial); a trial process that dies
      (signal, kernel OOM killer) becomes an `error` row there. Neither is retried. Only failures Ray sees (a
      lost node, a killed actor) go to Tune's FailureConfig, which retries them.
   4. The driver's `StoreWriter` callback (txlab.sweeps.progress) writes each reported row to the store as it
