@@ -32,8 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from txlab.measure.budget import BudgetExceeded, GiB  # noqa: F401 - C.GiB in the scripts
-from txlab.measure.memory import MemoryMonitor
+from txlab.measure.memory import BudgetExceeded, MemoryMonitor, measure_steps  # noqa: F401 - C.MemoryMonitor in the scripts
+from txlab.measure.records import Outcome, Records
+from txlab.trial.verdict import fail
+from txlab.units import GiB  # noqa: F401 - C.GiB in the scripts
 
 CPU = torch.device("cpu")
 TXLAB_PRESETS = ["naive", "sdpa", "checkpoint", "selective", "recompute"]
@@ -378,7 +380,7 @@ def benchmark_adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
     """txlab's AdamW (unfused on CPU) at learning rate 0: every op of the step runs (the moments, weight
     decay, the update), but the weights stay put, so contenders that share weights, and every repetition,
     see the same model and report comparable losses."""
-    from txlab.measure.step import make_adamw
+    from txlab.runtime.optim import make_adamw
 
     return make_adamw(model, CPU, lr=0.0, fused=False)
 
@@ -400,28 +402,20 @@ def make_step(c: Contender, optimizer: torch.optim.Optimizer | None):
 def tracked_steps(c: Contender, optimizer, batches, budget_bytes: int | None = None) -> dict:
     """Run the steps under txlab's MemoryMonitor: the peak and its breakdown (status over_budget, and the
     peak a lower bound, when the tracker stopped the step at the budget)."""
-    step = make_step(c, optimizer)
-    row = {"status": "ok", "loss": None}
     if c.prepare is not None:
         c.prepare()
-    try:
-        with MemoryMonitor(CPU, c.model, optimizer, [t for b in batches for t in b], budget_bytes) as mon:
-            for x, y in batches:
-                loss = step(x, y)
-                mon.end_step()
-        s = mon.stats()
-        row.update(
-            peak_bytes=s.peak_bytes,
-            params_bytes=s.params_bytes,
-            grads_bytes=s.grads_bytes,
-            optimizer_bytes=s.optimizer_bytes,
-            activations_bytes=s.activations_bytes,
-            other_bytes=s.other_bytes,
-        )
+    rec, loss = Records(outcome=Outcome()), None
+    try:  # txlab's measured window and its over-budget outcome, as a trial's
+        rec.memory, loss = measure_steps(CPU, c.model, optimizer, batches, make_step(c, optimizer), budget_bytes)
+    except BudgetExceeded as e:
+        fail(rec, e)
+    m = rec.memory
+    row = {"status": rec.outcome.status, "loss": None, "peak_bytes": m.peak_bytes}
+    if rec.outcome.status == "ok":
+        row.update(params_bytes=m.params_bytes, grads_bytes=m.grads_bytes, optimizer_bytes=m.optimizer_bytes,
+                   activations_bytes=m.activations_bytes, other_bytes=m.other_bytes)  # fmt: skip
         if not isinstance(loss, torch._subclasses.fake_tensor.FakeTensor):
             row["loss"] = float(loss)
-    except BudgetExceeded as e:
-        row.update(status="over_budget", peak_bytes=e.tracked_bytes)
     return row
 
 

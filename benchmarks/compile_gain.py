@@ -5,7 +5,7 @@ trials eager, per preset, with the compile time apart from the step time.
     python benchmarks/compile_gain.py --presets sdpa selective --seq-len 2048 --steps 5
     python benchmarks/compile_gain.py --from results/benchmarks/compile_gain/compile_gain.parquet
 
-Each trial is `txlab.measure.trial.run_trial` (a full training step: forward, backward, AdamW; the peak over
+Each trial is `txlab.trial.run_trial` (a full training step: forward, backward, AdamW; the peak over
 its two monitored steps, the median of `--steps` timed steps after `--warmup` untimed ones; a compiled
 trial takes one compiling step first and reports it as compile_s). Eager and compiled trials of a preset
 run back to back, alternating which goes first per preset, so load drifts hit both; the load is printed
@@ -28,7 +28,7 @@ def run(presets, seq_len: int, steps: int, warmup: int, size: str = "gpt2-small"
     import torch
 
     from txlab.config import load_config
-    from txlab.measure.trial import run_trial
+    from txlab.trial import run_trial
 
     rows = []
     for i, preset in enumerate(presets):

@@ -57,9 +57,8 @@ def main() -> None:
     import pandas as pd
 
     from txlab.config import load_config
-    from txlab.measure.device import resolve_device
-    from txlab.measure.estimate import estimate_trial
-    from txlab.measure.trial import run_trial
+    from txlab.runtime.device import resolve_device
+    from txlab.trial import estimate_trial, run_trial
 
     device = resolve_device(args.device)
     out = Path(args.out)

@@ -110,8 +110,7 @@ def plan(lengths: list[int], quick: bool = False) -> list[Check]:
 
 def _trial(check: Check) -> dict:
     from txlab.config import load_config
-    from txlab.measure.estimate import estimate_trial
-    from txlab.measure.trial import run_trial
+    from txlab.trial import estimate_trial, run_trial
 
     over = dict(check.overrides)
     if over.get("measure.budget_gib") == MIDWAY:

@@ -3,7 +3,7 @@
     nice python benchmarks/inference.py                         # 1024, 2048, 4096; prefill + 16 tokens
     nice python benchmarks/inference.py --lengths 1024 --decode-tokens 8
 
-Each trial is one `txlab.measure.trial.run_trial` in this process (the same code as `txlab run`): a decode
+Each trial is one `txlab.trial.run_trial` in this process (the same code as `txlab run`): a decode
 workload (prefill `seq_len` tokens, then generate `--decode-tokens` one at a time) under `policy.kv`
 cache (12 KV heads), grouped (the 4-KV-head variant of the model) and recompute (12 heads, K/V rebuilt
 from kept layer inputs in k_chunk tiles). Then the int4 projections against full precision at the
@@ -23,10 +23,10 @@ from pathlib import Path
 import pandas as pd
 
 from txlab.config import load_config
-from txlab.measure.trial import run_trial
 from txlab.model.decode import kv_cache_analytic_bytes
 from txlab.model.quant import quantize_model
 from txlab.results.store import Store
+from txlab.trial import run_trial
 
 GIB = 2**30
 MIB = 2**20
@@ -212,8 +212,9 @@ def interleaved(args) -> pd.DataFrame:
 
     import torch
 
-    from txlab.measure.inference import build_model
     from txlab.model.decode import Inference, generate_tokens
+    from txlab.trial.infer import build_model
+    from txlab.trial.resolve import resolve
 
     rows = []
     for T in args.lengths:
@@ -221,7 +222,7 @@ def interleaved(args) -> pd.DataFrame:
         for kv in args.kv:
             extra = {"model.n_kv_heads": args.grouped_kv_heads} if kv == "grouped" else {}
             cfg = load_config(None, {**base(args.size, T, args.decode_tokens, args.k_chunk), "policy.kv": kv, **extra})
-            model = build_model(cfg, torch.device("cpu"))
+            model = build_model(resolve(cfg))
             prompt = torch.randint(0, cfg.model.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
             run = Inference(model, T + args.decode_tokens, 1, cfg.policy.kv, cfg.policy.k_chunk)
             tokens = generate_tokens(run, prompt)  # the engine's loop, greedy

@@ -12,7 +12,7 @@ its way (`apply_plan`), so all contenders share the weights and the optimizer st
 trial's. AdamW's state is made before anything is measured, so every peak is a steady step's, which is a
 trial's peak (tests/test_estimate.py holds the two equal). Peak: txlab's MemoryMonitor over one step on
 real tensors. Budgets: evenly inside (block's peak, none's peak); `planned` is planned for each by
-`txlab.measure.planning.plan_trial` (the estimator checks its plan). Time: contenders interleaved per
+`txlab.trial.plan.plan_trial` (the estimator checks its plan). Time: contenders interleaved per
 repetition, the order rotating, after one warm-up round; median of --reps.
 """
 
@@ -31,7 +31,7 @@ UNIFORM = ["none", "block", "every2", "every3", "every4", "sqrt", "selective"]
 
 
 def uniform_runs(name: str, L: int) -> list[tuple[int, int, str]]:
-    from txlab.measure.planning import uniform_plan
+    from txlab.trial.plan import uniform_plan
 
     if name.startswith("every"):
         return uniform_plan(L, "every", int(name.removeprefix("every")))
@@ -64,14 +64,14 @@ class Shared:
     """One model and optimizer; `use(runs)` rewraps the original blocks by a plan."""
 
     def __init__(self, cfg):
-        import torch
 
-        from txlab.measure.fake import _make_optimizer_state
-        from txlab.measure.step import build_trial
+        from txlab.trial.build import build_trial
+        from txlab.trial.fake import make_optimizer_state
+        from txlab.trial.resolve import resolve
 
-        self.parts = build_trial(cfg, torch.device("cpu"))
+        self.parts = build_trial(resolve(cfg))
         self.blocks = list(self.parts.model.blocks)
-        _make_optimizer_state(self.parts.optimizer)  # the state exists from the start: steady steps only
+        make_optimizer_state(self.parts.optimizer)  # the state exists from the start: steady steps only
 
     def use(self, runs):
         import torch.nn as nn
@@ -85,21 +85,23 @@ class Shared:
         return self.parts.step(*self.parts.data.next())
 
     def peak(self, runs) -> dict:
+        import dataclasses
+
         import torch
 
-        from txlab.measure.memory import MemoryMonitor
+        from txlab.measure.memory import measure_steps
 
         self.use(runs)
-        x, y = self.parts.data.next()
-        with MemoryMonitor(torch.device("cpu"), self.parts.model, self.parts.optimizer, [x, y], None) as mon:
-            self.parts.step(x, y)
-        return mon.stats().as_row()
+        p = self.parts
+        memory, _ = measure_steps(torch.device("cpu"), p.model, p.optimizer, [p.data.next()], p.step)
+        return dataclasses.asdict(memory)
 
 
 def run(seq_len: int, vocab: int, n_layers: int, n_budgets: int, reps: int, size: str = "gpt2-small", log: bool = True):
     import pandas as pd
 
-    from txlab.measure.planning import plan_trial
+    from txlab.trial.plan import plan_trial
+    from txlab.trial.resolve import resolve
 
     shared = Shared(base_config(seq_len, vocab, n_layers, size=size))
     contenders = {name: uniform_runs(name, n_layers) for name in UNIFORM}
@@ -112,7 +114,7 @@ def run(seq_len: int, vocab: int, n_layers: int, n_budgets: int, reps: int, size
     plans = {}
     for b in budgets:
         t0 = time.perf_counter()
-        plan = plan_trial(base_config(seq_len, vocab, n_layers, b / C.GiB, "planned", size))
+        plan = plan_trial(resolve(base_config(seq_len, vocab, n_layers, b / C.GiB, "planned", size), True))
         name = f"planned@{b / C.GiB:.3f}"
         contenders[name] = plan.runs
         plans[name] = (b, plan, time.perf_counter() - t0)

@@ -52,7 +52,7 @@ def main() -> None:
     import pandas as pd
 
     from txlab.config import load_config
-    from txlab.measure.trial import run_trial
+    from txlab.trial import run_trial
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
     python benchmarks/presets_gpt2.py                       # 2048 (all presets) and 4096 (all but naive)
     python benchmarks/presets_gpt2.py --lengths 1024 --presets sdpa checkpoint --steps 3
 
-Each trial is one `txlab.measure.trial.run_trial` in this process (the same code as `txlab run`). Rows go to a
+Each trial is one `txlab.trial.run_trial` in this process (the same code as `txlab run`). Rows go to a
 txlab store (default results/bench_presets_gpt2); trials already stored are not rerun, so an
 interrupted run resumes. Prints a table, writes the table as Parquet and a plot beside the store.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 from txlab.config import load_config
-from txlab.measure.trial import run_trial
 from txlab.results.store import Store
+from txlab.trial import run_trial
 
 GIB = 2**30
 PRESETS = ["naive", "sdpa", "checkpoint", "selective", "recompute"]

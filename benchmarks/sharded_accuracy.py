@@ -42,8 +42,7 @@ def main() -> None:
     import pandas as pd
 
     from txlab.config import load_config
-    from txlab.measure.estimate import estimate_trial
-    from txlab.measure.trial import run_trial
+    from txlab.trial import estimate_trial, run_trial
 
     rows = []
     print(C.machine_line(), file=sys.stderr)

@@ -31,10 +31,10 @@ sys.path.insert(0, str(REPO))
 
 def sequential_phase(spec_path: str, store: str) -> None:
     """Child process: every trial of the spec, one after another, rows into `store`."""
-    from txlab.measure.trial import run_trial
     from txlab.results.columns import column_names
     from txlab.results.store import Store
     from txlab.sweeps.spec import expand, load_spec
+    from txlab.trial import run_trial
 
     spec = load_spec(spec_path)
     st = Store.open(store, create=True)

@@ -1,4 +1,4 @@
-"""Attention distance (txlab.measure.attention_distance, txlab.analysis.attention, `txlab attention`).
+"""Attention distance (txlab.interpret.attention_distance, txlab.analysis.attention, `txlab attention`).
 
 Models whose attention is known in advance: with q and k zeroed every score is equal, so each query
 spreads its attention uniformly over its causal past; with constant q and k rotated one position apart
@@ -17,7 +17,7 @@ import torch
 
 from tests.support import TEXT, cfg, train_tokenizer
 from txlab.cli import main
-from txlab.measure.attention_distance import (
+from txlab.interpret.attention_distance import (
     COLUMNS,
     _Capture,
     attention_distance,

@@ -61,7 +61,7 @@ def test_every_policy_compiles_exactly(preset):
 def test_a_compiled_trial_reports_compile_time_apart():
     """Inductor on the CPU: the trial is ok, the compiling first step is reported as compile_s and kept
     out of the step time (the median of the timed steps)."""
-    from txlab.measure.trial import run_trial
+    from txlab.trial import run_trial
 
     torch._dynamo.reset()
     over = {

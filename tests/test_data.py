@@ -15,8 +15,8 @@ from tests.support import TEXT, cfg, train_tokenizer
 from txlab.config import ConfigError
 from txlab.data.loader import Packed, Streamed, _pack, batches, corpus_documents, open_data
 from txlab.data.tokenizer import ByteTokenizer, load_tokenizer
-from txlab.measure.trial import run_trial
 from txlab.results.columns import column_names
+from txlab.trial import run_trial
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (tests/conftest.py)
 

@@ -2,17 +2,19 @@
 CUDA rounding, statuses and the command line."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 
 from txlab.cli import main
 from txlab.config import load_config
-from txlab.measure.budget import GiB
-from txlab.measure.estimate import estimate_trial
 from txlab.measure.formula import formula_activation_bytes
 from txlab.measure.memory import RssWindow, cuda_block_bytes
-from txlab.measure.trial import run_trial
 from txlab.results.columns import column_names
+from txlab.trial import estimate_trial, run_trial
+from txlab.trial.fake import fake_step_memory
+from txlab.trial.resolve import resolve
+from txlab.units import GiB
 
 TINY = {
     "model.n_layers": 2,
@@ -75,10 +77,12 @@ BREAKDOWN = ["peak_bytes", "params_bytes", "grads_bytes", "optimizer_bytes", "ac
 def test_one_steady_step_gives_the_figures_of_the_measured_two(preset, kind):
     """The estimator makes AdamW's state up front and watches one step; replaying the measured run's
     two steps (state made lazily in the first) must give the same figures, byte for byte."""
-    from txlab.measure.fake import fake_step_memory
 
     cfg = cfg_of({"workload.seq_len": 96, "model.dropout": 0.1, "workload.dtype": "bf16", "policy.name": preset})
-    steady, replay = fake_step_memory(cfg, kind, steady=True)[0], fake_step_memory(cfg, kind, steady=False)[0]
+    steady, replay = (
+        asdict(fake_step_memory(resolve(cfg, True, kind), steady=True)[0]),
+        asdict(fake_step_memory(resolve(cfg, True, kind), steady=False)[0]),
+    )
     assert {k: steady[k] for k in BREAKDOWN} == {k: replay[k] for k in BREAKDOWN}
 
 
@@ -91,7 +95,6 @@ def test_fake_chunked_attention_runs_representative_tiles_with_the_same_figures(
     must equal those of running every tile. CPU tiles run the fused body; the CUDA estimate models the
     PyTorch-ops body that CUDA runs."""
     import txlab.model.attention as attention
-    from txlab.measure.fake import fake_step_memory
 
     cfg = cfg_of(
         {
@@ -104,9 +107,9 @@ def test_fake_chunked_attention_runs_representative_tiles_with_the_same_figures(
             "policy.loss_chunk": 64,
         }
     )
-    skipped = fake_step_memory(cfg, kind)[0]
+    skipped = asdict(fake_step_memory(resolve(cfg, True, kind))[0])
     monkeypatch.setattr(attention, "SKIP_REPEATED_FAKE_TILES", False)
-    every = fake_step_memory(cfg, kind)[0]
+    every = asdict(fake_step_memory(resolve(cfg, True, kind))[0])
     assert {k: skipped[k] for k in BREAKDOWN} == {k: every[k] for k in BREAKDOWN}
     tiles = lambda fake: sum(len(ks) for _, _, ks in attention._tiles(T, q_chunk, k_chunk, fake))  # noqa: E731
     assert tiles(True) <= 6 < tiles(False)
@@ -179,16 +182,18 @@ def test_formula_matches_the_paper():
         },
     )
     # txlab never drops attention probabilities: the paper's a*s^2*b mask term is left out
-    assert formula_activation_bytes(cfg) == L * (s * b * h * 34 + 4 * a * s * s * b)
+    assert formula_activation_bytes(cfg.model, cfg.policy, cfg.workload) == L * (s * b * h * 34 + 4 * a * s * s * b)
     fused = load_config(
         None, {**{k: v for k, v in cfg.flat().items() if k.startswith(("model", "workload"))}, "policy.name": "sdpa"}
     )
-    assert formula_activation_bytes(fused) == L * s * b * h * 34
+    assert formula_activation_bytes(fused.model, fused.policy, fused.workload) == L * s * b * h * 34
     full = load_config(
         None,
         {**{k: v for k, v in cfg.flat().items() if k.startswith(("model", "workload"))}, "policy.name": "checkpoint"},
     )
-    assert formula_activation_bytes(full) == L * 2 * s * b * h  # the paper's full recomputation: 2sbhL
+    assert (
+        formula_activation_bytes(full.model, full.policy, full.workload) == L * 2 * s * b * h
+    )  # the paper's full recomputation: 2sbhL
 
 
 def test_cli_estimate_json_and_summary(capsys):

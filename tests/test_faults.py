@@ -160,7 +160,7 @@ def test_run_with_a_full_store_prints_the_row_and_fails_cleanly(tmp_path, monkey
 
     cfg = build_config({"model": {"n_layers": 2, "d_model": 64}})
     row = {**error_row(cfg.trial_key, cfg.flat(), None, ""), "status": "ok", "error": None}
-    monkeypatch.setattr("txlab.measure.trial.run_trial", lambda cfg, progress=True: row)
+    monkeypatch.setattr("txlab.trial.run_trial", lambda cfg, progress=True: row)
 
     def full(self, row):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.uri)

@@ -128,7 +128,7 @@ def test_config_from_a_checkpoint_fills_the_model_section_and_explicit_keys_win(
 
 
 def test_a_pretrained_trial_runs_on_the_checkpoints_weights(checkpoint):
-    from txlab.measure.trial import run_trial
+    from txlab.trial import run_trial
 
     family, hf, directory = checkpoint
     cfg = build_config(

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 
 from txlab.cli import main
 from txlab.config import load_config
-from txlab.measure.inference import build_model
-from txlab.measure.trial import run_trial
 from txlab.model.decode import Inference, generate_greedy, kv_cache_analytic_bytes
 from txlab.policy.apply import apply_policy
+from txlab.trial import run_trial
+from txlab.trial.infer import build_model
+from txlab.trial.resolve import resolve
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (tests/conftest.py)
 
@@ -53,7 +54,7 @@ def test_every_kv_policy_gives_the_cache_logits_and_greedy_tokens(shape):
         None,
         {**TINY, **MODELS[shape], "workload.kind": "decode", "workload.seq_len": PROMPT, "workload.decode_tokens": NEW},
     )
-    model = build_model(cfg, torch.device("cpu"))
+    model = build_model(resolve(cfg))
     prompt = _prompt(cfg)
     ref_tokens, ref_logits, _ = generate_greedy(model, prompt, NEW, kv="cache")
     ref_logits = torch.stack(ref_logits)  # (NEW + 1, B, V)
@@ -85,7 +86,7 @@ def test_every_kv_policy_gives_the_cache_logits_and_greedy_tokens(shape):
 )
 def test_kv_cache_bytes_are_the_analytic_size(kv, n_kv_heads):
     cfg = cfg_of(model__n_kv_heads=n_kv_heads, policy__kv=kv)
-    model = build_model(cfg, torch.device("cpu"))
+    model = build_model(resolve(cfg))
     _, _, run = generate_greedy(model, _prompt(cfg, batch=1), NEW, kv=kv, k_chunk=cfg.policy.k_chunk)
     m = cfg.model
     T = PROMPT + NEW
@@ -102,13 +103,13 @@ def test_grouped_cache_shrinks_by_the_head_ratio():
     sizes = {}
     for n_kv in (4, 2, 1):
         cfg = cfg_of(model__n_kv_heads=n_kv, policy__kv="cache" if n_kv == 4 else "grouped")
-        sizes[n_kv] = Inference(build_model(cfg, torch.device("cpu")), PROMPT, 1, kv=cfg.policy.kv).kv_cache_bytes
+        sizes[n_kv] = Inference(build_model(resolve(cfg)), PROMPT, 1, kv=cfg.policy.kv).kv_cache_bytes
     assert sizes[4] == 2 * sizes[2] == 4 * sizes[1]
 
 
 def test_step_past_the_end_is_refused():
     cfg = cfg_of()
-    run = Inference(build_model(cfg, torch.device("cpu")), PROMPT, 1, kv=cfg.policy.kv)
+    run = Inference(build_model(resolve(cfg)), PROMPT, 1, kv=cfg.policy.kv)
     run.prefill(_prompt(cfg, batch=1))
     with pytest.raises(ValueError, match="all are used"):
         run.step(torch.tensor([1]))

@@ -15,9 +15,11 @@ import pytest
 import torch
 
 from txlab.config import build_config
-from txlab.measure.inference import _run_once, build_model
-from txlab.measure.trial import run_trial, trial_batches
 from txlab.model.decode import kv_cache_analytic_bytes
+from txlab.trial import run_trial
+from txlab.trial.build import trial_batches
+from txlab.trial.infer import build_model, run_once
+from txlab.trial.resolve import resolve
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (tests/conftest.py)
@@ -75,8 +77,9 @@ def _cfg(directory, **over):
 
 def _trial_tokens(cfg) -> tuple[torch.Tensor, torch.Tensor]:
     """The trial's prompt (its own synthetic batch) and the greedy tokens its decode run generates."""
-    prompt = trial_batches(cfg, CPU, None).next()[0]
-    run = _run_once(build_model(cfg, CPU), cfg, prompt, CPU, timed=False, keep_tokens=True)
+    setup = resolve(cfg)
+    prompt = trial_batches(setup).next()[0]
+    run = run_once(build_model(setup), setup, prompt, timed=False, keep_tokens=True)
     return prompt, torch.stack(run.tokens, dim=1)  # (B, NEW + 1): after the prompt, then after each step
 
 
@@ -111,9 +114,9 @@ def test_pretrained_decode_trial_row(checkpoints, family):
 
 def _rel_error_by_hand(cfg, hf) -> tuple[float, float]:
     """int4 txlab logits against transformers' full-precision logits of a checkpoint, on the trial's prompt."""
-    prompt = trial_batches(cfg, CPU, None).next()[0]
+    prompt = trial_batches(resolve(cfg)).next()[0]
     with torch.no_grad():
-        lq, lr = build_model(cfg, CPU).logits(prompt), hf(prompt).logits
+        lq, lr = build_model(resolve(cfg)).logits(prompt), hf(prompt).logits
     return ((lq - lr).norm() / lr.norm()).item(), (lq.argmax(-1) == lr.argmax(-1)).float().mean().item()
 
 

@@ -7,13 +7,15 @@ import pytest
 import torch
 
 from tests.support import config
-from txlab.measure.budget import GiB
-from txlab.measure.planning import plan_trial
-from txlab.measure.trial import run_trial
 from txlab.model.gpt import GPT
 from txlab.policy.apply import apply_policy
 from txlab.policy.planner import BlockCost, NoFeasiblePlan, all_plans, model_peak, optimise
 from txlab.policy.remat import apply_plan
+from txlab.trial import run_trial
+from txlab.trial.fake import fake_step_memory
+from txlab.trial.plan import plan_trial
+from txlab.trial.resolve import resolve
+from txlab.units import GiB
 
 
 def random_block(rng: random.Random) -> BlockCost:
@@ -129,19 +131,18 @@ PLANNED = {
 
 
 def test_tighter_budget_more_recomputation_and_infeasible_names_the_smallest_budget():
-    from txlab.measure.fake import fake_step_memory
 
     L = PLANNED["model.n_layers"]
-    none_peak = fake_step_memory(config({**PLANNED, "policy.name": "sdpa"}))[0]["peak_bytes"]
-    block_peak = fake_step_memory(config({**PLANNED, "policy.name": "checkpoint"}))[0]["peak_bytes"]
+    none_peak = fake_step_memory(resolve(config({**PLANNED, "policy.name": "sdpa"}), True))[0].peak_bytes
+    block_peak = fake_step_memory(resolve(config({**PLANNED, "policy.name": "checkpoint"}), True))[0].peak_bytes
     assert block_peak < none_peak
-    loose = plan_trial(config({**PLANNED, "measure.budget_gib": none_peak / GiB * 1.01}))
+    loose = plan_trial(resolve(config({**PLANNED, "measure.budget_gib": none_peak / GiB * 1.01}), True))
     assert loose.runs == [(0, L, "keep")] and loose.cost_s == 0
     mid_budget = (none_peak + block_peak) / 2
-    mid = plan_trial(config({**PLANNED, "measure.budget_gib": mid_budget / GiB}))
+    mid = plan_trial(resolve(config({**PLANNED, "measure.budget_gib": mid_budget / GiB}), True))
     assert mid.peak_bytes <= mid_budget and 0 < mid.cost_s
     with pytest.raises(NoFeasiblePlan, match="smallest feasible budget is") as e:
-        plan_trial(config({**PLANNED, "measure.budget_gib": block_peak * 0.8 / GiB}))
+        plan_trial(resolve(config({**PLANNED, "measure.budget_gib": block_peak * 0.8 / GiB}), True))
     assert e.value.smallest_bytes <= block_peak  # never worse than recomputing every block
 
 
@@ -163,12 +164,13 @@ GPT2_1024 = {
 def test_a_budget_that_recomputing_every_block_fits_gets_a_plan(shape):
     """The DP's peak model can rank a mixed plan under recomputing every block (gpt2-small at 1024 tokens:
     2.297 vs 2.145 GiB estimated); `planned` must still fit any budget `checkpoint` fits."""
-    from txlab.measure.fake import fake_step_memory
 
-    block_peak = fake_step_memory(config({**PLANNED, **shape, "policy.name": "checkpoint"}))[0]["peak_bytes"]
-    none_peak = fake_step_memory(config({**PLANNED, **shape, "policy.name": "sdpa"}))[0]["peak_bytes"]
+    block_peak = fake_step_memory(resolve(config({**PLANNED, **shape, "policy.name": "checkpoint"}), True))[
+        0
+    ].peak_bytes
+    none_peak = fake_step_memory(resolve(config({**PLANNED, **shape, "policy.name": "sdpa"}), True))[0].peak_bytes
     budget = block_peak + (none_peak - block_peak) / 5  # the benchmark's lowest budget, where it failed
-    plan = plan_trial(config({**PLANNED, **shape, "measure.budget_gib": budget / GiB}))
+    plan = plan_trial(resolve(config({**PLANNED, **shape, "measure.budget_gib": budget / GiB}), True))
     assert plan.peak_bytes <= budget
 
 
@@ -176,26 +178,26 @@ def test_planned_never_recomputes_more_than_a_fitting_heuristic():
     """At the budget where the DP's pessimistic model recomputed every block although `every 2` fits
     (gpt2-small, 1024 tokens, the benchmark's second budget), the plan costs no more than the cheapest
     uniform heuristic that fits by the estimator."""
-    from txlab.measure.fake import fake_step_memory
-    from txlab.measure.planning import _cost, _heuristics, profile_block
+    from txlab.trial.plan import _cost, _heuristics, profile_block
 
-    block_peak = fake_step_memory(config({**PLANNED, **GPT2_1024, "policy.name": "checkpoint"}))[0]["peak_bytes"]
-    none_peak = fake_step_memory(config({**PLANNED, **GPT2_1024, "policy.name": "sdpa"}))[0]["peak_bytes"]
+    block_peak = fake_step_memory(resolve(config({**PLANNED, **GPT2_1024, "policy.name": "checkpoint"}), True))[
+        0
+    ].peak_bytes
+    none_peak = fake_step_memory(resolve(config({**PLANNED, **GPT2_1024, "policy.name": "sdpa"}), True))[0].peak_bytes
     budget = block_peak + (none_peak - block_peak) * 2 / 5
     cfg = config({**PLANNED, **GPT2_1024, "measure.budget_gib": budget / GiB})
-    plan = plan_trial(cfg)
-    blocks = [profile_block(cfg)] * 12
-    fitting = [r for r in _heuristics(12) if fake_step_memory(cfg, plan=r)[0]["peak_bytes"] <= budget]
+    plan = plan_trial(resolve(cfg, True))
+    blocks = [profile_block(cfg.model, cfg.workload, cfg.policy)] * 12
+    fitting = [r for r in _heuristics(12) if fake_step_memory(resolve(cfg, True), plan=r)[0].peak_bytes <= budget]
     assert plan.peak_bytes <= budget and len(fitting) > 1  # more than recomputing every block fits
     assert plan.cost_s <= min(_cost(blocks, r) for r in fitting) + 1e-12
 
 
 def test_run_trial_planned_fits_its_budget_and_stores_the_plan():
-    from txlab.measure.estimate import estimate_trial
-    from txlab.measure.fake import fake_step_memory
+    from txlab.trial import estimate_trial
 
-    none_peak = fake_step_memory(config({**PLANNED, "policy.name": "sdpa"}))[0]["peak_bytes"]
-    block_peak = fake_step_memory(config({**PLANNED, "policy.name": "checkpoint"}))[0]["peak_bytes"]
+    none_peak = fake_step_memory(resolve(config({**PLANNED, "policy.name": "sdpa"}), True))[0].peak_bytes
+    block_peak = fake_step_memory(resolve(config({**PLANNED, "policy.name": "checkpoint"}), True))[0].peak_bytes
     budget = (none_peak + 2 * block_peak) / 3 / GiB
     cfg = config({**PLANNED, "measure.budget_gib": budget})
     row = run_trial(cfg)

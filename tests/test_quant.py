@@ -8,9 +8,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from txlab.config import load_config
-from txlab.measure.inference import build_model
-from txlab.measure.trial import run_trial
 from txlab.model.quant import QMAX, Int4Linear, pack_int4, projection_names, quantize_model, unpack_int4, weight_bytes
+from txlab.trial import run_trial
+from txlab.trial.infer import build_model
+from txlab.trial.resolve import resolve
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (tests/conftest.py)
 
@@ -61,7 +62,7 @@ def test_quantize_model_swaps_every_projection_and_shrinks_them_8x():
     cfg = load_config(
         None, {"workload.kind": "prefill", "workload.seq_len": 32, "model.quant": "int4", "model.quant_group": 64}
     )
-    model = build_model(cfg, torch.device("cpu"), quant=False)
+    model = build_model(resolve(cfg), quant=False)
     proj = {n: model.get_submodule(n) for n in projection_names(model)}
     assert len(proj) == 4 * cfg.model.n_layers
     full = weight_bytes(model)

@@ -87,10 +87,11 @@ def test_the_planner_prices_a_selective_block_by_its_save_policy():
     """profile_block's selective mode: what it keeps and what it recomputes follow policy.selective_save (txlab
     keeps every matmul and attention output, torchtitan recomputes every second matmul, matmuls-only the
     attention), so a plan's estimate is the policy's, not txlab's list's."""
-    from txlab.measure.planning import profile_block
+    from txlab.trial.plan import profile_block
 
     base = {**MODEL, "model.dropout": 0.0, "policy.name": "planned", "measure.budget_gib": 1.0}
-    cost = {save: profile_block(config({**base, "policy.selective_save": save})) for save in SELECTIVE_POLICIES}
+    configs = {save: config({**base, "policy.selective_save": save}) for save in SELECTIVE_POLICIES}
+    cost = {save: profile_block(c.model, c.workload, c.policy) for save, c in configs.items()}
     kept = {save: c.kept["selective"] for save, c in cost.items()}
     redo = {save: c.recompute_s["selective"] for save, c in cost.items()}
     assert kept["torchtitan"] < kept["txlab"] and kept["matmuls"] < kept["txlab"]

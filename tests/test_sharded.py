@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from txlab.config import ConfigError, load_config
-from txlab.measure.estimate import estimate_trial
-from txlab.measure.sharded import merge_ranks
-from txlab.measure.step import make_adamw
-from txlab.measure.trial import run_trial
 from txlab.parallel.launch import spawn_ranks
+from txlab.runtime.optim import make_adamw
+from txlab.trial import estimate_trial, run_trial
+from txlab.trial.resolve import resolve
+from txlab.trial.sharded import merge_ranks
 
 SMALL = {"model.n_layers": 2, "model.d_model": 64, "model.n_heads": 4, "model.vocab_size": 97,
          "workload.seq_len": 32, "workload.batch_size": 4, "workload.steps": 1, "workload.warmup_steps": 0,
@@ -36,15 +36,15 @@ def _one_step_params(rank: int, world: int, config) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from txlab.measure.step import build_trial
     from txlab.parallel.fsdp import Ranks
+    from txlab.trial.build import build_trial
 
     torch.set_num_threads(1)
     ranks = None
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         ranks = Ranks(rank, world, init_device_mesh("cpu", (world,)))
-    parts = build_trial(config, torch.device("cpu"), ranks=ranks)
+    parts = build_trial(resolve(config), ranks=ranks)
 
     def gathered(t):  # a sharded tensor's full value (a collective: every rank calls it in the same order)
         return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().flatten().tolist()
@@ -84,9 +84,9 @@ def test_n_ranks_compute_the_one_process_loss_and_parameters(world, policy):
     for name in ref:
         a, b = torch.tensor(got[name]), torch.tensor(ref[name])
         assert torch.allclose(a, b, rtol=1e-5, atol=atol), (name, (a - b).abs().max())
-    from txlab.measure.step import build_trial
+    from txlab.trial.build import build_trial
 
-    initial = dict(build_trial(c, torch.device("cpu")).model.named_parameters())
+    initial = dict(build_trial(resolve(c)).model.named_parameters())
     name = next(n for n in ref if n.endswith("attn.qkv.weight"))
     assert not torch.allclose(torch.tensor(got[name]), initial[name].detach().flatten()), "the step moved nothing"
 
@@ -120,25 +120,23 @@ SHAPES = {
 
 
 def _measured_peaks(rank: int, world: int, configs: list) -> dict:
-    """Each config's training steps on this rank of one process group (as txlab.measure.sharded runs a
+    """Each config's training steps on this rank of one process group (as txlab.trial.sharded runs a
     trial, without a process group per trial): its peak."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from txlab.measure.row import base_row
-    from txlab.measure.step import trial_batches
-    from txlab.measure.training import measure_training
+    from txlab.measure.records import Records
     from txlab.parallel.fsdp import Ranks
+    from txlab.trial.train import measure_training
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     ranks = Ranks(rank, world, init_device_mesh("cpu", (world,)))
     peaks = []
     for c in configs:
-        row = base_row(c)
-        device = torch.device("cpu")
-        measure_training(c, device, row, False, trial_batches(c, device, None, ranks), ranks)
-        peaks.append(row["peak_bytes"])
+        rec = Records()
+        measure_training(resolve(c), rec, False, ranks)
+        peaks.append(rec.memory.peak_bytes)
     dist.destroy_process_group()
     return {"peaks": peaks}
 
@@ -215,14 +213,13 @@ def _a_live_rank(pid: int) -> bool:
 def test_merged_rows_say_which_rank_failed():
     c = cfg(parallel__fsdp=2)
     ok = {"status": "ok", "error": None, "peak_bytes": 10, "step_time_s": 1.0, "loss": 2.0}
-    row = {"device": "cpu"}
-    merge_ranks(row, [ok, "killed by signal 9 (SIGKILL)"], c)
+    row = merge_ranks([ok, "killed by signal 9 (SIGKILL)"], "cpu", c.workload).figures()
     assert row["status"] == "error" and row["error"] == "rank 1 of 2 died (killed by signal 9 (SIGKILL))"
-    row = {"device": "cpu"}
-    merge_ranks(row, ["stopped after rank 1 ended", {**ok, "status": "oom", "error": "OutOfMemoryError: x"}], c)
+    row = merge_ranks(
+        ["stopped after rank 1 ended", {**ok, "status": "oom", "error": "OutOfMemoryError: x"}], "cpu", c.workload
+    ).figures()
     assert row["status"] == "oom" and row["error"] == "rank 1: OutOfMemoryError: x"
-    row = {"device": "cpu"}
-    merge_ranks(row, [ok, {**ok, "peak_bytes": 14, "step_time_s": 1.5}], c)
+    row = merge_ranks([ok, {**ok, "peak_bytes": 14, "step_time_s": 1.5}], "cpu", c.workload).figures()
     assert (
         row["status"] == "ok"
         and row["peak_bytes"] == 14

@@ -57,7 +57,7 @@ def smoke_spec_without_recompute(tmp_path: Path) -> Path:
 def run_new_recompute_trials(spec_path: Path, store: Path) -> set[str]:
     """Measure the spec's trials not in the store (the recompute ones) in this process and write their rows,
     as the sweep would, but without Ray (seconds for the debug model)."""
-    from txlab.measure.trial import run_trial
+    from txlab.trial import run_trial
 
     spec = load_spec(spec_path)
     p = plan(spec, str(store))

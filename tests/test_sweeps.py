@@ -166,8 +166,8 @@ def test_trials_that_can_never_be_placed_are_refused_on_a_fixed_cluster(capsys):
 
 
 def test_a_ranks_precheck_is_one_ranks_estimate_against_its_memory(monkeypatch):
-    from txlab.measure.estimate import estimate_trial, precheck
-    from txlab.sweeps.worker import precheck_rank, rank_row
+    from txlab.sweeps.worker import rank_row
+    from txlab.trial import estimate_trial, precheck
 
     def config(**over):
         return build_config({**SHARDED, **{k: {**SHARDED.get(k, {}), **v} for k, v in over.items()}})
@@ -177,11 +177,11 @@ def test_a_ranks_precheck_is_one_ranks_estimate_against_its_memory(monkeypatch):
     assert p2 < p1
     between = (p1 + p2) / 2 / 2**30  # GiB: over one device's peak, above one rank's of two
     assert precheck(config(measure={"budget_gib": between}))["status"] == "over_budget"
-    assert precheck_rank(config(measure={"budget_gib": between}, parallel={"fsdp": 2})) is None
+    assert precheck(config(measure={"budget_gib": between}, parallel={"fsdp": 2}), ranks_here=1) is None
     # CPU ranks on one machine share its RAM: each compares with its share of what is free
-    monkeypatch.setattr("txlab.measure.estimate.free_bytes", lambda kind, device="auto": int(p2 * 1.5))
-    assert precheck_rank(two, ranks_here=1) is None
-    row = precheck_rank(two, ranks_here=2)
+    monkeypatch.setattr("txlab.trial.run.free_bytes", lambda kind, device="auto": int(p2 * 1.5))
+    assert precheck(two, ranks_here=1) is None
+    row = precheck(two, ranks_here=2)
     assert row["status"] == "over_budget" and row["measured"] is False and row["peak_bytes"] == p2
     assert "over its share of the RAM free now (1/2: 2 ranks on this machine)" in row["error"], row["error"]
     assert row["error"].endswith("(not run)")

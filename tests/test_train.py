@@ -8,8 +8,8 @@ import torch
 
 from tests.support import cfg
 from txlab.config import ConfigError, TrainConfig
-from txlab.measure.step import make_adamw
 from txlab.model.gpt import GPT
+from txlab.runtime.optim import make_adamw
 from txlab.train import loop as train_mod
 from txlab.train.loop import lr_at, train
 

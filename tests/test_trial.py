@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from txlab.config import load_config
-from txlab.measure.trial import run_trial
 from txlab.results.columns import column_names
+from txlab.trial import run_trial
 
 SMALL = {
     "model.n_layers": 2,
@@ -101,7 +101,7 @@ def test_over_budget_on_cpu_stops_early():
 
 
 def test_oom_is_a_status_and_the_process_stays_usable(monkeypatch):
-    import txlab.measure.step as trial_mod
+    import txlab.trial.build as trial_mod
 
     real = trial_mod.make_step
 
@@ -119,7 +119,7 @@ def test_oom_is_a_status_and_the_process_stays_usable(monkeypatch):
 
 
 def test_cpu_allocation_failure_is_oom(monkeypatch):
-    import txlab.measure.step as trial_mod
+    import txlab.trial.build as trial_mod
 
     def failing_step(*args, **kwargs):
         def step(x, y):
@@ -134,7 +134,7 @@ def test_cpu_allocation_failure_is_oom(monkeypatch):
 
 
 def test_unexpected_failure_is_an_error_row(monkeypatch):
-    import txlab.measure.step as trial_mod
+    import txlab.trial.build as trial_mod
 
     monkeypatch.setattr(trial_mod, "apply_policy", lambda *a: (_ for _ in ()).throw(ValueError("boom")))
     row = trial(**{"workload__seq_len": 64})

@@ -15,6 +15,7 @@ import traceback
 from collections.abc import Sequence
 
 from txlab.config import ConfigError
+from txlab.text import one_line
 
 
 class UsageError(ConfigError):
@@ -63,9 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(handler=cmd_rerun)
 
-    p = sub.add_parser("plot", help="memory-vs-length, frontier and trade-off plots of a store")
-    p.add_argument("--store", required=True)
-    p.add_argument("--out", required=True, help="output directory")
+    p = sub.add_parser(
+        "plot", help="memory-vs-length, frontier and trade-off plots of a store, or training curves of runs"
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--store", help="result store (directory or URI)")
+    source.add_argument(
+        "--train", nargs="+", metavar="RUN_DIR", help="txlab train run directories: their training curves, overlaid"
+    )
+    p.add_argument("--out", help="output directory (with --train, default: the one run directory)")
     p.add_argument("--budget-gib", type=float, nargs="+", help="budgets to draw (default: those in the store)")
     p.set_defaults(handler=cmd_plot)
 
@@ -115,7 +122,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from txlab.train.loop import train
 
-    r = train(cfg, args.out, progress=True)
+    r = train(cfg, args.out, progress=True, on_eval=_draw_training_curves)
     e, first = r.last_eval or {}, r.first_eval or {}
     print(f"{r.status} at step {r.step}/{cfg.train.steps}" + (f": {r.message}" if r.message else ""))
     if e:
@@ -126,8 +133,19 @@ def cmd_train(args: argparse.Namespace) -> int:
             + (f" (unigram baseline {r.unigram_bits_per_byte:.4f})" if r.unigram_bits_per_byte is not None else "")
             + f", accuracy {100 * e['accuracy']:.1f}%"
         )
-    print(f"run directory {r.out_dir} (config.yaml, metrics.jsonl, checkpoint.pt)")
+    print(f"run directory {r.out_dir} (config.yaml, metrics.jsonl, checkpoint.pt, training_curves.png)")
     return 1 if r.status == "diverged" else 0
+
+
+def _draw_training_curves(run_dir) -> None:
+    """RUN_DIR/training_curves.png and .svg, redrawn after each evaluation of `txlab train` (seaborn loads
+    at the first). A plot that fails is reported and training goes on."""
+    from txlab.analysis.training_plots import write_training_curves
+
+    try:
+        write_training_curves([run_dir])
+    except Exception as e:  # noqa: BLE001 - a figure is never worth a training run
+        print(f"warning: training curves not drawn: {e.__class__.__name__}: {e}", file=sys.stderr)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -150,7 +168,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
     refuse_output_in_store(args.out)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ConfigError(f"--out: {args.out}: exists and is not a directory")
-    from txlab.measure.attention_distance import attention_distance, check_inputs, load_hf, token_ids
+    from txlab.interpret.attention_distance import attention_distance, check_inputs, load_hf, token_ids
 
     text, kind = check_inputs(args.checkpoint, args.text, args.max_tokens)  # before any model is loaded
     if kind == "hf":
@@ -187,8 +205,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from txlab.results.store import Store
 
         store = Store.open(args.store, create=True)  # fail on a bad store before any work
-    from txlab.measure.trial import run_trial
     from txlab.results.format import format_row
+    from txlab.trial import run_trial
 
     row = run_trial(cfg, progress=not args.json)
     write_error = None
@@ -236,9 +254,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_estimate(args: argparse.Namespace) -> int:
     """`txlab estimate CONFIG [--set ...] [--capacity-gib N] [--json]`."""
     from txlab.config import load_config
-    from txlab.measure.budget import GiB
-    from txlab.measure.estimate import estimate_trial  # imports torch: only once the input is good
     from txlab.results.format import format_row
+    from txlab.trial import estimate_trial  # imports torch: only once the input is good
+    from txlab.units import GiB
 
     cfg = load_config(args.config, args.overrides)
     if args.capacity_gib is not None and not args.capacity_gib > 0:
@@ -264,12 +282,6 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 1 if row["status"] == "error" else 0
 
 
-def _one_line(message: str, limit: int = 1000) -> str:
-    """Bad input is reported in one line of bounded length, whatever value the input held."""
-    message = " ".join(message.split())
-    return message if len(message) <= limit else message[:limit] + " ... (truncated)"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -277,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return int(args.handler(args) or 0)
     except ConfigError as e:
-        print(f"error: {_one_line(str(e))}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -289,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         else:
             print(
-                f"internal error: {e.__class__.__name__}: {_one_line(str(e), 500)} (rerun with --debug for the traceback)",
+                f"internal error: {e.__class__.__name__}: {one_line(str(e), 500)} (rerun with --debug for the traceback)",
                 file=sys.stderr,
             )
         return 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import resource
 import sys
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack, contextmanager
 
 import torch
@@ -200,6 +201,40 @@ class MemoryMonitor:
             peak, reserved = tracked, None
         other = max(0, peak - sum(part.values()))  # temporaries, buffers, inputs (+ allocator slack on CUDA)
         return Memory(peak_bytes=peak, other_bytes=other, tracked_peak_bytes=tracked, reserved_bytes=reserved, **part)
+
+
+def measure_steps(
+    device: torch.device,
+    model,
+    optimizer,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    budget_bytes: int | None = None,
+    cuda_accounting: bool = False,
+    sharded: bool = False,
+    after_step: Callable[[int, torch.Tensor], None] | None = None,
+    held: Sequence[torch.Tensor] = (),
+    hold_losses: bool = True,
+) -> tuple[Memory, torch.Tensor | None]:
+    """The measured window every peak in txlab comes from: `step(x, y)` over `batches` under the monitor
+    (every batch alive through the window, as a training loop holds them), the peak and its breakdown, and
+    the last step's loss. `after_step(i, loss)` after each step (progress lines). Over `budget_bytes` on
+    the CPU the tracker stops the step: BudgetExceeded (txlab.trial.verdict makes it the over_budget
+    outcome, its peak a lower bound). `held`: further tensors alive through the window (batches of steps
+    taken before it). `hold_losses`: each step's loss tensor stays alive through the next step, as in a loop
+    that assigns `loss = step(x, y)` (the measured trial's); the estimator's steps drop it (None returned)."""
+    inputs = [*held, *(t for b in batches for t in b)]
+    with MemoryMonitor(device, model, optimizer, inputs, budget_bytes, cuda_accounting, sharded) as monitor:
+        loss = None
+        for i, (x, y) in enumerate(batches):
+            loss = step(x, y)
+            monitor.end_step()
+            if after_step is not None:
+                after_step(i, loss)
+            if not hold_losses:
+                loss = None
+    del inputs
+    return monitor.stats(), loss
 
 
 # --- resident set size (CPU check on the tracker) --------------------------------------------------

@@ -53,7 +53,7 @@ def _tile_scores(qi: torch.Tensor, kj: torch.Tensor, q0: int, k0: int, scale: fl
     return s
 
 
-# On fake tensors (txlab.measure.estimate) a tile's values do not exist, only its allocations, and a tile's
+# On fake tensors (txlab.trial.fake) a tile's values do not exist, only its allocations, and a tile's
 # allocations depend only on its kind: (query rows, key columns, masked or not). Each tile frees its
 # temporaries before the next, and a q tile's own buffers depend only on its rows. So the estimator
 # runs the first tile of each kind and skips the repeats: the same peak (tested against running every

@@ -1,7 +1,7 @@
 """Long-context inference: prefill and token-by-token decode under a KV policy (`kv`).
 
 The engine knows models, not configs: it takes the narrow things a run needs (the KV policy's name, its
-tile, the positions to hold, the batch, the dtype), resolved by its callers (`txlab.measure.inference`
+tile, the positions to hold, the batch, the dtype), resolved by its callers (`txlab.trial.infer`
 from a trial's config, `txlab.train.generate` from a checkpoint's).
 
 The engine drives the model's own modules: each block's `attn.project` (the QKV projection, head split
@@ -42,14 +42,6 @@ from txlab.model.gpt import GPT, apply_rope
 from txlab.model.quant import Int4Linear, unpack_int4
 
 KV_POLICIES = ("cache", "grouped", "recompute")
-
-
-def context_length(cfg) -> int:
-    """Moved to `txlab.measure.inference.context_length(workload)`; this forwarder only keeps
-    txlab/measure/training.py importing until it imports it from there (then delete it)."""
-    from txlab.measure.inference import context_length as moved
-
-    return moved(cfg.workload)
 
 
 def kv_cache_analytic_bytes(

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from txlab.config import TrialConfig
-
 
 @dataclass
 class Ranks:
@@ -25,16 +23,16 @@ class Ranks:
     mesh: object  # torch.distributed.device_mesh.DeviceMesh over the `world` ranks
 
 
-def apply_fsdp(model: torch.nn.Module, cfg: TrialConfig, ranks: Ranks) -> torch.nn.Module:
-    """Shard `model` in place over `ranks.mesh`: every block (or recomputed run of blocks), then the root."""
+def apply_fsdp(
+    model: torch.nn.Module, ranks: Ranks, dtype: str = "fp32", reshard_after_forward: bool = True
+) -> torch.nn.Module:
+    """Shard `model` in place over `ranks.mesh`: every block (or recomputed run of blocks), then the root.
+    `dtype`: the workload's (bf16 gathers parameters in bf16)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(
-        param_dtype=torch.bfloat16 if cfg.workload.dtype == "bf16" else None,
-        reduce_dtype=torch.float32,
-    )
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bf16" else None, reduce_dtype=torch.float32)
     for block in model.blocks:
-        fully_shard(block, mesh=ranks.mesh, reshard_after_forward=cfg.parallel.reshard_after_forward, mp_policy=mp)
+        fully_shard(block, mesh=ranks.mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
     fully_shard(model, mesh=ranks.mesh, mp_policy=mp)  # the root keeps its parameters gathered after forward
     return model
 

@@ -26,7 +26,7 @@ def apply_policy(model: nn.Module, policy: PolicyConfig, plan: list[tuple[int, i
             module.attn_fn = attn_fn
     if policy.remat == "planned":
         if plan is None:
-            raise ValueError("policy.remat = planned needs a plan (txlab.measure.planning.plan_trial)")
+            raise ValueError("policy.remat = planned needs a plan (txlab.trial.plan.plan_trial)")
         apply_plan(model, plan, policy.selective_save)
     else:
         apply_remat(model, policy.remat, policy.remat_every, policy.selective_save)

@@ -29,8 +29,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from txlab.measure.budget import GiB
 from txlab.policy.remat import PLAN_MODES
+from txlab.units import GiB
 
 Run = tuple[int, int, str]
 

@@ -75,9 +75,9 @@ FIGURES: dict[str, pa.DataType] = {
     "mfu": pa.float64(),  # CUDA only: achieved / peak FLOP/s of the device
     "loss": pa.float64(),  # last timed step's training loss (nats/token)
     "bits_per_byte": pa.float64(),  # when the data maps tokens to bytes
-    "formula_activation_bytes": pa.int64(),  # closed form of Korthikanti et al. 2022 (txlab.measure.estimate)
+    "formula_activation_bytes": pa.int64(),  # closed form of Korthikanti et al. 2022 (txlab.measure.formula)
     "plan": pa.string(),  # policy.remat=planned: the runs chosen, predicted peak and recompute cost (txlab.policy.planner)
-    # prefill / decode (txlab.measure.inference); null on training rows
+    # prefill / decode (txlab.trial.infer); null on training rows
     "kv_cache_bytes": pa.int64(),  # K/V held between steps, in the peak (a breakdown column: taken out of activations)
     "kv_inputs_bytes": pa.int64(),  # policy.kv=recompute: layer inputs kept to recompute K/V from (part of activations)
     "prefill_time_s": pa.float64(),  # median time of the prefill forward over seq_len tokens

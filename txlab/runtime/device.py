@@ -20,7 +20,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def device_kind(name: str) -> str:
-    """"cpu" or "cuda": the kind of device `measure.device` names (auto: what this machine has), without
+    """ "cpu" or "cuda": the kind of device `measure.device` names (auto: what this machine has), without
     requiring it to exist (an estimate for CUDA runs on any machine)."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

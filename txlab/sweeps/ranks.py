@@ -9,13 +9,13 @@ next ones when it cannot). `run_ranks`, inside that trainable:
      IP, host name); rank 0 also picks a free port on its node, and (IP, port) is the process group's
      MASTER_ADDR / MASTER_PORT;
   2. has each actor run its rank as `python -m txlab.sweeps.worker` in a fresh process
-     (txlab.sweeps.worker.rank_row: the rank's precheck, then `txlab.measure.sharded.run_rank`), so a
+     (txlab.sweeps.worker.rank_row: the rank's precheck, then `txlab.trial.sharded.run_rank`), so a
      crash, a CUDA context or a leak stays in that process, as for one-device trials;
   3. waits for the N outcomes (the rank's row, or how its process ended). When one ends badly (a status
      other than ok, or a process that died) the others get `GRACE_S` to finish, then their actors are
      killed, and their processes with them (PR_SET_PDEATHSIG): no rank waits in a collective for a dead
      peer, none outlives the trial;
-  4. merges one row with `txlab.measure.sharded.merge_ranks` (an OOM on any rank is `oom`, a dead rank an
+  4. merges one row with `txlab.trial.sharded.merge_ranks` (an OOM on any rank is `oom`, a dead rank an
      `error` naming it and its host), with `node_id` and `host` listing the ranks' nodes and hosts.
 
 A rank whose actor dies (its node lost, the actor killed) is a Ray failure, not the trial's: the others
@@ -32,6 +32,7 @@ import time
 from typing import Any
 
 from txlab.parallel.launch import GRACE_S, exit_text, stopped
+from txlab.text import first_line
 
 
 def trial_bundles(cpu: float, gpu: float, ranks: int) -> list[dict[str, float]]:
@@ -112,7 +113,7 @@ def run_ranks(cfg, job: dict[str, Any], cpu: float, gpu: float, started: str, t0
         try:
             places = ray.get([a.where.remote() for a in actors])
         except RayActorError as e:
-            raise RankLost(f"a rank's Ray actor died before it started ({_first_line(e)})") from None
+            raise RankLost(f"a rank's Ray actor died before it started ({first_line(e)})") from None
         refs = {a.run.remote(j): r for r, (a, j) in enumerate(zip(actors, rank_jobs(job, places, gpu, cpu)))}
         outcomes = _wait(refs, actors, places, n)
     finally:
@@ -143,7 +144,7 @@ def _wait(refs: dict, actors: list, places: list[dict[str, Any]], n: int) -> lis
                 for a in actors:
                     ray.kill(a, no_restart=True)
                 raise RankLost(
-                    f"rank {r} of {n} on {places[r]['host']}: its Ray actor died ({_first_line(e)})"
+                    f"rank {r} of {n} on {places[r]['host']}: its Ray actor died ({first_line(e)})"
                 ) from None
             outcomes[r] = out.get("row", out.get("how"))
             bad = isinstance(outcomes[r], str) or outcomes[r].get("status") != "ok"
@@ -158,22 +159,16 @@ def _wait(refs: dict, actors: list, places: list[dict[str, Any]], n: int) -> lis
 
 
 def _merge(cfg, outcomes: list, places: list[dict[str, Any]], started: str, t0: float) -> dict[str, Any]:
-    from txlab.measure.row import base_row
-    from txlab.measure.sharded import merge_ranks
+    from txlab.trial.row import Where, build_row
+    from txlab.trial.sharded import merge_ranks
 
-    row = base_row(cfg)
-    rows = [o for o in outcomes if isinstance(o, dict)]
-    if rows:
-        first = rows[0]
-        row.update({k: first.get(k) for k in ("device", "device_capacity_bytes", "torch_version")})
-    merge_ranks(row, outcomes, cfg)
-    row["measured"] = not any(r.get("measured") is False for r in rows)  # a rank's precheck: not run
-    row["node_id"] = ",".join(dict.fromkeys(p["node_id"] for p in places))  # the ranks' nodes, rank 0's first
-    row["host"] = ",".join(dict.fromkeys(p["host"] for p in places))
-    row["started_at"], row["duration_s"] = started, time.perf_counter() - t0
-    return row
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0][:300] if lines else e.__class__.__name__
+    first = next((o for o in outcomes if isinstance(o, dict)), {})
+    where = Where(
+        first.get("device"),
+        first.get("device_capacity_bytes"),
+        started_at=started,
+        host=",".join(dict.fromkeys(p["host"] for p in places)),
+        node_id=",".join(dict.fromkeys(p["node_id"] for p in places)),  # the ranks' nodes, rank 0's first
+        **({"torch_version": first["torch_version"]} if first.get("torch_version") else {}),  # the ranks' torch
+    )
+    return build_row(cfg, where, merge_ranks(outcomes, where.device, cfg.workload), time.perf_counter() - t0)

@@ -14,7 +14,7 @@ A spec is small on purpose (see docs/sweeps.md):
                                           # per rank for parallel.fsdp = N (N x these, gpu 0 or 1)
     max_concurrent: null                  # cap on trials running at once; null = as many as resources allow
     max_failures: 3                       # retries of a trial whose node or worker process died
-    mode: measure                         # measure (run each trial) or estimate (txlab.measure.estimate: fake
+    mode: measure                         # measure (run each trial) or estimate (txlab.trial.estimate: fake
                                           # tensors, rows with measured = false, no GPU needed)
     precheck: true                        # measure mode: estimate first; a trial predicted over its budget
                                           # or over the memory free is stored over_budget and not run

@@ -6,14 +6,14 @@ the actor survives to report an `error` row, and only the failures Ray itself se
 killed actor) reach Tune's retry logic (FailureConfig).
 
 CONFIG.json holds the trial's flat config, the spec's mode and precheck; ROW.json receives the row written
-by `txlab.measure.trial.run_trial`, or by `txlab.measure.estimate.estimate_trial` when the precheck predicts the trial
+by `txlab.trial.run_trial`, or by `txlab.trial.estimate_trial` when the precheck predicts the trial
 over its budget or over the memory free (then it is not run). Estimate-mode sweeps call `row_for` in
 the (reused) actor instead: fake tensors allocate nothing, so a process per estimate buys no isolation,
 only a torch import per trial.
 
 One rank of a sharded trial placed by Ray (`parallel.fsdp` = N > 1, txlab.sweeps.ranks) runs here too: its
 job adds `rank`, `world`, `master` (rank 0's host and port), `local_rank`, `threads` and `ranks_here`
-(ranks of the trial on this machine); ROW.json receives the rank's row (`txlab.measure.sharded.run_rank`),
+(ranks of the trial on this machine); ROW.json receives the rank's row (`txlab.trial.sharded.run_rank`),
 or its precheck's when the estimate of one rank is over its budget or its share of the memory free.
 Exit status 0 when the row was written (whatever its status), 1 otherwise (traceback on stderr).
 """
@@ -136,10 +136,9 @@ def trial_config(trial_key: str, flat: dict[str, Any]):
 def row_for(job: dict) -> dict:
     """The row of one job (`{"trial_key", "config", "mode", "precheck"}`): an estimate in estimate mode
     or when the precheck predicts the trial over its budget or over the memory free, else a measured run."""
-    cfg = trial_config(job["trial_key"], job["config"])
-    from txlab.measure.estimate import estimate_trial, precheck
-    from txlab.measure.trial import run_trial
+    from txlab.trial import estimate_trial, precheck, run_trial
 
+    cfg = trial_config(job["trial_key"], job["config"])
     if job.get("mode", "measure") == "estimate":
         return estimate_trial(cfg)
     if "rank" in job:
@@ -149,39 +148,17 @@ def row_for(job: dict) -> dict:
 
 
 def rank_row(cfg, job: dict) -> dict:
-    """One rank of a sharded trial: its precheck (one rank's estimate, on the fake process group of N),
-    then its share of the measured run."""
-    from txlab.measure.sharded import run_rank
+    """One rank of a sharded trial: its precheck (one rank's estimate, on the fake process group of N,
+    against its share of this machine's memory when `ranks_here` ranks of the trial run here), then its
+    share of the measured run."""
+    from txlab.trial import precheck
+    from txlab.trial.sharded import run_rank
 
-    row = precheck_rank(cfg, job.get("ranks_here", 1)) if job.get("precheck", True) else None
+    row = precheck(cfg, job.get("ranks_here", 1)) if job.get("precheck", True) else None
     if row is not None:
         return row
     master = (job["master"][0], int(job["master"][1]))
     return run_rank(cfg, job["rank"], job["world"], master, job.get("local_rank"), job.get("threads"))
-
-
-def precheck_rank(cfg, ranks_here: int = 1) -> dict | None:
-    """`txlab.measure.estimate.precheck` for one rank: the estimate is one rank's figures (the trial's
-    `parallel.fsdp` ranks on a fake process group) against the budget and against this rank's memory: the
-    memory free on its own GPU, or on CPU its share of the RAM free when `ranks_here` ranks of the trial
-    run on this machine. The estimate's row when over, else None (run it)."""
-    import torch
-
-    from txlab.measure.estimate import estimate_trial, free_bytes, precheck
-
-    device = cfg.measure.device
-    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if cuda or ranks_here <= 1:
-        return precheck(cfg)  # each rank has its GPU (or this machine) to itself
-    import psutil
-
-    row = estimate_trial(cfg, "cpu", capacity_bytes=free_bytes("cpu") // ranks_here)
-    row["device_capacity_bytes"] = int(psutil.virtual_memory().total)
-    if row["status"] != "over_budget":
-        return None
-    share = f"over its share of the RAM free now (1/{ranks_here}: {ranks_here} ranks on this machine),"
-    row["error"] = row["error"].replace("over the capacity of", share) + " (not run)"
-    return row
 
 
 def main(argv: list[str]) -> int:

@@ -1,6 +1,6 @@
 """`txlab train`: a real training run with the same config tree as a trial.
 
-AdamW (fused on CUDA) built as trials build it (`txlab.measure.step.make_adamw`: decay on every matrix,
+AdamW (fused on CUDA) built as trials build it (`txlab.runtime.optim.make_adamw`: decay on every matrix,
 embeddings included, none on norms and biases); learning rate: linear warm-up, optional hold, cosine decay to `min_lr`; global-norm gradient
 clipping; `grad_accum` micro-batches per optimizer step; `workload.dtype: bf16` autocast; optional
 `torch.compile`; the memory policy applied from outside the model exactly as in a trial. A loss or
@@ -10,7 +10,9 @@ Evaluation on the held-out split every `eval_every` steps (and before the first 
 loss (nats/token), bits per token, bits per byte (over the bytes the targets cover) and next-token
 accuracy. The run directory holds `config.yaml`, `metrics.jsonl` (one JSON object per logged step or
 evaluation) and `checkpoint.pt` (model, optimizer, step, data position, RNG state); starting again
-with the same directory and config resumes from the checkpoint and continues the same loss curve."""
+with the same directory and config resumes from the checkpoint and continues the same loss curve.
+`on_eval`, when given, is called with the run directory after each evaluation and at the end (the
+command line passes one that draws the training curves; this module plots nothing)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +33,11 @@ import yaml
 from txlab.config import ConfigError, TrainConfig, TrialConfig
 from txlab.data.batch import Batch
 from txlab.data.loader import Data, batches, open_data
-from txlab.measure.device import resolve_device
-from txlab.measure.step import make_adamw
 from txlab.model.gpt import GPT
 from txlab.model.hf import check_pretrained, init_model
 from txlab.policy.apply import apply_policy
+from txlab.runtime.device import resolve_device
+from txlab.runtime.optim import make_adamw
 from txlab.train.checkpoint import CHECKPOINT, config_differences, read_checkpoint, save_checkpoint
 
 
@@ -208,10 +211,12 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     data: Data | None = None,
+    on_eval: Callable[[Path], None] | None = None,
 ) -> RunResult:
     """Train per `cfg` into `out_dir` (default train.out_dir, else runs/<trial key>), resuming from its
     checkpoint when one is there. `stop_after` ends this call after that many steps in total (with a
-    checkpoint), as an interruption would. ConfigError on bad input, before any training."""
+    checkpoint), as an interruption would. `on_eval(run_dir)` runs after each evaluation and once more at
+    the end when records were written since. ConfigError on bad input, before any training."""
     t, w = cfg.train, cfg.workload
     log = _Log(progress)
     if w.kind != "train":
@@ -254,10 +259,19 @@ def train(
         result.history.append(rec)
         _write_json_line(metrics, rec)
 
+    notified_at = -1  # len(result.history) when on_eval last ran
+
+    def notify() -> None:
+        nonlocal notified_at
+        if on_eval is not None and notified_at != len(result.history):
+            notified_at = len(result.history)
+            on_eval(out)
+
     def run_eval() -> dict[str, Any]:
         e = {"step": step, "split": "val", **evaluate(model, eval_set, device, w.dtype)}
         record(e)
         log(f"eval  step {step:>6}  {_fmt_eval(e)}")
+        notify()
         return e
 
     earlier = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if resume is not None else []
@@ -319,5 +333,6 @@ def train(
             result.last_eval = run_eval()
         if last_ckpt != step or not ckpt_path.exists():
             save_checkpoint(ckpt_path, cfg, params, optimizer, step, data_pos)
+    notify()
     result.step = step
     return result

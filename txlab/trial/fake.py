@@ -10,7 +10,7 @@ import dataclasses
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from txlab.measure.memory import MemoryMonitor
+from txlab.measure.memory import measure_steps
 from txlab.measure.records import Memory
 from txlab.model.attention import chunked_tile_body
 from txlab.parallel.fsdp import Ranks, close_ranks, fake_ranks
@@ -62,18 +62,14 @@ def _fake_step(setup: Setup, plan, steady: bool, ranks: Ranks | None) -> tuple[M
         if steady:
             make_optimizer_state(parts.optimizer)
         batches = [parts.data.next() for _ in range(MEMORY_STEPS)]  # all alive in the window, as measured
-        inputs = [t for b in batches for t in b]
-        with (
-            MemoryMonitor(
-                setup.device, parts.model, parts.optimizer, inputs, None, cuda_accounting=cuda, sharded=ranks is not None
-            ) as monitor,
-            chunked_tile_body("ops" if cuda else "auto"),  # the tiles a CUDA run computes
-        ):
-            for x, y in batches[-1:] if steady else batches:
-                parts.step(x, y)
-                monitor.end_step()
-        del batches, inputs
-        memory = monitor.stats()
+        window = batches[-1:] if steady else batches
+        earlier = [t for b in batches[:-1] for t in b] if steady else []  # alive in the steady step's window
+        with chunked_tile_body("ops" if cuda else "auto"):  # the tiles a CUDA run computes
+            memory, _ = measure_steps(
+                setup.device, parts.model, parts.optimizer, window, parts.step, None, cuda, ranks is not None,
+                held=earlier, hold_losses=False,
+            )  # fmt: skip
+        del batches, earlier, window
     if cuda:  # the caching allocator's segments depend on history: not modelled
         memory = dataclasses.replace(memory, reserved_bytes=None)
     return memory, parts.model

@@ -178,4 +178,7 @@ def measure_inference(setup: Setup, rec: Records, progress: bool = False) -> Non
     if m.quant == "int4":
         error, agreement = quant_error(setup, model, prompt)
         rec.quality = Quality(logit_rel_error=error, next_token_agreement=agreement)
-        log(progress, f"  int4 vs full precision: logit relative error {error:.4f}, next-token agreement {agreement:.1%}")
+        log(
+            progress,
+            f"  int4 vs full precision: logit relative error {error:.4f}, next-token agreement {agreement:.1%}",
+        )

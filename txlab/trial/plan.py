@@ -18,8 +18,8 @@ from txlab.model.gpt import Block, rope_tables
 from txlab.policy.apply import apply_policy
 from txlab.policy.planner import RATES, BlockCost, NoFeasiblePlan, Plan, Run, model_peak, optimise, run_cost
 from txlab.policy.remat import PLAN_MODES, SELECTIVE_POLICIES, Recomputed, segments
-from txlab.trial.fake import fake_step_memory
 from txlab.runtime.progress import log
+from txlab.trial.fake import fake_step_memory
 from txlab.trial.resolve import Setup
 
 # --- profiling a block on fake tensors --------------------------------------------------------------

@@ -21,12 +21,13 @@ from txlab.runtime.device import device_info, device_kind, free_bytes, kind_info
 from txlab.runtime.progress import log
 from txlab.trial.estimate import estimate_training
 from txlab.trial.infer import measure_inference
+from txlab.trial.pipeline import pipeline
 from txlab.trial.resolve import Setup, resolve
-from txlab.trial.row import Where, build_row
+from txlab.trial.row import Where
 from txlab.trial.sharded import run_sharded
 from txlab.trial.train import measure_training
-from txlab.trial.pipeline import pipeline
 from txlab.trial.verdict import Limit, budget
+
 
 @contextlib.contextmanager
 def device_window(setup: Setup, capacity_bytes: int | None) -> Iterator[None]:

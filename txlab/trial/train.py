@@ -15,10 +15,8 @@ import dataclasses
 import statistics
 import time
 
-import torch
-
 from txlab.data.loader import bits_per_byte
-from txlab.measure.memory import MemoryMonitor, RssWindow
+from txlab.measure.memory import RssWindow, measure_steps
 from txlab.measure.records import Memory, Quality, Records, Timing
 from txlab.measure.throughput import mfu
 from txlab.parallel.fsdp import Ranks, mean_over_ranks
@@ -32,18 +30,18 @@ from txlab.trial.resolve import Setup
 def _memory_steps(parts: TrialParts, setup: Setup, progress: bool, sharded: bool) -> Memory:
     """The two monitored steps (AdamW's state is created in the first): the peak and its breakdown."""
     batches = [parts.data.next() for _ in range(MEMORY_STEPS)]
-    inputs = [t for b in batches for t in b]
+
+    def after(i: int, loss) -> None:
+        log(progress, f"  memory step {i + 1}/{MEMORY_STEPS}  loss {loss.item():.4f}")
+
     try:
-        with MemoryMonitor(
-            setup.device, parts.model, parts.optimizer, inputs, setup.budget_bytes, sharded=sharded
-        ) as monitor:
-            for i, (x, y) in enumerate(batches):
-                loss = parts.step(x, y)
-                monitor.end_step()
-                log(progress, f"  memory step {i + 1}/{MEMORY_STEPS}  loss {loss.item():.4f}")
+        memory, _ = measure_steps(
+            setup.device, parts.model, parts.optimizer, batches, parts.step, setup.budget_bytes, sharded=sharded,
+            after_step=after,
+        )  # fmt: skip
     finally:
-        del batches, inputs
-    return monitor.stats()
+        del batches
+    return memory
 
 
 def _timed_steps(parts: TrialParts, setup: Setup, progress: bool, warmup: int) -> tuple[list[float], float]:
