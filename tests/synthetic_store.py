@@ -161,6 +161,57 @@ SIZES_100 = dict(
 )
 STORES = {"demo": {}, "sweep400": SWEEP_400, "sizes": SIZES_100}
 
+# sweeps/smoke.yaml as it measured on a 2-core CPU (txlab 0.2): policy, seq_len, measure.budget_gib, status,
+# peak_bytes, step_time_s and (params, grads, optimizer, activations, other) bytes at the peak. Checkpoint
+# and recompute peak alike at every length; naive and sdpa stop over the 0.15 GiB budget at 2048 (their
+# peaks there are lower bounds); the step times are one loaded machine's.
+SMOKE_MEASURED = [
+    ("naive", 512, None, "ok", 98521324, 0.4428, (13424640, 2369536, 26849488, 46170124, 9707536)),
+    ("sdpa", 512, None, "ok", 78365932, 0.3448, (13424640, 2048, 26849488, 34148364, 3941392)),
+    ("checkpoint", 512, None, "ok", 62628076, 0.3438, (13424640, 10528768, 26849488, 6836236, 4988944)),
+    ("recompute", 512, None, "ok", 62628076, 0.1905, (13424640, 10528768, 26849488, 7098380, 4726800)),
+    ("naive", 1024, None, "ok", 208138476, 0.4659, (13948928, 2369536, 27898064, 127991820, 35930128)),
+    ("sdpa", 1024, None, "ok", 116716780, 0.4057, (13948928, 2048, 27898064, 68296716, 6571024)),
+    ("checkpoint", 1024, None, "ok", 75763948, 0.8255, (13948928, 10528768, 27898064, 13672460, 9715728)),
+    ("recompute", 1024, None, "ok", 75763948, 0.5872, (13948928, 10528768, 27898064, 13934604, 9453584)),
+    ("naive", 2048, None, "ok", 584659180, 2.0688, (14997504, 2369536, 29995216, 398589964, 138706960)),
+    ("sdpa", 2048, None, "ok", 193418476, 0.7207, (14997504, 2048, 29995216, 136593420, 11830288)),
+    ("checkpoint", 2048, None, "ok", 102035692, 1.6242, (14997504, 10528768, 29995216, 27344908, 19169296)),
+    ("recompute", 2048, None, "ok", 102035692, 2.8170, (14997504, 10528768, 29995216, 27607052, 18907152)),
+    ("naive", 2048, 0.15, "over_budget", 163960848, None, None),
+    ("sdpa", 2048, 0.15, "over_budget", 162373656, None, None),
+    ("checkpoint", 2048, 0.15, "ok", 102035692, 0.9824, (14997504, 10528768, 29995216, 27344908, 19169296)),
+    ("recompute", 2048, 0.15, "ok", 102035692, 0.9733, (14997504, 10528768, 29995216, 27607052, 18907152)),
+]
+
+
+def smoke_rows() -> list[dict]:
+    """The 16 rows of the smoke sweep (`SMOKE_MEASURED`), shaped as `txlab sweep` writes them."""
+    rows = []
+    for policy, T, budget, status, peak, step, parts in SMOKE_MEASURED:
+        over = {"model.size": "debug", "policy.name": policy, "workload.seq_len": T, "workload.batch_size": 1,
+                "workload.steps": 3, "workload.warmup_steps": 1, "measure.device": "cpu", "measure.budget_gib": budget}  # fmt: skip
+        cfg = load_config(None, over)
+        names = ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "other_bytes")
+        rows.append(
+            {
+                **cfg.flat(),
+                "trial_key": cfg.trial_key,
+                "sweep": "smoke",
+                "host": "synthetic",
+                "device": "cpu",
+                "device_capacity_bytes": 25276203008,
+                "measured": True,
+                "status": status,
+                "error": None if status == "ok" else f"tracked memory over the budget of {budget} GiB",
+                "peak_bytes": peak,
+                "step_time_s": step,
+                "tokens_per_s": T / step if step else None,
+                **dict(zip(names, parts or (None,) * len(names))),
+            }
+        )
+    return rows
+
 
 def write_store(path, rows) -> Store:
     store = Store.open(str(path), create=True)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
+from PIL import Image
 
 from tests.synthetic_store import synthetic_rows, write_store
 from txlab.analysis.cli import write_plots
@@ -23,6 +25,12 @@ SMALL = dict(
 )
 
 
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")  # the tests that hold figures (all_figures, PLOTS[...]) leave none open
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     path = tmp_path_factory.mktemp("store")
@@ -31,7 +39,12 @@ def store(tmp_path_factory):
 
 
 def _png_ok(p):
-    return p.exists() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    """A PNG that decodes to a plot-sized image with more than a blank page on it."""
+    if not (p.exists() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000):
+        return False
+    with Image.open(p) as im:
+        gray = im.convert("L")
+        return 400 <= im.size[0] <= 1800 and 250 <= im.size[1] <= 2000 and gray.getextrema()[0] < 100
 
 
 def test_plot_command_writes_every_plot_and_table(store, tmp_path, capsys):

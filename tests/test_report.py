@@ -1,19 +1,23 @@
 """The report opens with the answer (issue 18): the frontier per budget and what the best policy gains,
 then the plots, then what the store holds; no empty header cells; one self-contained HTML file that a
-headless Chromium renders with every image decoded and nothing cut off (skipped where no browser exists)."""
+headless Chromium renders with every image decoded and nothing cut off (skipped where no browser exists,
+except under CI, where .ci/run installs one and its absence fails)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 
+import pandas as pd
 import pytest
 
-from tests.synthetic_store import synthetic_rows, write_store
+from tests.synthetic_store import smoke_rows, synthetic_rows, write_store
+from txlab.analysis.data import prepare
 from txlab.analysis.plots import PLOTS
-from txlab.analysis.report import write_report
+from txlab.analysis.report import reconstructed_grids, write_report
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 LAPTOP = (1366, 900)  # a laptop screen at 100% zoom, CSS pixels
@@ -81,6 +85,8 @@ window.addEventListener("load", () => {
 
 def test_report_renders_in_headless_chromium(request, tmp_path):
     browser = next((b for b in map(shutil.which, BROWSERS) if b), None)
+    if browser is None and os.environ.get("CI"):
+        pytest.fail("CI is set and no Chromium or Chrome is installed (.ci/run installs the chromium package)")
     if browser is None:
         pytest.skip("no Chromium or Chrome installed")
     report = request.getfixturevalue("report")  # built only where a browser can look at it
@@ -106,3 +112,17 @@ def test_report_renders_in_headless_chromium(request, tmp_path):
     assert out["overflow"] <= 0 and out["cut"] == [], out  # nothing runs off the page
     # shown at (nearly) the size it was drawn: readable at 100% zoom without opening the image
     assert min(i["scale"] for i in out["images"]) >= 0.75, out["images"]
+
+
+def test_sweep_grids_name_every_axis_null_included(tmp_path):
+    """The smoke grid's three axes: seq_len, policy.name and measure.budget_gib [null, 0.15]."""
+    grids = reconstructed_grids(prepare(pd.DataFrame(smoke_rows())))
+    axes = dict(zip(grids["key"], grids["values"]))
+    assert axes["measure.budget_gib"] == "null, 0.15"  # left out while null did not count as a value
+    assert axes["workload.seq_len"] == "512, 1024, 2048"
+    assert axes["policy.name"] == "checkpoint, naive, recompute, sdpa"
+    write_store(tmp_path / "store", smoke_rows())
+    html = write_report(tmp_path / "store", tmp_path / "r.html").read_text()
+    assert "<td>measure.budget_gib</td>" in html and "<td>null, 0.15</td>" in html
+    # the time_vs_memory caption says what its ratios are
+    assert "its step time relative to sdpa&#x27;s at that shape" in html and "recompute overhead" not in html

@@ -81,8 +81,21 @@ def _check_budgets(budgets) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    """`txlab plot --store DIR --out DIR [--budget-gib N ...]`, or `txlab plot --train RUN_DIR ... [--out DIR]`."""
     from txlab.results.store import refuse_output_in_store
 
+    if getattr(args, "train", None):
+        from txlab.analysis.training_plots import write_training_curves
+
+        if args.budget_gib:
+            raise AnalysisError("--budget-gib: a store's plots take budgets, training curves do not")
+        if args.out:
+            refuse_output_in_store(args.out)
+        for p in write_training_curves(args.train, args.out):
+            print(f"wrote {p}")
+        return 0
+    if not args.out:
+        raise AnalysisError("--out: required with --store (the directory the plots and tables go to)")
     refuse_output_in_store(args.out)  # a store holds rows only: plots inside it break Parquet readers
     _check_budgets(args.budget_gib)
     write_plots(args.store, args.out, args.budget_gib)

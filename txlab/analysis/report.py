@@ -35,7 +35,7 @@ from txlab.analysis.frontier import (
     versus_baseline,
     versus_pivot,
 )
-from txlab.results.columns import GiB
+from txlab.results.columns import GiB, config_columns
 
 CAPTIONS = {
     "memory_vs_length": "Peak memory against sequence length, one line per policy, a panel per depth. "
@@ -43,16 +43,24 @@ CAPTIONS = {
     "memory_breakdown": "What the peak is made of: parameters, gradients, optimizer state, activations, the rest.",
     "frontier_heatmap": "Longest sequence length that fits each budget, per policy and depth.",
     "frontier_steps": "The same frontier against depth: where each policy stops fitting.",
-    "time_vs_memory": "Step time against peak memory at fixed shapes; the Pareto front circled.",
+    "time_vs_memory": "Step time against peak memory at fixed shapes. Beside each policy: its step time relative to "
+    "BASE's at that shape (x1.33 = 33% slower than BASE); the Pareto front circled.",
     "chunk_sizes": "Chunked attention: peak memory and step time over q_chunk x k_chunk.",
     "fewest_devices": "The fewest FSDP ranks whose per-rank peak fits each per-device budget, per model and policy.",
 }
 
 
+def caption(name: str, base: str | None) -> str:
+    """A plot's caption, its ratios named after the baseline they are taken against."""
+    text = CAPTIONS[name]
+    if "BASE" in text and not base:
+        return text.split(" Beside each policy")[0] + " (no sdpa or naive rows: no step time ratios)."
+    return text.replace("BASE", base or "")
+
+
 def _config_cols(df: pd.DataFrame) -> list[str]:
-    return [
-        c for c in df.columns if "." in c and c.split(".")[0] in ("model", "policy", "workload", "data", "measure")
-    ] + ["seed"]
+    """The config columns a trial's row carries (train.* configures `txlab train`, which writes no rows)."""
+    return [c for c in config_columns() if c in df.columns and not c.startswith("train.")]
 
 
 def status_counts(df: pd.DataFrame) -> pd.DataFrame:
@@ -76,18 +84,25 @@ def devices(df: pd.DataFrame) -> pd.DataFrame:
     return d.value_counts().rename("trials").reset_index()
 
 
+def _grid_values(col: pd.Series) -> list[str]:
+    """The values a config column takes, sorted, null (a key left unset, e.g. no budget) first."""
+    vals = list(col.dropna().unique())
+    try:
+        vals = sorted(vals)
+    except TypeError:
+        pass
+    return (["null"] if col.isna().any() else []) + [str(v) for v in vals]
+
+
 def reconstructed_grids(df: pd.DataFrame) -> pd.DataFrame:
-    """Per sweep: each config key that varies within it and the values seen (what its grid was)."""
+    """Per sweep: each config key that varies within it and the values seen (what its grid was); null
+    counts as a value (`measure.budget_gib: [null, 0.15]` is an axis)."""
     out = []
     for sweep, g in df.groupby(df["sweep"].astype(object).where(df["sweep"].notna(), "(single runs)"), sort=True):
         for c in _config_cols(g):
-            vals = g[c].dropna().unique()
+            vals = _grid_values(g[c])
             if len(vals) > 1:
-                try:
-                    vals = sorted(vals)
-                except TypeError:
-                    pass
-                out.append({"sweep": sweep, "key": c, "values": ", ".join(str(v) for v in vals)})
+                out.append({"sweep": sweep, "key": c, "values": ", ".join(vals)})
     return pd.DataFrame(out, columns=["sweep", "key", "values"])
 
 
@@ -253,7 +268,7 @@ def _markdown(rep: Report, out: Path) -> str:
         md += [f"### Budget {b:g} GiB\n", md_table(t)]
     md.append("## Plots\n")
     for name, src in _figures_as(rep.df, rep.budgets, save).items():
-        md.append(f"### {name.replace('_', ' ')}\n\n{CAPTIONS[name]}\n")
+        md.append(f"### {name.replace('_', ' ')}\n\n{caption(name, baseline_name(rep.df))}\n")
         md.append(f"_Not drawn: {src.reason}._\n" if not isinstance(src, str) else f"![{name}]({src})\n")
     md.append(f"## Against {rep.baseline or 'the baseline'} at shared shapes\n")
     md.append((VERSUS_NOTE.replace("BASE", f"`{rep.baseline}`") if rep.baseline else NO_VERSUS) + "\n")
@@ -312,7 +327,9 @@ def _html_plots(rep: Report) -> list[str]:
     e = html.escape
     parts = ["<h2>Plots</h2>"]
     for name, src in _figures_as(rep.df, rep.budgets, save).items():
-        parts.append(f"<h3>{e(name.replace('_', ' '))}</h3><p class='note'>{e(CAPTIONS[name])}</p>")
+        parts.append(
+            f"<h3>{e(name.replace('_', ' '))}</h3><p class='note'>{e(caption(name, baseline_name(rep.df)))}</p>"
+        )
         parts.append(
             f"<img src='{src}' alt='{name}'>"
             if isinstance(src, str)
