@@ -420,3 +420,11 @@ def test_train_redraws_its_curves_at_each_evaluation(tmp_path):
     # after the evaluations at steps 0, 2 and 4 (the end adds no record after the last one: no extra call)
     assert [d for d, _ in calls] == [tmp_path / "run"] * 3
     assert [n for _, n in calls] == [1, 4, 7]
+    # `txlab train` passes the callback that draws RUN_DIR/training_curves.png
+    tiny = {"model": {"n_layers": 2, "d_model": 64, "n_heads": 4}, "workload": {"seq_len": 64, "batch_size": 8},
+            "measure": {"device": "cpu"}, "train": {"steps": 2, "eval_every": 2, "eval_batches": 1, "warmup": 1}}  # fmt: skip
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tiny))
+    assert main(["train", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "cli")]) == 0
+    with Image.open(tmp_path / "cli" / "training_curves.png") as im:
+        assert im.size[0] > 1000
+    assert plt.get_fignums() == []
