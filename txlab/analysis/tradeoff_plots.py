@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
 
-from txlab.analysis.data import KIND, Source, fmt_len, prepare
+from txlab.analysis.data import KIND, Source, fmt_len, policy_order, prepare
 from txlab.analysis.frontier import baseline_name, is_baseline
 from txlab.analysis.layout import MAX_COLS, finish, grid, hide_empty, panel_width, title, wrap
 from txlab.analysis.palette import palette, style
@@ -99,6 +99,8 @@ def _draw_tradeoff_points(ax, s: pd.DataFrame, rest: pd.DataFrame) -> pd.DataFra
     """The Pareto staircase, the policies' points (circled on the front) and the other chunk settings."""
     front = s[pareto_front(s)].sort_values("peak_gib")
     ax.step(front["peak_gib"], front["step_time_s"], where="post", color="0.5", lw=1.2, ls="--", zorder=1)
+    order = policy_order(s["policy"])
+    s = s.iloc[sorted(range(len(s)), key=lambda k: order.index(s["policy"].iloc[k]))]  # legend order, the last on top
     for k, wider in enumerate(_covered(s)):  # a point that a later one covers is drawn larger, around it
         r = s.iloc[k]
         st = style(r["policy"])
