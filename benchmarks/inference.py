@@ -27,8 +27,8 @@ from txlab.model.decode import kv_cache_analytic_bytes
 from txlab.model.quant import quantize_model
 from txlab.results.store import Store
 from txlab.trial import run_trial
+from txlab.units import GiB as GIB
 
-GIB = 2**30
 MIB = 2**20
 KV_POLICIES = ("cache", "grouped", "recompute")
 

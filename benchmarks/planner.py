@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-GiB = 2**30
+from txlab.units import GiB
 
 
 def fixed_policies(L: int) -> dict[str, dict]:

@@ -19,8 +19,8 @@ import pandas as pd
 from txlab.config import load_config
 from txlab.results.store import Store
 from txlab.trial import run_trial
+from txlab.units import GiB as GIB
 
-GIB = 2**30
 PRESETS = ["naive", "sdpa", "checkpoint", "selective", "recompute"]
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support import TINY_BASE
 from txlab.cli import main
 from txlab.config import ConfigError
 from txlab.sweeps.dry_run import format_dry_run
@@ -14,7 +15,6 @@ from txlab.sweeps.plan import plan
 from txlab.sweeps.spec import SkipRule, expand, load_spec, parse_spec
 
 SPECS = sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml"))
-TINY_BASE = {"model": {"n_layers": 2, "d_model": 64}, "workload": {"steps": 1, "warmup_steps": 0}}
 
 
 def spec_of(**raw):
@@ -274,3 +274,35 @@ def test_a_rank_takes_one_whole_gpu():
     assert len(expand(spec_of(grid=grid, resources={"gpu": 1})).trials) == 2
     assert len(expand(spec_of(grid=grid, resources={"gpu": 0.5}, mode="estimate")).trials) == 2  # nothing runs
     assert len(expand(spec_of(grid={"parallel.fsdp": [1]}, resources={"gpu": 0.5})).trials) == 1
+
+
+# --- chunk sizes a point's policy does not use -----------------------------------------------------
+
+
+def test_grid_points_setting_an_unused_chunk_size_are_dropped_and_counted(tmp_path):
+    """A loss_chunk axis over policies of which only recompute chunks its loss: the other policies' points
+    are dropped before anything runs (each would be sdpa's computation under another trial key), named in
+    the dry run with the reason; recompute's points run with the chunk sizes they use."""
+    grid = {"policy.name": ["sdpa", "recompute"], "policy.loss_chunk": [32, 64], "workload.seq_len": [64]}
+    p = plan(spec_of(grid=grid), str(tmp_path / "st"))
+    e = p.expansion
+    assert [t.config.policy.name for t in e.trials] == ["recompute", "recompute"]
+    assert sorted(t.config.policy.loss_chunk for t in e.trials) == [32, 64]
+    assert len(e.unused) == 2 and all(point["policy.name"] == "sdpa" for point, _ in e.unused)
+    assert "2 dropped (a chunk size their policy does not use)" in p.summary()
+    text = format_dry_run(p)
+    assert "dropped    policy.name=sdpa policy.loss_chunk=32" in text
+    assert "policy.loss_chunk: 32 is not used: policy.loss is 'full', not chunked" in text
+
+
+def test_a_base_chunk_size_applies_to_the_points_that_use_it(tmp_path):
+    """A chunk size in the base (the KV recompute policy's tile) is applied where the point's policy reads
+    it and left out elsewhere (the cache points keep the key they would have without it), said in the dry run."""
+    base = {**TINY_BASE, "policy": {"k_chunk": 32}, "workload": {"kind": "decode", "decode_tokens": 2}}
+    grid = {"policy.kv": ["cache", "recompute"], "workload.seq_len": [64]}
+    p = plan(spec_of(base=base, grid=grid), str(tmp_path / "st"))
+    chunks = {t.config.policy.kv: t.config.policy.k_chunk for t in p.expansion.trials}
+    assert chunks == {"cache": 64, "recompute": 32}  # cache: the default 512 clamped to the sequence
+    without = spec_of(base={**base, "policy": {}}, grid={"policy.kv": ["cache"], "workload.seq_len": [64]})
+    assert plan(without, str(tmp_path / "st2")).expansion.trials[0].key == p.expansion.trials[0].key
+    assert "base policy.k_chunk not applied to 1 trial(s)" in format_dry_run(p)

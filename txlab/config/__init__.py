@@ -1,7 +1,7 @@
 """The typed trial config: schema (the dataclass tree), presets, loading (defaults < preset < file <
 overrides), validation and the trial key. Import the public names from here."""
 
-from txlab.config.errors import ConfigError
+from txlab.config.errors import ConfigError, UnusedKey
 from txlab.config.identity import canonical, run_only_keys, trial_key
 from txlab.config.loading import (
     all_keys,
@@ -40,6 +40,7 @@ __all__ = [
     "PolicyConfig",
     "TrainConfig",
     "TrialConfig",
+    "UnusedKey",
     "WorkloadConfig",
     "all_keys",
     "build_config",

@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from txlab.config.errors import ConfigError, suggest
+from txlab.config.errors import ConfigError, UnusedKey, suggest
 from txlab.config.hf import model_keys, read_hf_config
 from txlab.config.presets import CHUNK_KEYS, MODEL_SIZES, POLICY_PRESETS
 from txlab.config.schema import (
@@ -214,10 +214,26 @@ def _build_model(model_raw: dict[str, Any]) -> ModelConfig:
     return model
 
 
-def build_config(raw: dict[str, Any] | None = None) -> TrialConfig:
+def _chunk_use(key: str, policy: PolicyConfig, workload: WorkloadConfig) -> str | None:
+    """Why the resolved trial runs no kernel that reads chunk size `key` (None when one does): the chunked
+    attention reads q_chunk and k_chunk (training, prefill, a decode's prefill), decoding under policy.kv
+    recompute reads k_chunk, the chunked loss reads loss_chunk (training only)."""
+    if key == "loss_chunk":
+        if workload.kind != "train":
+            return f"workload.kind {workload.kind!r} computes no loss"
+        return None if policy.loss == "chunked" else f"policy.loss is {policy.loss!r}, not chunked"
+    if policy.attention == "chunked" or (key == "k_chunk" and workload.kind == "decode" and policy.kv == "recompute"):
+        return None
+    also = ", nor does this trial decode with policy.kv recompute" if key == "k_chunk" else ""
+    return f"policy.attention is {policy.attention!r}, not chunked{also}"
+
+
+def build_config(raw: dict[str, Any] | None = None, check_written: bool = True) -> TrialConfig:
     """Resolve a nested (or dotted) dict of user values into a validated TrialConfig.
 
-    Order: dataclass defaults < size/policy preset < the user's values.
+    Order: dataclass defaults < size/policy preset < the user's values. `check_written`: a chunk size the
+    user wrote that the resolved policy does not use is refused (UnusedKey); off when rebuilding a stored
+    row, which holds every key.
     """
     raw = expand_dotted(dict(raw or {}))
     top_known = list(SECTIONS) + ["seed"]
@@ -248,10 +264,19 @@ def build_config(raw: dict[str, Any] | None = None) -> TrialConfig:
     train = _build_section("train", TrainConfig, raw.get("train", {}), {})
     parallel = _build_section("parallel", ParallelConfig, raw.get("parallel", {}), {})
     seed = _check_type("seed", raw.get("seed", 0), int)
-    return TrialConfig(
+    cfg = TrialConfig(
         model=model, policy=policy, workload=workload, data=data, measure=measure, train=train, parallel=parallel,
         seed=seed,
     )  # fmt: skip
+    for k in CHUNK_KEYS if check_written else ():
+        why = _chunk_use(k, policy, workload) if k in policy_raw else None
+        if why is not None:
+            raise UnusedKey(
+                f"policy.{k}",
+                f"policy.{k}: {getattr(policy, k)} is not used: {why} (policy.name {name!r}); "
+                f"drop policy.{k}, or choose a policy that uses it",
+            )
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> TrialConfig:
@@ -274,4 +299,4 @@ def config_from_flat(flat: dict[str, Any]) -> TrialConfig:
     for k, v in flat.items():
         if k in keys:
             set_dotted(raw, k, v)
-    return build_config(raw)
+    return build_config(raw, check_written=False)

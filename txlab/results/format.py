@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-GiB = 2**30
+from txlab.units import GiB
 
 
 def _gib(v: int | None) -> str:

@@ -11,7 +11,7 @@ Shape of a run:
      over the remaining trials, each trial with its placement group (`trial_resources` in
      `tune.with_resources`: the spec's resources, or one bundle of them per rank for `parallel.fsdp` = N),
      `reuse_actors` (estimate mode only), `max_concurrent_trials` and `FailureConfig(max_failures)`.
-  3. Each trial (a Ray actor, placed by Ray on a node with the resources) runs txlab.sweeps.trial.trainable:
+  3. Each trial (a Ray actor, placed by Ray on a node with the resources) runs txlab.sweeps.actor.trainable:
      it starts `python -m txlab.sweeps.worker` in a fresh process, waits for its row, adds `sweep` and
      `node_id`, and reports the row to Tune. A sharded trial starts one actor per rank in its bundles
      instead, each running its rank's worker process, and merges their rows (txlab.sweeps.ranks).
@@ -42,7 +42,7 @@ from txlab.sweeps.plan import Plan, plan
 from txlab.sweeps.progress import Progress, RowWriter, make_callback_class
 from txlab.sweeps.progress import make_callback_class as _make_callback_class  # noqa: F401 - see __all__
 from txlab.sweeps.rows import error_row
-from txlab.sweeps.trial import estimate_in_actor, trainable
+from txlab.sweeps.actor import estimate_in_actor, trainable
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """`txlab sweep SPEC --dry-run`: the plan as text (counts, every skipped point with its rule, every
-duplicate, every trial with its key and state, what each trial asks of Ray). Runs and creates nothing."""
+dropped point with its unused chunk size, every duplicate, every trial with its key and state, what each trial asks of Ray). Runs and creates nothing."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ def format_dry_run(plan_: Plan) -> str:
     lines = [plan_.summary() + " (all trial configs valid)"]
     for point, rule in e.skipped:
         lines.append("  skipped    " + " ".join(f"{k}={v}" for k, v in point.items()) + f"   [skip_if: {rule}]")
+    for point, why in e.unused:
+        lines.append("  dropped    " + " ".join(f"{k}={v}" for k, v in point.items()) + f"   [{why}]")
+    for key, n in e.unapplied.items():
+        lines.append(f"  base {key} not applied to {n} trial(s): their policy does not use it")
     for point, key in e.duplicates:
         lines.append("  duplicate  " + " ".join(f"{k}={v}" for k, v in point.items()) + f"   [same config as {key}]")
     to_run = {t.key for t in plan_.to_run}

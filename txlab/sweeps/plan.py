@@ -29,6 +29,8 @@ class Plan:
         parts = [f"sweep {e.spec.name}: {e.spec.grid_size} grid points"]
         if e.skipped:
             parts.append(f"{len(e.skipped)} skipped by skip_if")
+        if e.unused:
+            parts.append(f"{len(e.unused)} dropped (a chunk size their policy does not use)")
         if e.duplicates:
             parts.append(f"{len(e.duplicates)} duplicate configs")
         parts.append(f"{len(e.trials)} trials")

@@ -41,6 +41,7 @@ from txlab.config import (
     POLICY_PRESETS,
     ConfigError,
     TrialConfig,
+    UnusedKey,
     all_keys,
     build_config,
     expand_dotted,
@@ -252,6 +253,10 @@ class Expansion:
     trials: list[Trial]  # validated, unique trial keys, grid order
     skipped: list[tuple[dict[str, Any], str]]  # (point, the skip_if expression that matched)
     duplicates: list[tuple[dict[str, Any], str]]  # (point, key) of points resolving to an earlier trial
+    # (point, why) of points whose grid sets a chunk size their policy does not use (txlab.config.UnusedKey)
+    unused: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+    # base key -> trials it was not applied to: a chunk size of the base applies where the policy uses it
+    unapplied: dict[str, int] = field(default_factory=dict)
 
 
 def _where(path: str, key: str) -> str:
@@ -439,24 +444,46 @@ def _check_rank_resources(spec: SweepSpec, point: dict[str, Any], cfg: TrialConf
     )
 
 
+def _drop_key(raw: dict[str, Any], dotted: str) -> None:
+    *sections, leaf = dotted.split(".")
+    node = raw
+    for part in sections:
+        node = node[part]
+    del node[leaf]
+
+
+def _build_point(base: dict[str, Any], point: dict[str, Any]):
+    """(config or None, its ConfigError, the raw values, the base keys left out): a chunk size the base
+    writes that this point's policy does not use is left out of the point (the base applies where it
+    can); one the grid point sets is the point's error (UnusedKey: the point is dropped)."""
+    raw, left_out = merge(base, point), []
+    while True:
+        try:
+            return build_config(raw), None, raw, left_out
+        except UnusedKey as e:
+            if e.key in point:
+                return None, e, raw, left_out
+            _drop_key(raw, e.key)
+            left_out.append(e.key)
+        except ConfigError as e:
+            return None, e, raw, left_out
+
+
 def expand(spec: SweepSpec) -> Expansion:
-    """Every grid point -> skipped, or a validated trial. A point that fails validation raises ConfigError
-    naming the point and the key, so a bad spec fails before anything runs."""
-    trials: list[Trial] = []
-    skipped: list[tuple[dict[str, Any], str]] = []
-    duplicates: list[tuple[dict[str, Any], str]] = []
+    """Every grid point -> skipped, dropped (its grid sets a chunk size its policy does not use), or a
+    validated trial. A point that fails validation otherwise raises ConfigError naming the point and the
+    key, so a bad spec fails before anything runs."""
+    e = Expansion(spec=spec, trials=[], skipped=[], duplicates=[])
     seen: set[str] = set()
     for point in spec.points():
-        raw = merge(spec.base, point)
-        try:
-            cfg: TrialConfig | None = build_config(raw)
-            error: ConfigError | None = None
-        except ConfigError as e:
-            cfg, error = None, e
+        cfg, error, raw, left_out = _build_point(spec.base, point)
         flat = cfg.flat() if cfg is not None else _unvalidated_flat(raw)
         rule = next((r for r in spec.skip_if if r(flat)), None)
         if rule is not None:
-            skipped.append((point, rule.text))
+            e.skipped.append((point, rule.text))
+            continue
+        if isinstance(error, UnusedKey):
+            e.unused.append((point, str(error)))
             continue
         if cfg is None:
             label = ", ".join(f"{k}={v}" for k, v in point.items())
@@ -464,8 +491,10 @@ def expand(spec: SweepSpec) -> Expansion:
         _check_rank_resources(spec, point, cfg)
         key = cfg.trial_key
         if key in seen:
-            duplicates.append((point, key))
+            e.duplicates.append((point, key))
             continue
         seen.add(key)
-        trials.append(Trial(key=key, point=point, config=cfg))
-    return Expansion(spec=spec, trials=trials, skipped=skipped, duplicates=duplicates)
+        for k in left_out:
+            e.unapplied[k] = e.unapplied.get(k, 0) + 1
+        e.trials.append(Trial(key=key, point=point, config=cfg))
+    return e
