@@ -214,6 +214,33 @@ def test_no_import_cycles(graph):
     assert not cycles(graph.edges), "import cycles among txlab modules:\n" + describe_cycles(graph)
 
 
+def package_edges(g: Graph, package: str = PACKAGE) -> dict[str, dict[str, int]]:
+    """The import graph between the packages directly under `package` (a module of the top level counts as
+    a unit of its own): a.b.c importing a.d.e is the edge a.b -> a.d, at its first line."""
+    subpackages = {m for m, p in g.modules.items() if p.name == "__init__.py" and m.count(".") == 1}
+
+    def unit(mod: str) -> str:
+        top = ".".join(mod.split(".")[:2])
+        return top if top in subpackages else mod
+
+    out: dict[str, dict[str, int]] = {unit(m): {} for m in g.modules}
+    for mod, targets in g.edges.items():
+        for target, line in targets.items():
+            a, b = unit(mod), unit(target)
+            if a != b:
+                out[a].setdefault(b, line)
+    return out
+
+
+def test_no_package_depends_on_another_that_depends_on_it(graph):
+    """Packages depend one way: no two packages (policy and measure, say) import each other, directly or
+    through others, even where no module cycle exists."""
+    edges = package_edges(graph)
+    found = cycles(edges)
+    loops = [" -> ".join(shortest_cycle(edges, comp)) for comp in found]
+    assert not found, "packages that import each other: " + "; ".join(loops)
+
+
 def test_core_imports_no_ray_or_plotting(graph):
     bad = [
         f"{m} (line {line}) imports {name}"
@@ -308,6 +335,27 @@ def test_checker_finds_a_cycle_through_a_function_level_import(tmp_path):
     g = build_graph(root, "pkg")
     assert cycles(g.edges) == [["pkg.a", "pkg.b", "pkg.c"]]
     assert "pkg.b (line 2) imports pkg.c" in describe_cycles(g)
+
+
+def test_checker_finds_a_cycle_between_packages_without_a_module_cycle(tmp_path):
+    root = make_package(
+        tmp_path,
+        {
+            "pkg/__init__.py": "",
+            "pkg/policy/__init__.py": "",
+            "pkg/policy/planner.py": "from pkg.measure.budget import GiB\n",
+            "pkg/measure/__init__.py": "",
+            "pkg/measure/budget.py": "GiB = 2**30\n",
+            "pkg/measure/trial.py": "from pkg.policy.apply import apply\n",
+            "pkg/policy/apply.py": "def apply():\n    pass\n",
+            "pkg/units.py": "GiB = 2**30\n",
+        },
+    )
+    g = build_graph(root, "pkg")
+    assert cycles(g.edges) == []  # no module imports one that imports it
+    assert cycles(package_edges(g, "pkg")) == [["pkg.measure", "pkg.policy"]]
+    (root / "pkg/policy/planner.py").write_text("from pkg.units import GiB\n")  # the unit moved below both
+    assert cycles(package_edges(build_graph(root, "pkg"), "pkg")) == []
 
 
 def test_checker_counts_a_package_import_as_its_init(tmp_path):

@@ -51,30 +51,24 @@ class ModelConfig:
     quant_group: int = 128  # weights per int4 scale (along the input dim); even, divides the projections' input widths
     # Added in 0.2 for real architectures (Llama, Mistral, Qwen): each default reproduces the 0.1 model, and
     # a key left at its default stays out of the trial key (SINCE, see txlab.config.identity).
-    hf: str | None = field(
-        default=None, metadata={SINCE: "0.2"}
-    )  # Hugging Face checkpoint (dir, config.json or hub id) whose config.json fills this section
-    init: Init = field(
-        default="random", metadata={SINCE: "0.2"}
-    )  # random (GPT-2 init, seeded) or pretrained (model.hf's safetensors)
+    # Hugging Face checkpoint (dir, config.json or hub id) whose config.json fills this section
+    hf: str | None = field(default=None, metadata={SINCE: "0.2"})
+    # random (GPT-2 init, seeded) or pretrained (model.hf's safetensors)
+    init: Init = field(default="random", metadata={SINCE: "0.2"})
     head_dim: int | None = field(default=None, metadata={SINCE: "0.2"})  # per-head width; None = d_model / n_heads
-    mlp_hidden: int | None = field(
-        default=None, metadata={SINCE: "0.2"}
-    )  # MLP hidden width; None = 4 d (gelu), 8/3 d rounded up to 64 (swiglu)
+    # MLP hidden width; None = 4 d (gelu), 8/3 d rounded up to 64 (swiglu)
+    mlp_hidden: int | None = field(default=None, metadata={SINCE: "0.2"})
     norm_eps: float | None = field(default=None, metadata={SINCE: "0.2"})  # None = 1e-5 (layernorm), 1e-6 (rmsnorm)
     attn_bias: bool = field(default=True, metadata={SINCE: "0.2"})  # biases of the q, k, v projections
     attn_out_bias: bool = field(default=True, metadata={SINCE: "0.2"})  # bias of the attention output projection
     mlp_bias: bool = field(default=True, metadata={SINCE: "0.2"})  # biases of the MLP projections
-    qk_norm: bool = field(
-        default=False, metadata={SINCE: "0.2"}
-    )  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
+    # RMSNorm over head_dim on q and k before RoPE (Qwen3)
+    qk_norm: bool = field(default=False, metadata={SINCE: "0.2"})
     rope_theta: float = field(default=10000.0, metadata={SINCE: "0.2"})  # RoPE base
-    rope_scaling: RopeScaling = field(
-        default="none", metadata={SINCE: "0.2"}
-    )  # none, or llama3 (Llama 3.1's long-context frequencies)
-    rope_factor: float = field(
-        default=8.0, metadata={SINCE: "0.2"}
-    )  # llama3: wavelengths past the low-frequency bound are stretched by this
+    # none, or llama3 (Llama 3.1's long-context frequencies)
+    rope_scaling: RopeScaling = field(default="none", metadata={SINCE: "0.2"})
+    # llama3: wavelengths past the low-frequency bound are stretched by this
+    rope_factor: float = field(default=8.0, metadata={SINCE: "0.2"})
     rope_low_freq_factor: float = field(default=1.0, metadata={SINCE: "0.2"})  # llama3
     rope_high_freq_factor: float = field(default=4.0, metadata={SINCE: "0.2"})  # llama3
     rope_original_len: int = field(default=8192, metadata={SINCE: "0.2"})  # llama3: the pre-training context length
@@ -150,13 +144,11 @@ class TrainConfig:
     eval_every: int = 100  # steps between evaluations (and one at the end)
     eval_batches: int = 20  # held-out batches per evaluation
     log_every: int = field(default=10, metadata={RUN_ONLY: True})  # steps between progress lines
-    checkpoint_every: int = field(
-        default=0, metadata={RUN_ONLY: True}
-    )  # steps between checkpoints; 0 = at the end only
+    # steps between checkpoints; 0 = at the end only
+    checkpoint_every: int = field(default=0, metadata={RUN_ONLY: True})
     out_dir: str | None = field(default=None, metadata={RUN_ONLY: True})  # run directory; None = runs/<trial key>
-    time_limit_s: float | None = field(
-        default=None, metadata={RUN_ONLY: True}
-    )  # stop (with a checkpoint) after this long
+    # stop (with a checkpoint) after this long
+    time_limit_s: float | None = field(default=None, metadata={RUN_ONLY: True})
 
 
 @dataclass
@@ -170,12 +162,10 @@ class ParallelConfig:
     """How a trial spreads over devices. Only data-parallel sharding (FSDP2) today; the section leaves room
     for tensor / context parallel degrees later (each a key of its own, default 1)."""
 
-    fsdp: int = field(
-        default=1, metadata={SINCE: "0.2"}
-    )  # ranks the model, gradients and AdamW state are sharded over (FSDP2); 1 = one device
-    reshard_after_forward: bool = field(
-        default=True, metadata={SINCE: "0.2"}
-    )  # free gathered block parameters after forward (gather again in backward)
+    # ranks the model, gradients and AdamW state are sharded over (FSDP2); 1 = one device
+    fsdp: int = field(default=1, metadata={SINCE: "0.2"})
+    # free gathered block parameters after forward (gather again in backward)
+    reshard_after_forward: bool = field(default=True, metadata={SINCE: "0.2"})
 
 
 @dataclass
