@@ -154,7 +154,8 @@ def _draw_failures(ax, fs: pd.DataFrame, order: list[str]) -> list[str]:
     for (t, y), at in fs.groupby(["seq_len", "y"], sort=False):
         at = at.drop_duplicates(["policy", "status", "basis"])
         for k, (_, r) in enumerate(at.iterrows()):
-            marker, size = STATUS_MARKERS[r["status"]][0], 70 * 2.6 ** (len(at) - 1 - k)
+            # the outermost twice the width of the innermost, however many there are
+            marker, size = STATUS_MARKERS[r["status"]][0], 70 * (1 + (len(at) - 1 - k) / max(len(at) - 1, 1)) ** 2
             color = style(r["policy"]).color
             edge = "black" if k == 0 else "white"  # inner markers: a white rim, so the one around shows
             if r["basis"] == "measured":
@@ -249,8 +250,12 @@ def plot_memory_vs_length(source: Source, budgets: Iterable[float] | None = None
     if unit.name != "GiB" and budgets:
         note += f" Budgets: {', '.join(f'{b:g} GiB = {unit.text(b)}' for b in budgets)}."
     note += " " + _coincidence_note(found, sum(p is not None for r in layout for p in r)) if found else ""
-    if failed_together:
+    if 0 < len(failed_together) <= 2:
         note += f" Drawn one inside the other: {'; '.join(failed_together)}."
+    elif failed_together:
+        note += (
+            " Policies failing at the same length are drawn one inside the other, the first in the legend outermost."
+        )
     note += f" {n_err} error row(s) not shown (see the report)." if n_err else ""
     return finish(fig, "Peak memory vs sequence length", *_memory_legend(order, valid, failed), note)
 
