@@ -228,3 +228,15 @@ def test_the_fewest_devices_plot_draws_a_panel_per_model_and_budget():
     assert not isinstance(fig, Skipped)
     assert len([ax for ax in fig.axes if ax.get_visible() and ax.get_title()]) == 2
     assert isinstance(draw("fewest_devices", _sharded_rows({(1, 1024, "sdpa"): 3.0})), Skipped)
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_equal_peaks_the_faster_run_counts_whatever_the_row_order(order):
+    """One experiment run under two budgets (the smoke grid's 2048 tokens): equal peaks, two step times."""
+    rows = [
+        row("sdpa", 512, peak=0.5, step=1.0),
+        dict(row("checkpoint", 512, peak=0.3, step=3.0), trial_key="slow"),
+        dict(row("checkpoint", 512, peak=0.3, step=1.5, budget=0.4), trial_key="fast"),
+    ]
+    vs = versus_baseline(pd.DataFrame(rows[:1] + rows[1:][::order]))
+    assert len(vs) == 1 and vs["time_overhead"].iloc[0] == pytest.approx(1.5)

@@ -154,13 +154,14 @@ def is_baseline(df: pd.DataFrame, base: str | None) -> pd.Series:
 
 
 def best_ok(df: pd.DataFrame) -> pd.DataFrame:
-    """Measured ok rows, one per (group, seq_len): the lowest peak when several chunk settings ran."""
+    """Measured ok rows, one per (group, seq_len): the lowest peak when several chunk settings ran; of equal
+    peaks (one experiment run under two budgets) the fastest, whatever order the store lists them in."""
     ok = df[(df["status"] == "ok") & (df["basis"] == "measured") & df["peak_bytes"].notna()].copy()
     if ok.empty:
         return ok
-    ok["_peak"] = pd.to_numeric(ok["peak_bytes"])
-    idx = ok.groupby(["group", "seq_len"])["_peak"].idxmin()
-    return ok.loc[idx.values].drop(columns="_peak")
+    ok["_peak"], ok["_time"] = pd.to_numeric(ok["peak_bytes"]), pd.to_numeric(ok["step_time_s"])
+    ok = ok.sort_values(["_peak", "_time"], kind="stable").drop_duplicates(["group", "seq_len"])
+    return ok.sort_index().drop(columns=["_peak", "_time"])
 
 
 def versus_baseline(source: Source) -> pd.DataFrame:

@@ -42,7 +42,8 @@ CAPTIONS = {
     "Crosses and triangles on a budget line: trials that ran out of memory or over budget there.",
     "memory_breakdown": "What the peak is made of: parameters, gradients, optimizer state, activations, the rest.",
     "frontier_heatmap": "Longest sequence length that fits each budget, per policy and depth.",
-    "frontier_steps": "The same frontier against depth: where each policy stops fitting.",
+    "frontier_steps": "The same frontier against depth, the policies side by side at each depth: where each "
+    "policy stops fitting (with one depth: a dot per policy, its value written above it).",
     "time_vs_memory": "Step time against peak memory at fixed shapes. Beside each policy: its step time relative to "
     "BASE's at that shape (x1.33 = 33% slower than BASE); the Pareto front circled.",
     "chunk_sizes": "Chunked attention: peak memory and step time over q_chunk x k_chunk.",
