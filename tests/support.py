@@ -1,8 +1,13 @@
-"""Plain helpers shared by the test files (fixtures live in tests/conftest.py).
+"""Plain helpers and configs shared by the test files.
 
-Configs for the tiny models the tests train and measure, a tokenizer trained on the fly, a forward and
-backward of one config, and the subprocess plumbing of the sweep tests (spec files, environment, killing
-what a local Ray leaves behind).
+How the tests are laid out: one file per feature area (attention kernels, policies, the estimator, sharded
+trials, inference, sweeps, the store, the command line, ...), not one per module. The tiny configs the tests
+train and measure, a tokenizer trained on the fly, a forward and backward of one config and the subprocess
+plumbing of the sweep tests are here; tests/conftest.py has the pytest fixtures (one intra-op thread) and
+switches the Hugging Face hub off for every test; tests/synthetic_store.py makes stores of synthetic rows for
+the analysis, plot and report tests; tests/fixtures/ holds a 0.1 store and its trial keys. Tests that run a
+sweep on Ray in other processes (local instances, a two-node cluster, fault injection) are marked `slow`;
+those that need a CUDA device are marked `cuda` and skip without one.
 """
 
 from __future__ import annotations
@@ -19,12 +24,15 @@ from txlab.policy.apply import apply_policy
 
 REPO = Path(__file__).resolve().parents[1]
 
-# --- tiny models: data, training, generation ------------------------------------------------------------
+# --- tiny models, as dotted overrides of the default config ---------------------------------------------
 
+# The tiny model every trial-level test builds: 2 layers, 64 wide, 4 heads. The dicts below add what runs.
+TINY_MODEL = {"model.n_layers": 2, "model.d_model": 64, "model.n_heads": 4}
+
+# Training, data and generation: 64 tokens, batch 8, on the CPU, logged and evaluated every step (test_train,
+# test_data, test_generate, test_attention_distance: through cfg).
 TINY = {
-    "model.n_layers": 2,
-    "model.d_model": 64,
-    "model.n_heads": 4,
+    **TINY_MODEL,
     "workload.seq_len": 64,
     "workload.batch_size": 8,
     "measure.device": "cpu",
@@ -32,15 +40,43 @@ TINY = {
     "train.eval_batches": 4,
 }
 
+# One measured or estimated training step on the CPU, no warm-up, a 64-token vocabulary; the test sets the
+# length (test_trial, test_estimate).
+ONE_STEP = {
+    **TINY_MODEL,
+    "model.vocab_size": 64,
+    "workload.steps": 1,
+    "workload.warmup_steps": 0,
+    "measure.device": "cpu",
+}
+
+# One step sharded over 2 or 4 CPU ranks: 32 tokens, batch 4 (both rank counts divide it), a 97-token
+# vocabulary (a prime: the embedding's rows shard unevenly) (test_sharded).
+SHARDED = {**ONE_STEP, "model.vocab_size": 97, "workload.seq_len": 32, "workload.batch_size": 4}
+
+# Prefill and decode: the tiny model with a 97-token vocabulary, a size no other dimension has; the test
+# sets the workload and the device (test_inference).
+INFERENCE = {**TINY_MODEL, "model.vocab_size": 97}
+
+# Exact loss and gradient comparisons of policies: a narrower model (32 wide, 2 heads, a 50-token
+# vocabulary); each test adds its depth, length, grouped KV, positions and dropout (test_compile,
+# test_remat_policies, test_planner).
+NARROW = {"model.n_layers": 2, "model.d_model": 32, "model.n_heads": 2, "model.vocab_size": 50}
+
+# The reference those comparisons are held to: math attention, no recomputation, the full loss
+# (test_policy, test_compile).
+REFERENCE = {"policy.name": "custom", "policy.attention": "math", "policy.remat": "none", "policy.loss": "full"}
+
 TEXT = (
     "Fünf Boxkämpfer jagen Eva quer über den Sylter Deich. The quick brown fox jumps over the lazy dog.\n\n"
     "Pack my box with five dozen liquor jugs — and a naïve café. 😀 Sphinx of black quartz, judge my vow.\n"
 )
 
 
-def cfg(**over):
-    """TINY with overrides given as keyword arguments, `__` for the dot: cfg(train__steps=3)."""
-    return load_config(None, {**TINY, **{k.replace("__", "."): v for k, v in over.items()}})
+def cfg(base: dict = TINY, /, **over) -> TrialConfig:
+    """`base` (TINY unless given) with overrides as keyword arguments, `__` for the dot: cfg(train__steps=3),
+    cfg(SHARDED, parallel__fsdp=2)."""
+    return load_config(None, {**base, **{k.replace("__", "."): v for k, v in over.items()}})
 
 
 def config(overrides: dict) -> TrialConfig:
@@ -83,6 +119,7 @@ def loss_and_grads(cfg: TrialConfig, x: torch.Tensor, y: torch.Tensor, init_seed
 
 # --- sweeps: spec files, the driver's environment, its processes ----------------------------------------
 
+# A sweep spec's base (nested sections): the tiny model, one step, no warm-up; the grid sets the length.
 TINY_BASE = {"model": {"n_layers": 2, "d_model": 64}, "workload": {"steps": 1, "warmup_steps": 0}}
 
 

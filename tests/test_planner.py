@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from tests.support import config
+from tests.support import NARROW, config
 from txlab.model.gpt import GPT
 from txlab.policy.apply import apply_policy
 from txlab.policy.planner import BlockCost, NoFeasiblePlan, all_plans, model_peak, optimise
@@ -77,10 +77,8 @@ def test_all_plans_covers_every_and_sqrt():
 )
 def test_planned_model_has_the_reference_gradients(runs):
     over = {
+        **NARROW,
         "model.n_layers": 3,
-        "model.d_model": 32,
-        "model.n_heads": 2,
-        "model.vocab_size": 50,
         "model.dropout": 0.1,
         "model.pos": "rope",
         "workload.seq_len": 17,

@@ -12,9 +12,7 @@ import random
 import pytest
 import torch
 
-from tests.support import config, loss_and_grads
-
-REFERENCE = {"policy.name": "custom", "policy.attention": "math", "policy.remat": "none", "policy.loss": "full"}
+from tests.support import REFERENCE, config, loss_and_grads
 
 VARIANTS = {
     "sdpa": {"policy.attention": "sdpa"},

@@ -8,18 +8,19 @@ import io
 import json
 from types import SimpleNamespace
 
-from txlab.sweeps.driver import Progress, RowWriter, _make_callback_class, error_row, plan
+from tests.support import TINY_BASE
+from txlab.sweeps.plan import plan
+from txlab.sweeps.progress import Progress, RowWriter, make_callback_class
+from txlab.sweeps.rows import error_row
 from txlab.sweeps.spec import parse_spec
-
-TINY = {"model": {"n_layers": 2, "d_model": 64}, "workload": {"steps": 1, "warmup_steps": 0}}
 
 
 def make_writer(tmp_path, cls=None, n=3):
-    spec = parse_spec({"name": "t", "base": TINY, "grid": {"workload.seq_len": [64, 128, 256][:n]}})
+    spec = parse_spec({"name": "t", "base": TINY_BASE, "grid": {"workload.seq_len": [64, 128, 256][:n]}})
     p = plan(spec, str(tmp_path / "st"))
     jobs = {t.key: {"config": t.config.flat()} for t in p.to_run}
     progress = Progress("t", total=len(p.to_run), stream=io.StringIO())
-    writer = (cls or _make_callback_class())(p, jobs, progress, heartbeat_s=1e9)
+    writer = (cls or make_callback_class())(p, jobs, progress, heartbeat_s=1e9)
     return p, writer, progress
 
 

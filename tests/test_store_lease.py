@@ -15,11 +15,11 @@ import uuid
 import pyarrow.fs as pafs
 import pytest
 
+from tests.support import TINY_BASE
 from txlab.cli import main
 from txlab.results.store import LEASE, Store, StoreLocked, WriterLease
 
 fsspec = pytest.importorskip("fsspec")
-TINY = {"model": {"n_layers": 2, "d_model": 64}, "workload": {"seq_len": 64, "steps": 1, "warmup_steps": 0}}
 HOLDER = f"pid {os.getpid()} on {socket.gethostname()}"
 
 
@@ -161,7 +161,7 @@ def test_second_sweep_on_one_object_store_uri_is_refused_naming_the_holder(fast_
     from txlab.sweeps.spec import parse_spec
 
     uri = f"memory://txlab-lease-{uuid.uuid4().hex[:8]}/store"
-    spec_raw = {"name": "t", "base": TINY, "grid": {"workload.seq_len": [64, 128]}}
+    spec_raw = {"name": "t", "base": TINY_BASE, "grid": {"workload.seq_len": [64, 128]}}
     first = plan(parse_spec(spec_raw), uri)
     assert not first.store.local and len(first.to_run) == 2
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support import REPO, kill_session, trial_processes
+from tests.support import REPO, TINY_BASE, kill_session, trial_processes
 from txlab.results.store import Store
 
 BIN = Path(sys.executable).parent
@@ -159,7 +159,7 @@ def test_job_submit_sweep_on_two_nodes_survives_a_lost_worker(cluster, tmp_path)
         yaml.safe_dump(
             {
                 "name": "two_nodes",
-                "base": {"model": {"n_layers": 2, "d_model": 64}, "workload": {"steps": 1, "warmup_steps": 0}},
+                "base": TINY_BASE,
                 "grid": {"workload.seq_len": lengths},
                 "resources": {"cpu": 1},
                 "max_failures": 3,
