@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:
 
 from txlab.measure.memory import BudgetExceeded, MemoryMonitor, measure_steps  # noqa: F401 - C.MemoryMonitor in the scripts
 from txlab.measure.records import Outcome, Records
-from txlab.trial.verdict import fail
+from txlab.trial.pipeline import fail
 from txlab.units import GiB  # noqa: F401 - C.GiB in the scripts
 
 CPU = torch.device("cpu")
@@ -232,11 +232,7 @@ def _build_txlab(preset: str, seq_len: int, size: str, overrides: dict, share: d
             **({} if "model.hf" in overrides else {"model.size": size}),
             "model.dropout": 0.0,
             "workload.seq_len": seq_len,
-            "policy.name": preset,
-            # the chunk sizes presets_gpt2.py uses, capped at the length
-            "policy.q_chunk": min(512, seq_len),
-            "policy.k_chunk": min(512, seq_len),
-            "policy.loss_chunk": min(1024, seq_len),
+            "policy.name": preset,  # its chunk sizes (512 tiles, 1024-token loss chunks) clamped to the length
             **overrides,
         },
     )

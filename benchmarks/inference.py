@@ -33,7 +33,7 @@ MIB = 2**20
 KV_POLICIES = ("cache", "grouped", "recompute")
 
 
-def base(size: str, T: int, decode_tokens: int, k_chunk: int) -> dict:
+def base(size: str, T: int, decode_tokens: int, k_chunk: int, kv: str = "cache") -> dict:
     return {
         "model.size": size,
         "workload.kind": "decode",
@@ -43,16 +43,16 @@ def base(size: str, T: int, decode_tokens: int, k_chunk: int) -> dict:
         "workload.steps": 1,
         "workload.warmup_steps": 0,
         "policy.name": "sdpa",
-        "policy.k_chunk": min(k_chunk, T),
+        "policy.kv": kv,
         "measure.device": "auto",
-    }
+    } | ({"policy.k_chunk": min(k_chunk, T)} if kv == "recompute" else {})  # the tile only recompute reads
 
 
 def kv_configs(args):
     for T in args.lengths:
         for kv in args.kv:
             extra = {"model.n_kv_heads": args.grouped_kv_heads} if kv == "grouped" else {}
-            yield load_config(None, {**base(args.size, T, args.decode_tokens, args.k_chunk), "policy.kv": kv, **extra})
+            yield load_config(None, {**base(args.size, T, args.decode_tokens, args.k_chunk, kv), **extra})
 
 
 def quant_configs(args):
@@ -221,7 +221,7 @@ def interleaved(args) -> pd.DataFrame:
         states = {}
         for kv in args.kv:
             extra = {"model.n_kv_heads": args.grouped_kv_heads} if kv == "grouped" else {}
-            cfg = load_config(None, {**base(args.size, T, args.decode_tokens, args.k_chunk), "policy.kv": kv, **extra})
+            cfg = load_config(None, {**base(args.size, T, args.decode_tokens, args.k_chunk, kv), **extra})
             model = build_model(resolve(cfg))
             prompt = torch.randint(0, cfg.model.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
             run = Inference(model, T + args.decode_tokens, 1, cfg.policy.kv, cfg.policy.k_chunk)

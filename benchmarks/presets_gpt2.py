@@ -35,10 +35,7 @@ def configs(lengths, presets, steps, size, skip_naive_above):
                     "model.size": size,
                     "workload.seq_len": T,
                     "workload.batch_size": 1,
-                    "policy.name": p,
-                    "policy.q_chunk": min(512, T),
-                    "policy.k_chunk": min(512, T),
-                    "policy.loss_chunk": min(1024, T),
+                    "policy.name": p,  # its chunk sizes (512 tiles, 1024-token loss chunks) clamped to T
                     "workload.steps": steps,
                     "workload.warmup_steps": 0,
                     "measure.device": "auto",

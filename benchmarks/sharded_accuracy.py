@@ -27,8 +27,8 @@ SHAPES = {
     "sdpa": {"policy.name": "sdpa"},
     "checkpoint": {"policy.name": "checkpoint"},
     "checkpoint, gathered kept": {"policy.name": "checkpoint", "parallel.reshard_after_forward": False},
-    "recompute, llama-like": {"policy.name": "recompute", "policy.q_chunk": 64, "policy.k_chunk": 64,
-                              "policy.loss_chunk": 128, "model.pos": "rope", "model.norm": "rmsnorm",
+    "recompute, llama-like": {"policy.name": "recompute", "policy.loss_chunk": 128, "model.pos": "rope",
+                              "model.norm": "rmsnorm",
                               "model.mlp": "swiglu", "model.n_kv_heads": 2},
 }  # fmt: skip
 

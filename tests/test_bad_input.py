@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support import REPO, TINY_BASE
 from txlab.cli import main
 from txlab.config import build_config
 from txlab.results.store import MARKER, Store
-from txlab.sweeps.driver import error_row
+from txlab.sweeps.rows import error_row
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = {"model": {"n_layers": 2, "d_model": 64}, "workload": {"seq_len": 64, "steps": 1, "warmup_steps": 0}}
+TINY = {**TINY_BASE, "workload": {**TINY_BASE["workload"], "seq_len": 64}}  # a run config as well as a base
 GRID = {"workload.seq_len": [64]}
 # An object-store location (fsspec's in-memory filesystem stands in for s3://) whose writer lease another
 # sweep holds; made by `make_object_store_assets`.
@@ -449,6 +449,24 @@ CASES = [
         "policy.q_chunk=128",
         needle="policy.q_chunk: 128 is larger than workload.seq_len (64)",
         id="run-chunk-over-seq",
+    ),
+    case(  # recompute resolves to fused (sdpa) attention: a tile size it never reads would be a second trial key
+        "run",
+        "{d}/good.yaml",
+        "--set",
+        "policy.name=recompute",
+        "--set",
+        "policy.k_chunk=4096",
+        needle="policy.k_chunk: 4096 is not used: policy.attention is 'sdpa', not chunked",
+        id="run-chunk-unused-by-policy",
+    ),
+    case(
+        "estimate",
+        "{d}/good.yaml",
+        "--set",
+        "policy.loss_chunk=32",
+        needle="policy.loss_chunk: 32 is not used: policy.loss is 'full', not chunked",
+        id="estimate-loss-chunk-unused",
     ),
     case(
         "run",

@@ -8,22 +8,12 @@ import shutil
 import pytest
 import torch
 
-from tests.support import config
-from txlab.config import load_config
+from tests.support import NARROW, REFERENCE, config
 from txlab.model.gpt import GPT
 from txlab.policy.apply import apply_policy
 
-MODEL = {
-    "model.n_layers": 2,
-    "model.d_model": 32,
-    "model.n_heads": 2,
-    "model.n_kv_heads": 1,
-    "model.vocab_size": 50,
-    "model.pos": "rope",
-    "model.dropout": 0.0,
-    "workload.seq_len": 24,
-}
-REFERENCE = {"policy.name": "custom", "policy.attention": "math", "policy.remat": "none", "policy.loss": "full"}
+# grouped KV (one K/V head) and RoPE, no dropout
+MODEL = {**NARROW, "model.n_kv_heads": 1, "model.pos": "rope", "model.dropout": 0.0, "workload.seq_len": 24}
 PLAN = [(0, 1, "selective"), (1, 2, "full")]
 
 
@@ -48,7 +38,7 @@ def test_every_policy_compiles_exactly(preset):
     generation, seconds instead of minutes): same loss and gradients as the eager reference."""
     torch._dynamo.reset()
     ref_loss, ref_grads = _loss_and_grads(REFERENCE, None)
-    over = {"policy.name": preset, "policy.q_chunk": 8, "policy.k_chunk": 5, "policy.loss_chunk": 7}
+    over = {"policy.name": preset, **({"policy.loss_chunk": 7} if preset == "recompute" else {})}  # chunks it reads
     if preset == "planned":
         over["measure.budget_gib"] = 1.0
     loss, grads = _loss_and_grads(over, "aot_eager")
@@ -70,16 +60,14 @@ def test_a_compiled_trial_reports_compile_time_apart():
         "workload.steps": 2,
         "workload.warmup_steps": 1,
         "policy.name": "recompute",
-        "policy.q_chunk": 16,
-        "policy.k_chunk": 16,
         "measure.device": "cpu",
     }
-    row = run_trial(load_config(None, {**over, "workload.compile": True}))
+    row = run_trial(config({**over, "workload.compile": True}))
     assert row["status"] == "ok", row["error"]
     assert row["compile_s"] is not None and row["compile_s"] >= 0
     assert row["step_time_s"] > 0 and row["duration_s"] > row["compile_s"] + row["step_time_s"]
     # the compiling step is the first warm-up step: eager takes the same steps on the same batches, so
     # the two report the same training's loss (6e-8 apart here; one step more or less moves it 1e-5)
-    eager = run_trial(load_config(None, over))
+    eager = run_trial(config(over))
     assert eager["status"] == "ok" and eager["compile_s"] is None
     assert eager["loss"] == pytest.approx(row["loss"], rel=1e-6)

@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 import pytest
 
+from tests.support import ONE_STEP, config
 from txlab.cli import main
 from txlab.config import load_config
 from txlab.measure.formula import formula_activation_bytes
@@ -15,16 +16,6 @@ from txlab.trial import estimate_trial, run_trial
 from txlab.trial.fake import fake_step_memory
 from txlab.trial.resolve import resolve
 from txlab.units import GiB
-
-TINY = {
-    "model.n_layers": 2,
-    "model.d_model": 64,
-    "model.n_heads": 4,
-    "model.vocab_size": 64,
-    "workload.steps": 1,
-    "workload.warmup_steps": 0,
-    "measure.device": "cpu",
-}
 
 # A small grid of shapes: lengths, batch, dropout, grouped KV + RoPE + SwiGLU + RMSNorm.
 SHAPES = {
@@ -42,20 +33,16 @@ SHAPES = {
 PRESETS = ["naive", "sdpa", "checkpoint", "selective", "recompute"]
 
 
-def cfg_of(over: dict):
-    return load_config(None, {**TINY, **over})
-
-
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("preset", PRESETS + ["recompute+chunked"])
 def test_estimate_within_5_percent_of_measured_cpu_peak(preset, shape):
     over = {**SHAPES[shape], "policy.name": preset.split("+")[0]}
-    if preset.startswith("recompute"):  # a few tiles and loss chunks per sequence
-        T = over["workload.seq_len"]
-        over.update({"policy.q_chunk": T // 2, "policy.k_chunk": T // 2, "policy.loss_chunk": T // 2})
-    if preset.endswith("+chunked"):  # 0.1's recompute: chunked attention (its fused CPU tiles)
-        over["policy.attention"] = "chunked"
-    cfg = cfg_of(over)
+    T = over["workload.seq_len"]
+    if preset.startswith("recompute"):  # a few loss chunks per sequence
+        over["policy.loss_chunk"] = T // 2
+    if preset.endswith("+chunked"):  # 0.1's recompute: chunked attention (its fused CPU tiles), a few tiles
+        over.update({"policy.attention": "chunked", "policy.q_chunk": T // 2, "policy.k_chunk": T // 2})
+    cfg = config({**ONE_STEP, **over})
     measured = run_trial(cfg)
     est = estimate_trial(cfg, "cpu")
     assert measured["status"] == "ok", measured["error"]
@@ -78,7 +65,9 @@ def test_one_steady_step_gives_the_figures_of_the_measured_two(preset, kind):
     """The estimator makes AdamW's state up front and watches one step; replaying the measured run's
     two steps (state made lazily in the first) must give the same figures, byte for byte."""
 
-    cfg = cfg_of({"workload.seq_len": 96, "model.dropout": 0.1, "workload.dtype": "bf16", "policy.name": preset})
+    cfg = config(
+        {**ONE_STEP, "workload.seq_len": 96, "model.dropout": 0.1, "workload.dtype": "bf16", "policy.name": preset}
+    )
     steady, replay = (
         asdict(fake_step_memory(resolve(cfg, True, kind), steady=True)[0]),
         asdict(fake_step_memory(resolve(cfg, True, kind), steady=False)[0]),
@@ -96,8 +85,9 @@ def test_fake_chunked_attention_runs_representative_tiles_with_the_same_figures(
     PyTorch-ops body that CUDA runs."""
     import txlab.model.attention as attention
 
-    cfg = cfg_of(
+    cfg = config(
         {
+            **ONE_STEP,
             "workload.seq_len": T,
             "model.n_kv_heads": kv_heads,
             "policy.name": "recompute",
@@ -118,7 +108,7 @@ def test_fake_chunked_attention_runs_representative_tiles_with_the_same_figures(
 
 
 def test_estimate_row_has_every_column_and_no_time_figures():
-    row = estimate_trial(cfg_of({"workload.seq_len": 64}), "cpu")
+    row = estimate_trial(config({**ONE_STEP, "workload.seq_len": 64}), "cpu")
     assert set(row) == set(column_names())
     assert row["status"] == "ok" and row["error"] is None and row["measured"] is False
     parts = ["params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "other_bytes"]
@@ -145,7 +135,7 @@ def test_cuda_rounding_model():
     assert cuda_block_bytes(3 * 2**20 + 1) == 3 * 2**20 + 512  # from a 20 MiB segment, split
     assert cuda_block_bytes(12 * 2**20 - 4096) == 12 * 2**20  # fresh segment, remainder too small to split
     assert cuda_block_bytes(11 * 2**20 - 4096) == 11 * 2**20 - 4096  # remainder over 1 MiB: split
-    cfg = cfg_of({"workload.seq_len": 64})
+    cfg = config({**ONE_STEP, "workload.seq_len": 64})
     cpu, cuda = estimate_trial(cfg, "cpu"), estimate_trial(cfg, "cuda")
     assert cuda["peak_bytes"] > cpu["peak_bytes"]  # many small tensors, each rounded up to 512 bytes
     assert cuda["peak_bytes"] % 512 == 0
@@ -161,7 +151,7 @@ def _param_sizes(cfg):
 
 
 def test_over_budget_is_predicted_not_run():
-    row = estimate_trial(cfg_of({"workload.seq_len": 64, "measure.budget_gib": 0.0001}), "cpu")
+    row = estimate_trial(config({**ONE_STEP, "workload.seq_len": 64, "measure.budget_gib": 0.0001}), "cpu")
     assert row["status"] == "over_budget" and "over the budget" in row["error"]
     assert row["peak_bytes"] > 0.0001 * GiB and row["measured"] is False
 
@@ -254,8 +244,8 @@ def _worker(tmp_path, cfg, **job):
 
 
 def test_trial_process_estimates_or_prechecks(tmp_path):
-    fits = cfg_of({"workload.seq_len": 64})
-    over = cfg_of({"workload.seq_len": 64, "measure.budget_gib": 0.001})
+    fits = config({**ONE_STEP, "workload.seq_len": 64})
+    over = config({**ONE_STEP, "workload.seq_len": 64, "measure.budget_gib": 0.001})
     est = _worker(tmp_path, fits, mode="estimate")
     assert est["status"] == "ok" and est["measured"] is False and est["step_time_s"] is None
     skipped = _worker(tmp_path, over, mode="measure", precheck=True)  # predicted over budget: not run
@@ -280,9 +270,9 @@ def test_frontier_estimate_spec_is_an_estimate_sweep_for_80_gib():
 
 
 def test_estimate_mode_trials_run_in_the_actor_and_always_return_a_row():
-    from txlab.sweeps.driver import estimate_in_actor
+    from txlab.sweeps.actor import estimate_in_actor
 
-    cfg = cfg_of({"workload.seq_len": 64})
+    cfg = config({**ONE_STEP, "workload.seq_len": 64})
     row = estimate_in_actor(cfg.trial_key, cfg.flat(), "s")
     assert row["status"] == "ok" and row["measured"] is False and row["trial_key"] == cfg.trial_key
     wrong = estimate_in_actor("0" * 16, cfg.flat(), "s")  # the node resolves the config to another key

@@ -179,7 +179,7 @@ def test_run_with_a_full_store_prints_the_row_and_fails_cleanly(tmp_path, monkey
 def test_trial_process_crashing_in_native_code_is_an_error_row(tmp_path):
     """A segfault in the trial process (native code: a kernel, a driver) is that trial's `error` row."""
     from txlab.config import build_config
-    from txlab.sweeps.trial import run_in_subprocess
+    from txlab.sweeps.actor import run_in_subprocess
 
     cfg = build_config({"model": {"n_layers": 2, "d_model": 64}})
     crash = tmp_path / "python"

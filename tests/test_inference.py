@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.support import INFERENCE, config
 from txlab.cli import main
-from txlab.config import load_config
 from txlab.model.decode import Inference, generate_greedy, kv_cache_analytic_bytes
 from txlab.policy.apply import apply_policy
 from txlab.trial import run_trial
@@ -20,20 +20,15 @@ from txlab.trial.resolve import resolve
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (tests/conftest.py)
 
-TINY = {"model.n_layers": 2, "model.d_model": 64, "model.n_heads": 4, "model.vocab_size": 97}
 PROMPT, NEW = 40, 6
-
-
-def cfg_of(**over):
-    over = {
-        **TINY,
-        "workload.kind": "decode",
-        "workload.seq_len": PROMPT,
-        "workload.decode_tokens": NEW,
-        "measure.device": "cpu",
-        **{k.replace("__", "."): v for k, v in over.items()},
-    }
-    return load_config(None, over)
+# Decoding NEW tokens after a PROMPT-token prompt on the CPU.
+DECODE = {
+    **INFERENCE,
+    "workload.kind": "decode",
+    "workload.seq_len": PROMPT,
+    "workload.decode_tokens": NEW,
+    "measure.device": "cpu",
+}
 
 
 def _prompt(cfg, batch=2, seed=3):
@@ -50,9 +45,14 @@ MODELS = {
 
 @pytest.mark.parametrize("shape", list(MODELS))
 def test_every_kv_policy_gives_the_cache_logits_and_greedy_tokens(shape):
-    cfg = load_config(
-        None,
-        {**TINY, **MODELS[shape], "workload.kind": "decode", "workload.seq_len": PROMPT, "workload.decode_tokens": NEW},
+    cfg = config(
+        {
+            **INFERENCE,
+            **MODELS[shape],
+            "workload.kind": "decode",
+            "workload.seq_len": PROMPT,
+            "workload.decode_tokens": NEW,
+        }
     )
     model = build_model(resolve(cfg))
     prompt = _prompt(cfg)
@@ -85,7 +85,7 @@ def test_every_kv_policy_gives_the_cache_logits_and_greedy_tokens(shape):
     "kv,n_kv_heads", [("cache", 4), ("grouped", 2), ("grouped", 1), ("recompute", 4), ("recompute", 2)]
 )
 def test_kv_cache_bytes_are_the_analytic_size(kv, n_kv_heads):
-    cfg = cfg_of(model__n_kv_heads=n_kv_heads, policy__kv=kv)
+    cfg = config({**DECODE, "model.n_kv_heads": n_kv_heads, "policy.kv": kv})
     model = build_model(resolve(cfg))
     _, _, run = generate_greedy(model, _prompt(cfg, batch=1), NEW, kv=kv, k_chunk=cfg.policy.k_chunk)
     m = cfg.model
@@ -102,13 +102,13 @@ def test_kv_cache_bytes_are_the_analytic_size(kv, n_kv_heads):
 def test_grouped_cache_shrinks_by_the_head_ratio():
     sizes = {}
     for n_kv in (4, 2, 1):
-        cfg = cfg_of(model__n_kv_heads=n_kv, policy__kv="cache" if n_kv == 4 else "grouped")
+        cfg = config({**DECODE, "model.n_kv_heads": n_kv, "policy.kv": "cache" if n_kv == 4 else "grouped"})
         sizes[n_kv] = Inference(build_model(resolve(cfg)), PROMPT, 1, kv=cfg.policy.kv).kv_cache_bytes
     assert sizes[4] == 2 * sizes[2] == 4 * sizes[1]
 
 
 def test_step_past_the_end_is_refused():
-    cfg = cfg_of()
+    cfg = config(DECODE)
     run = Inference(build_model(resolve(cfg)), PROMPT, 1, kv=cfg.policy.kv)
     run.prefill(_prompt(cfg, batch=1))
     with pytest.raises(ValueError, match="all are used"):
@@ -119,13 +119,16 @@ def test_step_past_the_end_is_refused():
 
 
 def test_prefill_trial_row():
-    cfg = cfg_of(
-        workload__kind="prefill",
-        workload__steps=1,
-        workload__warmup_steps=0,
-        policy__attention="chunked",
-        policy__q_chunk=8,
-        policy__k_chunk=8,
+    cfg = config(
+        {
+            **DECODE,
+            "workload.kind": "prefill",
+            "workload.steps": 1,
+            "workload.warmup_steps": 0,
+            "policy.attention": "chunked",
+            "policy.q_chunk": 8,
+            "policy.k_chunk": 8,
+        }
     )
     row = run_trial(cfg)
     assert row["status"] == "ok", row["error"]
@@ -143,14 +146,17 @@ def test_prefill_trial_row():
 def test_decode_trial_rows_and_recompute_holds_less():
     rows = {}
     for kv in ("cache", "recompute"):
-        cfg = cfg_of(
-            model__n_layers=6,
-            workload__seq_len=128,
-            workload__decode_tokens=4,
-            workload__steps=1,
-            workload__warmup_steps=0,
-            policy__kv=kv,
-            policy__k_chunk=32,
+        cfg = config(
+            {
+                **DECODE,
+                "model.n_layers": 6,
+                "workload.seq_len": 128,
+                "workload.decode_tokens": 4,
+                "workload.steps": 1,
+                "workload.warmup_steps": 0,
+                "policy.kv": kv,
+                **({"policy.k_chunk": 32} if kv == "recompute" else {}),  # the tile recompute reads
+            }
         )
         rows[kv] = row = run_trial(cfg)
         assert row["status"] == "ok", row["error"]
@@ -166,7 +172,7 @@ def test_decode_trial_rows_and_recompute_holds_less():
 
 
 def test_decode_bf16_keeps_a_2_byte_cache():
-    cfg = cfg_of(workload__dtype="bf16", workload__steps=1, workload__warmup_steps=0)
+    cfg = config({**DECODE, "workload.dtype": "bf16", "workload.steps": 1, "workload.warmup_steps": 0})
     row = run_trial(cfg)
     assert row["status"] == "ok", row["error"]
     m = cfg.model
@@ -176,15 +182,20 @@ def test_decode_bf16_keeps_a_2_byte_cache():
 
 
 def test_decode_over_budget_is_a_status():
-    row = run_trial(cfg_of(measure__budget_gib=0.0001, workload__steps=1, workload__warmup_steps=0))
+    row = run_trial(config({**DECODE, "measure.budget_gib": 0.0001, "workload.steps": 1, "workload.warmup_steps": 0}))
     assert row["status"] == "over_budget"
 
 
 def test_training_row_leaves_inference_columns_null():
     row = run_trial(
-        load_config(
-            None,
-            {**TINY, "workload.seq_len": 16, "workload.steps": 1, "workload.warmup_steps": 0, "measure.device": "cpu"},
+        config(
+            {
+                **INFERENCE,
+                "workload.seq_len": 16,
+                "workload.steps": 1,
+                "workload.warmup_steps": 0,
+                "measure.device": "cpu",
+            }
         )
     )
     assert row["status"] == "ok"
@@ -205,7 +216,7 @@ def test_training_row_leaves_inference_columns_null():
 
 def _sets(**over):
     out = []
-    for k, v in {**TINY, "measure.device": "cpu", "workload.steps": 1, "workload.warmup_steps": 0, **over}.items():
+    for k, v in {**INFERENCE, "measure.device": "cpu", "workload.steps": 1, "workload.warmup_steps": 0, **over}.items():
         out += ["--set", f"{k}={v}"]
     return out
 

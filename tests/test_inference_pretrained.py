@@ -66,9 +66,10 @@ def _cfg(directory, **over):
         "model": {"hf": str(directory), "init": "pretrained"},
         "workload": {"kind": "decode", "seq_len": PROMPT, "decode_tokens": NEW, "batch_size": 2, "steps": 1,
                      "warmup_steps": 0},
-        "policy": {"k_chunk": 8},  # recompute: several tiles of recomputed K/V per step
         "measure": {"device": "cpu"},
     }  # fmt: skip
+    if over.get("policy__kv") == "recompute":  # several tiles of recomputed K/V per step
+        tree["policy"] = {"k_chunk": 8}
     for key, value in over.items():
         section, name = key.split("__")
         tree.setdefault(section, {})[name] = value

@@ -28,7 +28,7 @@ VARIANTS = {
     "preset-sdpa": {"policy.name": "sdpa"},
     "preset-checkpoint": {"policy.name": "checkpoint"},
     "preset-selective": {"policy.name": "selective"},
-    "preset-recompute": {"policy.name": "recompute", "policy.q_chunk": 8, "policy.k_chunk": 4, "policy.loss_chunk": 9},
+    "preset-recompute": {"policy.name": "recompute", "policy.loss_chunk": 9},
     "chunked+selective": {
         "policy.attention": "chunked",
         "policy.q_chunk": 6,

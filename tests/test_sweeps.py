@@ -19,8 +19,8 @@ from tests.support import REPO, TINY_BASE, kill_session, row_files, trial_proces
 from txlab.cli import main
 from txlab.config import build_config
 from txlab.results.store import Store
+from txlab.sweeps.actor import run_in_subprocess
 from txlab.sweeps.rows import error_row
-from txlab.sweeps.trial import run_in_subprocess
 
 
 def run_txlab(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:

@@ -121,7 +121,7 @@ def test_a_resumed_run_continues_the_same_loss_curve(tmp_path):
     "policy",
     [
         {"policy.name": "checkpoint"},
-        {"policy.name": "recompute", "policy.q_chunk": 16, "policy.k_chunk": 16, "policy.loss_chunk": 32},
+        {"policy.name": "recompute", "policy.loss_chunk": 32},
     ],
 )
 def test_every_memory_policy_trains_the_same_curve(tmp_path, policy):

@@ -5,23 +5,14 @@ import math
 import pytest
 import torch
 
+from tests.support import ONE_STEP, cfg
 from txlab.config import load_config
 from txlab.results.columns import column_names
 from txlab.trial import run_trial
 
-SMALL = {
-    "model.n_layers": 2,
-    "model.d_model": 64,
-    "model.n_heads": 4,
-    "model.vocab_size": 64,
-    "workload.steps": 1,
-    "workload.warmup_steps": 0,
-    "measure.device": "cpu",
-}
-
 
 def trial(**over):
-    return run_trial(load_config(None, {**SMALL, **{k.replace("__", "."): v for k, v in over.items()}}))
+    return run_trial(cfg(ONE_STEP, **over))
 
 
 def test_row_has_every_column_and_sane_figures():
@@ -87,7 +78,8 @@ def test_fused_and_chunked_activations_grow_linearly(policy):
 
 def test_recomputation_holds_less_than_none():
     for attention in ("sdpa", "chunked"):
-        base = {"policy.name": "custom", "policy.attention": attention, "policy.q_chunk": 64, "policy.k_chunk": 64}
+        tiles = {"policy.q_chunk": 64, "policy.k_chunk": 64} if attention == "chunked" else {}
+        base = {"policy.name": "custom", "policy.attention": attention, **tiles}
         none = _activations({**base, "policy.remat": "none"}, 256)
         block = _activations({**base, "policy.remat": "block"}, 256)
         assert block < none * 0.75, (attention, block, none)
@@ -164,5 +156,5 @@ def test_cuda_budget_is_a_real_cap():
         )
     )
     assert row["status"] == "oom"
-    after = run_trial(load_config(None, {**SMALL, "workload.seq_len": 256, "measure.device": "cuda"}))
+    after = run_trial(cfg(ONE_STEP, workload__seq_len=256, measure__device="cuda"))
     assert after["status"] == "ok" and after["reserved_bytes"] >= after["peak_bytes"] > 0

@@ -219,7 +219,7 @@ def measure_steps(
     """The measured window every peak in txlab comes from: `step(x, y)` over `batches` under the monitor
     (every batch alive through the window, as a training loop holds them), the peak and its breakdown, and
     the last step's loss. `after_step(i, loss)` after each step (progress lines). Over `budget_bytes` on
-    the CPU the tracker stops the step: BudgetExceeded (txlab.trial.verdict makes it the over_budget
+    the CPU the tracker stops the step: BudgetExceeded (txlab.trial.pipeline makes it the over_budget
     outcome, its peak a lower bound). `held`: further tensors alive through the window (batches of steps
     taken before it). `hold_losses`: each step's loss tensor stays alive through the next step, as in a loop
     that assigns `loss = step(x, y)` (the measured trial's); the estimator's steps drop it (None returned)."""

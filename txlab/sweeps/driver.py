@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 
 from txlab.config import ConfigError
+from txlab.sweeps.actor import estimate_in_actor, trainable
 from txlab.sweeps.cluster import autoscaling, connect, live_nodes, local_resources, quiet_env
 from txlab.sweeps.dry_run import format_dry_run
 from txlab.sweeps.placement import check_fits, per_trial, trial_resources
@@ -42,7 +43,6 @@ from txlab.sweeps.plan import Plan, plan
 from txlab.sweeps.progress import Progress, RowWriter, make_callback_class
 from txlab.sweeps.progress import make_callback_class as _make_callback_class  # noqa: F401 - see __all__
 from txlab.sweeps.rows import error_row
-from txlab.sweeps.actor import estimate_in_actor, trainable
 
 
 @dataclass

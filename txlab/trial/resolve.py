@@ -17,7 +17,7 @@ from txlab.config import ModelConfig, ParallelConfig, PolicyConfig, TrialConfig,
 from txlab.data.loader import Data, open_data
 from txlab.model.hf import check_pretrained
 from txlab.runtime.device import device_kind, resolve_device
-from txlab.units import gib_to_bytes
+from txlab.units import GiB
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,6 @@ def resolve(cfg: TrialConfig, estimate: bool = False, kind: str | None = None) -
             check_pretrained(m, context_length(w))
     return Setup(
         trial_key=cfg.trial_key, model=m, policy=cfg.policy, workload=w, seed=cfg.seed, kind=kind, device=device,
-        budget_bytes=gib_to_bytes(cfg.measure.budget_gib), layout=Layout.of(cfg.parallel), data=data,
+        budget_bytes=None if cfg.measure.budget_gib is None else int(cfg.measure.budget_gib * GiB), layout=Layout.of(cfg.parallel), data=data,
         measure_device=cfg.measure.device,
     )  # fmt: skip

@@ -1,6 +1,6 @@
 """One trial as one pipeline: resolve the config once (`txlab.trial.resolve`), run one stage that fills
 typed records (measured training, measured inference, the sharded ranks, or the estimate on fake
-tensors), decide how it ended (`txlab.trial.verdict`), and build the row in one place (`txlab.trial.row`).
+tensors), decide how it ended (`txlab.trial.pipeline`), and build the row in one place (`txlab.trial.row`).
 
 `run_trial(cfg) -> row` never raises for out-of-memory or over-budget: those are statuses. Other failures
 during the run become an `error` row with the message. Config errors are raised before any work (the
@@ -21,12 +21,11 @@ from txlab.runtime.device import device_info, device_kind, free_bytes, kind_info
 from txlab.runtime.progress import log
 from txlab.trial.estimate import estimate_training
 from txlab.trial.infer import measure_inference
-from txlab.trial.pipeline import pipeline
+from txlab.trial.pipeline import Limit, pipeline
 from txlab.trial.resolve import Setup, resolve
 from txlab.trial.row import Where
 from txlab.trial.sharded import run_sharded
 from txlab.trial.train import measure_training
-from txlab.trial.verdict import Limit, budget
 
 
 @contextlib.contextmanager
@@ -61,7 +60,7 @@ def run_trial(cfg: TrialConfig, progress: bool = False) -> dict[str, Any]:
                   f"seq_len {w.seq_len}, batch {w.batch_size} on {where.device}")  # fmt: skip
     stage = measure_inference if w.kind in ("prefill", "decode") else measure_training
     with device_window(setup, where.device_capacity_bytes):
-        return pipeline(cfg, setup, where, stage, [budget(setup.budget_bytes)], progress=progress)
+        return pipeline(cfg, setup, where, stage, progress=progress)
 
 
 DEVICE_KINDS = ("cpu", "cuda")
@@ -96,7 +95,7 @@ def estimate_trial(
     device, default_capacity = kind_info(setup.kind)
     where = Where(device, capacity_bytes if capacity_bytes is not None else default_capacity)
     capacity = Limit(capacity_bytes, "the capacity of") if capacity_bytes is not None else None
-    limits = [budget(setup.budget_bytes), capacity, limit]
+    limits = (capacity, limit)
     return pipeline(cfg, setup, where, estimate_training, limits, predicted=True, progress=progress, not_run=not_run)
 
 

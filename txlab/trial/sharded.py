@@ -29,7 +29,6 @@ from txlab.trial.pipeline import pipeline
 from txlab.trial.resolve import Setup, resolve
 from txlab.trial.row import Where, build_row
 from txlab.trial.train import measure_training
-from txlab.trial.verdict import budget
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # a rank waits this long for a peer before its collective fails
 # What an unsuccessful rank's row tells of the trial's memory (the largest rank's, for a successful trial)
@@ -75,7 +74,7 @@ def _rank_main(
         measure_training(setup, rec, progress, ranks)
 
     try:
-        return pipeline(cfg, setup, where, stage, [budget(setup.budget_bytes)], progress=progress and rank == 0)
+        return pipeline(cfg, setup, where, stage, progress=progress and rank == 0)
     finally:
         gc.collect()
         close_ranks()

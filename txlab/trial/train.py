@@ -2,7 +2,7 @@
 memory monitor (the first creates AdamW's state, the second is a steady-state step; the peak is over
 both), then `warmup_steps` untimed steps, then `steps` timed steps (device synchronized around each; the
 median is reported). It fills the trial's records; an exception it raises is the trial's outcome
-(txlab.trial.verdict.fail).
+(txlab.trial.pipeline.fail).
 
 A `workload.compile` trial compiles in an untimed step before the memory steps, and that step is its first
 warm-up step: so a compiled trial trains the same steps on the same batches as the eager one and their
