@@ -34,15 +34,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from txlab.config import ConfigError
-from txlab.sweeps.actor import estimate_in_actor, trainable
+from txlab.sweeps.actor import trainable
 from txlab.sweeps.cluster import autoscaling, connect, live_nodes, local_resources, quiet_env
-from txlab.sweeps.dry_run import format_dry_run
 from txlab.sweeps.placement import check_fits, per_trial, trial_resources
-from txlab.sweeps.plan import Plan, plan
-from txlab.sweeps.progress import Progress, RowWriter, make_callback_class
-from txlab.sweeps.progress import make_callback_class as _make_callback_class  # noqa: F401 - see __all__
-from txlab.sweeps.rows import error_row
+from txlab.sweeps.plan import Plan
+from txlab.sweeps.progress import Progress, make_callback_class
 
 
 @dataclass
@@ -140,20 +136,6 @@ def run_sweep(
     return SweepResult(plan_, progress.counts, time.monotonic() - t0, interrupted, callback.store_error)
 
 
-# What this module offers: run_sweep and its result; the rest are names that lived here before the driver
-# was split into plan, placement, cluster, trial, progress, rows and dry_run, kept importable from here for
-# their callers outside txlab/sweeps (tests/test_progress.py also imports _make_callback_class,
-# tests/test_estimate.py estimate_in_actor, tests/test_bad_input.py error_row).
-__all__ = [
-    "Plan",
-    "SweepResult",
-    "plan",
-    "run_sweep",
-    "format_dry_run",
-    "error_row",
-    "connect",
-    "ConfigError",
-    "Progress",
-    "RowWriter",
-    "estimate_in_actor",
-]
+# What this module offers: run_sweep and its result. The rest of a sweep is imported from its own module
+# (txlab.sweeps.plan, placement, cluster, actor, progress, rows, dry_run).
+__all__ = ["SweepResult", "run_sweep"]
