@@ -81,3 +81,35 @@ def test_bad_store_fails_before_work(tmp_path):
     f.write_text("x")
     r = txlab("run", "examples/debug.yaml", *TINY, "--store", str(f))
     assert r.returncode == 2 and "is a file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_rows_record_their_threads_and_rerun_runs_with_the_stored_ones(tmp_path, capsys):
+    """A row says how many CPU threads ran its steps (a sweep's trial runs with its resources' CPUs, `txlab
+    run` with torch's default), and `txlab rerun` runs with those; an older row, which does not say, is
+    rerun with the default and the output says so."""
+    import torch
+
+    from txlab.cli import main
+    from txlab.config import load_config
+    from txlab.results.store import Store
+    from txlab.trial import estimate_trial, run_trial
+
+    before = torch.get_num_threads()
+    cfg = load_config(ROOT / "examples/debug.yaml", [s for s in TINY if s != "--set"])
+    store = Store.open(str(tmp_path / "store"), create=True)
+    try:
+        torch.set_num_threads(1)
+        row = run_trial(cfg)
+        assert row["status"] == "ok" and row["threads"] == 1
+        assert estimate_trial(cfg)["threads"] is None  # nothing timed
+        store.write_row(row)
+        torch.set_num_threads(2)
+        assert main(["rerun", "--store", str(tmp_path / "store"), "--trial", row["trial_key"]]) == 0
+        out = capsys.readouterr().out
+        assert "threads: 1, as the stored trial ran" in out and torch.get_num_threads() == 1
+        old = tmp_path / "old"
+        Store.open(str(old), create=True).write_row({**row, "threads": None})  # a row from before the column
+        assert main(["rerun", "--store", str(old), "--trial", row["trial_key"]]) == 0
+        assert "the stored row does not say how many it ran with" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(before)

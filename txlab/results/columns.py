@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from txlab.units import GiB  # noqa: F401 - the analysis reads the unit of the byte columns from here
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Every row schema version and its migration note. Any change to the row's columns (one added, removed,
 # renamed or retyped; config keys included, since every config key is a column) bumps SCHEMA_VERSION and
 # adds a line here saying what changed and how rows of the version before read under it. Added columns
@@ -32,6 +32,9 @@ SCHEMA_HISTORY: dict[int, str] = {
     "model, one device)",
     3: "txlab 0.2: config column policy.selective_save (what selective runs keep); no migration: older rows "
     "read it as its declared default, txlab (the only save list before it)",
+    4: "txlab 0.3: identity column threads (the CPU threads torch ran the trial's steps with; a sweep's trials "
+    "run with their resources' CPUs, txlab run with torch's default); no migration: older rows read it as "
+    "null, unknown (txlab rerun then says it cannot match them)",
 }
 
 STATUSES = ("ok", "oom", "over_budget", "error")
@@ -52,6 +55,7 @@ IDENTITY: dict[str, pa.DataType] = {
     "torch_version": pa.string(),
     "txlab_version": pa.string(),
     "measured": pa.bool_(),  # true: figures from a run; false: an estimate
+    "threads": pa.int64(),  # torch's CPU threads in the process that ran the steps (null: an estimate, or unknown)
 }
 
 FIGURES: dict[str, pa.DataType] = {

@@ -98,6 +98,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 COMPARE = (
     ("status", None),
     ("device", None),
+    ("threads", None),
     ("peak_bytes", "GiB"),
     ("activations_bytes", "GiB"),
     ("reserved_bytes", "GiB"),
@@ -132,6 +133,20 @@ def find_row(store_uri: str, key: str) -> dict[str, Any]:
     return matches[0]
 
 
+def _match_threads(stored: Any) -> str:
+    """Run with the CPU threads the stored trial ran with (a sweep's trial runs with its resources' CPUs,
+    `txlab run` with torch's default: step times differ by that much); say what was done."""
+    import torch
+
+    if stored is None or (isinstance(stored, float) and math.isnan(stored)):
+        return (
+            "threads: the stored row does not say how many it ran with (written before txlab recorded it); this "
+            f"run uses torch's default, {torch.get_num_threads()}: compare step times with care"
+        )
+    torch.set_num_threads(int(stored))
+    return f"threads: {int(stored)}, as the stored trial ran"
+
+
 def cmd_rerun(args: argparse.Namespace) -> int:
     from txlab.trial import run_trial
 
@@ -151,6 +166,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         f"(stored: {stored['status']} on {stored.get('host') or '?'}, {stored.get('device') or '?'})",
         flush=True,
     )
+    print(_match_threads(stored.get("threads")), flush=True)
     row = run_trial(cfg, progress=True)
     if stored.get("device") and row.get("device") != stored.get("device"):
         print(f"note: stored on {stored['device']}, rerun on {row['device']}: figures are not comparable one to one")

@@ -170,5 +170,6 @@ def _merge(cfg, outcomes: list, places: list[dict[str, Any]], started: str, t0: 
         host=",".join(dict.fromkeys(p["host"] for p in places)),
         node_id=",".join(dict.fromkeys(p["node_id"] for p in places)),  # the ranks' nodes, rank 0's first
         **({"torch_version": first["torch_version"]} if first.get("torch_version") else {}),  # the ranks' torch
+        threads=first.get("threads"),  # each rank's own
     )
     return build_row(cfg, where, merge_ranks(outcomes, where.device, cfg.workload), time.perf_counter() - t0)

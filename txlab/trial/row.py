@@ -30,6 +30,7 @@ class Where:
     host: str = field(default_factory=socket.gethostname)  # a sharded trial placed by Ray: its ranks' hosts
     node_id: str | None = None  # Ray node id(s) when run by a sweep
     torch_version: str = torch.__version__
+    threads: int | None = field(default_factory=torch.get_num_threads)  # None for an estimate: nothing timed
 
 
 def build_row(cfg: TrialConfig, where: Where, rec: Records, duration_s: float | None) -> dict[str, Any]:
@@ -48,6 +49,7 @@ def build_row(cfg: TrialConfig, where: Where, rec: Records, duration_s: float | 
         "torch_version": where.torch_version,
         "txlab_version": __version__,
         "measured": None,
+        "threads": where.threads,
     }
     row.update(cfg.flat())
     row.update(rec.figures())

@@ -93,7 +93,7 @@ def estimate_trial(
         raise ConfigError(f"device kind {device_kind!r}: allowed: {', '.join(DEVICE_KINDS)}")
     setup = resolve(cfg, estimate=True, kind=device_kind)
     device, default_capacity = kind_info(setup.kind)
-    where = Where(device, capacity_bytes if capacity_bytes is not None else default_capacity)
+    where = Where(device, capacity_bytes if capacity_bytes is not None else default_capacity, threads=None)
     capacity = Limit(capacity_bytes, "the capacity of") if capacity_bytes is not None else None
     limits = (capacity, limit)
     return pipeline(cfg, setup, where, estimate_training, limits, predicted=True, progress=progress, not_run=not_run)

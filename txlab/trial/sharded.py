@@ -11,6 +11,7 @@ rank is the trial's `oom`; a rank that dies is an `error` naming it; no rank is 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import time
@@ -147,4 +148,6 @@ def run_sharded(cfg: TrialConfig, setup: Setup, where: Where, progress: bool = F
     check_ranks(setup)
     t0 = time.perf_counter()
     ranks = spawn_ranks(_rank_main, setup.layout.world, (cfg, progress), bad=_stops_the_others)
+    threads = next((r.get("threads") for r in ranks if isinstance(r, dict)), None)  # each rank's own
+    where = dataclasses.replace(where, threads=threads)
     return build_row(cfg, where, merge_ranks(ranks, where.device, setup.workload), time.perf_counter() - t0)
