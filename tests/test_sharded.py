@@ -14,20 +14,13 @@ import psutil
 import pytest
 import torch
 
-from txlab.config import ConfigError, load_config
+from tests.support import SHARDED, cfg, config
+from txlab.config import ConfigError
 from txlab.parallel.launch import spawn_ranks
 from txlab.runtime.optim import make_adamw
 from txlab.trial import estimate_trial, run_trial
 from txlab.trial.resolve import resolve
 from txlab.trial.sharded import merge_ranks
-
-SMALL = {"model.n_layers": 2, "model.d_model": 64, "model.n_heads": 4, "model.vocab_size": 97,
-         "workload.seq_len": 32, "workload.batch_size": 4, "workload.steps": 1, "workload.warmup_steps": 0,
-         "measure.device": "cpu"}  # fmt: skip
-
-
-def cfg(**over):
-    return load_config(None, {**SMALL, **{k.replace("__", "."): v for k, v in over.items()}})
 
 
 def _one_step_params(rank: int, world: int, config) -> dict:
@@ -67,7 +60,8 @@ def _one_step_params(rank: int, world: int, config) -> dict:
 
 @pytest.mark.parametrize("world, policy", [(2, "recompute"), (4, "sdpa")])
 def test_n_ranks_compute_the_one_process_loss_and_parameters(world, policy):
-    c = cfg(policy__name=policy, policy__q_chunk=8, policy__k_chunk=8, policy__loss_chunk=16)
+    chunks = {"policy__loss_chunk": 16} if policy == "recompute" else {}  # the chunked loss's (sdpa: none)
+    c = cfg(SHARDED, policy__name=policy, **chunks)
     one = _one_step_params(0, 1, c)  # this process, no sharding
     many = spawn_ranks(_one_step_params, world, (c,))
     assert all(isinstance(r, dict) for r in many), many
@@ -92,8 +86,8 @@ def test_n_ranks_compute_the_one_process_loss_and_parameters(world, policy):
 
 
 def test_a_sharded_trial_row_has_the_global_loss_and_a_smaller_per_rank_peak():
-    c1 = cfg(policy__name="checkpoint", workload__steps=2)
-    c2 = cfg(policy__name="checkpoint", workload__steps=2, parallel__fsdp=2)
+    c1 = cfg(SHARDED, policy__name="checkpoint", workload__steps=2)
+    c2 = cfg(SHARDED, policy__name="checkpoint", workload__steps=2, parallel__fsdp=2)
     one, two = run_trial(c1), run_trial(c2)
     assert one["status"] == two["status"] == "ok", (one["error"], two["error"])
     assert abs(two["loss"] - one["loss"]) <= 1e-5 * abs(one["loss"])
@@ -112,9 +106,9 @@ def test_a_sharded_trial_row_has_the_global_loss_and_a_smaller_per_rank_peak():
 SHAPES = {
     "sdpa": {"policy.name": "sdpa"},
     "checkpoint-keep-gathered": {"policy.name": "checkpoint", "parallel.reshard_after_forward": False},
-    "recompute-llama-like": {"policy.name": "recompute", "policy.q_chunk": 16, "policy.k_chunk": 16,
-                             "policy.loss_chunk": 32, "model.pos": "rope", "model.norm": "rmsnorm", "model.mlp": "swiglu",
-                             "model.n_kv_heads": 2, "model.head_dim": 8, "model.qk_norm": True},
+    "recompute-llama-like": {"policy.name": "recompute", "policy.loss_chunk": 32, "model.pos": "rope",
+                             "model.norm": "rmsnorm", "model.mlp": "swiglu", "model.n_kv_heads": 2, "model.head_dim": 8,
+                             "model.qk_norm": True},
     "selective-deeper": {"policy.name": "selective", "workload.seq_len": 64, "model.n_layers": 3},
 }  # fmt: skip
 
@@ -143,7 +137,7 @@ def _measured_peaks(rank: int, world: int, configs: list) -> dict:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_the_estimate_on_a_fake_process_group_matches_the_measured_per_rank_peak(world):
-    configs = [load_config(None, {**SMALL, **shape, "parallel.fsdp": world}) for shape in SHAPES.values()]
+    configs = [config({**SHARDED, **shape, "parallel.fsdp": world}) for shape in SHAPES.values()]
     ranks = spawn_ranks(_measured_peaks, world, (configs,))
     assert all(isinstance(r, dict) for r in ranks), ranks
     for name, c, *measured in zip(SHAPES, configs, *(r["peaks"] for r in ranks)):
@@ -163,17 +157,13 @@ def test_the_estimate_on_a_fake_process_group_matches_the_measured_per_rank_peak
 
 
 def test_the_estimate_of_many_ranks_costs_what_one_does():
-    base = {**SMALL, "model.n_layers": 4, "workload.batch_size": 64}
+    base = {**SHARDED, "model.n_layers": 4, "workload.batch_size": 64}
     t0 = time.perf_counter()
-    e8 = estimate_trial(load_config(None, {**base, "parallel.fsdp": 8}), "cuda")
+    e8 = estimate_trial(config({**base, "parallel.fsdp": 8}), "cuda")
     t8 = time.perf_counter() - t0
-    e64 = estimate_trial(load_config(None, {**base, "parallel.fsdp": 64}), "cuda")
+    e64 = estimate_trial(config({**base, "parallel.fsdp": 64}), "cuda")
     assert e8["status"] == e64["status"] == "ok"
-    assert (
-        e64["optimizer_bytes"]
-        < e8["optimizer_bytes"]
-        < estimate_trial(load_config(None, base), "cuda")["optimizer_bytes"]
-    )
+    assert e64["optimizer_bytes"] < e8["optimizer_bytes"] < estimate_trial(config(base), "cuda")["optimizer_bytes"]
     assert t8 < 60
 
 
@@ -211,7 +201,7 @@ def _a_live_rank(pid: int) -> bool:
 
 
 def test_merged_rows_say_which_rank_failed():
-    c = cfg(parallel__fsdp=2)
+    c = cfg(SHARDED, parallel__fsdp=2)
     ok = {"status": "ok", "error": None, "peak_bytes": 10, "step_time_s": 1.0, "loss": 2.0}
     row = merge_ranks([ok, "killed by signal 9 (SIGKILL)"], "cpu", c.workload).figures()
     assert row["status"] == "error" and row["error"] == "rank 1 of 2 died (killed by signal 9 (SIGKILL))"
@@ -240,4 +230,4 @@ def test_merged_rows_say_which_rank_failed():
 )
 def test_bad_parallel_configs_are_refused(over, needle):
     with pytest.raises(ConfigError, match=needle):
-        load_config(None, {**SMALL, **over})
+        config({**SHARDED, **over})
