@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -11,6 +12,9 @@ import torch
 # (a hub id then fails at once, as it does on a machine without the hub).
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# No test reads or writes this machine's calibrated hardware profile (`txlab calibrate`'s local.yaml): the local
+# profile of the test session and every process it starts lives in a directory of its own, empty at the start.
+os.environ["TXLAB_HARDWARE_DIR"] = tempfile.mkdtemp(prefix="txlab-hardware-")
 
 
 @pytest.fixture

@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the row as JSON")
     p.set_defaults(handler=cmd_estimate)
 
+    p = sub.add_parser("calibrate", help="measure this machine's device and write the `local` hardware profile")
+    p.add_argument("--out", help="profile file to write (default: the one measure.hardware: local reads)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    p.add_argument("--quick", action="store_true", help="a few small shapes only (seconds; for tests)")
+    p.set_defaults(handler=cmd_calibrate)
+
     p = sub.add_parser("train", help="a full training run: evaluation, checkpoints, resume (docs/training.md)")
     p.add_argument("config", help="trial config YAML (its train: section sets the schedule)")
     _add_set(p)
@@ -280,6 +286,31 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         if capacity is not None:
             print(f"capacity  {capacity / GiB:g} GiB: {'fits' if row['status'] == 'ok' else row['status']}")
     return 1 if row["status"] == "error" else 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """`txlab calibrate [--out PATH] [--device D] [--quick]` (docs/time_model.md, "Calibration")."""
+    from pathlib import Path
+
+    from txlab.hardware import local_path
+
+    out = Path(args.out).expanduser() if args.out else local_path()
+    if out.is_dir():
+        raise ConfigError(f"--out: {out}: is a directory; give the profile file to write (e.g. {out}/local.yaml)")
+    if args.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device: unknown device {args.device!r}; allowed: auto, cpu, cuda")
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device: 'cuda' asked for but no CUDA device is available; allowed here: auto, cpu")
+    from txlab.timemodel.calibrate import calibrate, summary, write_profile
+
+    print(f"calibrating ({'quick' if args.quick else 'full'}); the machine should be otherwise idle")
+    mapping = calibrate(args.device, quick=args.quick)
+    for line in summary(mapping):
+        print(line)
+    print(f"wrote {write_profile(mapping, out)} (measure.hardware: {'local' if out == local_path() else out})")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

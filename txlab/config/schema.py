@@ -155,6 +155,11 @@ class TrainConfig:
 class MeasureConfig:
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
     budget_gib: float | None = None  # memory budget in GiB (2^30 bytes); CUDA caps the process at it
+    # hardware profile the time model predicts for: a catalogue name (h100-sxm, ...), local (txlab calibrate's),
+    # or a profile YAML path; null: no prediction (a measured row still gets one from the local profile)
+    hardware: str | None = field(default=None, metadata={SINCE: "0.3"})
+    # price of one device for an hour, dollars, for predicted_usd_per_mtok; null: no price is guessed
+    usd_per_device_hour: float | None = field(default=None, metadata={SINCE: "0.3"})
 
 
 @dataclass

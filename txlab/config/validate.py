@@ -36,6 +36,7 @@ def validate(cfg) -> None:
     _validate_data(cfg.model, cfg.data)
     _validate_train(cfg.train)
     _validate_measure(cfg.measure)
+    _validate_hardware(cfg.measure, cfg.workload)
     _validate_parallel(cfg.parallel, cfg.workload, cfg.policy, cfg.measure)
     _positive("seed", cfg.seed, allow_zero=True)
 
@@ -162,6 +163,33 @@ def _validate_measure(ms) -> None:
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"measure.device: unknown device {dev!r}; allowed: auto, cpu, cuda, cuda:N")
     _positive("measure.budget_gib", ms.budget_gib)
+
+
+def _validate_hardware(ms, w) -> None:
+    """measure.hardware: a profile that loads (a catalogue name, local, or a file, read and checked here), for
+    training steps, with a peak for the workload's dtype; a price only with a profile, and not negative."""
+    if ms.usd_per_device_hour is not None and not ms.usd_per_device_hour >= 0:
+        raise ConfigError(
+            f"measure.usd_per_device_hour: must be >= 0 (dollars per device-hour), got {ms.usd_per_device_hour}"
+        )
+    if ms.hardware is None:
+        if ms.usd_per_device_hour is not None:
+            raise ConfigError(
+                "measure.usd_per_device_hour: prices the time predicted on measure.hardware; set measure.hardware "
+                "(a profile name, local, or a YAML path) or leave the price null"
+            )
+        return
+    if w.kind != "train":
+        raise ConfigError(
+            f"measure.hardware: the time model predicts training steps; workload.kind {w.kind!r} is not one "
+            "(allowed with workload.kind train; leave measure.hardware null)"
+        )
+    from txlab.hardware import ProfileError, load_profile
+
+    try:
+        load_profile(ms.hardware).peak(w.dtype)
+    except ProfileError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _validate_inference(m, p, w) -> None:

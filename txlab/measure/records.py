@@ -59,6 +59,19 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class Prediction:
+    """The time model's figures for the trial's step on a hardware profile (txlab.timemodel): predictions, in
+    columns of their own beside any measured time."""
+
+    hardware: str | None = None  # the profile's name (measure.hardware, or `local` for a measured row)
+    predicted_step_time_s: float | None = None
+    predicted_tokens_per_s: float | None = None  # all devices together
+    predicted_mfu: float | None = None  # analytic model FLOPs over the profile's dense peak, per device
+    predicted_exposed_comm_s: float | None = None  # communication not hidden behind compute, per step
+    predicted_usd_per_mtok: float | None = None  # measure.usd_per_device_hour set: dollars per million tokens
+
+
+@dataclass(frozen=True)
 class Quality:
     """How well the model did on the trial's tokens."""
 
@@ -78,7 +91,7 @@ class Outcome:
     measured: bool = True
 
 
-RECORDS = (Memory, Facts, Timing, Quality)
+RECORDS = (Memory, Facts, Timing, Quality, Prediction)
 
 
 def from_row(cls, row: dict[str, Any]):
@@ -95,13 +108,14 @@ class Records:
     facts: Facts | None = None
     timing: Timing | None = None
     quality: Quality | None = None
+    prediction: Prediction | None = None
     outcome: Outcome | None = None
 
     def figures(self) -> dict[str, Any]:
         """The row's figure columns (every FIGURES key; None where nothing was measured) and the outcome's
         status, error and measured."""
         out: dict[str, Any] = dict.fromkeys(FIGURES)
-        for record in (self.memory, self.facts, self.timing, self.quality):
+        for record in (self.memory, self.facts, self.timing, self.quality, self.prediction):
             if record is not None:
                 out.update(dataclasses.asdict(record))
         outcome = self.outcome or Outcome("error", "the trial ended without a verdict")

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from txlab.units import GiB  # noqa: F401 - the analysis reads the unit of the byte columns from here
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # Every row schema version and its migration note. Any change to the row's columns (one added, removed,
 # renamed or retyped; config keys included, since every config key is a column) bumps SCHEMA_VERSION and
 # adds a line here saying what changed and how rows of the version before read under it. Added columns
@@ -35,6 +35,10 @@ SCHEMA_HISTORY: dict[int, str] = {
     4: "txlab 0.3: identity column threads (the CPU threads torch ran the trial's steps with; a sweep's trials "
     "run with their resources' CPUs, txlab run with torch's default); no migration: older rows read it as "
     "null, unknown (txlab rerun then says it cannot match them)",
+    5: "txlab 0.3: the time model (issue 24): config columns measure.hardware, measure.usd_per_device_hour and "
+    "figures hardware, predicted_step_time_s, predicted_tokens_per_s, predicted_mfu, predicted_exposed_comm_s, "
+    "predicted_usd_per_mtok; no migration: older rows read them as null (no profile: no prediction; for the "
+    "config keys their declared defaults)",
 }
 
 STATUSES = ("ok", "oom", "over_budget", "error")
@@ -90,6 +94,13 @@ FIGURES: dict[str, pa.DataType] = {
     "weight_bytes_fp": pa.int64(),  # the same weights at full precision
     "logit_rel_error": pa.float64(),  # int4: ||logits - full-precision logits|| / ||full-precision logits||, over the prompt
     "next_token_agreement": pa.float64(),  # int4: share of prompt positions whose argmax matches full precision
+    # the time model (txlab.timemodel) on a hardware profile: predictions, never mixed with the measured figures
+    "hardware": pa.string(),  # the profile predicted for (measure.hardware, or local for a measured row)
+    "predicted_step_time_s": pa.float64(),
+    "predicted_tokens_per_s": pa.float64(),  # all devices together
+    "predicted_mfu": pa.float64(),  # analytic FLOPs per token x predicted tokens/s over devices x dense peak
+    "predicted_exposed_comm_s": pa.float64(),  # communication not hidden behind compute, per step
+    "predicted_usd_per_mtok": pa.float64(),  # with measure.usd_per_device_hour: dollars per million tokens
 }
 
 

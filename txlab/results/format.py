@@ -92,8 +92,26 @@ def format_row(row: dict[str, Any]) -> str:
             lines.append(
                 f"compile   {row['compile_s']:.1f} s (the compiling first step, less one step; not in the step time)"
             )
+    if row.get("predicted_step_time_s") is not None:
+        lines.append(time_line(row))
     lines.append(f"took      {row['duration_s']:.1f} s")
     return "\n".join(lines)
+
+
+def time_line(row: dict[str, Any]) -> str:
+    """The time model's figures (predicted on `row['hardware']`), one line: step, tokens/s, MFU, comm, $."""
+    devices = (row.get("parallel.fsdp") or 1) * (row.get("parallel.tp") or 1)
+    total = row["predicted_tokens_per_s"]
+    mfu = row.get("predicted_mfu")
+    usd = row.get("predicted_usd_per_mtok")
+    return (
+        f"time      predicted on {row['hardware']}: step {row['predicted_step_time_s']:.4g} s, "
+        f"{total / devices:,.0f} tokens/s per device"
+        + (f" ({total:,.0f} on all {devices})" if devices > 1 else "")
+        + (f", MFU {mfu:.1%}" if mfu is not None else "")
+        + f", exposed comm {row['predicted_exposed_comm_s']:.3g} s, "
+        + (f"${usd:.4g} per million tokens" if usd is not None else "$ -: no price (measure.usd_per_device_hour)")
+    )
 
 
 def _inference_lines(row: dict[str, Any]) -> list[str]:

@@ -6,6 +6,7 @@ its code, with nothing allocated.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -29,7 +30,7 @@ def make_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 def fake_step_memory(
-    setup: Setup, plan: list[tuple[int, int, str]] | None = None, steady: bool = True
+    setup: Setup, plan: list[tuple[int, int, str]] | None = None, steady: bool = True, wrap_step: Callable | None = None
 ) -> tuple[Memory, torch.nn.Module]:
     """Run `build_trial` and its steps on fake tensors under the MemoryMonitor, for the device kind
     `setup.kind` (cuda: CUDA's fused AdamW and allocator rounding, on fake CPU tensors).
@@ -43,19 +44,24 @@ def fake_step_memory(
     A sharded layout: rank 0 of N on torch's fake process group, the model sharded by FSDP2 as in a
     measured sharded trial, under FSDPMemTracker: one rank's figures for any N, at the cost of one.
 
+    `wrap_step(step, optimizer) -> step`: what the watched steps run instead of the trial's step (the time
+    model's operator trace, txlab.trial.predict, records the steady step this way, in the same run).
+
     Returns the monitor's figures and the built model (fake), so callers can read parameter counts.
     Allocates only the tracker's bookkeeping.
     """
     setup = dataclasses.replace(setup, device=torch.device("cpu"), data=None)  # fake CPU tensors, synthetic tokens
     ranks = fake_ranks(setup.layout.world) if setup.sharded else None  # the mesh before FakeTensorMode (FACTS)
     try:
-        return _fake_step(setup, plan, steady, ranks)
+        return _fake_step(setup, plan, steady, ranks, wrap_step)
     finally:
         if ranks is not None:
             close_ranks()
 
 
-def _fake_step(setup: Setup, plan, steady: bool, ranks: Ranks | None) -> tuple[Memory, torch.nn.Module]:
+def _fake_step(
+    setup: Setup, plan, steady: bool, ranks: Ranks | None, wrap_step: Callable | None = None
+) -> tuple[Memory, torch.nn.Module]:
     cuda = setup.kind == "cuda"
     with FakeTensorMode(allow_non_fake_inputs=False):
         parts = build_trial(setup, fused_optimizer=cuda, plan=plan, ranks=ranks)
@@ -64,9 +70,10 @@ def _fake_step(setup: Setup, plan, steady: bool, ranks: Ranks | None) -> tuple[M
         batches = [parts.data.next() for _ in range(MEMORY_STEPS)]  # all alive in the window, as measured
         window = batches[-1:] if steady else batches
         earlier = [t for b in batches[:-1] for t in b] if steady else []  # alive in the steady step's window
+        step = wrap_step(parts.step, parts.optimizer) if wrap_step is not None else parts.step
         with chunked_tile_body("ops" if cuda else "auto"):  # the tiles a CUDA run computes
             memory, _ = measure_steps(
-                setup.device, parts.model, parts.optimizer, window, parts.step, None, cuda, ranks is not None,
+                setup.device, parts.model, parts.optimizer, window, step, None, cuda, ranks is not None,
                 held=earlier, hold_losses=False,
             )  # fmt: skip
         del batches, earlier, window

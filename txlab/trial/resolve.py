@@ -13,10 +13,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from txlab.config import ModelConfig, ParallelConfig, PolicyConfig, TrialConfig, WorkloadConfig
+from txlab.config import ConfigError, ModelConfig, ParallelConfig, PolicyConfig, TrialConfig, WorkloadConfig
 from txlab.data.loader import Data, open_data
+from txlab.hardware import LOCAL, Profile, ProfileError, load_profile, local_path
 from txlab.model.hf import check_pretrained
-from txlab.runtime.device import device_kind, resolve_device
+from txlab.runtime.device import device_info, device_kind, resolve_device
 from txlab.units import GiB
 
 
@@ -53,6 +54,8 @@ class Setup:
     layout: Layout
     data: Data | None  # the opened real text; None: synthetic tokens
     measure_device: str  # measure.device as written (free memory of a named GPU, a rank's GPU)
+    hardware: Profile | None = None  # the time model's profile: measure.hardware's (measured: else `local`'s)
+    usd_per_device_hour: float | None = None  # measure.usd_per_device_hour: the price of the predicted time
 
     @property
     def sharded(self) -> bool:
@@ -77,8 +80,10 @@ def resolve(cfg: TrialConfig, estimate: bool = False, kind: str | None = None) -
     pretrained checkpoint are opened and checked (ConfigError before any work). An estimate models device
     `kind` (default: the kind `measure.device` names) on fake CPU tensors and reads no data or weights."""
     m, w = cfg.model, cfg.workload
+    hardware = hardware_profile(cfg, estimate)
     if estimate:
-        kind = kind or device_kind(cfg.measure.device)
+        auto = cfg.measure.device == "auto" and hardware is not None  # a profile of a GPU: estimate for CUDA
+        kind = kind or (hardware.kind if auto else device_kind(cfg.measure.device))
         device, data = torch.device("cpu"), None
     else:
         device = resolve_device(cfg.measure.device)
@@ -89,5 +94,22 @@ def resolve(cfg: TrialConfig, estimate: bool = False, kind: str | None = None) -
     return Setup(
         trial_key=cfg.trial_key, model=m, policy=cfg.policy, workload=w, seed=cfg.seed, kind=kind, device=device,
         budget_bytes=None if cfg.measure.budget_gib is None else int(cfg.measure.budget_gib * GiB), layout=Layout.of(cfg.parallel), data=data,
-        measure_device=cfg.measure.device,
+        measure_device=cfg.measure.device, hardware=hardware, usd_per_device_hour=cfg.measure.usd_per_device_hour,
     )  # fmt: skip
+
+
+def hardware_profile(cfg: TrialConfig, estimate: bool = False) -> Profile | None:
+    """The profile the trial's time is predicted on: measure.hardware's; for a measured trial without one, this
+    machine's `local` profile when `txlab calibrate` wrote one for the device the trial runs on (so every
+    measured row is also a check of the time model); else None. A bad profile is a ConfigError."""
+    spec = cfg.measure.hardware
+    try:
+        if spec is not None:
+            return load_profile(spec)
+        if estimate or not local_path().exists():
+            return None
+        profile = load_profile(LOCAL)
+    except ProfileError as e:
+        raise ConfigError(str(e)) from None
+    here = device_info(resolve_device(cfg.measure.device))[0]
+    return profile if profile.device_name == here else None

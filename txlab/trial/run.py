@@ -17,11 +17,13 @@ from typing import Any
 import torch
 
 from txlab.config import ConfigError, TrialConfig
+from txlab.measure.records import Facts, from_row
 from txlab.runtime.device import device_info, device_kind, free_bytes, kind_info
 from txlab.runtime.progress import log
 from txlab.trial.estimate import estimate_training
 from txlab.trial.infer import measure_inference
 from txlab.trial.pipeline import Limit, pipeline
+from txlab.trial.predict import predict_measured, prediction_columns, with_prediction
 from txlab.trial.resolve import Setup, resolve
 from txlab.trial.row import Where
 from txlab.trial.sharded import run_sharded
@@ -53,12 +55,15 @@ def run_trial(cfg: TrialConfig, progress: bool = False) -> dict[str, Any]:
         log(progress, f"trial {setup.trial_key}: {cfg.model.size} x{cfg.model.n_layers}, policy {cfg.policy.name}, "
                       f"FSDP over {setup.layout.world} ranks ({setup.device.type}), "
                       f"global batch {cfg.workload.batch_size}")  # fmt: skip
-        return run_sharded(cfg, setup, where, progress)
+        row = run_sharded(cfg, setup, where, progress)
+        if setup.hardware is not None and row["status"] == "ok":  # the time model's columns, beside the measured
+            row.update(prediction_columns(predict_measured(setup, from_row(Facts, row))))
+        return row
     where = Where(*device_info(setup.device))
     w = cfg.workload
     log(progress, f"trial {setup.trial_key}: {cfg.model.size} x{cfg.model.n_layers}, policy {cfg.policy.name}, "
                   f"seq_len {w.seq_len}, batch {w.batch_size} on {where.device}")  # fmt: skip
-    stage = measure_inference if w.kind in ("prefill", "decode") else measure_training
+    stage = measure_inference if w.kind in ("prefill", "decode") else with_prediction(measure_training)
     with device_window(setup, where.device_capacity_bytes):
         return pipeline(cfg, setup, where, stage, progress=progress)
 
@@ -93,6 +98,9 @@ def estimate_trial(
         raise ConfigError(f"device kind {device_kind!r}: allowed: {', '.join(DEVICE_KINDS)}")
     setup = resolve(cfg, estimate=True, kind=device_kind)
     device, default_capacity = kind_info(setup.kind)
+    if setup.hardware is not None and setup.hardware.kind == setup.kind:  # the profile's device: its memory a limit
+        device, default_capacity = setup.hardware.device_name, setup.hardware.memory_bytes
+        capacity_bytes = capacity_bytes if capacity_bytes is not None else default_capacity
     where = Where(device, capacity_bytes if capacity_bytes is not None else default_capacity, threads=None)
     capacity = Limit(capacity_bytes, "the capacity of") if capacity_bytes is not None else None
     limits = (capacity, limit)

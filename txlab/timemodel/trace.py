@@ -1,0 +1,270 @@
+"""The operator trace of one training step: every aten operator the real step dispatches (forward,
+recomputation, backward, optimizer) and every collective, with what the time model costs it by: FLOPs,
+bytes read and written, shapes and dtype, and for a collective the ranks of its group and the bytes it
+moves. Recorded by a TorchDispatchMode around a step that runs on fake tensors (txlab.trial.trace), so a step
+of any size is traced in seconds and nothing is computed.
+
+FLOPs are the kernel's work, counted from shapes here: a GEMM 2·M·N·K; fused attention 4·B·H·Tq·Tk·D forward
+(the causal share of query-key pairs when causal) and 2.5x that backward (flash attention's backward computes
+five products to the forward's two, recomputing the scores). torch's FlopCounterMode counts 0 for CPU SDPA
+(docs/time_model.md), so attention is never read from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+FRESH_MIN = 32 * 2**20  # outputs from this size are new pages on a CPU (glibc maps them afresh: first-touch faults)
+
+MATMULS = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "_scaled_mm"}
+ATTENTION_WORDS = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
+# Operators that move no data: views, metadata, allocation without initialisation, bookkeeping.
+FREE = {
+    "detach", "empty", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "_local_scalar_dense",
+    "set_", "resize_", "alias", "is_same_size", "_has_compatible_shallow_copy_type", "record_stream", "device",
+    "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "_unsafe_view", "wait_tensor", "barrier",
+}  # fmt: skip
+FILLS = {"zero_", "fill_", "zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "new_zeros", "new_ones",
+         "new_full", "arange", "scalar_tensor", "randn", "rand", "randint", "normal_", "uniform_", "empty_like"}  # fmt: skip
+GATHERS = {"embedding", "index_select", "gather", "nll_loss_forward", "nll_loss2d_forward"}
+# Memory-bound families (a local profile measures each; a GPU's are all `memory` of its bandwidth).
+FAMILIES = {
+    "transcendental": ("gelu", "silu", "sigmoid", "tanh", "exp", "log", "erf", "pow", "rsqrt", "softmax", "sin", "cos"),
+    "norm": ("layer_norm", "rms_norm", "group_norm", "batch_norm"),
+    "reduce": ("sum", "mean", "amax", "amin", "max", "min", "norm", "var", "std", "argmax", "cumsum"),
+    "gather": ("embedding", "index_select", "index_add", "gather", "scatter", "nll_loss"),
+}
+COLLECTIVES = (("reduce_scatter", "reduce_scatter"), ("allgather", "all_gather"), ("all_gather", "all_gather"),
+               ("allreduce", "all_reduce"), ("all_reduce", "all_reduce"), ("alltoall", "all_to_all"),
+               ("all_to_all", "all_to_all"), ("broadcast", "broadcast"))  # fmt: skip
+
+
+@dataclass
+class Op:
+    """One dispatched operator as the time model sees it."""
+
+    name: str  # aten overload, e.g. "aten.mm.default"
+    cls: str  # matmul | attention | memory | collective
+    phase: str  # forward | backward | optimizer
+    flops: float = 0.0  # the kernel's FLOPs (matmul, attention)
+    read: float = 0.0  # bytes read
+    write: float = 0.0  # bytes written
+    fresh: float = 0.0  # bytes of new outputs from FRESH_MIN up (CPU first-touch)
+    dtype: str = "fp32"  # the compute dtype
+    dims: tuple[int, ...] = ()  # matmul (M, N, K); attention (B*H, Tq, Tk, D)
+    family: str = "elementwise"  # memory-bound family
+    backward: bool = False  # an attention kernel's backward
+    coll: str = ""  # collective kind: all_gather, reduce_scatter, all_reduce, all_to_all, broadcast
+    group: tuple[int, ...] = ()  # a collective's ranks
+    size: float = 0.0  # a collective's full buffer in bytes (gathered output, scattered input, reduced tensor)
+    waits: int = -1  # index of the collective whose output this op reads first (-1: none)
+
+
+DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    """The tensors in `x`, a DTensor as its local shard (what this rank's kernel reads and writes: the mode sees
+    an operator on DTensors before DTensor dispatches it on the shards, and a DTensor's numel is the global)."""
+    out = []
+    for t in tree_leaves(x):
+        if isinstance(t, torch.Tensor):
+            local = getattr(t, "_local_tensor", None)
+            out.append(local if isinstance(local, torch.Tensor) else t)
+    return out
+
+
+def _nbytes(ts: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def _key(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage()._cdata
+    except Exception:  # noqa: BLE001 - a tensor without storage (sparse, nested): no dependency tracked
+        return None
+
+
+def _arg(func, args, kwargs, name: str, default=None):
+    for i, a in enumerate(func._schema.arguments):
+        if a.name == name:
+            if name in kwargs:
+                return kwargs[name]
+            return args[i] if i < len(args) else default
+    return default
+
+
+def causal_share(tq: int, tk: int) -> float:
+    """The share of query-key pairs a causal (top-left aligned) kernel computes: query i sees keys 0..i."""
+    full = min(tq, tk)
+    pairs = full * (full + 1) / 2 + max(0, tq - tk) * tk
+    return pairs / (tq * tk)
+
+
+class Recorder(TorchDispatchMode):
+    """Records every operator dispatched under it into `ops`. `phase_optimizer` is set around the optimizer's
+    step (by hooks); the backward is told by autograd's running graph task."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[Op] = []
+        self.optimizer = False
+        self._pending: dict[int, int] = {}  # storage of a collective's output -> its op index
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        op = self.classify(func, args, kwargs, out)
+        if op is not None:
+            if self._pending:
+                for t in _tensors((args, kwargs)):
+                    k = _key(t)
+                    if k in self._pending:
+                        op.waits = max(op.waits, self._pending.pop(k))
+            self.ops.append(op)
+            if op.cls == "collective":
+                for t in _tensors(out) + _tensors(args[:1]):
+                    k = _key(t)
+                    if k is not None:
+                        self._pending[k] = len(self.ops) - 1
+        return out
+
+    def phase(self) -> str:
+        if self.optimizer:
+            return "optimizer"
+        return "backward" if torch._C._current_graph_task_id() != -1 else "forward"
+
+    def classify(self, func, args, kwargs, out) -> Op | None:
+        ns = func.namespace
+        base = func._schema.name.split("::")[-1]
+        if ns in ("prim", "profiler") or base in FREE:
+            return None
+        returns = func._schema.returns
+        if returns and all(r.alias_info is not None and not r.alias_info.is_write for r in returns):
+            return None  # a view
+        name = str(func)
+        phase = self.phase()
+        if ns in ("c10d", "_c10d_functional"):
+            return self._collective(func, base, args, kwargs, out, phase)
+        if base in MATMULS:
+            return self._matmul(func, base, args, kwargs, out, phase)
+        if any(w in base for w in ATTENTION_WORDS):
+            return self._attention(func, base, args, kwargs, out, phase)
+        return self._memory(func, base, name, args, kwargs, out, phase)
+
+    # --- classes -------------------------------------------------------------------------------------
+
+    def _matmul(self, func, base, args, kwargs, out, phase) -> Op:
+        a, b = (args[1], args[2]) if base in ("addmm", "baddbmm", "addbmm") else (args[0], args[1])
+        outs = _tensors(out)
+        batch = a.shape[0] if a.dim() == 3 else 1
+        m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+        read = _nbytes(_tensors(args))
+        write = _nbytes(outs)
+        return Op(
+            str(func), "matmul", phase, flops=2.0 * batch * m * n * k, read=read, write=write,
+            fresh=_fresh(outs), dtype=DTYPES.get(a.dtype, str(a.dtype)), dims=(batch * m, n, k),
+        )  # fmt: skip
+
+    def _attention(self, func, base, args, kwargs, out, phase) -> Op:
+        q = _arg(func, args, kwargs, "query")
+        k = _arg(func, args, kwargs, "key")
+        v = _arg(func, args, kwargs, "value")
+        backward = "backward" in base
+        if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):  # an attention op of another signature
+            return self._memory(func, base, str(func), args, kwargs, out, phase)
+        *lead, tq, d = q.shape
+        tk, dv = k.shape[-2], v.shape[-1]
+        bh = 1
+        for x in lead:
+            bh *= x
+        flops = 2.0 * bh * tq * tk * (d + dv)
+        if _arg(func, args, kwargs, "is_causal", False):
+            flops *= causal_share(tq, tk)
+        if backward:
+            flops *= 2.5  # five products (the scores recomputed, dV, dP, dQ, dK) to the forward's two
+        outs = _tensors(out)
+        return Op(
+            str(func), "attention", phase, flops=flops, read=_nbytes(_tensors(args)), write=_nbytes(outs),
+            fresh=_fresh(outs), dtype=DTYPES.get(q.dtype, str(q.dtype)), dims=(bh, tq, tk, d), backward=backward,
+        )  # fmt: skip
+
+    def _collective(self, func, base, args, kwargs, out, phase) -> Op | None:
+        kind = next((k for word, k in COLLECTIVES if word in base), None)
+        if kind is None:
+            return None  # wait, barrier, send/recv bookkeeping
+        sizes = [_nbytes(_tensors(a)) for a in args] + [_nbytes(_tensors(out))]
+        return Op(str(func), "collective", phase, coll=kind, group=_group_ranks(args, kwargs), size=float(max(sizes)))
+
+    def _memory(self, func, base, name, args, kwargs, out, phase) -> Op:
+        schema_args = func._schema.arguments
+        written: list[torch.Tensor] = []
+        read: list[torch.Tensor] = []
+        for i, a in enumerate(args):
+            ts = _tensors(a)
+            info = schema_args[i].alias_info if i < len(schema_args) else None
+            if info is not None and info.is_write:
+                written += ts
+                if base in ("copy_",) or base in FILLS:
+                    continue  # overwritten, not read
+            read += ts
+        outs = [t for t in _tensors(out) if all(t is not w for w in written)]
+        if base in FILLS:
+            read = []
+        elif base in GATHERS:  # reads the rows it gathers, not the whole table
+            index = [t for t in read if not t.is_floating_point()]
+            read = index + outs
+        elif base == "nll_loss_backward":  # reads the targets and the incoming gradient, not the logits
+            read = [t for t in read if not t.is_floating_point() or t.numel() == 1]
+        family = next((f for f, words in FAMILIES.items() if any(w in base for w in words)), "elementwise")
+        floating = [t for t in read + outs + written if t.is_floating_point()]
+        dtype = DTYPES.get(floating[0].dtype, "fp32") if floating else "fp32"
+        return Op(
+            name, "memory", phase, read=_nbytes(read), write=_nbytes(outs) + _nbytes(written), fresh=_fresh(outs),
+            dtype=dtype, family=family,
+        )  # fmt: skip
+
+
+def _fresh(outs: list[torch.Tensor]) -> float:
+    return float(sum(n for n in (t.numel() * t.element_size() for t in outs) if n >= FRESH_MIN))
+
+
+def _group_ranks(args, kwargs) -> tuple[int, ...]:
+    import torch.distributed as dist
+
+    for a in [*args, *kwargs.values()]:
+        try:
+            if isinstance(a, torch.ScriptObject):
+                return tuple(dist.get_process_group_ranks(dist.ProcessGroup.unbox(a)))
+            if isinstance(a, str):
+                from torch.distributed.distributed_c10d import _resolve_process_group
+
+                return tuple(dist.get_process_group_ranks(_resolve_process_group(a)))
+        except Exception:  # noqa: BLE001 - a string that is no group name, a group torch cannot resolve
+            continue
+    return ()
+
+
+def record_step(step, optimizer: torch.optim.Optimizer, *batch) -> list[Op]:
+    """Run `step(*batch)` under a Recorder (the optimizer's step told apart by its hooks) and return the ops."""
+    rec = Recorder()
+
+    def pre(*_):
+        rec.optimizer = True
+
+    def post(*_):
+        rec.optimizer = False
+
+    handles = [optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)]
+    try:
+        with rec:
+            step(*batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return rec.ops
