@@ -57,6 +57,14 @@ def make_assets(d: Path) -> None:
     big = "[" + ",".join(["[" + ",".join(["'" + "x" * 50 + "'"] * 100) + "]"] * 100) + "]"
     (d / "huge_value.yaml").write_text(f"seed: {big}\n")
     (d / "a_file").write_text("not a directory\n")
+    # hardware profiles (measure.hardware: a YAML path): one field missing, a zero, a negative, one dtype only
+    gpu = {"name": "g", "peak_tflops": {"bf16": 100.0, "fp32": 10.0}, "memory_gb": 40, "memory_bandwidth_gbps": 1000,
+           "link_gbps": 100, "devices_per_node": 8, "network_gbps": 10}  # fmt: skip
+    (d / "hw_missing.yaml").write_text(yaml.safe_dump({k: v for k, v in gpu.items() if k != "memory_gb"}))
+    (d / "hw_zero.yaml").write_text(yaml.safe_dump({**gpu, "link_gbps": 0}))
+    (d / "hw_negative.yaml").write_text(yaml.safe_dump({**gpu, "peak_tflops": {"bf16": -100.0, "fp32": 10.0}}))
+    (d / "hw_bf16_only.yaml").write_text(yaml.safe_dump({**gpu, "peak_tflops": {"bf16": 100.0}}))
+    (d / "hw_malformed.yaml").write_text("name: [g\n")
 
     def spec(filename: str, **raw) -> None:
         raw.setdefault("name", "t")
@@ -892,6 +900,91 @@ CASES = [
     # --- estimate -------------------------------------------------------------------------------
     case("estimate", "{d}/malformed.yaml", needle="malformed YAML", id="estimate-malformed-yaml"),
     case("estimate", "{d}/missing.yaml", needle="missing.yaml: config file not found", id="estimate-missing-file"),
+    # measure.hardware and measure.usd_per_device_hour (the time model)
+    case(
+        "estimate",
+        "{d}/good.yaml",
+        "--set",
+        "measure.hardware=h100",
+        needle="measure.hardware: unknown profile 'h100'; did you mean h200 or h100-sxm? allowed: a100-80g, h100-sxm",
+        id="estimate-hardware-unknown",
+    ),
+    case(
+        "estimate",
+        "{d}/good.yaml",
+        "--set",
+        "measure.hardware={d}/hw_missing.yaml",
+        needle="hw_missing.yaml: missing field memory_gb",
+        id="estimate-hardware-missing-field",
+    ),
+    case(
+        "run",
+        "{d}/good.yaml",
+        "--set",
+        "measure.hardware={d}/hw_zero.yaml",
+        needle="hw_zero.yaml: link_gbps must be > 0, got 0",
+        id="run-hardware-zero",
+    ),
+    case(
+        "estimate",
+        "{d}/good.yaml",
+        "--set",
+        "measure.hardware={d}/hw_negative.yaml",
+        needle="hw_negative.yaml: peak_tflops.bf16 must be > 0, got -100.0",
+        id="estimate-hardware-negative",
+    ),
+    case(
+        "estimate",
+        "{d}/good.yaml",
+        "--set",
+        "measure.hardware={d}/hw_bf16_only.yaml",
+        needle="profile 'g' has no peak for workload.dtype 'fp32'; it has: bf16",
+        id="estimate-hardware-dtype",
+    ),
+    case(
+        "estimate",
+        "{d}/good.yaml",
+        "--set",
+        "measure.hardware={d}/hw_malformed.yaml",
+        needle="hw_malformed.yaml: malformed YAML",
+        id="estimate-hardware-malformed",
+    ),
+    case(
+        "estimate",
+        "{d}/good.yaml",
+        "--set",
+        "measure.hardware={d}/hw_absent.yaml",
+        needle="hw_absent.yaml: no such file",
+        id="estimate-hardware-no-file",
+    ),
+    case(
+        "run",
+        "{d}/good.yaml",
+        "--set",
+        "measure.hardware=local",
+        needle="local.yaml: no such file; write it with `txlab calibrate`",
+        id="run-hardware-local-missing",
+    ),
+    case(
+        "estimate",
+        "{d}/good.yaml",
+        "--set",
+        "measure.hardware=h100-sxm",
+        "--set",
+        "measure.usd_per_device_hour=-2",
+        needle="measure.usd_per_device_hour: must be >= 0 (dollars per device-hour), got -2",
+        id="estimate-price-negative",
+    ),
+    case(
+        "estimate",
+        "{d}/good.yaml",
+        "--set",
+        "measure.usd_per_device_hour=2",
+        needle="measure.usd_per_device_hour: prices the time predicted on measure.hardware",
+        id="estimate-price-alone",
+    ),
+    case("calibrate", "--out", "{d}/adir.yaml", needle="adir.yaml: is a directory", id="calibrate-out-directory"),
+    case("calibrate", "--device", "tpu", needle="--device: unknown device 'tpu'", id="calibrate-device"),
     case(
         "estimate",
         "{d}/good.yaml",
