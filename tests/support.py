@@ -164,3 +164,15 @@ def trial_processes(session: int) -> list:
         except (psutil.Error, ProcessLookupError):
             pass
     return found
+
+
+def png_ok(path: Path, min_size: tuple[int, int] = (400, 250), max_size: tuple[int, int] = (1800, 2000)) -> bool:
+    """A PNG that decodes to a plot-sized image with more than a blank page on it (dark strokes: axes, text,
+    lines), so a plot that failed to draw fails the test that reads it, not only a missing file."""
+    from PIL import Image
+
+    if not (path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000):
+        return False
+    with Image.open(path) as im:
+        (w, h), darkest = im.size, im.convert("L").getextrema()[0]
+    return min_size[0] <= w <= max_size[0] and min_size[1] <= h <= max_size[1] and darkest < 100

@@ -5,8 +5,8 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
-from PIL import Image
 
+from tests.support import png_ok
 from tests.synthetic_store import synthetic_rows, write_store
 from txlab.analysis.cli import write_plots
 from txlab.analysis.data import AnalysisError, budgets_of, prepare
@@ -38,15 +38,6 @@ def store(tmp_path_factory):
     return path
 
 
-def _png_ok(p):
-    """A PNG that decodes to a plot-sized image with more than a blank page on it."""
-    if not (p.exists() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000):
-        return False
-    with Image.open(p) as im:
-        gray = im.convert("L")
-        return 400 <= im.size[0] <= 1800 and 250 <= im.size[1] <= 2000 and gray.getextrema()[0] < 100
-
-
 def test_plot_command_writes_every_plot_and_table(store, tmp_path, capsys):
     out = tmp_path / "plots"
     assert main(["plot", "--store", str(store), "--out", str(out), "--budget-gib", "24", "40", "80"]) == 0
@@ -58,7 +49,7 @@ def test_plot_command_writes_every_plot_and_table(store, tmp_path, capsys):
         for ext in ("png", "svg"):
             assert (out / f"{name}.{ext}").exists(), name
             assert f"wrote {out / f'{name}.{ext}'}" in printed
-        assert _png_ok(out / f"{name}.png")
+        assert png_ok(out / f"{name}.png")
     fr = pd.read_csv(out / "frontier.csv")
     assert set(fr["budget_gib"]) == {24, 40, 80} and {"measured", "estimated"} == set(fr["basis"])
     vs = pd.read_csv(out / "versus_baseline.csv")
@@ -155,7 +146,7 @@ def test_report_html_and_markdown(store, tmp_path):
     )
     write_store(tmp_path / "one", rows)
     md = write_report(tmp_path / "one", tmp_path / "r" / "report.md").read_text()
-    assert "](report_files/memory_vs_length.png)" in md and _png_ok(
+    assert "](report_files/memory_vs_length.png)" in md and png_ok(
         tmp_path / "r" / "report_files" / "frontier_heatmap.png"
     )
     assert "| synthetic | measured |" in md and "_Not drawn: no measured chunked-attention rows._" in md

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import png_ok
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import _common as C  # noqa: E402
@@ -46,7 +48,7 @@ def test_longest_context_debug(tmp_path):
     got = dict(zip(df["variant"], df["longest_seq_len"]))
     assert got["sdpa"] > 0 and got["recompute"] >= got["sdpa"]
     assert (df["peak_at_longest_GiB"] <= 0.03).all()
-    assert L.plot(df, tmp_path / "lc.png", 1024).stat().st_size > 0
+    assert png_ok(L.plot(df, tmp_path / "lc.png", 1024))
 
 
 def test_attention_alone_debug(tmp_path):
@@ -59,7 +61,7 @@ def test_attention_alone_debug(tmp_path):
     assert df[df["seq_len"] == 64]["time_s"].notna().all()
     ex = A.exponents(df).set_index("kernel")
     assert ex.loc["math", "memory_exponent"] > ex.loc["sdpa", "memory_exponent"]
-    assert A.plot(df, tmp_path / "aa.png", 0.0015).stat().st_size > 0
+    assert png_ok(A.plot(df, tmp_path / "aa.png", 0.0015))
 
 
 def test_vs_hf_debug(tmp_path):
@@ -73,7 +75,7 @@ def test_vs_hf_debug(tmp_path):
     assert timed["time_s"].notna().all()
     assert all(abs(loss - math.log(256)) < 1.0 for loss in timed["loss"])  # random weights: about ln(vocab)
     assert set(df.loc[df["variant"] == "hf", "peak_vs_hf"]) == {1.0}
-    assert V.plot(df, tmp_path / "vs.png").stat().st_size > 0
+    assert png_ok(V.plot(df, tmp_path / "vs.png"))
 
 
 def test_longest_merge_prefers_the_longer_fit():
@@ -109,7 +111,7 @@ def test_vs_hf_llama_debug(tmp_path):
     # one set of weights (learning rate 0 keeps it): HF's loss (over T - 1 positions) is txlab's within 1%
     assert loss["hf"] == loss["hf-gc"] and loss["sdpa"] == pytest.approx(loss["recompute"], rel=1e-5)
     assert loss["sdpa"] == pytest.approx(loss["hf"], rel=1e-2) and abs(loss["hf"] - math.log(256)) < 1.0
-    assert V.plot(df, tmp_path / "llama.png").stat().st_size > 0
+    assert png_ok(V.plot(df, tmp_path / "llama.png"))
 
 
 @pytest.mark.parametrize("real_memory, low_ram", [(False, False), (True, True)])

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from tests.support import png_ok
 from txlab.cli import main
 from txlab.config import build_config
 from txlab.results import columns
@@ -133,7 +134,8 @@ def test_the_0_1_store_checks_sound(old_store):
 def test_the_0_1_store_plots_and_reports(old_store, tmp_path, capsys):
     out = tmp_path / "plots" / "smoke"
     assert main(["plot", "--store", str(old_store), "--out", str(out)]) == 0
-    for name in ("memory_vs_length.png", "frontier_heatmap.svg", "frontier.csv", "versus_baseline.csv"):
+    assert png_ok(out / "memory_vs_length.png") and png_ok(out / "frontier_heatmap.png")
+    for name in ("frontier_heatmap.svg", "frontier.csv", "versus_baseline.csv"):
         assert (out / name).stat().st_size > 0, name
     assert main(["report", "--store", str(old_store), "--out", str(out / "report.md")]) == 0
     assert "16" in (out / "report.md").read_text()
