@@ -1,4 +1,4 @@
-"""Frontier and baseline numbers against a hand-computed fixture (analysis/frontier.py)."""
+"""Frontier and baseline numbers against a hand-computed fixture (txlab/analysis/frontier.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Loading a store into one frame, and the labels every plot and table shares.
 
-A store (DESIGN.md) is one row per trial with dotted config columns. Analysis needs three things on top:
+A store (docs/design.md, "Store") is one row per trial with dotted config columns. Analysis needs three things on top:
 
 - **Grouping** (`GROUP_KEYS`): two rows describe the same experiment at different lengths when they agree
   on every config column except `workload.seq_len`, the chunk sizes (`policy.q_chunk`, `policy.k_chunk`,
@@ -15,7 +15,7 @@ A store (DESIGN.md) is one row per trial with dotted config columns. Analysis ne
   `setting` (rows) and depth (columns).
 - **Basis**: `measured` (from a run) or `estimated` (`measured == false`); kept apart everywhere.
 
-Only `txlab.results.store` and `txlab.results.columns` are imported from txlab (DESIGN.md).
+Only `txlab.results.store` and `txlab.results.columns` are imported from txlab (docs/design.md, "Layers and dependency direction").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Feasibility frontiers and the comparison against the fused-attention baseline, as tables.
 
-Feasible (DESIGN.md): `status == "ok"` and `peak_bytes <= budget_gib * 2**30`. Everything else is not:
+Feasible (docs/design.md, "Result row"): `status == "ok"` and `peak_bytes <= budget_gib * 2**30`. Everything else is not:
 `oom`, `over_budget`, `error`, and an ok trial whose peak is over the budget asked.
 
 The frontier of one experiment (a `group`, see `analysis.data`) at one budget is the longest sequence

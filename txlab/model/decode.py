@@ -5,7 +5,7 @@ tile, the positions to hold, the batch, the dtype), resolved by its callers (`tx
 from a trial's config, `txlab.train.generate` from a checkpoint's).
 
 The engine drives the model's own modules: each block's `attn.project` (the QKV projection, head split
-and RoPE of `txlab.model.gpt`), its attention kernel (set by `txlab.policy.apply_policy`) for the
+and RoPE of `txlab.model.gpt`), its attention kernel (set by `txlab.policy.apply.apply_policy`) for the
 prefill, and `Attention.output` and `Block.mlp_residual` (output projection, residuals, MLP) — so there is one forward path to keep
 in sync. What it adds is what decoding needs: absolute positions, and whatever the KV policy keeps
 between steps:

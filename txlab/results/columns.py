@@ -1,4 +1,4 @@
-"""Result-row columns: the contract between trials, the store and analysis (see DESIGN.md).
+"""Result-row columns: the contract between trials, the store and analysis (docs/design.md, "Result row").
 
 Analysis may import this module and `txlab.results.store`, nothing else from txlab.
 """
