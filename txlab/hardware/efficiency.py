@@ -37,9 +37,14 @@ class Efficiency:
 # torchtitan's FSDP2 runs on 64 x A100-80GB; `hopper` scales it by the ratio of MosaicML's MPT-7B runs on
 # H100 and A100 (the same model and stack on both). Families without published runs of this stack take the
 # nearest calibrated family: Ada and Ampere PCIe parts take `ampere`, Blackwell and MI300X `hopper`.
+# Fitted by `python benchmarks/time_model_anchors.py --fit` (docs/time_model.md has the anchors and errors):
+# matmul and attention of `ampere` on torchtitan's three calibration runs (log error of tokens/s per GPU), the
+# `hopper` factor 0.7535 on MosaicML's MPT-7B H100 / A100 throughput ratio; the other fields are the stated
+# priors (memory-bound kernels at 70% of the bandwidth, collectives at 80% of the link, 30 µs per collective,
+# 4 µs per kernel, the knees).
 FAMILIES: dict[str, Efficiency] = {
-    "ampere": Efficiency(),
-    "hopper": Efficiency(),
+    "ampere": Efficiency(matmul=0.77, attention=0.50),
+    "hopper": Efficiency(matmul=0.5802, attention=0.3768),
 }
 FAMILY_OF: dict[str, str] = {
     "a100-80g": "ampere", "a10g": "ampere", "l40": "ampere", "l40s": "ampere", "l4": "ampere",

@@ -105,11 +105,21 @@ class Coster:
         return max(self._bytes_time(op), self._floor())
 
     def link(self, group: tuple[int, ...]) -> tuple[float, str]:
-        """The bandwidth (bytes/s per device) of the link a group's collective runs over, and its name."""
+        """The bandwidth (bytes/s per device) a group's ring collective moves at, and the link that limits it.
+
+        Within a node: the intra-node link. Across nodes: a ring relays every shard through every member, so
+        the bytes a node takes in from the network are those of one member, spread over the NICs of its g
+        members (NCCL runs one ring per NIC): g x the network bandwidth per device, and never more than the
+        intra-node link that relays them (FSDP over 8 GPUs of each node: 8 x; one GPU per node, as FSDP x TP 8
+        puts it: 1 x)."""
         per_node = self.p.devices_per_node
-        if len({r // per_node for r in group}) <= 1:
+        nodes: dict[int, int] = {}
+        for r in group:
+            nodes[r // per_node] = nodes.get(r // per_node, 0) + 1
+        if len(nodes) <= 1:
             return self.p.link_bw, "intra-node"
-        return self.p.network_bw, "network"
+        g = min(nodes.values())
+        return min(self.p.link_bw, g * self.p.network_bw), "network"
 
     def wire_bytes(self, op: Op) -> float:
         n = len(op.group)

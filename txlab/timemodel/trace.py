@@ -151,8 +151,8 @@ class Recorder(TorchDispatchMode):
         phase = self.phase()
         if ns in ("c10d", "_c10d_functional"):
             return self._collective(func, base, args, kwargs, out, phase)
-        if base in MATMULS:
-            return self._matmul(func, base, args, kwargs, out, phase)
+        if base.rstrip("_") in MATMULS:  # in-place too (addmm_: the chunked loss accumulates its weight gradient)
+            return self._matmul(func, base.rstrip("_"), args, kwargs, out, phase)
         if any(w in base for w in ATTENTION_WORDS):
             return self._attention(func, base, args, kwargs, out, phase)
         return self._memory(func, base, name, args, kwargs, out, phase)
