@@ -1,5 +1,5 @@
 """FSDP2 (`torch.distributed.fsdp.fully_shard`) applied to a built model from outside, as torchtitan's
-parallelize does: recomputation has already wrapped the blocks (txlab.policy.apply_policy), then each
+parallelize does: recomputation has already wrapped the blocks (txlab.policy.apply.apply_policy), then each
 entry of `model.blocks` is sharded as one unit, then the root (embeddings, final norm, output projection).
 
 Under `workload.dtype: bf16` parameters are gathered in bf16 and gradients reduced in fp32
@@ -16,24 +16,54 @@ import torch.distributed as dist
 
 @dataclass
 class Ranks:
-    """Where this process sits in a sharded trial."""
+    """Where this process sits in a sharded trial: rank `rank` of `world` on one mesh of fsdp x tp ranks,
+    tp innermost (ranks r // tp share a data-parallel place, ranks r % tp a TP group's places)."""
 
     rank: int
     world: int
-    mesh: object  # torch.distributed.device_mesh.DeviceMesh over the `world` ranks
+    mesh: object  # torch.distributed.device_mesh.DeviceMesh: 1-D over the `world` ranks (tp 1), else ("fsdp", "tp")
+    tp: int = 1  # tensor-parallel ranks of a group
+
+    @property
+    def fsdp(self) -> int:
+        """Data-parallel ranks (each takes 1/fsdp of the global batch)."""
+        return self.world // self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's place among the data-parallel ranks: which rows of the batch it takes."""
+        return self.rank // self.tp
+
+    @property
+    def dp_mesh(self):
+        return self.mesh if self.tp == 1 else self.mesh["fsdp"]
+
+    @property
+    def tp_mesh(self):
+        return self.mesh["tp"]
+
+
+def make_ranks(rank: int, fsdp: int, tp: int, device_type: str) -> Ranks:
+    """This rank's `Ranks` on a mesh of fsdp x tp ranks (the process group already initialised). A layout
+    without TP keeps the 1-D mesh FSDP-only trials have always used."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape, names = ((fsdp,), None) if tp == 1 else ((fsdp, tp), ("fsdp", "tp"))
+    return Ranks(rank, fsdp * tp, init_device_mesh(device_type, shape, mesh_dim_names=names), tp)
 
 
 def apply_fsdp(
     model: torch.nn.Module, ranks: Ranks, dtype: str = "fp32", reshard_after_forward: bool = True
 ) -> torch.nn.Module:
-    """Shard `model` in place over `ranks.mesh`: every block (or recomputed run of blocks), then the root.
-    `dtype`: the workload's (bf16 gathers parameters in bf16)."""
+    """Shard `model` in place over the data-parallel ranks (`ranks.dp_mesh`): every block (or recomputed run
+    of blocks), then the root. `dtype`: the workload's (bf16 gathers parameters in bf16). With TP applied
+    first, each parameter is a TP shard that FSDP2 shards further (a 2-D DTensor)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bf16" else None, reduce_dtype=torch.float32)
     for block in model.blocks:
-        fully_shard(block, mesh=ranks.mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
-    fully_shard(model, mesh=ranks.mesh, mp_policy=mp)  # the root keeps its parameters gathered after forward
+        fully_shard(block, mesh=ranks.dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    fully_shard(model, mesh=ranks.dp_mesh, mp_policy=mp)  # the root keeps its parameters gathered after forward
     return model
 
 
@@ -44,17 +74,16 @@ def mean_over_ranks(value: float, device: torch.device) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
-def fake_ranks(world: int) -> Ranks:
-    """Rank 0 of `world` on torch's fake process group, for estimates: collectives cost nothing and move
-    nothing, so a step of rank 0 runs as on a real cluster of `world` devices. Build the mesh before
+def fake_ranks(fsdp: int, tp: int = 1) -> Ranks:
+    """Rank 0 of fsdp x tp on torch's fake process group, for estimates: collectives cost nothing and move
+    nothing, so a step of rank 0 runs as on a real cluster of that many devices. Build the mesh before
     entering FakeTensorMode (inside it, mesh creation fails on a data-dependent output)."""
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
         dist.destroy_process_group()
-    dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
-    return Ranks(0, world, init_device_mesh("cpu", (world,)))
+    dist.init_process_group("fake", rank=0, world_size=fsdp * tp, store=FakeStore())
+    return make_ranks(0, fsdp, tp, "cpu")
 
 
 def close_ranks() -> None:

@@ -29,6 +29,17 @@ def make_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+def warm_sharding_propagation(parts) -> None:
+    """One step outside the window, then AdamW's state dropped again. The first time DTensor meets an op
+    (TP's parameters and activations are DTensors) it works out the output's sharding by running the op on
+    fake tensors of the global shapes, in the fake mode that is active: in an estimate, the estimator's own,
+    so the tracker would count those global-shape outputs (a logits-sized one among them) as memory, where a
+    measured run's tracker does not see them (DTensor makes a fake mode of its own there). The results are
+    cached per op and shapes, so after this step the window's ops dispatch as in a measured run's steps."""
+    parts.step(*parts.data.next())
+    parts.optimizer.state.clear()
+
+
 def fake_step_memory(
     setup: Setup, plan: list[tuple[int, int, str]] | None = None, steady: bool = True, wrap_step: Callable | None = None
 ) -> tuple[Memory, torch.nn.Module]:
@@ -41,8 +52,9 @@ def fake_step_memory(
     dispatched ops: most of the estimator's time); `steady=False` replays the measured run's steps
     exactly. The tests hold the two to the same figures.
 
-    A sharded layout: rank 0 of N on torch's fake process group, the model sharded by FSDP2 as in a
-    measured sharded trial, under FSDPMemTracker: one rank's figures for any N, at the cost of one.
+    A sharded layout: rank 0 of fsdp x tp on torch's fake process group shaped like the mesh, the model
+    split by TP and sharded by FSDP2 as in a measured sharded trial, under the same tracker (FSDPMemTracker
+    with FSDP): one rank's figures for any N, at the cost of one.
 
     `wrap_step(step, optimizer) -> step`: what the watched steps run instead of the trial's step (the time
     model's operator trace, txlab.trial.predict, records the steady step this way, in the same run).
@@ -51,7 +63,8 @@ def fake_step_memory(
     Allocates only the tracker's bookkeeping.
     """
     setup = dataclasses.replace(setup, device=torch.device("cpu"), data=None)  # fake CPU tensors, synthetic tokens
-    ranks = fake_ranks(setup.layout.world) if setup.sharded else None  # the mesh before FakeTensorMode (FACTS)
+    layout = setup.layout
+    ranks = fake_ranks(layout.fsdp, layout.tp) if setup.sharded else None  # the mesh before FakeTensorMode (FACTS)
     try:
         return _fake_step(setup, plan, steady, ranks, wrap_step)
     finally:
@@ -63,8 +76,17 @@ def _fake_step(
     setup: Setup, plan, steady: bool, ranks: Ranks | None, wrap_step: Callable | None = None
 ) -> tuple[Memory, torch.nn.Module]:
     cuda = setup.kind == "cuda"
-    with FakeTensorMode(allow_non_fake_inputs=False):
-        parts = build_trial(setup, fused_optimizer=cuda, plan=plan, ranks=ranks)
+    parts = None
+    if ranks is not None and ranks.tp > 1:  # FACTS: built and sharded on the meta device, then made fake
+        mode = FakeTensorMode(allow_non_fake_inputs=True)  # the meshes' own (real) rank tensors
+        parts = build_trial(setup, fused_optimizer=cuda, plan=plan, ranks=ranks, fake_mode=mode)
+    else:
+        mode = FakeTensorMode(allow_non_fake_inputs=False)
+    with mode:
+        if parts is None:
+            parts = build_trial(setup, fused_optimizer=cuda, plan=plan, ranks=ranks)
+        if ranks is not None and ranks.tp > 1:
+            warm_sharding_propagation(parts)
         if steady:
             make_optimizer_state(parts.optimizer)
         batches = [parts.data.next() for _ in range(MEMORY_STEPS)]  # all alive in the window, as measured
@@ -73,7 +95,8 @@ def _fake_step(
         step = wrap_step(parts.step, parts.optimizer) if wrap_step is not None else parts.step
         with chunked_tile_body("ops" if cuda else "auto"):  # the tiles a CUDA run computes
             memory, _ = measure_steps(
-                setup.device, parts.model, parts.optimizer, window, step, None, cuda, ranks is not None,
+                setup.device, parts.model, parts.optimizer, window, step, None, cuda,
+                ranks is not None and ranks.fsdp > 1,
                 held=earlier, hold_losses=False,
             )  # fmt: skip
         del batches, earlier, window

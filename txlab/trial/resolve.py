@@ -23,20 +23,34 @@ from txlab.units import GiB
 
 @dataclass(frozen=True)
 class Layout:
-    """How a trial's ranks are laid out: one mesh of `fsdp` data-parallel ranks (FSDP2). Further parallel
-    degrees (tensor, context, expert) are one more field each, with `world` their product."""
+    """How a trial's ranks are laid out: one mesh of `fsdp` data-parallel ranks (FSDP2) x `tp` tensor-parallel
+    ranks, tp innermost. Further degrees (context, expert) are one more field each, `world` their product."""
 
     fsdp: int = 1
     reshard_after_forward: bool = True  # free gathered block parameters after forward
+    tp: int = 1
+    sequence_parallel: bool = True  # split the residual stream and norms over the sequence inside TP regions
 
     @classmethod
     def of(cls, parallel: ParallelConfig) -> Layout:
-        return cls(parallel.fsdp, parallel.reshard_after_forward)
+        return cls(parallel.fsdp, parallel.reshard_after_forward, parallel.tp, parallel.sequence_parallel)
 
     @property
     def world(self) -> int:
         """Ranks (processes, devices) the trial takes."""
-        return self.fsdp
+        return self.fsdp * self.tp
+
+    @property
+    def mesh_shape(self) -> tuple[int, ...]:
+        """The device mesh's shape: (fsdp,) without TP, else (fsdp, tp)."""
+        return (self.fsdp,) if self.tp == 1 else (self.fsdp, self.tp)
+
+    def describe(self) -> str:
+        """The layout in a progress line: "FSDP over 4 ranks", "FSDP 2 x TP 2 (sequence parallel)"."""
+        if self.tp == 1:
+            return f"FSDP over {self.fsdp} ranks"
+        sp = "sequence parallel" if self.sequence_parallel else "no sequence parallelism"
+        return (f"FSDP {self.fsdp} x " if self.fsdp > 1 else "") + f"TP {self.tp} ({sp})"
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
-"""A sharded trial (`parallel.fsdp` = N > 1) measured on this machine: N ranks, one process each
-(`torch.distributed` over gloo on CPU, NCCL on CUDA, one GPU a rank), each running the training stage of
-`txlab.trial.train` on its shard of the model (FSDP2) and its rows of the global batch, and returning its
-row; `merge_ranks` makes the trial's records of the N rows.
+"""A sharded trial (`parallel.fsdp` x `parallel.tp` = N > 1 ranks) measured on this machine: N ranks, one
+process each (`torch.distributed` over gloo on CPU, NCCL on CUDA, one GPU a rank), each running the training
+stage of `txlab.trial.train` on its shard of the model (TP, then FSDP2) and its data-parallel rows of the
+global batch, and returning its row; `merge_ranks` makes the trial's records of the N rows.
 
 The trial's figures: `peak_bytes` and its breakdown are the largest rank's (`peak_spread_bytes`: largest
 minus smallest), `step_time_s` the slowest rank's, `tokens_per_s` the global batch's, `loss` the global
@@ -23,7 +23,7 @@ import torch
 from txlab.config import ConfigError, TrialConfig, WorkloadConfig
 from txlab.measure.records import Facts, Memory, Outcome, Quality, Records, Timing
 from txlab.measure.throughput import mfu
-from txlab.parallel.fsdp import Ranks, close_ranks
+from txlab.parallel.fsdp import close_ranks, make_ranks
 from txlab.parallel.launch import spawn_ranks
 from txlab.runtime.device import device_info
 from txlab.trial.pipeline import pipeline
@@ -39,15 +39,16 @@ MEMORY_COLUMNS = ("peak_bytes", "params_bytes", "grads_bytes", "optimizer_bytes"
 
 def check_ranks(setup: Setup) -> None:
     """Bad input before any work: more ranks than this machine has devices for."""
-    n, device = setup.layout.world, setup.device
+    n, device, layout = setup.layout.world, setup.device, setup.layout
+    key = "parallel.fsdp" if layout.tp == 1 else ("parallel.tp" if layout.fsdp == 1 else "parallel.fsdp x parallel.tp")
     if device.type == "cuda" and n > torch.cuda.device_count():
         raise ConfigError(
-            f"parallel.fsdp: {n} ranks need {n} GPUs on this machine, it has {torch.cuda.device_count()} "
+            f"{key}: {n} ranks need {n} GPUs on this machine, it has {torch.cuda.device_count()} "
             "(a sweep places ranks across a cluster; txlab estimate predicts any N)"
         )
     if device.type == "cpu" and n > (os.cpu_count() or 1) * 4:
         raise ConfigError(
-            f"parallel.fsdp: {n} CPU ranks on {os.cpu_count()} cores; allowed here: up to {(os.cpu_count() or 1) * 4}"
+            f"{key}: {n} CPU ranks on {os.cpu_count()} cores; allowed here: up to {(os.cpu_count() or 1) * 4}"
         )
 
 
@@ -58,7 +59,6 @@ def _rank_main(
     share, return its row. `local_rank`: the index of its GPU on this machine (default: its rank);
     `threads`: CPU threads (default: this machine's cores shared by the `world` ranks)."""
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
 
     setup = resolve(cfg)
     if setup.device.type == "cuda":
@@ -71,7 +71,7 @@ def _rank_main(
                             timeout=COLLECTIVE_TIMEOUT)  # fmt: skip
 
     def stage(setup: Setup, rec: Records, progress: bool) -> None:
-        ranks = Ranks(rank, world, init_device_mesh(setup.device.type, (world,)))
+        ranks = make_ranks(rank, setup.layout.fsdp, setup.layout.tp, setup.device.type)
         measure_training(setup, rec, progress, ranks)
 
     try:

@@ -1,0 +1,126 @@
+"""Tensor-parallel trials (`parallel.tp`, with `parallel.fsdp`): N ranks over gloo on this CPU compute what one
+process computes (fp32: the same loss, relative <= 1e-5, and the same gradients as AdamW receives them, to
+1e-5 of their norm) on a GQA + RoPE + SwiGLU shape and a GPT-2 shape (learned positions, LayerNorm, GELU,
+biases, tied embeddings, a vocabulary TP does not divide), with and without sequence parallelism, under
+every recomputation policy and both losses; TP shares the memory it should; bad layouts are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.support import SHARDED, config
+from txlab.config import ConfigError
+from txlab.parallel.launch import spawn_ranks
+from txlab.parallel.tp import fused_row_orders
+from txlab.trial.build import build_trial
+from txlab.trial.resolve import resolve
+
+# GQA (4 query heads, 2 KV heads) + RoPE + RMSNorm + SwiGLU, untied output projection, no biases: Llama's shape
+LLAMA = {**SHARDED, "model.pos": "rope", "model.norm": "rmsnorm", "model.mlp": "swiglu", "model.n_kv_heads": 2,
+         "model.tie_weights": False, "model.attn_bias": False, "model.attn_out_bias": False, "model.mlp_bias": False}  # fmt: skip
+# GPT-2's: learned positions, LayerNorm, GELU, biases, tied embeddings; a 97-token vocabulary (uneven over 2)
+GPT2 = {**SHARDED}
+SHAPES = {"llama": LLAMA, "gpt2": GPT2}
+
+
+def _one_step(rank: int, world: int, c) -> dict:
+    """One training step of config `c` on rank `rank` of its layout (world 1: this process, no process group):
+    the loss, and on rank 0 every gradient AdamW receives, gathered whole and in the one-device model's row
+    order."""
+    import torch.distributed as dist
+
+    from txlab.parallel.fsdp import make_ranks
+
+    torch.set_num_threads(1)
+    setup, ranks = resolve(c), None
+    tp = setup.layout.tp
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        ranks = make_ranks(rank, setup.layout.fsdp, tp, "cpu")
+    parts = build_trial(setup, ranks=ranks)
+    orders = fused_row_orders(c.model, tp)
+
+    def whole(name: str, t: torch.Tensor) -> list[float]:  # a collective: every rank calls it in the same order
+        t = (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
+        for suffix, order in orders.items():
+            if tp > 1 and name.rsplit(".", 1)[0].endswith(suffix):  # the fused rows back in the model's order
+                t = t[torch.argsort(order)]
+        return t.flatten().tolist()
+
+    names = {id(p): n for n, p in parts.model.named_parameters()}
+    grads = {}
+    parts.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: grads.update(
+            {names[id(p)]: whole(names[id(p)], p.grad) for group in opt.param_groups for p in group["params"]}
+        )
+    )
+    loss = parts.step(*parts.data.next())
+    if world > 1:
+        dist.all_reduce(loss)
+        loss = loss / world
+        dist.destroy_process_group()
+    return {"loss": float(loss), "grads": grads if rank == 0 else None}
+
+
+def _same_numbers(base: dict, fsdp: int, tp: int, sequence_parallel: bool = True) -> None:
+    """The layout's trial of `base` against the one-device trial of `base`."""
+    one = _one_step(0, 1, config(base))
+    layout = {"parallel.fsdp": fsdp, "parallel.tp": tp, "parallel.sequence_parallel": sequence_parallel}
+    many = spawn_ranks(_one_step, fsdp * tp, (config({**base, **layout}),))
+    assert all(isinstance(r, dict) for r in many), many
+    assert abs(many[0]["loss"] - one["loss"]) <= 1e-5 * abs(one["loss"]), (many[0]["loss"], one["loss"])
+    got = many[0]["grads"]
+    assert got.keys() == one["grads"].keys()
+    for name, g in one["grads"].items():  # the same gradients, to fp32 rounding of the reductions' order
+        a, b = torch.tensor(got[name]), torch.tensor(g)
+        assert a.shape == b.shape and (a - b).norm() <= 1e-5 * b.norm(), (name, (a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("fsdp, tp", [(1, 2), (2, 2)])
+def test_tp_computes_the_one_device_loss_and_gradients(shape, fsdp, tp):
+    _same_numbers({**SHAPES[shape], "policy.name": "sdpa"}, fsdp, tp)
+
+
+@pytest.mark.parametrize(
+    "shape, over",
+    [
+        ("llama", {"sequence_parallel": False}),
+        ("gpt2", {"sequence_parallel": False}),
+        ("llama", {"policy.name": "recompute", "policy.loss_chunk": 16}),  # chunked attention and loss, block remat
+        ("gpt2", {"policy.name": "checkpoint", "policy.loss": "chunked", "policy.loss_chunk": 8}),
+        ("llama", {"policy.name": "selective"}),
+        ("gpt2", {"policy.name": "custom", "policy.remat": "sqrt", "policy.attention": "math"}),
+        ("llama", {"policy.name": "custom", "policy.remat": "every", "policy.remat_every": 2}),
+    ],
+)
+def test_tp_composes_with_every_policy(shape, over):
+    keys = {k: v for k, v in over.items() if k != "sequence_parallel"}
+    _same_numbers({**SHAPES[shape], "policy.name": "sdpa", **keys}, 1, 2, over.get("sequence_parallel", True))
+
+
+@pytest.mark.parametrize(
+    "over, needle",
+    [
+        ({"parallel.tp": 0}, "parallel.tp: must be > 0"),
+        ({"parallel.tp": 3}, r"parallel.tp: 3 must divide model.n_heads \(4 % 3 != 0: each rank takes whole heads\); "
+                             "allowed here: 1, 2, 4"),
+        ({"parallel.tp": 4, "model.n_kv_heads": 2}, r"parallel.tp: 4 must divide model.n_kv_heads .*not replicated"),
+        ({"parallel.tp": 2, "model.mlp_hidden": 63}, r"parallel.tp: 2 must divide MLP width \(63 % 2"),
+        ({"parallel.tp": 4, "workload.seq_len": 30, "model.n_heads": 4}, r"must divide workload.seq_len \(30 % 4"),
+        ({"parallel.sequence_parallel": False}, "parallel.sequence_parallel: .* but parallel.tp is 1"),
+        ({"parallel.tp": 2, "model.dropout": 0.1}, "model.dropout: 0.1 with parallel.tp > 1 is not built"),
+        ({"parallel.tp": 2, "model.qk_norm": True}, "model.qk_norm: not supported with parallel.tp > 1"),
+        ({"parallel.tp": 2, "workload.kind": "decode"}, "parallel.tp: sharded trials train"),
+        ({"parallel.tp": 2, "policy.name": "planned", "measure.budget_gib": 1}, "parallel.tp: the planner plans one"),
+        ({"parallel.tp": 2, "parallel.fsdp": 2, "measure.device": "cuda:1"}, r"the 4 ranks of parallel.fsdp run on"),
+    ],
+)  # fmt: skip
+def test_bad_tp_layouts_are_refused(over, needle):
+    with pytest.raises(ConfigError, match=needle):
+        config({**SHARDED, **over})
+
+
+def test_seq_len_need_not_divide_without_sequence_parallelism():
+    config({**SHARDED, "workload.seq_len": 30, "parallel.tp": 2, "parallel.sequence_parallel": False})
