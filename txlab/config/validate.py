@@ -30,6 +30,7 @@ def validate(cfg) -> None:
     """Every cross-field check, section by section (the first failure is the one reported)."""
     _validate_model(cfg.model)
     _validate_workload(cfg.model, cfg.workload)
+    _validate_accumulation(cfg.workload, cfg.policy, cfg.parallel)
     _validate_policy(cfg.model, cfg.policy, cfg.workload, cfg.measure)
     _validate_inference(cfg.model, cfg.policy, cfg.workload)
     _refuse_not_implemented(cfg)
@@ -37,7 +38,7 @@ def validate(cfg) -> None:
     _validate_train(cfg.train)
     _validate_measure(cfg.measure)
     _validate_hardware(cfg.measure, cfg.workload)
-    _validate_parallel(cfg.parallel, cfg.model, cfg.workload, cfg.policy, cfg.measure)
+    _validate_parallel(cfg.parallel, cfg.workload, cfg.policy, cfg.measure)
     _positive("seed", cfg.seed, allow_zero=True)
 
 
@@ -82,6 +83,28 @@ def _validate_model(m) -> None:
         raise ConfigError("model.init: 'pretrained' loads the weights of model.hf; set model.hf to a checkpoint")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
+
+
+def _validate_accumulation(w, p, par) -> None:
+    """workload.grad_accum splits each data-parallel rank's rows of the global batch into equal micro-batches."""
+    _positive("workload.grad_accum", w.grad_accum)
+    if w.grad_accum == 1:
+        return
+    if w.kind != "train":
+        raise ConfigError(
+            f"workload.grad_accum: accumulates training gradients; workload.kind {w.kind!r} has none (allowed: 1)"
+        )
+    if p.remat == "planned":
+        raise ConfigError(
+            "workload.grad_accum: the planner plans the step of the whole batch; use another policy.name with "
+            "accumulation (allowed with planned: 1)"
+        )
+    share = w.batch_size // par.fsdp if w.batch_size % par.fsdp == 0 else None
+    if share is not None and share % w.grad_accum:
+        raise ConfigError(
+            f"workload.grad_accum: {w.grad_accum} micro-batches must divide each data-parallel rank's "
+            f"{share} sequences (workload.batch_size {w.batch_size} / parallel.fsdp {par.fsdp})"
+        )
 
 
 def _validate_workload(m, w) -> None:
@@ -237,62 +260,23 @@ def _gate_match(value: str, allowed: tuple[str, ...]) -> bool:
     return any(value == a if not a.endswith(":") else (value.startswith(a) and len(value) > len(a)) for a in allowed)
 
 
-def _validate_parallel(par, m, w, p, ms) -> None:
+def _validate_parallel(par, w, p, ms) -> None:
     _positive("parallel.fsdp", par.fsdp)
-    _positive("parallel.tp", par.tp)
-    if par.tp == 1 and not par.sequence_parallel:
-        raise ConfigError(
-            "parallel.sequence_parallel: splits the sequence inside tensor-parallel regions, but parallel.tp is 1; "
-            "leave it true with tp 1"
-        )
-    if par.tp > 1:
-        _validate_tp(par, m, w)
-    world = par.fsdp * par.tp
-    if world == 1:
+    if par.fsdp == 1:
         return
-    key = "parallel.fsdp" if par.fsdp > 1 else "parallel.tp"  # the layout's key a message names
     if w.batch_size % par.fsdp:
         raise ConfigError(
             f"parallel.fsdp: {par.fsdp} ranks must divide workload.batch_size (the global batch; "
             f"{w.batch_size} % {par.fsdp} != 0)"
         )
     if w.kind != "train":
-        raise ConfigError(f"{key}: sharded trials train; workload.kind {w.kind!r} runs on one device (fsdp 1, tp 1)")
+        raise ConfigError(f"parallel.fsdp: sharded trials train; workload.kind {w.kind!r} runs on one device (fsdp 1)")
     if p.remat == "planned":
-        raise ConfigError(f"{key}: the planner plans one device's memory; use another policy.name with {world} ranks")
+        raise ConfigError("parallel.fsdp: the planner plans one device's memory; use another policy.name with fsdp > 1")
     if w.compile:
-        raise ConfigError(f"workload.compile: not supported with {key} > 1 yet; allowed: false")
+        raise ConfigError("workload.compile: not supported with parallel.fsdp > 1 yet; allowed: false")
     if ms.device.startswith("cuda:"):  # rank r runs on cuda:r: one named GPU cannot hold the ranks
         raise ConfigError(
-            f"measure.device: {ms.device!r} names one GPU, but the {world} ranks of {key} run on "
-            f"cuda:0..{world - 1}; allowed with {world} ranks: auto, cpu, cuda (pick GPUs with CUDA_VISIBLE_DEVICES)"
+            f"measure.device: {ms.device!r} names one GPU, but the {par.fsdp} ranks of parallel.fsdp run on "
+            f"cuda:0..{par.fsdp - 1}; allowed with fsdp > 1: auto, cpu, cuda (pick GPUs with CUDA_VISIBLE_DEVICES)"
         )
-
-
-def _validate_tp(par, m, w) -> None:
-    """Tensor parallelism splits heads, KV heads and the MLP width (and with sequence parallelism the
-    sequence) into equal whole parts, one per TP rank. KV heads are split, not replicated: tp above
-    n_kv_heads is refused (GQA models with few KV heads take tp <= n_kv_heads)."""
-    sizes = {"model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads, "MLP width": m.mlp_width()}
-    if par.sequence_parallel:
-        sizes["workload.seq_len"] = w.seq_len
-    allowed = [d for d in range(1, min(sizes.values()) + 1) if all(v % d == 0 for v in sizes.values())]
-    for name, value in sizes.items():
-        if value % par.tp:
-            why = {
-                "model.n_heads": "each rank takes whole heads",
-                "model.n_kv_heads": "KV heads are split over the ranks, not replicated",
-                "MLP width": "the MLP's hidden units are split evenly (model.mlp_hidden)",
-                "workload.seq_len": "sequence parallelism splits the sequence evenly (or parallel.sequence_parallel: false)",
-            }[name]
-            raise ConfigError(
-                f"parallel.tp: {par.tp} must divide {name} ({value} % {par.tp} != 0: {why}); "
-                f"allowed here: {', '.join(map(str, allowed[:8]))}"
-            )
-    if m.dropout:
-        raise ConfigError(
-            f"model.dropout: {m.dropout} with parallel.tp > 1 is not built (each rank would draw its own masks); "
-            "allowed with tp > 1: 0.0"
-        )
-    if m.qk_norm:
-        raise ConfigError("model.qk_norm: not supported with parallel.tp > 1 yet; allowed: false, or parallel.tp 1")

@@ -134,7 +134,7 @@ class MemoryMonitor:
         sharded: bool = False,
     ):
         tracker_cls, self._ref = mem_tracker_cls(sharded)
-        self.device, self.sharded = device, sharded
+        self.device, self.sharded, self.model = device, sharded, model
         self._stack = ExitStack()
         if cuda_accounting:  # before track_external, so parameters and optimizer state are charged alike
             self._stack.enter_context(charge_as_cuda())
@@ -155,6 +155,18 @@ class MemoryMonitor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+        # A step of accumulated micro-batches calls the model once per micro-batch, which MemTracker refuses
+        # as "multiple iterative calls": its per-module stats (unused here) are reset at each call of the
+        # root. A global hook registered before the tracker's own runs first.
+        from torch.nn.modules.module import register_module_forward_pre_hook
+
+        root, tracker = self.model, self.tracker
+
+        def again(module, args) -> None:
+            if module is root and module in tracker.memory_tracking:
+                tracker.reset_mod_stats()
+
+        self._stack.callback(register_module_forward_pre_hook(again).remove)
         self.tracker.__enter__()
         return self
 

@@ -39,8 +39,8 @@ SCHEMA_HISTORY: dict[int, str] = {
     "figures hardware, predicted_step_time_s, predicted_tokens_per_s, predicted_mfu, predicted_exposed_comm_s, "
     "predicted_usd_per_mtok; no migration: older rows read them as null (no profile: no prediction; for the "
     "config keys their declared defaults)",
-    6: "txlab 0.3: config columns parallel.tp and parallel.sequence_parallel (tensor-parallel layouts); no "
-    "migration: older rows read them as their declared defaults, 1 and true (no tensor parallelism)",
+    6: "txlab 0.3: config column workload.grad_accum (micro-steps per optimizer step); no migration: older rows "
+    "read it as its declared default, 1 (no accumulation, the only step before it)",
 }
 
 STATUSES = ("ok", "oom", "over_budget", "error")
