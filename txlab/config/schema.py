@@ -167,13 +167,18 @@ class MeasureConfig:
 
 @dataclass
 class ParallelConfig:
-    """How a trial spreads over devices. Only data-parallel sharding (FSDP2) today; the section leaves room
-    for tensor / context parallel degrees later (each a key of its own, default 1)."""
+    """How a trial spreads over devices: one mesh of fsdp x tp ranks, tp innermost (a TP group is
+    consecutive ranks, so it sits in one node). Context and expert parallel degrees are not built yet."""
 
-    # ranks the model, gradients and AdamW state are sharded over (FSDP2); 1 = one device
+    # data-parallel ranks the model, gradients and AdamW state are sharded over (FSDP2); 1 = no sharding
     fsdp: int = field(default=1, metadata={SINCE: "0.2"})
     # free gathered block parameters after forward (gather again in backward)
     reshard_after_forward: bool = field(default=True, metadata={SINCE: "0.2"})
+    # tensor-parallel ranks each projection, embedding and the loss's vocabulary are split over; 1 = none
+    tp: int = field(default=1, metadata={SINCE: "0.3"})
+    # inside TP regions, split the residual stream and the norms over the sequence (Megatron's sequence
+    # parallelism); false keeps them whole on every TP rank. Applies to tp > 1 only
+    sequence_parallel: bool = field(default=True, metadata={SINCE: "0.3"})
 
 
 @dataclass

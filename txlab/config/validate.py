@@ -38,7 +38,7 @@ def validate(cfg) -> None:
     _validate_train(cfg.train)
     _validate_measure(cfg.measure)
     _validate_hardware(cfg.measure, cfg.workload)
-    _validate_parallel(cfg.parallel, cfg.workload, cfg.policy, cfg.measure)
+    _validate_parallel(cfg.parallel, cfg.model, cfg.workload, cfg.policy, cfg.measure)
     _positive("seed", cfg.seed, allow_zero=True)
 
 
@@ -260,23 +260,62 @@ def _gate_match(value: str, allowed: tuple[str, ...]) -> bool:
     return any(value == a if not a.endswith(":") else (value.startswith(a) and len(value) > len(a)) for a in allowed)
 
 
-def _validate_parallel(par, w, p, ms) -> None:
+def _validate_parallel(par, m, w, p, ms) -> None:
     _positive("parallel.fsdp", par.fsdp)
-    if par.fsdp == 1:
+    _positive("parallel.tp", par.tp)
+    if par.tp == 1 and not par.sequence_parallel:
+        raise ConfigError(
+            "parallel.sequence_parallel: splits the sequence inside tensor-parallel regions, but parallel.tp is 1; "
+            "leave it true with tp 1"
+        )
+    if par.tp > 1:
+        _validate_tp(par, m, w)
+    world = par.fsdp * par.tp
+    if world == 1:
         return
+    key = "parallel.fsdp" if par.fsdp > 1 else "parallel.tp"  # the layout's key a message names
     if w.batch_size % par.fsdp:
         raise ConfigError(
             f"parallel.fsdp: {par.fsdp} ranks must divide workload.batch_size (the global batch; "
             f"{w.batch_size} % {par.fsdp} != 0)"
         )
     if w.kind != "train":
-        raise ConfigError(f"parallel.fsdp: sharded trials train; workload.kind {w.kind!r} runs on one device (fsdp 1)")
+        raise ConfigError(f"{key}: sharded trials train; workload.kind {w.kind!r} runs on one device (fsdp 1, tp 1)")
     if p.remat == "planned":
-        raise ConfigError("parallel.fsdp: the planner plans one device's memory; use another policy.name with fsdp > 1")
+        raise ConfigError(f"{key}: the planner plans one device's memory; use another policy.name with {world} ranks")
     if w.compile:
-        raise ConfigError("workload.compile: not supported with parallel.fsdp > 1 yet; allowed: false")
+        raise ConfigError(f"workload.compile: not supported with {key} > 1 yet; allowed: false")
     if ms.device.startswith("cuda:"):  # rank r runs on cuda:r: one named GPU cannot hold the ranks
         raise ConfigError(
-            f"measure.device: {ms.device!r} names one GPU, but the {par.fsdp} ranks of parallel.fsdp run on "
-            f"cuda:0..{par.fsdp - 1}; allowed with fsdp > 1: auto, cpu, cuda (pick GPUs with CUDA_VISIBLE_DEVICES)"
+            f"measure.device: {ms.device!r} names one GPU, but the {world} ranks of {key} run on "
+            f"cuda:0..{world - 1}; allowed with {world} ranks: auto, cpu, cuda (pick GPUs with CUDA_VISIBLE_DEVICES)"
         )
+
+
+def _validate_tp(par, m, w) -> None:
+    """Tensor parallelism splits heads, KV heads and the MLP width (and with sequence parallelism the
+    sequence) into equal whole parts, one per TP rank. KV heads are split, not replicated: tp above
+    n_kv_heads is refused (GQA models with few KV heads take tp <= n_kv_heads)."""
+    sizes = {"model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads, "MLP width": m.mlp_width()}
+    if par.sequence_parallel:
+        sizes["workload.seq_len"] = w.seq_len
+    allowed = [d for d in range(1, min(sizes.values()) + 1) if all(v % d == 0 for v in sizes.values())]
+    for name, value in sizes.items():
+        if value % par.tp:
+            why = {
+                "model.n_heads": "each rank takes whole heads",
+                "model.n_kv_heads": "KV heads are split over the ranks, not replicated",
+                "MLP width": "the MLP's hidden units are split evenly (model.mlp_hidden)",
+                "workload.seq_len": "sequence parallelism splits the sequence evenly (or parallel.sequence_parallel: false)",
+            }[name]
+            raise ConfigError(
+                f"parallel.tp: {par.tp} must divide {name} ({value} % {par.tp} != 0: {why}); "
+                f"allowed here: {', '.join(map(str, allowed[:8]))}"
+            )
+    if m.dropout:
+        raise ConfigError(
+            f"model.dropout: {m.dropout} with parallel.tp > 1 is not built (each rank would draw its own masks); "
+            "allowed with tp > 1: 0.0"
+        )
+    if m.qk_norm:
+        raise ConfigError("model.qk_norm: not supported with parallel.tp > 1 yet; allowed: false, or parallel.tp 1")

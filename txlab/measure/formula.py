@@ -16,6 +16,8 @@ def formula_activation_bytes(
     w: WorkloadConfig,
     ranks: int = 1,
     plan: list[tuple[int, int, str]] | None = None,
+    tp: int = 1,
+    sequence_parallel: bool = True,
 ) -> int | None:
     """Activation bytes of the transformer layers by Korthikanti et al. 2022 ("Reducing Activation
     Recomputation in Large Transformer Models", section 4), scaled to the trial.
@@ -32,7 +34,10 @@ def formula_activation_bytes(
       input, 2 sbh at 16 bits; `selective` is the paper's selective recomputation (no s^2 terms).
     Embeddings, the final norm and the logits are outside the formula (as in the paper). None for
     workloads other than training. `ranks`: the data-parallel ranks sharing the batch; `plan`: a planned
-    trial's runs (start, stop, mode).
+    trial's runs (start, stop, mode). `tp`: tensor-parallel ranks (the paper's section 4.2: the 24 sbh of
+    tensors inside the attention and MLP regions and the s^2 terms split over them; the norms' and regions'
+    inputs, 8 sbh, and the dropout masks, 2 sbh, too under `sequence_parallel`, and then a recomputed run's
+    input as well).
     """
     if w.kind != "train":
         return None
@@ -40,10 +45,12 @@ def formula_activation_bytes(
     s, b, h, a = w.seq_len, w.batch_size // (ranks * w.grad_accum), m.d_model, m.n_heads  # a micro-batch's
     word = 2 if w.dtype == "bf16" else 4  # bytes of a "16-bit" tensor of the paper in this trial
     mask = 1 if m.dropout > 0 else 0
-    linear = s * b * h * (32 * word // 2 + 2 * mask)
-    quadratic = 4 * a * s * s * b * word // 2 if p.attention == "math" and p.remat != "selective" else 0
+    split = s * b * h * 24 * word // 2  # inside the TP regions: split over the tp ranks
+    whole = s * b * h * (8 * word // 2 + 2 * mask)  # norms, the regions' inputs, dropout masks
+    linear = (split + whole) / tp if sequence_parallel else split / tp + whole
+    quadratic = 4 * a * s * s * b * word // 2 / tp if p.attention == "math" and p.remat != "selective" else 0
     full_layer = linear + quadratic
-    layer_input = s * b * h * word
+    layer_input = s * b * h * word / (tp if sequence_parallel else 1)
     runs = _plan_segments(plan) if plan is not None else _formula_segments(p, m.n_layers)
     total = 0
     for start, stop, recomputed in runs:

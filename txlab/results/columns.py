@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from txlab.units import GiB  # noqa: F401 - the analysis reads the unit of the byte columns from here
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 # Every row schema version and its migration note. Any change to the row's columns (one added, removed,
 # renamed or retyped; config keys included, since every config key is a column) bumps SCHEMA_VERSION and
 # adds a line here saying what changed and how rows of the version before read under it. Added columns
@@ -39,7 +39,9 @@ SCHEMA_HISTORY: dict[int, str] = {
     "figures hardware, predicted_step_time_s, predicted_tokens_per_s, predicted_mfu, predicted_exposed_comm_s, "
     "predicted_usd_per_mtok; no migration: older rows read them as null (no profile: no prediction; for the "
     "config keys their declared defaults)",
-    6: "txlab 0.3: config column workload.grad_accum (micro-steps per optimizer step); no migration: older rows "
+    6: "txlab 0.3: config columns parallel.tp and parallel.sequence_parallel (tensor-parallel layouts); no "
+    "migration: older rows read them as their declared defaults, 1 and true (no tensor parallelism)",
+    7: "txlab 0.3: config column workload.grad_accum (micro-steps per optimizer step); no migration: older rows "
     "read it as its declared default, 1 (no accumulation, the only step before it)",
 }
 
