@@ -19,7 +19,10 @@ from txlab.config.validate import validate
 
 Norm = Literal["layernorm", "rmsnorm"]
 Pos = Literal["learned", "rope"]
-Mlp = Literal["gelu", "swiglu"]
+Mlp = Literal["gelu", "swiglu", "moe"]
+MoeRouter = Literal["softmax", "sigmoid"]
+AttnKind = Literal["mha", "mla"]
+QkNormScope = Literal["head", "projection"]
 Quant = Literal["none", "int4"]
 PolicyName = Literal["naive", "sdpa", "checkpoint", "selective", "recompute", "planned", "custom"]
 Attention = Literal["sdpa", "math", "chunked"]
@@ -30,7 +33,7 @@ SelectiveSave = Literal["txlab", "matmuls", "torchtitan"]  # txlab.policy.remat.
 Kind = Literal["train", "prefill", "decode"]
 Dtype = Literal["fp32", "bf16"]
 Init = Literal["random", "pretrained"]
-RopeScaling = Literal["none", "llama3"]
+RopeScaling = Literal["none", "llama3", "yarn"]
 
 
 @dataclass
@@ -44,7 +47,7 @@ class ModelConfig:
     n_positions: int | None = None  # learned position table size; None = workload.seq_len
     norm: Norm = "layernorm"  # pre-norm flavour
     pos: Pos = "learned"  # learned absolute positions or rotary embeddings
-    mlp: Mlp = "gelu"  # 4x GELU MLP or SwiGLU (hidden 8/3 x d_model, rounded to 64)
+    mlp: Mlp = "gelu"  # 4x GELU MLP, SwiGLU (hidden 8/3 x d_model, rounded to 64), or moe: SwiGLU experts (moe_*)
     dropout: float = 0.0  # on embeddings and residual branches (never on attention probabilities)
     tie_weights: bool = True  # output projection shares the token embedding
     quant: Quant = "none"  # int4: weight-only attention/MLP projections, 2 values per byte (prefill/decode only)
@@ -72,10 +75,82 @@ class ModelConfig:
     rope_low_freq_factor: float = field(default=1.0, metadata={SINCE: "0.2"})  # llama3
     rope_high_freq_factor: float = field(default=4.0, metadata={SINCE: "0.2"})  # llama3
     rope_original_len: int = field(default=8192, metadata={SINCE: "0.2"})  # llama3: the pre-training context length
+    # yarn (YaRN, DeepSeek-V3): rope_factor and rope_original_len as for llama3, and the rotations bounding the
+    # band between extrapolated and interpolated frequencies (beta_fast, beta_slow)
+    rope_beta_fast: float = field(default=32.0, metadata={SINCE: "0.3"})
+    rope_beta_slow: float = field(default=1.0, metadata={SINCE: "0.3"})
+    # yarn: mscale and mscale_all_dim of the config (0 = not given); their ratio of 0.1 m ln(factor) + 1 scales cos
+    # and sin, and latent attention's softmax scale takes mscale_all_dim's squared (transformers' yarn_apply_mscale)
+    rope_mscale: float = field(default=0.0, metadata={SINCE: "0.3"})
+    rope_mscale_all_dim: float = field(default=0.0, metadata={SINCE: "0.3"})
+    # Added in 0.3: mixture-of-experts MLPs (Mixtral, Qwen3-MoE, OLMoE, DeepSeek-V3) and multi-head latent
+    # attention (DeepSeek-V3). Each default is 0.2's dense model (and stays out of the trial key); a moe_* key set
+    # on a model whose mlp is not moe, or an mla_* key on mha attention, is refused.
+    # routed experts of each MoE layer (mlp: moe)
+    moe_experts: int | None = field(default=None, metadata={SINCE: "0.3"})
+    # experts each token is sent to (top-k of the router's scores); at most moe_experts
+    moe_top_k: int | None = field(default=None, metadata={SINCE: "0.3"})
+    # hidden width of each expert's SwiGLU; None = the MLP width (mlp_hidden), which dense layers keep
+    moe_hidden: int | None = field(default=None, metadata={SINCE: "0.3"})
+    # shared experts every token passes through, as one SwiGLU moe_shared x moe_hidden wide (DeepSeek-V3: 1)
+    moe_shared: int = field(default=0, metadata={SINCE: "0.3"})
+    # router scores: softmax over the experts (Mixtral, Qwen, OLMoE), or sigmoid per expert chosen with a
+    # learned correction bias added (DeepSeek-V3; the bias picks experts, the unbiased scores weight them)
+    moe_router: MoeRouter = field(default="softmax", metadata={SINCE: "0.3"})
+    # the chosen experts' weights divided by their sum (Mixtral, Qwen3-30B-A3B, DeepSeek-V3: true; OLMoE: false)
+    moe_renorm: bool = field(default=True, metadata={SINCE: "0.3"})
+    # expert groups: a token chooses its experts within its moe_topk_groups best groups, a group scored by the
+    # sum of its two best experts (DeepSeek-V3: 8 groups, 4 kept); 1 = no groups
+    moe_groups: int = field(default=1, metadata={SINCE: "0.3"})
+    moe_topk_groups: int = field(default=1, metadata={SINCE: "0.3"})
+    # the routed experts' weights multiplied by this (DeepSeek-V3's routed_scaling_factor, 2.5)
+    moe_scale: float = field(default=1.0, metadata={SINCE: "0.3"})
+    # the first layers keep a dense SwiGLU MLP (DeepSeek-V3's first_k_dense_replace, 3)
+    moe_first_dense: int = field(default=0, metadata={SINCE: "0.3"})
+    # layer i (from 0) is MoE when (i + 1) % moe_every == 0, else dense (Qwen's decoder_sparse_step)
+    moe_every: int = field(default=1, metadata={SINCE: "0.3"})
+    # layers with a dense MLP whatever the rules above, comma-separated indices, e.g. "0,5" (Qwen's mlp_only_layers)
+    moe_dense_layers: str = field(default="", metadata={SINCE: "0.3"})
+    # RMSNorm of qk_norm: over each head's head_dim (head: Qwen3), or over the whole q and k projections before
+    # they are split into heads (projection: OLMoE)
+    qk_norm_scope: QkNormScope = field(default="head", metadata={SINCE: "0.3"})
+    # attention: mha (q, k, v projections; grouped-query when n_kv_heads < n_heads) or mla (DeepSeek's
+    # multi-head latent attention: keys and values from a small per-token latent, a separate RoPE part)
+    attn: AttnKind = field(default="mha", metadata={SINCE: "0.3"})
+    # mla: queries through a rank-r bottleneck (d_model -> r -> heads, RMSNorm between); None = one projection
+    mla_q_rank: int | None = field(default=None, metadata={SINCE: "0.3"})
+    # mla: width of the per-token latent keys and values are made from (kv_lora_rank)
+    mla_kv_rank: int | None = field(default=None, metadata={SINCE: "0.3"})
+    # mla: per-head q/k width without position (qk_nope_head_dim)
+    mla_nope_dim: int | None = field(default=None, metadata={SINCE: "0.3"})
+    # mla: per-head q/k width rotated by RoPE; the keys' part is one per token, shared by every head (qk_rope_head_dim)
+    mla_rope_dim: int | None = field(default=None, metadata={SINCE: "0.3"})
+    # mla: per-head value width (v_head_dim)
+    mla_v_dim: int | None = field(default=None, metadata={SINCE: "0.3"})
 
     def attn_head_dim(self) -> int:
-        """Per-head width: head_dim, else d_model / n_heads."""
+        """Per-head width of queries and keys: head_dim, else d_model / n_heads (mla: nope + rope parts)."""
+        if self.attn == "mla":
+            return (self.mla_nope_dim or 0) + (self.mla_rope_dim or 0)
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    def value_head_dim(self) -> int:
+        """Per-head width of values (and of the attention output): the q/k head width, mla_v_dim for mla."""
+        return (self.mla_v_dim or 0) if self.attn == "mla" else self.attn_head_dim()
+
+    def rope_dim(self) -> int:
+        """Width of each head that RoPE rotates: the whole head, mla's rope part."""
+        return (self.mla_rope_dim or 0) if self.attn == "mla" else self.attn_head_dim()
+
+    def moe_layer(self, i: int) -> bool:
+        """Whether layer i (from 0) has the mixture-of-experts MLP (else a dense SwiGLU of mlp_width)."""
+        if self.mlp != "moe" or i < self.moe_first_dense or (i + 1) % self.moe_every:
+            return False
+        return str(i) not in self.moe_dense_layers.replace(" ", "").split(",")
+
+    def expert_width(self) -> int:
+        """Hidden width of one expert: moe_hidden, else the MLP width."""
+        return self.moe_hidden if self.moe_hidden is not None else self.mlp_width()
 
     def mlp_width(self) -> int:
         """Hidden width of the MLP: mlp_hidden, else 4 d for gelu and 8/3 d rounded up to 64 for swiglu (the

@@ -29,6 +29,7 @@ def _positive(key: str, value: int | float | None, allow_zero: bool = False) -> 
 def validate(cfg) -> None:
     """Every cross-field check, section by section (the first failure is the one reported)."""
     _validate_model(cfg.model)
+    _validate_moe(cfg.model, cfg.policy, cfg.parallel)
     _validate_workload(cfg.model, cfg.workload)
     _validate_accumulation(cfg.workload, cfg.policy, cfg.parallel)
     _validate_policy(cfg.model, cfg.policy, cfg.workload, cfg.measure)
@@ -55,6 +56,8 @@ def _validate_model(m) -> None:
         "rope_low_freq_factor",
         "rope_high_freq_factor",
         "rope_original_len",
+        "rope_beta_fast",
+        "rope_beta_slow",
     ):
         _positive(f"model.{key}", getattr(m, key))
     if m.head_dim is None and m.d_model % m.n_heads:
@@ -67,8 +70,8 @@ def _validate_model(m) -> None:
             if m.n_kv_heads <= m.n_heads
             else f"model.n_kv_heads: must be <= model.n_heads ({m.n_kv_heads} > {m.n_heads})"
         )
-    if m.pos == "rope" and m.attn_head_dim() % 2:
-        raise ConfigError(f"model.pos: rope needs an even head dim (got {m.attn_head_dim()})")
+    if m.pos == "rope" and m.rope_dim() % 2:
+        raise ConfigError(f"model.pos: rope needs an even head dim (got {m.rope_dim()})")
     if m.pos != "rope" and (m.rope_scaling != "none" or m.rope_theta != 10000.0):
         raise ConfigError(
             "model.rope_theta / model.rope_scaling: apply to model.pos 'rope' only; leave them at "
@@ -319,3 +322,113 @@ def _validate_tp(par, m, w) -> None:
         )
     if m.qk_norm:
         raise ConfigError("model.qk_norm: not supported with parallel.tp > 1 yet; allowed: false, or parallel.tp 1")
+
+
+# Mixture-of-experts and latent-attention keys, with the value that leaves them out (the dense 0.2 model).
+MOE_DEFAULTS = {"moe_experts": None, "moe_top_k": None, "moe_hidden": None, "moe_shared": 0, "moe_router": "softmax",
+                "moe_renorm": True, "moe_groups": 1, "moe_topk_groups": 1, "moe_scale": 1.0, "moe_first_dense": 0,
+                "moe_every": 1, "moe_dense_layers": ""}  # fmt: skip
+MLA_DEFAULTS = {"mla_q_rank": None, "mla_kv_rank": None, "mla_nope_dim": None, "mla_rope_dim": None, "mla_v_dim": None}
+
+
+def _validate_moe(m, p, par) -> None:
+    """model.mlp moe and model.attn mla: their keys, refused on models that do not use them."""
+    if m.mlp != "moe":
+        for key, default in MOE_DEFAULTS.items():
+            if getattr(m, key) != default:
+                raise ConfigError(
+                    f"model.{key}: applies to model.mlp 'moe' only; leave it at its default with model.mlp {m.mlp!r}"
+                )
+    else:
+        _validate_experts(m)
+    if m.attn != "mla":
+        for key, default in MLA_DEFAULTS.items():
+            if getattr(m, key) != default:
+                raise ConfigError(
+                    f"model.{key}: applies to model.attn 'mla' only; leave it at its default with model.attn {m.attn!r}"
+                )
+    else:
+        _validate_mla(m, p)
+    if m.qk_norm_scope != "head" and (not m.qk_norm or m.attn != "mha"):
+        raise ConfigError(
+            f"model.qk_norm_scope: {m.qk_norm_scope!r} says how qk_norm normalizes; set model.qk_norm true (mha "
+            "attention) or leave it 'head'"
+        )
+    sparse = m.mlp == "moe" or m.attn == "mla"
+    what = "model.mlp 'moe'" if m.mlp == "moe" else "model.attn 'mla'"
+    if sparse and m.quant != "none":
+        raise ConfigError(f"model.quant: {m.quant!r} is not built for {what} yet; allowed: none")
+    if sparse and getattr(par, "tp", 1) > 1:
+        raise ConfigError(f"parallel.tp: tensor parallelism is not built for {what} yet; allowed: 1")
+
+
+def _validate_experts(m) -> None:
+    for key in ("moe_experts", "moe_top_k"):
+        if getattr(m, key) is None:
+            raise ConfigError(f"model.{key}: model.mlp 'moe' needs it (routed experts, and experts per token)")
+    for key in ("moe_experts", "moe_top_k", "moe_hidden", "moe_groups", "moe_topk_groups", "moe_scale", "moe_every"):
+        _positive(f"model.{key}", getattr(m, key))
+    for key in ("moe_shared", "moe_first_dense"):
+        _positive(f"model.{key}", getattr(m, key), allow_zero=True)
+    if m.moe_top_k > m.moe_experts:
+        raise ConfigError(
+            f"model.moe_top_k: {m.moe_top_k} is larger than model.moe_experts ({m.moe_experts}); a token goes to at "
+            "most every expert"
+        )
+    if m.moe_experts % m.moe_groups:
+        raise ConfigError(f"model.moe_groups: must divide model.moe_experts ({m.moe_experts} % {m.moe_groups} != 0)")
+    if m.moe_groups > 1:
+        per_group = m.moe_experts // m.moe_groups
+        if per_group < 2:
+            raise ConfigError(
+                f"model.moe_groups: {m.moe_groups} groups of {m.moe_experts} experts leave {per_group} a group; a "
+                "group is scored by its two best experts (at least 2 a group)"
+            )
+        if m.moe_topk_groups > m.moe_groups:
+            raise ConfigError(
+                f"model.moe_topk_groups: {m.moe_topk_groups} is larger than model.moe_groups ({m.moe_groups})"
+            )
+        if m.moe_top_k > m.moe_topk_groups * per_group:
+            raise ConfigError(
+                f"model.moe_top_k: {m.moe_top_k} is more than the {m.moe_topk_groups * per_group} experts of the "
+                f"model.moe_topk_groups ({m.moe_topk_groups}) groups a token keeps"
+            )
+    elif m.moe_topk_groups != 1:
+        raise ConfigError("model.moe_topk_groups: applies with model.moe_groups > 1; leave it 1")
+    listed = [x for x in m.moe_dense_layers.replace(" ", "").split(",") if x]
+    for x in listed:
+        if not x.isdigit() or int(x) >= m.n_layers:
+            raise ConfigError(
+                f"model.moe_dense_layers: {m.moe_dense_layers!r} must list layer indices 0..{m.n_layers - 1}, "
+                "comma-separated (e.g. '0,5')"
+            )
+
+
+def _validate_mla(m, p) -> None:
+    for key in ("mla_kv_rank", "mla_nope_dim", "mla_rope_dim", "mla_v_dim"):
+        if getattr(m, key) is None:
+            raise ConfigError(f"model.{key}: model.attn 'mla' needs it (the latent and per-head widths)")
+        _positive(f"model.{key}", getattr(m, key))
+    _positive("model.mla_q_rank", m.mla_q_rank)
+    for key in ("rope_mscale", "rope_mscale_all_dim"):
+        _positive(f"model.{key}", getattr(m, key), allow_zero=True)
+    if m.head_dim is not None:
+        raise ConfigError("model.head_dim: model.attn 'mla' sets its head widths with mla_nope_dim, mla_rope_dim, "
+                          "mla_v_dim; leave head_dim null")  # fmt: skip
+    if m.n_kv_heads != m.n_heads:
+        raise ConfigError(
+            f"model.n_kv_heads: model.attn 'mla' gives every head its own keys and values (n_kv_heads = n_heads "
+            f"= {m.n_heads}, got {m.n_kv_heads})"
+        )
+    if m.qk_norm:
+        raise ConfigError("model.qk_norm: not built for model.attn 'mla' (its latent has its own norm); allowed: false")
+    if p.attention == "chunked":
+        raise ConfigError(
+            "policy.attention: 'chunked' is not built for model.attn 'mla' (values narrower than keys); allowed: "
+            "sdpa, math"
+        )
+    if p.kv != "cache":
+        raise ConfigError(
+            f"policy.kv: {p.kv!r} is not built for model.attn 'mla' (its cache already holds the small latent); "
+            "allowed: cache"
+        )

@@ -44,6 +44,7 @@ class Facts:
     plan: str | None = None  # policy.remat planned: the runs chosen (txlab.policy.planner.Plan.describe)
     weight_bytes: int | None = None  # inference: weights as held (int4 packed)
     weight_bytes_fp: int | None = None  # inference: the same weights at full precision
+    n_active_params: int | None = None  # parameters one token uses (mixture of experts: k of the E routed experts)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,12 @@ between steps:
   folds each tile into an online softmax (space-time trade-off attention: the cost of a generated
   token grows with the context, the memory is one tile).
 
+Latent attention (`attn: mla`, DeepSeek-V3) keeps under `cache` what the model makes keys and values from:
+each layer's normalized latent (B, T_max, mla_kv_rank) and the rotated key part shared by the heads
+(B, 1, T_max, mla_rope_dim), and expands the past into keys and values at every step (transformers 5 caches
+the same), so the cache holds mla_kv_rank + mla_rope_dim numbers a token and layer instead of
+n_heads x (q/k width + value width). `recompute` is not built for it (the config refuses it).
+
 Every policy computes the same logits as `cache` (fp32 tolerance), which the tests hold them to, greedy
 generations included.
 
@@ -38,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from txlab.model.gpt import GPT, apply_rope
+from txlab.model.gpt import GPT, LatentAttention, apply_rope
 from txlab.model.quant import Int4Linear, unpack_int4
 
 KV_POLICIES = ("cache", "grouped", "recompute")
@@ -80,13 +86,19 @@ class Inference:
         m = self.model
         attn0 = m.blocks[0].attn
         self.n_heads, self.n_kv_heads, self.head_dim = attn0.n_heads, attn0.n_kv_heads, attn0.head_dim
+        self.latent = isinstance(attn0, LatentAttention)
         self.d_model = m.cfg.d_model
         self.device = m.wte.weight.device
         B, T, Hkv, D = self.batch_size, self.max_len, self.n_kv_heads, self.head_dim
         # Allocated up front, for the whole run: the cache never grows by copying.
         if self.max_len < 1:
             raise ValueError(f"max_len: a run holds at least one position, got {self.max_len}")
-        if self.kv in ("cache", "grouped"):
+        if self.latent:  # keys: the latents (B, T, rank); values: the rotated key parts (B, 1, T, rope)
+            if self.kv != "cache":
+                raise ValueError(f"kv policy {self.kv!r} is not built for latent attention; use cache")
+            self.keys = [torch.empty(B, T, attn0.kv_rank, dtype=self.dtype, device=self.device) for _ in m.blocks]
+            self.values = [torch.empty(B, 1, T, attn0.rope_dim, dtype=self.dtype, device=self.device) for _ in m.blocks]
+        elif self.kv in ("cache", "grouped"):
             self.keys = [torch.empty(B, Hkv, T, D, dtype=self.dtype, device=self.device) for _ in m.blocks]
             self.values = [torch.empty(B, Hkv, T, D, dtype=self.dtype, device=self.device) for _ in m.blocks]
         elif self.kv == "recompute":
@@ -119,6 +131,9 @@ class Inference:
         x = self.model.embed(idx, 0)
         for layer, block in enumerate(self.model.blocks):
             h = block.norm1(x)
+            if self.latent:
+                x = block.mlp_residual(x + block.attn.output(self._attend_latent(block.attn, layer, h, rope, 0)))
+                continue
             q, k, v = block.attn.project(h, rope)
             if self.inputs:
                 self.inputs[layer][:, :T] = h
@@ -143,6 +158,9 @@ class Inference:
         x = self.model.embed(idx, t)  # (B, 1, d_model)
         for layer, block in enumerate(self.model.blocks):
             h = block.norm1(x)
+            if self.latent:
+                x = block.mlp_residual(x + block.attn.output(self._attend_latent(block.attn, layer, h, rope, t)))
+                continue
             q, k, v = block.attn.project(h, rope)  # (B, H, 1, D), (B, Hkv, 1, D)
             if self.inputs:
                 self.inputs[layer][:, t : t + 1] = h
@@ -154,6 +172,21 @@ class Inference:
             x = block.mlp_residual(x + block.attn.output(y))
         self.pos = t + 1
         return self.model.norm_f(x)[:, 0]
+
+    def _attend_latent(self, attn: LatentAttention, layer: int, h: torch.Tensor, rope, t: int) -> torch.Tensor:
+        """Latent attention of the new positions t.. of h (B, n, C): their latents and rotated key parts written
+        to the cache, every cached position expanded into keys and values, attended causally."""
+        n = h.shape[1]
+        c, k_rot = attn.latent(h, rope)  # (B, n, rank), (B, 1, n, rope)
+        self.keys[layer][:, t : t + n] = c
+        self.values[layer][:, :, t : t + n] = k_rot
+        k, v = attn.expand(self.keys[layer][:, : t + n], self.values[layer][:, :, : t + n])
+        q = attn.queries(h, rope)
+        if t == 0:
+            return attn.attn_fn(q, k, v)  # the prompt: the policy's kernel, causal
+        if n == 1:
+            return F.scaled_dot_product_attention(q, k, v)  # one query: every cached position is its past
+        raise ValueError("latent attention decodes one token a step after the prompt")
 
     def _attend_cached(self, q: torch.Tensor, layer: int, n: int) -> torch.Tensor:
         """The new query against the first n cached positions (all in its past: no mask)."""

@@ -10,8 +10,17 @@ The config side (`model.hf` filling the model section) is `txlab.config.hf`; thi
   product, hence every attention weight and logit, unchanged (tests/test_hf.py holds txlab to
   transformers' logits at fp32 tolerance).
 
-A checkpoint whose tensors do not fit the config (a tensor missing, one left over, a wrong shape) is
-refused naming the first offending tensor.
+- Mixtral, Qwen3-MoE, OLMoE, DeepSeek-V3: checkpoints hold each expert's gate, up and down projections
+  apart (the hub's per-expert layout, which transformers 5's `save_pretrained` writes too); they are stacked
+  into the MoE layer's (E, 2 * hidden, d_model) and (E, d_model, hidden) grouped weights, the router's
+  weight and DeepSeek's correction bias (a buffer) copied. DeepSeek-V3's latent attention keeps its
+  projections as they are; RoPE's part of q and of the latent's key is permuted into pair order only when
+  the checkpoint rotates halves (`rope_interleave: false`). A DeepSeek-V3 checkpoint's multi-token
+  prediction layers (`model.layers.N.*` past num_hidden_layers) are not part of the model and are skipped,
+  as transformers skips them.
+
+A checkpoint whose tensors do not fit the config (a tensor missing, one left over, a wrong shape, a layer
+with another number of experts) is refused naming the first offending tensor.
 """
 
 from __future__ import annotations
@@ -85,11 +94,16 @@ def _gpt2_names(m: ModelConfig) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def _llama_names(m: ModelConfig) -> dict[str, tuple[str, ...]]:
-    """txlab parameter -> the checkpoint tensors it is made of (Llama, Mistral, Qwen2, Qwen3)."""
+def _llama_names(m: ModelConfig, family: str = "llama") -> dict[str, tuple[str, ...]]:
+    """txlab parameter (or buffer) -> the checkpoint tensors it is made of (Llama, Mistral, Qwen2, Qwen3 and
+    the MoE families)."""
     out = {"wte.weight": ("model.embed_tokens.weight",)}
     for i in range(m.n_layers):
         h, b = f"model.layers.{i}", f"blocks.{i}"
+        out.update(_moe_names(m, family, h, b))
+        if m.attn == "mla":
+            out.update(_mla_names(h, b))
+            continue
         out[f"{b}.norm1.weight"] = (f"{h}.input_layernorm.weight",)
         out[f"{b}.norm2.weight"] = (f"{h}.post_attention_layernorm.weight",)
         for kind in ("weight", "bias"):
@@ -109,20 +123,78 @@ def _llama_names(m: ModelConfig) -> dict[str, tuple[str, ...]]:
     return out  # fmt: skip
 
 
+def _moe_names(m: ModelConfig, family: str, h: str, b: str) -> dict[str, tuple[str, ...]]:
+    """Layer h's router, routed experts (one tensor per expert and projection) and shared experts."""
+    moe = f"{h}.block_sparse_moe" if family == "mixtral" else f"{h}.mlp"
+    (gate, up), down = (("w1", "w3"), "w2") if family == "mixtral" else (("gate_proj", "up_proj"), "down_proj")
+    experts = range(m.moe_experts or 0)
+    shared = f"{h}.mlp.shared_experts"
+    return {
+        f"{b}.mlp.router.weight": (f"{moe}.gate.weight",),
+        f"{b}.mlp.router.correction": (f"{moe}.gate.e_score_correction_bias",),
+        f"{b}.mlp.experts.fc.weight": tuple(f"{moe}.experts.{e}.{p}.weight" for e in experts for p in (gate, up)),
+        f"{b}.mlp.experts.proj.weight": tuple(f"{moe}.experts.{e}.{down}.weight" for e in experts),
+        f"{b}.mlp.shared.fc.weight": (f"{shared}.gate_proj.weight", f"{shared}.up_proj.weight"),
+        f"{b}.mlp.shared.proj.weight": (f"{shared}.down_proj.weight",),
+    }
+
+
+def _mla_names(h: str, b: str) -> dict[str, tuple[str, ...]]:
+    """Layer h's latent attention (DeepSeek-V3), projection for projection, and its norms."""
+    a = f"{h}.self_attn"
+    out = {
+        f"{b}.norm1.weight": (f"{h}.input_layernorm.weight",),
+        f"{b}.norm2.weight": (f"{h}.post_attention_layernorm.weight",),
+        f"{b}.attn.q_norm.weight": (f"{a}.q_a_layernorm.weight",),
+        f"{b}.attn.kv_norm.weight": (f"{a}.kv_a_layernorm.weight",),
+    }
+    for ours, theirs in (("q_down", "q_a_proj"), ("q_up", "q_b_proj"), ("q", "q_proj"),
+                         ("kv_down", "kv_a_proj_with_mqa"), ("kv_up", "kv_b_proj"), ("proj", "o_proj")):  # fmt: skip
+        for kind in ("weight", "bias"):
+            out[f"{b}.attn.{ours}.{kind}"] = (f"{a}.{theirs}.{kind}",)
+    for kind in ("weight", "bias"):  # dense first layers
+        out[f"{b}.mlp.fc.{kind}"] = (f"{h}.mlp.gate_proj.{kind}", f"{h}.mlp.up_proj.{kind}")
+        out[f"{b}.mlp.proj.{kind}"] = (f"{h}.mlp.down_proj.{kind}",)
+    return out
+
+
+def _rope_rows_to_pairs(t: torch.Tensor, n: int, width: int, start: int, rope: int) -> torch.Tensor:
+    """Rows start:start + rope of each of the n blocks of `width` rows of t, from half-rotation order into
+    pair order (the rest unchanged): the RoPE part of MLA's q heads, or of its latent's key."""
+    shaped = t.reshape(n, width, *t.shape[1:]).clone()
+    shaped[:, start : start + rope] = shaped[:, start : start + rope][:, _pair_order(rope)]
+    return shaped.reshape(t.shape)
+
+
 def _is_conv1d(name: str) -> bool:
     """GPT-2 stores its projection weights as Conv1D, (in, out): transposed from nn.Linear's."""
     return name.endswith(".weight") and any(k in name for k in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"))
 
 
-def _convert(name: str, parts: list[torch.Tensor], m: ModelConfig, family: str) -> torch.Tensor:
-    """The checkpoint tensors of one txlab parameter, in txlab's layout."""
+def _convert(
+    name: str, parts: list[torch.Tensor], m: ModelConfig, family: str, rope_interleave: bool = True
+) -> torch.Tensor:
+    """The checkpoint tensors of one txlab parameter, in txlab's layout. `rope_interleave`: an MLA checkpoint
+    rotates adjacent pairs (DeepSeek-V3's default, txlab's order), else halves."""
     if family == "gpt2":
         return parts[0].t() if _is_conv1d(name) else parts[0]
+    if name.endswith("mlp.experts.fc.weight"):  # (gate_e, up_e) per expert -> (E, 2 * hidden, d_model)
+        return torch.stack([torch.cat(parts[i : i + 2]) for i in range(0, len(parts), 2)])
+    if name.endswith("mlp.experts.proj.weight"):  # down_e per expert -> (E, d_model, hidden)
+        return torch.stack(parts)
+    if m.attn == "mla":
+        if not rope_interleave and name.endswith(("attn.q_up.weight", "attn.q.weight")):
+            return _rope_rows_to_pairs(parts[0], m.n_heads, m.attn_head_dim(), m.mla_nope_dim, m.mla_rope_dim)
+        if not rope_interleave and name.endswith(("attn.kv_down.weight", "attn.kv_down.bias")):
+            return _rope_rows_to_pairs(parts[0], 1, m.mla_kv_rank + m.mla_rope_dim, m.mla_kv_rank, m.mla_rope_dim)
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
     D = m.attn_head_dim()
     if ".attn.qkv." in name:
         q, k, v = parts
         return torch.cat([_to_pairs(q, m.n_heads, D), _to_pairs(k, m.n_kv_heads, D), v])
     if name.endswith(("attn.q_norm.weight", "attn.k_norm.weight")):
+        if m.qk_norm_scope == "projection":  # OLMoE: one weight per projection row, permuted head by head
+            return _to_pairs(parts[0], m.n_heads if ".q_norm." in name else m.n_kv_heads, D)
         return parts[0][_pair_order(D)]
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
@@ -145,6 +217,10 @@ def _converted_shape(name: str, shapes: list[tuple[int, ...]], family: str) -> t
     """The shape `_convert` gives the tensors of one parameter (without reading them)."""
     if family == "gpt2" and _is_conv1d(name):
         return shapes[0][::-1]  # Conv1D (in, out)
+    if name.endswith("mlp.experts.fc.weight"):
+        return (len(shapes) // 2, shapes[0][0] + shapes[1][0], *shapes[0][1:])
+    if name.endswith("mlp.experts.proj.weight"):
+        return (len(shapes), *shapes[0])
     if len(shapes) > 1:
         return (sum(s[0] for s in shapes), *shapes[0][1:])
     return shapes[0]
@@ -156,11 +232,23 @@ def _match(model: GPT, spec: str) -> tuple[str, Path, dict[str, tuple[str, ...]]
     directory = checkpoint_dir(spec)
     if directory is None:
         raise ConfigError(f"model.hf: {spec}: model.init 'pretrained' needs a local checkpoint directory")
-    family = read_hf_config(spec)["model_type"]
+    hf = read_hf_config(spec)
+    family = hf["model_type"]
+    if hf.get("quantization_config"):
+        method = (
+            hf["quantization_config"].get("quant_method", "?") if isinstance(hf["quantization_config"], dict) else "?"
+        )
+        raise ConfigError(
+            f"model.hf: {spec}: a quantized checkpoint ({method}) is not read; model.init 'pretrained' takes "
+            "full-precision weights (bf16 or fp32), model.init 'random' its shape"
+        )
     shapes = _shapes(directory)
-    names = _gpt2_names(model.cfg) if family == "gpt2" else _llama_names(model.cfg)
+    if family == "deepseek_v3":  # multi-token prediction layers: not part of the model (transformers skips them)
+        shapes = {k: v for k, v in shapes.items() if _layer_of(k) is None or _layer_of(k) < model.cfg.n_layers}
+    _check_experts(model.cfg, spec, shapes)
+    names = _gpt2_names(model.cfg) if family == "gpt2" else _llama_names(model.cfg, family)
     mapping, used = {}, set()
-    for name, param in model.named_parameters():  # each parameter once: a tied lm_head is wte
+    for name, param in _tensors_to_load(model):  # each parameter once: a tied lm_head is wte
         theirs = names.get(name)
         if theirs is None:
             raise ConfigError(f"model.hf: {spec}: txlab parameter {name!r} has no counterpart in a {family} checkpoint")
@@ -182,6 +270,39 @@ def _match(model: GPT, spec: str) -> tuple[str, Path, dict[str, tuple[str, ...]]
     return family, directory, mapping
 
 
+def _layer_of(tensor: str) -> int | None:
+    parts = tensor.split(".")
+    if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        return int(parts[2])
+    return None
+
+
+def _check_experts(m: ModelConfig, spec: str, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Each MoE layer of the checkpoint holds the config's number of experts (one line naming the layer)."""
+    held: dict[int, set[int]] = {}
+    for k in shapes:
+        parts = k.split(".")
+        if "experts" in parts and _layer_of(k) is not None:
+            i = parts.index("experts")
+            if i + 1 < len(parts) and parts[i + 1].isdigit():
+                held.setdefault(_layer_of(k), set()).add(int(parts[i + 1]))
+    for layer in range(m.n_layers):
+        want = m.moe_experts if m.moe_layer(layer) else 0
+        have = len(held.get(layer, ()))
+        if have != want:
+            config = f"the config gives it {want}" + (" (a dense MLP)" if not want else " (model.moe_experts)")
+            raise ConfigError(
+                f"model.hf: {spec}: layer {layer} of the checkpoint holds {have} experts, but {config}; "
+                "the checkpoint's expert weights do not match its config"
+            )
+
+
+def _tensors_to_load(model: GPT) -> list[tuple[str, torch.Tensor]]:
+    """The model's parameters, and the buffers a checkpoint holds (DeepSeek-V3's routing correction bias)."""
+    buffers = [(n, b) for n, b in model.named_buffers() if n.endswith("router.correction")]
+    return [*model.named_parameters(), *buffers]
+
+
 def check_pretrained(m: ModelConfig, seq_len: int) -> None:
     """Bad input before any work: the checkpoint's tensors must be the config's model (headers only)."""
     with torch.device("meta"):
@@ -193,10 +314,11 @@ def load_pretrained(model: GPT, spec: str) -> None:
     """Copy the checkpoint `spec` (model.hf) into `model`, whose config must be the checkpoint's."""
     family, directory, mapping = _match(model, spec)
     tensors = read_safetensors(directory)
-    params = dict(model.named_parameters())
+    params = dict(_tensors_to_load(model))
+    interleave = bool(read_hf_config(spec).get("rope_interleave", True))
     with torch.no_grad():
         for name, theirs in mapping.items():
-            params[name].copy_(_convert(name, [tensors[t] for t in theirs], model.cfg, family))
+            params[name].copy_(_convert(name, [tensors[t] for t in theirs], model.cfg, family, interleave))
 
 
 def init_model(m: ModelConfig, seq_len: int) -> GPT:

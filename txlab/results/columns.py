@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from txlab.units import GiB  # noqa: F401 - the analysis reads the unit of the byte columns from here
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 # Every row schema version and its migration note. Any change to the row's columns (one added, removed,
 # renamed or retyped; config keys included, since every config key is a column) bumps SCHEMA_VERSION and
 # adds a line here saying what changed and how rows of the version before read under it. Added columns
@@ -43,6 +43,13 @@ SCHEMA_HISTORY: dict[int, str] = {
     "migration: older rows read them as their declared defaults, 1 and true (no tensor parallelism)",
     7: "txlab 0.3: config column workload.grad_accum (micro-steps per optimizer step); no migration: older rows "
     "read it as its declared default, 1 (no accumulation, the only step before it)",
+    8: "txlab 0.3: mixture-of-experts models (issue 25): config columns model.moe_experts, moe_top_k, moe_hidden, "
+    "moe_shared, moe_router, moe_renorm, moe_groups, moe_topk_groups, moe_scale, moe_first_dense, moe_every, "
+    "moe_dense_layers, qk_norm_scope, attn, mla_q_rank, mla_kv_rank, mla_nope_dim, mla_rope_dim, mla_v_dim, "
+    "rope_beta_fast, rope_beta_slow, rope_mscale, rope_mscale_all_dim (and the values moe of model.mlp, yarn of "
+    "model.rope_scaling) and figure n_active_params; no migration: older rows read them as null, which for a "
+    "config key means its declared default (a dense model, mha attention), and n_active_params null (unknown; "
+    "for a dense row it equals n_params)",
 }
 
 STATUSES = ("ok", "oom", "over_budget", "error")
@@ -80,6 +87,7 @@ FIGURES: dict[str, pa.DataType] = {
     "peak_spread_bytes": pa.int64(),  # parallel.fsdp > 1: largest minus smallest rank's peak (peak_bytes is the largest)
     "peak_rss_bytes": pa.int64(),  # CPU: resident high-water mark above the pre-trial baseline
     "n_params": pa.int64(),
+    "n_active_params": pa.int64(),  # parameters one token uses (mixture of experts: k of E routed experts; dense: all)
     "step_time_s": pa.float64(),  # median of timed steps
     "compile_s": pa.float64(),  # workload.compile: the compiling first step's time less step_time_s
     "tokens_per_s": pa.float64(),

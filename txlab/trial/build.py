@@ -152,14 +152,17 @@ def build_model(setup: Setup, ranks: Ranks | None, meta: bool = False) -> GPT:
 
 
 def training_facts(setup: Setup, model, plan: Plan | None) -> Facts:
-    """What a training trial computes: parameters, model FLOPs per token, the closed-form activations."""
+    """What a training trial computes: parameters (all, and those one token uses), model FLOPs per token from
+    the active parameters, the closed-form activations (the dense model's formula: none for MoE or MLA)."""
     m = setup.model
+    dense = m.mlp != "moe" and m.attn != "mla"
     return Facts(
         n_params=model.num_params(),
-        flops_per_token=flops_per_token(
-            model.num_non_embedding_params(), m.n_layers, m.n_heads, m.attn_head_dim(), setup.workload.seq_len
-        ),
-        formula_activation_bytes=formula_activation_bytes(
+        n_active_params=model.num_active_params(),
+        flops_per_token=active_flops_per_token(model, m, setup.workload.seq_len),
+        formula_activation_bytes=None
+        if not dense
+        else formula_activation_bytes(
             m,
             setup.policy,
             setup.workload,
@@ -169,4 +172,16 @@ def training_facts(setup: Setup, model, plan: Plan | None) -> Facts:
             setup.layout.sequence_parallel,
         ),
         plan=plan.describe() if plan is not None else None,
+    )
+
+
+def active_flops_per_token(model, m, seq_len: int) -> float:
+    """6 N + 12 L H Q T with N the non-embedding parameters one token uses (a mixture of experts: its k routed
+    experts, not E) and Q the mean of the q/k and value head widths (latent attention's differ)."""
+    return flops_per_token(
+        model.num_non_embedding_params() - model.num_inactive_params(),
+        m.n_layers,
+        m.n_heads,
+        (m.attn_head_dim() + m.value_head_dim()) / 2,
+        seq_len,
     )

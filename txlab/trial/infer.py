@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from txlab.measure.memory import MemoryMonitor, RssWindow
 from txlab.measure.records import Facts, Memory, Quality, Records, Timing
-from txlab.measure.throughput import flops_per_token, mfu
+from txlab.measure.throughput import mfu
 from txlab.model.decode import Inference, generate_tokens
 from txlab.model.gpt import GPT
 from txlab.model.hf import init_model
@@ -26,7 +26,7 @@ from txlab.model.quant import quantize_model, quantized_bytes, weight_bytes
 from txlab.policy.apply import apply_policy
 from txlab.runtime.device import device_info, sync
 from txlab.runtime.progress import log
-from txlab.trial.build import trial_batches
+from txlab.trial.build import active_flops_per_token, trial_batches
 from txlab.trial.resolve import Setup
 from txlab.units import GiB
 
@@ -112,10 +112,13 @@ def quant_error(setup: Setup, model: GPT, prompt: torch.Tensor, chunk: int = 512
 def _inference_facts(setup: Setup, model: GPT) -> Facts:
     m = setup.model
     # model FLOPs of one forward token at the longest context it sees (training's 6N + 12LHQT, over 3)
-    per_token = flops_per_token(
-        model.num_non_embedding_params(), m.n_layers, m.n_heads, m.attn_head_dim(), setup.context_length
+    per_token = active_flops_per_token(model, m, setup.context_length)
+    return Facts(
+        n_params=model.num_params(),
+        n_active_params=model.num_active_params(),
+        flops_per_token=per_token / 3,
+        weight_bytes_fp=weight_bytes(model),
     )
-    return Facts(n_params=model.num_params(), flops_per_token=per_token / 3, weight_bytes_fp=weight_bytes(model))
 
 
 def _kv_memory(memory: Memory, state: Inference, model: GPT, kv_policy: str) -> Memory:

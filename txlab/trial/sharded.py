@@ -127,7 +127,12 @@ def merge_ranks(ranks: list[dict[str, Any] | str], device: str | None, w: Worklo
         peak_spread_bytes=top["peak_bytes"] - min(r["peak_bytes"] for r in rows),
         peak_rss_bytes=max(rss) if rss else None,
     )
-    facts = Facts(first.get("n_params"), first.get("flops_per_token"), first.get("formula_activation_bytes"))
+    facts = Facts(
+        first.get("n_params"),
+        first.get("flops_per_token"),
+        first.get("formula_activation_bytes"),
+        n_active_params=first.get("n_active_params"),
+    )
     step_time_s = max(r["step_time_s"] for r in rows)  # the ranks step together: the slowest sets the pace
     tokens_per_s = w.batch_size * w.seq_len / step_time_s
     per_device = None
