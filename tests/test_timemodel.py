@@ -329,3 +329,37 @@ def test_mfu_reads_the_catalogue_peaks():
 
     assert peak_flops("NVIDIA H100 80GB HBM3", "bf16") == load_profile("h100-sxm").peak("bf16")
     assert peak_flops("NVIDIA A100-SXM4-80GB", "fp32") == load_profile("a100-80g").peak("fp32")
+
+
+# --- the benchmarks' own logic (benchmarks/time_model.py, benchmarks/time_model_anchors.py) ----------------
+
+
+def _benchmark(name):
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    return importlib.import_module(name)
+
+
+def test_every_published_anchor_is_a_valid_config_and_the_sets_are_apart():
+    from txlab.config import load_config
+
+    bench = _benchmark("time_model_anchors")
+    roles = {a["role"] for a in bench.ANCHORS}
+    assert roles == {"calibration", "ratio", "check"}
+    assert len([a for a in bench.ANCHORS if a["role"] == "check"]) >= 5
+    for a in bench.ANCHORS:
+        c = load_config(None, bench.config(a))
+        assert c.parallel.fsdp == a["gpus"] and c.workload.batch_size == a["gpus"] * a["local_batch"]
+        assert "h100_202412" not in a["source"]  # torchtitan's H100 benchmark file stays the independent check
+
+
+def test_the_ordering_check_counts_only_pairs_apart_beyond_their_spread():
+    bench = _benchmark("time_model")
+    row = lambda name, s, spread, pred: dict(name=name, layers=2, tokens=1024, ranks=1, cpu_s=s,  # noqa: E731
+                                             cpu_spread_s=spread, predicted_s=pred)  # fmt: skip
+    rows = [row("a", 1.0, 0.1, 1.0), row("b", 2.0, 0.1, 1.5), row("c", 2.05, 0.1, 0.5)]
+    pairs, ok, wrong = bench.ordering(rows, "cpu")
+    # a-b and a-c are apart beyond the spread, b-c are not; the prediction orders a-b as measured, a-c not
+    assert (pairs, ok, wrong) == (2, 1, ["a vs c (2L 1024 tok, 1 rank)"])
