@@ -144,18 +144,18 @@ def ordering(rows: list[dict], clock: str) -> tuple[int, int, list[str]]:
 
 
 def plot(frame, path: Path) -> None:
+    """Predicted vs measured, CPU time and wall time side by side; points numbered, the key below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5), sharey=True)
-    lo = min(frame["predicted_s"].min(), frame["cpu_s"].min(), frame["wall_s"].min()) * 0.7
-    hi = max(frame["predicted_s"].max(), frame["cpu_s"].max(), frame["wall_s"].max()) * 1.4
-    for ax, clock, title in (
-        (axes[0], "cpu", "measured CPU time per step"),
-        (axes[1], "wall", "measured wall time per step"),
-    ):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 6.2), sharey=True)
+    lo = min(frame["predicted_s"].min(), frame["cpu_min_s"].min(), frame["wall_min_s"].min()) * 0.8
+    hi = max(frame["predicted_s"].max(), frame["cpu_max_s"].max(), frame["wall_max_s"].max()) * 1.25
+    seconds = FuncFormatter(lambda v, _: f"{v:g}")
+    for ax, clock, title in ((axes[0], "cpu", "measured CPU time"), (axes[1], "wall", "measured wall time")):
         xs = [lo, hi]
         ax.plot(xs, xs, color="0.3", lw=1, label="predicted = measured")
         ax.fill_between(xs, [x / (1 + TOLERANCE) for x in xs], [x * (1 + TOLERANCE) for x in xs], color="0.9",
@@ -164,19 +164,46 @@ def plot(frame, path: Path) -> None:
             sub = frame[frame["ranks"] == ranks]
             ax.errorbar(sub[f"{clock}_s"], sub["predicted_s"],
                         xerr=[sub[f"{clock}_s"] - sub[f"{clock}_min_s"], sub[f"{clock}_max_s"] - sub[f"{clock}_s"]],
-                        fmt=marker, ms=6, capsize=2, label=f"{ranks} rank{'s' if ranks > 1 else ''}")  # fmt: skip
-            for _, r in sub.iterrows():
-                ax.annotate(f"{r['name']} {r['layers']}L {r['tokens']}", (r[f"{clock}_s"], r["predicted_s"]),
-                            fontsize=7, xytext=(4, -9), textcoords="offset points")  # fmt: skip
-        ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel=f"{title} (s, median of {STEPS})",
-               title=title.replace(" per step", ""))  # fmt: skip
+                        fmt=marker, ms=6, capsize=2, label=f"{ranks} rank{'s' if ranks > 1 else ''} (bar: min-max)")  # fmt: skip
+        for i, r in frame.reset_index(drop=True).iterrows():
+            ax.annotate(str(i + 1), (r[f"{clock}_s"], r["predicted_s"]), fontsize=8, xytext=(4, 4),
+                        textcoords="offset points")  # fmt: skip
+        ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel=f"{title} per step (s, median of {STEPS})",
+               title=title)  # fmt: skip
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+            axis.set_major_formatter(seconds)
+            axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
         ax.legend(fontsize=8, loc="upper left")
     axes[0].set_ylabel("predicted step time (s), local profile")
+    key = "   ".join(f"{i + 1}: {r['name']} {r['layers']}L {r['tokens']}" + (" 2 ranks" if r["ranks"] > 1 else "")
+                     for i, r in frame.reset_index(drop=True).iterrows())  # fmt: skip
+    fig.text(0.5, 0.01, key, ha="center", fontsize=7.5, wrap=True)
     load = f"load {frame['load_before'].min():.1f}-{frame['load_after'].max():.1f} on {os.cpu_count()} cores"
-    fig.suptitle(f"txlab time model vs measured steps, GPT-2-small shapes, this CPU ({load})", fontsize=11)
-    fig.tight_layout()
+    fig.suptitle(f"txlab time model vs measured steps, GPT-2-small shapes, this CPU, 1 thread a rank ({load})",
+                 fontsize=11)  # fmt: skip
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def report(rows: list[dict]) -> None:
+    """The table and the two claims (within 35%, the policies' order), against both clocks."""
+    print()
+    print(f"{'trial':28s} {'predicted':>9s} {'cpu med':>8s} {'(min-max)':>13s} {'err':>6s} {'wall med':>8s} "
+          f"{'err':>6s} {'load':>9s}")  # fmt: skip
+    for r in rows:
+        print(f"{r['name']:10s} {r['layers']}L {r['tokens']:5d} {r['ranks']} rank{'s' if r['ranks'] > 1 else ' '}   "
+              f"{r['predicted_s']:9.2f} {r['cpu_s']:8.2f} {r['cpu_min_s']:6.2f}-{r['cpu_max_s']:<6.2f} "
+              f"{r['error_vs_cpu']:+6.0%} {r['wall_s']:8.2f} {r['error_vs_wall']:+6.0%} "
+              f"{r['load_before']:4.1f}-{r['load_after']:<4.1f}")  # fmt: skip
+    for clock in ("cpu", "wall"):
+        errs = [abs(r[f"error_vs_{clock}"]) for r in rows]
+        within = sum(e <= TOLERANCE for e in errs)
+        pairs, ok, wrong = ordering(rows, clock)
+        print(f"vs {clock:4s} time: {within}/{len(rows)} within {TOLERANCE:.0%} (median |error| "
+              f"{statistics.median(errs):.0%}, worst {max(errs):.0%}); policy pairs apart beyond their spread: "
+              f"{pairs}, ordered as measured: {ok}" + (f" (not: {'; '.join(wrong)})" if wrong else ""))  # fmt: skip
 
 
 def main() -> None:
@@ -184,9 +211,18 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="the 2-layer, 1024-token trials only")
     p.add_argument("--out", default=str(REPO / "results" / "benchmarks" / "time_model"))
     p.add_argument("--profile", help="use this profile instead of calibrating now")
+    p.add_argument("--from", dest="stored", help="reprint and redraw a stored rows.parquet, running nothing")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.stored:
+        import pandas as pd
+
+        rows = pd.read_parquet(args.stored).to_dict("records")
+        report(rows)
+        plot(pd.DataFrame(rows), out / "time_model.png")
+        print(f"wrote {out / 'time_model.png'}")
+        return
     torch.set_num_threads(1)
     print(C.machine_line())
     t_start = time.perf_counter()
@@ -227,21 +263,7 @@ def main() -> None:
 
     frame = pd.DataFrame(rows)
     frame.to_parquet(out / "rows.parquet", index=False)
-    print()
-    print(f"{'trial':28s} {'predicted':>9s} {'cpu med':>8s} {'(min-max)':>13s} {'err':>6s} {'wall med':>8s} "
-          f"{'err':>6s} {'load':>9s}")  # fmt: skip
-    for r in rows:
-        print(f"{r['name']:10s} {r['layers']}L {r['tokens']:5d} {r['ranks']} rank{'s' if r['ranks'] > 1 else ' '}   "
-              f"{r['predicted_s']:9.2f} {r['cpu_s']:8.2f} {r['cpu_min_s']:6.2f}-{r['cpu_max_s']:<6.2f} "
-              f"{r['error_vs_cpu']:+6.0%} {r['wall_s']:8.2f} {r['error_vs_wall']:+6.0%} "
-              f"{r['load_before']:4.1f}-{r['load_after']:<4.1f}")  # fmt: skip
-    for clock in ("cpu", "wall"):
-        errs = [abs(r[f"error_vs_{clock}"]) for r in rows]
-        within = sum(e <= TOLERANCE for e in errs)
-        pairs, ok, wrong = ordering(rows, clock)
-        print(f"vs {clock:4s} time: {within}/{len(rows)} within {TOLERANCE:.0%} (median |error| "
-              f"{statistics.median(errs):.0%}, worst {max(errs):.0%}); policy pairs apart beyond their spread: "
-              f"{pairs}, ordered as measured: {ok}" + (f" (not: {'; '.join(wrong)})" if wrong else ""))  # fmt: skip
+    report(rows)
     plot(frame, out / "time_model.png")
     print(f"wrote {out / 'rows.parquet'}, {out / 'time_model.png'} ({time.perf_counter() - t_start:.0f} s in all)")
     print(C.machine_line())
