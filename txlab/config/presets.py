@@ -67,6 +67,54 @@ PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
     },
 }  # fmt: skip
 
+# Mixture-of-experts models (issue 25), the same way: fields of each repository's config.json, mapped by
+# model_keys. Parameter counts (total and per token) are checked in tests/test_presets.py.
+PUBLISHED_MOE_CONFIGS: dict[str, dict[str, Any]] = {
+    # mistralai/Mixtral-8x7B-v0.1 config.json: 8 experts of 14336, top 2 (renormalised), GQA 32/8, RoPE 1e6.
+    "mixtral-8x7b": {
+        "model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
+        "vocab_size": 32000, "max_position_embeddings": 32768, "hidden_act": "silu", "rms_norm_eps": 1e-05,
+        "sliding_window": None, "router_aux_loss_coef": 0.02, "tie_word_embeddings": False, "rope_theta": 1000000.0,
+    },
+    # Qwen/Qwen3-30B-A3B config.json: 128 experts of 768, top 8 (renormalised), every layer sparse, GQA 32/4
+    # heads of 128 with q/k RMSNorm.
+    "qwen3-30b-a3b": {
+        "model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+        "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+        "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1,
+        "mlp_only_layers": [], "vocab_size": 151936, "max_position_embeddings": 40960, "hidden_act": "silu",
+        "rms_norm_eps": 1e-06, "attention_bias": False, "use_sliding_window": False, "sliding_window": None,
+        "router_aux_loss_coef": 0.001, "tie_word_embeddings": False, "rope_scaling": None, "rope_theta": 1000000.0,
+    },
+    # allenai/OLMoE-1B-7B-0924 config.json: 64 experts of 1024, top 8 (not renormalised), q/k RMSNorm over the
+    # whole projections, clip_qkv null.
+    "olmoe-1b-7b": {
+        "model_type": "olmoe", "hidden_size": 2048, "intermediate_size": 1024, "num_hidden_layers": 16,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 64, "num_experts_per_tok": 8,
+        "norm_topk_prob": False, "vocab_size": 50304, "max_position_embeddings": 4096, "hidden_act": "silu",
+        "rms_norm_eps": 1e-05, "attention_bias": False, "clip_qkv": None, "router_aux_loss_coef": 0.01,
+        "tie_word_embeddings": False, "rope_scaling": None, "rope_theta": 10000.0,
+    },
+    # deepseek-ai/DeepSeek-V3 config.json: latent attention (q rank 1536, kv rank 512, heads of 128 + 64 RoPE,
+    # values 128), 3 dense layers then 58 of 256 experts of 2048, top 8 within 4 of 8 groups, one shared expert,
+    # sigmoid scores with correction bias, scaled 2.5; YaRN x40. Its quantization_config (fp8 weights) is left
+    # out: a preset is a shape. Its multi-token prediction module (num_nextn_predict_layers 1, 14B more in the
+    # repository's 685B) is not part of the model, as in transformers.
+    "deepseek-v3": {
+        "model_type": "deepseek_v3", "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+        "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128, "q_lora_rank": 1536,
+        "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+        "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4,
+        "first_k_dense_replace": 3, "moe_layer_freq": 1, "norm_topk_prob": True, "routed_scaling_factor": 2.5,
+        "scoring_func": "sigmoid", "topk_method": "noaux_tc", "num_nextn_predict_layers": 1, "vocab_size": 129280,
+        "max_position_embeddings": 163840, "hidden_act": "silu", "rms_norm_eps": 1e-06, "attention_bias": False,
+        "tie_word_embeddings": False, "rope_theta": 10000,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                         "original_max_position_embeddings": 4096, "type": "yarn"},
+    },
+}  # fmt: skip
+
 # --- presets ------------------------------------------------------------------------------------
 
 MODEL_SIZES: dict[str, dict[str, Any]] = {
@@ -79,6 +127,8 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
     # Real architectures (shapes only; PUBLISHED_CONFIGS above): llama-3.2-1b, llama-3.1-8b, llama-3.1-70b,
     # mistral-7b (v0.3), qwen2.5-7b, qwen3-8b.
     **{name: model_keys(hf, where=f"model.size {name}") for name, hf in PUBLISHED_CONFIGS.items()},
+    # Mixture of experts (PUBLISHED_MOE_CONFIGS): mixtral-8x7b, qwen3-30b-a3b, olmoe-1b-7b, deepseek-v3.
+    **{name: model_keys(hf, where=f"model.size {name}") for name, hf in PUBLISHED_MOE_CONFIGS.items()},
 }
 
 POLICY_PRESETS: dict[str, dict[str, Any]] = {
