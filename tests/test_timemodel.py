@@ -207,8 +207,8 @@ def test_matmul_efficiency_grows_with_shape_and_memory_bound_ops_cost_bytes():
 
 
 def test_the_timeline_overlaps_gathers_and_scatters_and_waits_where_compute_reads():
-    ag = op("collective", coll="all_gather", group=(0, 1), size=1)
-    rs = op("collective", "backward", coll="reduce_scatter", group=(0, 1), size=1)
+    ag = op("collective", coll="all_gather", group=(0, 1), size=1, prefetch=True)
+    rs = op("collective", "backward", coll="reduce_scatter", group=(0, 1), size=1, background=True)
     comp = op("memory")
     reads = dataclasses.replace(comp, waits=0)
     # the gather (2 s) is issued with the step; compute (1 s) that does not need it runs beside it; the op that
@@ -363,3 +363,28 @@ def test_the_ordering_check_counts_only_pairs_apart_beyond_their_spread():
     pairs, ok, wrong = bench.ordering(rows, "cpu")
     # a-b and a-c are apart beyond the spread, b-c are not; the prediction orders a-b as measured, a-c not
     assert (pairs, ok, wrong) == (2, 1, ["a vs c (2L 1024 tok, 1 rank)"])
+
+
+def test_tensor_parallel_collectives_are_on_the_tp_group_and_hold_compute():
+    _, ops = traced(workload__batch_size=2, parallel__fsdp=2, parallel__tp=2, workload__dtype="bf16")
+    colls = [o for o in ops if o.cls == "collective"]
+    tp = [o for o in colls if o.group == (0, 1)]  # tp innermost: ranks 0 and 1
+    fsdp = [o for o in colls if o.group == (0, 2)]
+    assert tp and fsdp and not any(o.prefetch or o.background for o in tp)
+    assert any(o.prefetch for o in fsdp) and any(o.background for o in fsdp)
+    assert any(o.waits >= 0 and ops[o.waits] in tp for o in ops)  # compute reads TP's outputs
+    # a TP reduce-scatter (sequence parallelism) is waited for, an unprefetched gather is not issued ahead
+    rs = op("collective", coll="reduce_scatter", group=(0, 1), size=1)
+    ag = op("collective", coll="all_gather", group=(0, 1), size=1)
+    reads = op("memory", waits=1)
+    assert schedule([op("memory"), rs, reads], [1.0, 2.0, 1.0]).step_s == 4.0
+    assert schedule([ag, op("memory"), ag, op("memory", waits=2)], [1.0, 1.0, 1.0, 1.0]).step_s == 3.0
+
+
+def test_experts_grouped_matmuls_are_matmuls():
+    _, ops = traced(model__mlp="moe", model__moe_experts=4, model__moe_top_k=2, model__moe_hidden=32)
+    experts = [o for o in ops if "expert_mm" in o.name]
+    assert experts and all(o.cls == "matmul" for o in experts)
+    fwd = [o for o in experts if o.phase == "forward"]
+    # the gate/up GEMM: M = 64 tokens x top-2 rows, N = 2 x 32 (gate and up), K = d_model 64
+    assert 2.0 * (64 * 2) * (2 * 32) * 64 in {o.flops for o in fwd}

@@ -2,12 +2,13 @@
 wait for each other.
 
 - Compute runs the traced operators in order.
-- A collective starts when the link is free and it has been issued. FSDP2 issues a forward all-gather while
-  the block before still computes (the host runs ahead of the device by one all-gather); the backward's
-  prefetching all-gathers are in the trace where FSDP2 issues them; a reduce-scatter once its block's
-  gradients exist; a tensor-parallel collective where the computation needs it.
+- A collective starts when the link is free and it has been issued. FSDP2 issues a forward parameter
+  all-gather while the block before still computes (the host runs ahead of the device by one all-gather);
+  the backward's prefetching all-gathers are in the trace where FSDP2 issues them; a gradient reduce-scatter
+  once its block's gradients exist; a tensor-parallel collective (on activations) where the computation
+  reaches it.
 - Compute waits for a collective at the first operator that reads its output (an all-gather's copy-out, a
-  tensor-parallel all-reduce's consumer), except a reduce-scatter's, which FSDP2 consumes on its own stream:
+  tensor-parallel collective's consumer), except FSDP2's gradient reduce-scatter, consumed on its own stream:
   the optimizer step waits for every collective.
 - `overlap` (the profile's) is the share of a collective's time that may pass beside compute: 1 on a GPU (its
   own stream and copy engines), 0 on a CPU, whose cores do both.
@@ -45,14 +46,14 @@ def schedule(ops: list[Op], times: list[float], overlap: float = 1.0) -> Timelin
         if op.phase == "optimizer" and not in_optimizer:
             in_optimizer = True
             clock = max(clock, link)  # the optimizer reads the reduced gradients
-        if op.waits >= 0 and ops[op.waits].coll != "reduce_scatter":
+        if op.waits >= 0 and not ops[op.waits].background:
             clock = max(clock, ends.get(op.waits, 0.0))
         if op.cls != "collective":
             clock += t
             by_phase[op.phase] = by_phase.get(op.phase, 0.0) + t
             continue
         ready = clock
-        if op.coll == "all_gather" and op.phase == "forward":
+        if op.prefetch and op.phase == "forward":
             ready, issued_at = (issued_at if issued_at is not None else clock), clock
         start = max(ready, link)
         link = ends[i] = start + t

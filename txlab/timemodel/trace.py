@@ -22,6 +22,8 @@ from torch.utils._pytree import tree_leaves
 FRESH_MIN = 32 * 2**20  # outputs from this size are new pages on a CPU (glibc maps them afresh: first-touch faults)
 
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "_scaled_mm"}
+# Grouped GEMMs (mixture of experts): torch's and txlab's custom ops (txlab.model.moe), one GEMM per expert's rows
+GROUPED = {"_grouped_mm", "expert_mm", "expert_mm_wgrad"}
 ATTENTION_WORDS = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
 # Operators that move no data: views, metadata, allocation without initialisation, bookkeeping.
 FREE = {
@@ -63,6 +65,9 @@ class Op:
     group: tuple[int, ...] = ()  # a collective's ranks
     size: float = 0.0  # a collective's full buffer in bytes (gathered output, scattered input, reduced tensor)
     waits: int = -1  # index of the collective whose output this op reads first (-1: none)
+    # FSDP2's own collectives (c10d ops; tensor parallelism's are functional collectives on activations):
+    prefetch: bool = False  # a parameter all-gather, which FSDP2 issues ahead of the block that needs it
+    background: bool = False  # a gradient reduce-scatter, which FSDP2 consumes on its own stream
 
 
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
@@ -153,6 +158,8 @@ class Recorder(TorchDispatchMode):
             return self._collective(func, base, args, kwargs, out, phase)
         if base.rstrip("_") in MATMULS:  # in-place too (addmm_: the chunked loss accumulates its weight gradient)
             return self._matmul(func, base.rstrip("_"), args, kwargs, out, phase)
+        if base in GROUPED:
+            return self._grouped(func, base, args, kwargs, out, phase)
         if any(w in base for w in ATTENTION_WORDS):
             return self._attention(func, base, args, kwargs, out, phase)
         return self._memory(func, base, name, args, kwargs, out, phase)
@@ -169,6 +176,23 @@ class Recorder(TorchDispatchMode):
         return Op(
             str(func), "matmul", phase, flops=2.0 * batch * m * n * k, read=read, write=write,
             fresh=_fresh(outs), dtype=DTYPES.get(a.dtype, str(a.dtype)), dims=(batch * m, n, k),
+        )  # fmt: skip
+
+    def _grouped(self, func, base, args, kwargs, out, phase) -> Op:
+        """2·M·N·K over all the experts' rows; the shape the efficiency curve sees is one expert's GEMM (its
+        share of the rows, at an even routing)."""
+        a, b = args[0], args[1]
+        if base == "expert_mm":  # x (M, K), w (E, N, K) -> (M, N)
+            (m, k), (e, n) = a.shape, b.shape[:2]
+        elif base == "expert_mm_wgrad":  # g (M, N), x (M, K), offs, E -> (E, N, K)
+            (m, n), k, e = a.shape, b.shape[-1], args[3]
+        else:  # _grouped_mm: a (M, K) x b (E, K, N), or a (N, M) x b (M, K) -> (E, N, K)
+            m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+            e = _arg(func, args, kwargs, "offs").numel()
+        outs = _tensors(out)
+        return Op(
+            str(func), "matmul", phase, flops=2.0 * m * n * k, read=_nbytes(_tensors(args)), write=_nbytes(outs),
+            fresh=_fresh(outs), dtype=DTYPES.get(a.dtype, str(a.dtype)), dims=(max(1, m // max(1, e)), n, k),
         )  # fmt: skip
 
     def _attention(self, func, base, args, kwargs, out, phase) -> Op:
@@ -199,7 +223,11 @@ class Recorder(TorchDispatchMode):
         if kind is None:
             return None  # wait, barrier, send/recv bookkeeping
         sizes = [_nbytes(_tensors(a)) for a in args] + [_nbytes(_tensors(out))]
-        return Op(str(func), "collective", phase, coll=kind, group=_group_ranks(args, kwargs), size=float(max(sizes)))
+        fsdp = func.namespace == "c10d"
+        return Op(
+            str(func), "collective", phase, coll=kind, group=_group_ranks(args, kwargs), size=float(max(sizes)),
+            prefetch=fsdp and kind == "all_gather", background=fsdp and kind == "reduce_scatter",
+        )  # fmt: skip
 
     def _memory(self, func, base, name, args, kwargs, out, phase) -> Op:
         schema_args = func._schema.arguments
