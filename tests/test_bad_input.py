@@ -167,6 +167,15 @@ def make_checkpoint_assets(d: Path) -> None:
     wider = {**json.loads((d / "hf_llama" / "config.json").read_text()), "intermediate_size": 64}
     (d / "hf_mismatch" / "config.json").write_text(json.dumps(wider))
     (d / "hf_mismatch" / "model.safetensors").write_bytes((d / "hf_llama" / "model.safetensors").read_bytes())
+    # a tiny Mixtral (4 experts a layer) whose config.json then says 6 experts: its experts do not match
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    moe = dict(small, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    MixtralForCausalLM(MixtralConfig(**moe)).save_pretrained(d / "hf_moe", safe_serialization=True)
+    (d / "hf_moe_mismatch").mkdir()
+    six = {**json.loads((d / "hf_moe" / "config.json").read_text()), "num_local_experts": 6}
+    (d / "hf_moe_mismatch" / "config.json").write_text(json.dumps(six))
+    (d / "hf_moe_mismatch" / "model.safetensors").write_bytes((d / "hf_moe" / "model.safetensors").read_bytes())
 
 
 def make_object_store_assets() -> None:
@@ -259,6 +268,75 @@ CASES = [
         "model.init=pretrained",
         needle="tensor 'model.layers.0.mlp.gate_proj.weight' has shape (48, 32)",
         id="run-hf-weights-mismatch",
+    ),
+    # mixture of experts (issue 25): experts that do not match, top-k past the experts, MoE keys on a dense model
+    case(
+        "run",
+        "{d}/plain.yaml",
+        "--set",
+        "model.hf={d}/hf_moe_mismatch",
+        "--set",
+        "model.init=pretrained",
+        needle="layer 0 of the checkpoint holds 4 experts, but the config gives it 6 (model.moe_experts)",
+        id="run-hf-moe-experts-mismatch",
+    ),
+    case(
+        "run",
+        "{d}/plain.yaml",
+        "--set",
+        "model.mlp=moe",
+        "--set",
+        "model.moe_experts=4",
+        "--set",
+        "model.moe_top_k=5",
+        needle="model.moe_top_k: 5 is larger than model.moe_experts (4)",
+        id="run-moe-top-k-over-experts",
+    ),
+    case(
+        "run",
+        "{d}/plain.yaml",
+        "--set",
+        "model.mlp=moe",
+        needle="model.moe_experts: model.mlp 'moe' needs it",
+        id="run-moe-no-experts",
+    ),
+    case(
+        "run",
+        "{d}/plain.yaml",
+        "--set",
+        "model.moe_experts=8",
+        needle="model.moe_experts: applies to model.mlp 'moe' only; leave it at its default with model.mlp 'gelu'",
+        id="run-moe-key-on-dense",
+    ),
+    case(
+        "estimate",
+        "{d}/plain.yaml",
+        "--set",
+        "model.moe_shared=1",
+        needle="model.moe_shared: applies to model.mlp 'moe' only",
+        id="estimate-moe-key-on-dense",
+    ),
+    case(
+        "run",
+        "{d}/plain.yaml",
+        "--set",
+        "model.mlp=moe",
+        "--set",
+        "model.moe_experts=6",
+        "--set",
+        "model.moe_top_k=2",
+        "--set",
+        "model.moe_groups=4",
+        needle="model.moe_groups: must divide model.moe_experts (6 % 4 != 0)",
+        id="run-moe-groups",
+    ),
+    case(
+        "run",
+        "{d}/plain.yaml",
+        "--set",
+        "model.mla_kv_rank=16",
+        needle="model.mla_kv_rank: applies to model.attn 'mla' only",
+        id="run-mla-key-on-mha",
     ),
     case(
         "run",
