@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 import _common as C  # noqa: E402
 
 TORCHTITAN = "pytorch/torchtitan docs/performance.md at 4d88a8a44^ (2024), 64 x A100-80GB, FSDP2, bf16"
+TORCHTITAN_H100 = "pytorch/torchtitan docs/performance.md at 4d88a8a44^ (2024), Llama 3.1 table, 128 x H100, FSDP2 + TP"
 MOSAIC = "mosaicml/llm-foundry scripts/train/benchmarking/README.md at 8c8dd48 (FSDP1 FULL_SHARD, amp_bf16)"
 
 LLAMA3_8B = {"model.size": "llama-3.1-8b"}
@@ -55,6 +56,9 @@ MPT = {"model.norm": "layernorm", "model.mlp": "gelu", "model.tie_weights": True
        "model.attn_bias": False, "model.attn_out_bias": False, "model.mlp_bias": False}  # fmt: skip
 MPT_7B = {**MPT, "model.n_layers": 32, "model.d_model": 4096, "model.n_heads": 32, "model.n_kv_heads": 32}
 MPT_70B = {**MPT, "model.n_layers": 80, "model.d_model": 8192, "model.n_heads": 64, "model.n_kv_heads": 64}
+# Llama 3.1 405B (meta-llama/Llama-3.1-405B config.json): GQA 128/8 heads of 128, MLP 53248
+LLAMA31_405B = {"model.size": "llama-3.1-70b", "model.n_layers": 126, "model.d_model": 16384, "model.n_heads": 128,
+                "model.n_kv_heads": 8, "model.head_dim": 128, "model.mlp_hidden": 53248}  # fmt: skip
 
 SELECTIVE_OP = {"policy.name": "selective", "policy.selective_save": "torchtitan"}
 SELECTIVE_LAYER = {"policy.name": "custom", "policy.attention": "sdpa", "policy.remat": "every",
@@ -63,9 +67,11 @@ FULL_AC = {"policy.name": "checkpoint"}
 NO_AC = {"policy.name": "sdpa"}
 
 
-def anchor(id, role, source, hardware, gpus, seq, local_batch, model, policy, tokens_per_gpu, mfu, note=""):
+def anchor(id, role, source, hardware, gpus, seq, local_batch, model, policy, tokens_per_gpu, mfu, note="", tp=1):
+    """`local_batch`: sequences per data-parallel rank (a TP group shares its rank's); `gpus`: all of them."""
     return dict(id=id, role=role, source=source, hardware=hardware, gpus=gpus, seq=seq, local_batch=local_batch,
-                model=model, policy=policy, published_tokens_per_gpu=tokens_per_gpu, published_mfu=mfu, note=note)  # fmt: skip
+                model=model, policy=policy, published_tokens_per_gpu=tokens_per_gpu, published_mfu=mfu, note=note,
+                tp=tp)  # fmt: skip
 
 
 ANCHORS = [
@@ -90,12 +96,15 @@ ANCHORS = [
            "micro-batch 8, 4 accumulated"),
     anchor("mpt-70b-a100", "check", MOSAIC, "a100-80g", 64, 2048, 8, MPT_70B, FULL_AC, 410, 0.5333,
            "micro-batch 8, 4 accumulated; pure bf16 parameters"),
+    anchor("tt-l31-405b-tp8", "check", TORCHTITAN_H100, "h100-sxm", 128, 8192, 2, LLAMA31_405B, FULL_AC, 109, 0.290,
+           "FSDP 16 x TP 8; lower-TDP HBM2e H100s, MFU against the SXM peak as published", tp=8),
 ]  # fmt: skip
 
 
 def config(a: dict) -> dict:
-    return {**a["model"], **a["policy"], "workload.seq_len": a["seq"], "workload.batch_size": a["local_batch"] * a["gpus"],
-            "workload.dtype": "bf16", "parallel.fsdp": a["gpus"], "measure.hardware": a["hardware"],
+    dp = a["gpus"] // a["tp"]
+    return {**a["model"], **a["policy"], "workload.seq_len": a["seq"], "workload.batch_size": a["local_batch"] * dp,
+            "workload.dtype": "bf16", "parallel.fsdp": dp, "parallel.tp": a["tp"], "measure.hardware": a["hardware"],
             "measure.device": "auto"}  # fmt: skip
 
 

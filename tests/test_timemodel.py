@@ -351,7 +351,8 @@ def test_every_published_anchor_is_a_valid_config_and_the_sets_are_apart():
     assert len([a for a in bench.ANCHORS if a["role"] == "check"]) >= 5
     for a in bench.ANCHORS:
         c = load_config(None, bench.config(a))
-        assert c.parallel.fsdp == a["gpus"] and c.workload.batch_size == a["gpus"] * a["local_batch"]
+        assert c.parallel.fsdp * c.parallel.tp == a["gpus"]
+        assert c.workload.batch_size == c.parallel.fsdp * a["local_batch"]
         assert "h100_202412" not in a["source"]  # torchtitan's H100 benchmark file stays the independent check
 
 

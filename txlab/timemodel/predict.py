@@ -30,7 +30,8 @@ class Work:
 
 def timeline(ops: list[Op], profile: Profile, work: Work) -> Timeline:
     coster = Coster(profile, work.dtype, work.threads)
-    return schedule(ops, coster.times(ops), profile.efficiency.overlap)
+    links = [coster.link(op.group)[1] if op.cls == "collective" else "" for op in ops]
+    return schedule(ops, coster.times(ops), profile.efficiency.overlap, links)
 
 
 def predict(ops: list[Op], profile: Profile, work: Work, usd_per_device_hour: float | None = None) -> Prediction:

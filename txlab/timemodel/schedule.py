@@ -2,7 +2,8 @@
 wait for each other.
 
 - Compute runs the traced operators in order.
-- A collective starts when the link is free and it has been issued. FSDP2 issues a forward parameter
+- A collective starts when its link is free and it has been issued (each link, NVLink within a node or the
+  network across nodes, carries one collective at a time; different links at once). FSDP2 issues a forward parameter
   all-gather while the block before still computes (the host runs ahead of the device by one all-gather);
   the backward's prefetching all-gathers are in the trace where FSDP2 issues them; a gradient reduce-scatter
   once its block's gradients exist; a tensor-parallel collective (on activations) where the computation
@@ -33,9 +34,11 @@ class Timeline:
     by_class: dict[str, float] = field(default_factory=dict)  # seconds per operator class
 
 
-def schedule(ops: list[Op], times: list[float], overlap: float = 1.0) -> Timeline:
+def schedule(ops: list[Op], times: list[float], overlap: float = 1.0, links: list[str] | None = None) -> Timeline:
+    """`links[i]`: the link collective i runs over (collectives on different links, such as tensor parallelism's
+    NVLink and FSDP's network across nodes, run at once; on one link, in turn). None: one link for all."""
     clock = 0.0  # compute stream
-    link = 0.0  # when the link is free
+    free: dict[str, float] = {}  # when each link is free
     ends: dict[int, float] = {}
     issued_at: float | None = None  # compute clock when the last forward all-gather was issued
     by_phase: dict[str, float] = {}
@@ -45,7 +48,7 @@ def schedule(ops: list[Op], times: list[float], overlap: float = 1.0) -> Timelin
         by_class[op.cls] = by_class.get(op.cls, 0.0) + t
         if op.phase == "optimizer" and not in_optimizer:
             in_optimizer = True
-            clock = max(clock, link)  # the optimizer reads the reduced gradients
+            clock = max(clock, *free.values())  # the optimizer reads the reduced gradients
         if op.waits >= 0 and not ops[op.waits].background:
             clock = max(clock, ends.get(op.waits, 0.0))
         if op.cls != "collective":
@@ -55,12 +58,13 @@ def schedule(ops: list[Op], times: list[float], overlap: float = 1.0) -> Timelin
         ready = clock
         if op.prefetch and op.phase == "forward":
             ready, issued_at = (issued_at if issued_at is not None else clock), clock
-        start = max(ready, link)
-        link = ends[i] = start + t
+        name = links[i] if links is not None else ""
+        start = max(ready, free.get(name, 0.0))
+        free[name] = ends[i] = start + t
         hidden = overlap * t
         if hidden < t:  # the share that cannot run beside compute holds the compute stream too
             clock = max(clock, start) + (t - hidden)
-    step = max(clock, link)
+    step = max(clock, *free.values())
     compute = sum(t for op, t in zip(ops, times) if op.cls != "collective")
     comm = by_class.get("collective", 0.0)
     return Timeline(step, compute, comm, max(0.0, step - compute), by_phase, by_class)

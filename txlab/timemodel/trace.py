@@ -73,6 +73,12 @@ class Op:
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 
+def _local(t: Any) -> Any:
+    """A DTensor's local shard (what this rank computes on), anything else as it is."""
+    local = getattr(t, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else t
+
+
 def _tensors(x: Any) -> list[torch.Tensor]:
     """The tensors in `x`, a DTensor as its local shard (what this rank's kernel reads and writes: the mode sees
     an operator on DTensors before DTensor dispatches it on the shards, and a DTensor's numel is the global)."""
@@ -168,6 +174,7 @@ class Recorder(TorchDispatchMode):
 
     def _matmul(self, func, base, args, kwargs, out, phase) -> Op:
         a, b = (args[1], args[2]) if base in ("addmm", "baddbmm", "addbmm") else (args[0], args[1])
+        a, b = _local(a), _local(b)  # a tensor-parallel GEMM computes on the shards
         outs = _tensors(out)
         batch = a.shape[0] if a.dim() == 3 else 1
         m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
@@ -181,7 +188,7 @@ class Recorder(TorchDispatchMode):
     def _grouped(self, func, base, args, kwargs, out, phase) -> Op:
         """2·M·N·K over all the experts' rows; the shape the efficiency curve sees is one expert's GEMM (its
         share of the rows, at an even routing)."""
-        a, b = args[0], args[1]
+        a, b = _local(args[0]), _local(args[1])
         if base == "expert_mm":  # x (M, K), w (E, N, K) -> (M, N)
             (m, k), (e, n) = a.shape, b.shape[:2]
         elif base == "expert_mm_wgrad":  # g (M, N), x (M, K), offs, E -> (E, N, K)
@@ -196,9 +203,7 @@ class Recorder(TorchDispatchMode):
         )  # fmt: skip
 
     def _attention(self, func, base, args, kwargs, out, phase) -> Op:
-        q = _arg(func, args, kwargs, "query")
-        k = _arg(func, args, kwargs, "key")
-        v = _arg(func, args, kwargs, "value")
+        q, k, v = (_local(_arg(func, args, kwargs, name)) for name in ("query", "key", "value"))
         backward = "backward" in base
         if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):  # an attention op of another signature
             return self._memory(func, base, str(func), args, kwargs, out, phase)
