@@ -48,7 +48,7 @@ def schedule(ops: list[Op], times: list[float], overlap: float = 1.0, links: lis
         by_class[op.cls] = by_class.get(op.cls, 0.0) + t
         if op.phase == "optimizer" and not in_optimizer:
             in_optimizer = True
-            clock = max(clock, *free.values())  # the optimizer reads the reduced gradients
+            clock = max([clock, *free.values()])  # the optimizer reads the reduced gradients
         if op.waits >= 0 and not ops[op.waits].background:
             clock = max(clock, ends.get(op.waits, 0.0))
         if op.cls != "collective":
@@ -64,7 +64,7 @@ def schedule(ops: list[Op], times: list[float], overlap: float = 1.0, links: lis
         hidden = overlap * t
         if hidden < t:  # the share that cannot run beside compute holds the compute stream too
             clock = max(clock, start) + (t - hidden)
-    step = max(clock, *free.values())
+    step = max([clock, *free.values()])
     compute = sum(t for op, t in zip(ops, times) if op.cls != "collective")
     comm = by_class.get("collective", 0.0)
     return Timeline(step, compute, comm, max(0.0, step - compute), by_phase, by_class)
