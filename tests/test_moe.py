@@ -315,19 +315,32 @@ def _trial(model: dict, **sections):
     from txlab.trial import run_trial
 
     raw = {"model": model, "workload": {"seq_len": 32, "steps": 1, "warmup_steps": 0, **sections.pop("workload", {})},
-           "measure": {"device": "cpu"}, **sections}  # fmt: skip
+           "measure": sections.pop("measure", {"device": "cpu"}), **sections}  # fmt: skip
     return run_trial(build_config(raw))
 
 
-@pytest.mark.parametrize("policy", ["naive", "sdpa", "checkpoint", "selective", "recompute"])
+@pytest.mark.parametrize("policy", ["naive", "sdpa", "checkpoint", "selective", "recompute", "planned"])
 @pytest.mark.parametrize("model", [SMALL, SMALL_MLA], ids=["moe", "moe-mla"])
 def test_a_moe_training_trial_runs_under_every_policy(model, policy):
-    row = _trial(model, policy={"name": policy})
+    """Every memory policy; planned profiles a dense and a sparse layer apart (SMALL_MLA's first is dense)."""
+    row = _trial(model, policy={"name": policy}, measure={"device": "cpu", "budget_gib": 1.0})
     assert row["status"] == "ok", row["error"]
     assert row["loss"] > 0 and row["n_params"] > row["n_active_params"] > 0
     with torch.device("meta"):
         gpt = GPT(build_config({"model": model, "workload": {"seq_len": 32}}).model, 32)
     assert row["n_active_params"] == gpt.num_active_params()
+
+
+def test_selective_recomputation_keeps_the_expert_matmuls():
+    """`selective` keeps projections' outputs: the grouped expert matmuls are projections (more kept than by
+    `checkpoint`, which keeps only block inputs)."""
+    from txlab.trial import estimate_trial
+
+    def peak(policy):
+        raw = {"model": {**SMALL, "moe_hidden": 256}, "workload": {"seq_len": 256}, "policy": {"name": policy}}
+        return estimate_trial(build_config(raw))["activations_bytes"]
+
+    assert peak("checkpoint") < peak("selective") < peak("sdpa")
 
 
 def test_the_same_moe_step_has_the_same_loss_under_every_policy():

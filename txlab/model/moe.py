@@ -64,13 +64,28 @@ def _group_bounds(offs: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip([0, *ends[:-1]], ends))
 
 
+def _grouped(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor | None:
+    """torch's grouped matmul where its kernel takes the operands, else None (the caller loops over experts).
+    A CUDA device whose kernel is not built for its architecture refuses at the call: None too."""
+    if not _grouped_kernel_takes(a, b):
+        return None
+    try:
+        return torch._grouped_mm(a, b, offs=offs)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError:
+        if a.device.type == "cpu":
+            raise
+        return None
+
+
 @torch.library.custom_op("txlab::expert_mm", mutates_args=())
 def expert_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """x (M, K) rows sorted by expert, w (E, N, K) one (out, in) matrix per expert, offs (E,) int32 end row of
     each expert's rows -> (M, N): rows offs[e-1]:offs[e] of x times w[e]^T."""
-    wt = w.transpose(-2, -1)  # (E, K, N)
-    if _grouped_kernel_takes(x, wt):
-        return torch._grouped_mm(x, wt, offs=offs)
+    out = _grouped(x, w.transpose(-2, -1), offs)  # w as (E, K, N)
+    if out is not None:
+        return out
     out = x.new_zeros(x.shape[0], w.shape[1])
     for e, (a, b) in enumerate(_group_bounds(offs)):
         if b > a:
@@ -86,9 +101,9 @@ def _(x, w, offs):
 @torch.library.custom_op("txlab::expert_mm_wgrad", mutates_args=())
 def expert_mm_wgrad(g: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, n_experts: int) -> torch.Tensor:
     """The weight gradient of expert_mm: g (M, N), x (M, K) -> (E, N, K), expert e's rows' g^T x."""
-    gt = g.transpose(0, 1)  # (N, M)
-    if _grouped_kernel_takes(gt, x):
-        return torch._grouped_mm(gt, x, offs=offs)
+    out = _grouped(g.transpose(0, 1), x, offs)  # g as (N, M)
+    if out is not None:
+        return out
     out = x.new_zeros(n_experts, g.shape[1], x.shape[1])
     for e, (a, b) in enumerate(_group_bounds(offs)):
         if b > a:

@@ -14,12 +14,16 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from txlab.model.moe import expert_mm
+
 aten = torch.ops.aten
 
 # What `selective` keeps: outputs of the projections (matmuls with weights) and of the fused attention
 # kernels, the expensive ops. Everything else (norms, GELU/SiLU, adds, dropout, reshapes) is cheap and
 # recomputed. Batched matmuls (materialized T x T scores of `math` attention, tiles inside `chunked`)
 # are recomputed too: saving them would keep exactly the T x T memory these policies exist to avoid.
+# A mixture of experts' grouped expert matmuls (txlab::expert_mm) are projections with weights: kept.
+EXPERT_MM = expert_mm._opoverload
 SELECTIVE_SAVE = frozenset(
     getattr(aten, name).default
     for name in (
@@ -31,14 +35,14 @@ SELECTIVE_SAVE = frozenset(
         "_scaled_dot_product_cudnn_attention",
     )
     if hasattr(aten, name)
-)
+) | {EXPERT_MM}
 
 
 def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in SELECTIVE_SAVE else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-_MATMULS = frozenset(op for op in SELECTIVE_SAVE if op._overloadpacket in (aten.mm, aten.addmm))
+_MATMULS = frozenset(op for op in SELECTIVE_SAVE if op._overloadpacket in (aten.mm, aten.addmm)) | {EXPERT_MM}
 
 
 def _matmuls_policy():

@@ -57,8 +57,9 @@ def _recompute_seconds(block, x, rope, kind: str, autocast, save: str = "txlab")
     return totals
 
 
-def profile_block(m: ModelConfig, w: WorkloadConfig, p: PolicyConfig, kind: str = "cpu") -> BlockCost:
-    """One block of the trial's model, on fake tensors under the same tracker, in each mode."""
+def profile_block(m: ModelConfig, w: WorkloadConfig, p: PolicyConfig, kind: str = "cpu", layer: int = 0) -> BlockCost:
+    """One block of the trial's model (block `layer`: a mixture of experts' dense and sparse layers differ), on
+    fake tensors under the same tracker, in each mode."""
     tracker_cls, _ = mem_tracker_cls()
     kept, backward = {}, {}
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if w.dtype == "bf16" else nullcontext
@@ -67,7 +68,7 @@ def profile_block(m: ModelConfig, w: WorkloadConfig, p: PolicyConfig, kind: str 
         charge_as_cuda() if kind == "cuda" else nullcontext(),
         chunked_tile_body("ops" if kind == "cuda" else "auto"),  # the tiles a CUDA run computes
     ):
-        block = Block(m)
+        block = Block(m, layer)
         apply_policy(block, dataclasses.replace(p, remat="none"))  # its kernel; the modes below wrap it
         rope = rope_tables(m, w.seq_len) if m.pos == "rope" else None
         grad_bytes = sum(q.numel() * q.element_size() for q in block.parameters())
@@ -108,7 +109,11 @@ def plan_trial(setup: Setup, rounds: int = 4) -> Plan:
     """The plan for a `planned` trial on a device of kind `setup.kind`, checked by the estimator. Raises
     NoFeasiblePlan."""
     budget, L = setup.budget_bytes, setup.model.n_layers
-    blocks = [profile_block(setup.model, setup.workload, setup.policy, setup.kind)] * L
+    profiled: dict[bool, BlockCost] = {}  # one profile a kind of layer: dense, or mixture of experts
+    for i in range(L):
+        if setup.model.moe_layer(i) not in profiled:
+            profiled[setup.model.moe_layer(i)] = profile_block(setup.model, setup.workload, setup.policy, setup.kind, i)
+    blocks = [profiled[setup.model.moe_layer(i)] for i in range(L)]
 
     estimates: dict[tuple[Run, ...], int] = {}
 
