@@ -389,3 +389,14 @@ def test_experts_grouped_matmuls_are_matmuls():
     fwd = [o for o in experts if o.phase == "forward"]
     # the gate/up GEMM: M = 64 tokens x top-2 rows, N = 2 x 32 (gate and up), K = d_model 64
     assert 2.0 * (64 * 2) * (2 * 32) * 64 in {o.flops for o in fwd}
+
+
+def test_a_measured_sharded_row_gets_the_prediction_of_its_layout(tmp_path, monkeypatch):
+    from tests.support import SHARDED
+
+    local_profile(tmp_path, monkeypatch)
+    c = cfg(SHARDED, parallel__fsdp=2)
+    row = run_trial(c)
+    assert row["status"] == "ok" and row["measured"] is True and row["step_time_s"] > 0
+    assert row["hardware"] == "local" and row["predicted_step_time_s"] > row["predicted_exposed_comm_s"] > 0
+    assert row["predicted_tokens_per_s"] == pytest.approx(4 * 32 / row["predicted_step_time_s"])
