@@ -422,11 +422,6 @@ def _validate_mla(m, p) -> None:
         )
     if m.qk_norm:
         raise ConfigError("model.qk_norm: not built for model.attn 'mla' (its latent has its own norm); allowed: false")
-    if p.attention == "chunked":
-        raise ConfigError(
-            "policy.attention: 'chunked' is not built for model.attn 'mla' (values narrower than keys); allowed: "
-            "sdpa, math"
-        )
     if p.kv != "cache":
         raise ConfigError(
             f"policy.kv: {p.kv!r} is not built for model.attn 'mla' (its cache already holds the small latent); "

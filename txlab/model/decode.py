@@ -183,7 +183,7 @@ class Inference:
         k, v = attn.expand(self.keys[layer][:, : t + n], self.values[layer][:, :, : t + n])
         q = attn.queries(h, rope)
         if t == 0:
-            return attn.attn_fn(q, k, v)  # the prompt: the policy's kernel, causal
+            return attn.attend(q, k, v)  # the prompt: the policy's kernel, causal
         if n == 1:
             return F.scaled_dot_product_attention(q, k, v)  # one query: every cached position is its past
         raise ValueError("latent attention decodes one token a step after the prompt")

@@ -154,8 +154,12 @@ class Attention(nn.Module):
         B, H, T, D = y.shape
         return self.drop(self.proj(y.transpose(1, 2).reshape(B, T, H * D)))
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The attention kernel (set by the policy) on projected q, k, v."""
+        return self.attn_fn(q, k, v)
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        return self.output(self.attn_fn(*self.project(x, rope)))
+        return self.output(self.attend(*self.project(x, rope)))
 
 
 class LatentAttention(Attention):
@@ -165,9 +169,12 @@ class LatentAttention(Attention):
     per-token latent: d_model -> mla_kv_rank (RMSNorm) -> every head's key part without position (nope) and
     its value; a separate mla_rope_dim part of the key, rotated by RoPE, is one per token and shared by all
     heads. Each head's query is [nope | rope] like its key. `project` expands the latent into ordinary
-    (B, H, T, D) keys and values, so every attention kernel and policy applies unchanged (values are
-    mla_v_dim wide, keys mla_nope_dim + mla_rope_dim). The decode engine caches the latent instead
-    (`latent` and `expand`): mla_kv_rank + mla_rope_dim numbers a token and layer.
+    (B, H, T, D) keys and values, so every attention kernel and policy applies unchanged. Values are
+    mla_v_dim wide, keys mla_nope_dim + mla_rope_dim: `attend` pads the values with zeros to the keys' width
+    for the kernel and drops the padding from its output (the same numbers), because fused kernels that need
+    one width (CPU's flash kernel, FlashAttention) would otherwise fall back to materializing T x T scores,
+    and the chunked kernel takes one width too. The decode engine caches the latent instead (`latent` and
+    `expand`): mla_kv_rank + mla_rope_dim numbers a token and layer.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -227,6 +234,14 @@ class LatentAttention(Attention):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, C) -> q, k (B, H, T, nope + rope) and v (B, H, T, v_dim)."""
         return self.queries(x, rope), *self.expand(*self.latent(x, rope))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The kernel on q, k (B, H, T, nope + rope) and v (B, H, T, v_dim) padded to the q/k width -> (B, H, T,
+        v_dim)."""
+        pad = self.head_dim - self.v_head_dim
+        if pad <= 0:
+            return self.attn_fn(q, k, v)
+        return self.attn_fn(q, k, F.pad(v, (0, pad)))[..., : self.v_head_dim]
 
 
 class MLP(nn.Module):
