@@ -30,6 +30,11 @@ def format_row(row: dict[str, Any]) -> str:
         )
     n_params = row.get("n_params")
     params = f", {n_params / 1e6:.1f}M params" if n_params else ""
+    active = row.get("n_active_params")
+    if n_params and active and active != n_params:  # a mixture of experts: what a token uses
+        params += (
+            f" ({active / 1e6:.1f}M active, {row.get('model.moe_top_k')} of {row.get('model.moe_experts')} experts)"
+        )
     lines = [
         f"trial {row['trial_key']}  status {row['status']}  device {row['device']}",
         f"model     {row['model.size']}: {row['model.n_layers']} x {row['model.d_model']}, {row['model.n_heads']} heads"
