@@ -13,6 +13,7 @@ from tests.support import SHARDED, config
 from txlab.config import ConfigError
 from txlab.parallel.launch import spawn_ranks
 from txlab.parallel.tp import fused_row_orders
+from txlab.trial import estimate_trial, run_trial
 from txlab.trial.build import build_trial
 from txlab.trial.resolve import resolve
 
@@ -124,3 +125,70 @@ def test_bad_tp_layouts_are_refused(over, needle):
 
 def test_seq_len_need_not_divide_without_sequence_parallelism():
     config({**SHARDED, "workload.seq_len": 30, "parallel.tp": 2, "parallel.sequence_parallel": False})
+
+
+def test_a_tp_trial_row_has_the_one_device_loss_and_smaller_per_rank_peaks():
+    base = {**LLAMA, "policy.name": "checkpoint", "workload.steps": 2}
+    one = run_trial(config(base))
+    tp = run_trial(config({**base, "parallel.tp": 2}))
+    both = run_trial(config({**base, "parallel.fsdp": 2, "parallel.tp": 2}))
+    for row in (one, tp, both):
+        assert row["status"] == "ok", row["error"]
+    for row in (tp, both):
+        assert abs(row["loss"] - one["loss"]) <= 1e-5 * abs(one["loss"])
+        assert row["n_params"] == one["n_params"] and row["parallel.tp"] == 2
+        assert row["trial_key"] != one["trial_key"]  # tp set: a new key; tp 1 keeps the 0.2 key
+    assert tp["peak_bytes"] < one["peak_bytes"] and both["peak_bytes"] < tp["peak_bytes"]
+    # TP splits parameters, gradients and AdamW state in two (the norms' weights are whole on every rank)
+    assert tp["optimizer_bytes"] * 2 == pytest.approx(one["optimizer_bytes"], rel=0.02)
+    assert both["optimizer_bytes"] * 4 == pytest.approx(one["optimizer_bytes"], rel=0.03)
+    parts = ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "other_bytes")
+    assert sum(tp[k] for k in parts) == tp["peak_bytes"] and tp["gathered_params_bytes"] is None  # no FSDP
+    assert sum(both[k] for k in (*parts, "gathered_params_bytes", "comm_bytes")) == both["peak_bytes"]
+
+
+def _measured_peaks(rank: int, world: int, configs: list) -> dict:
+    """Each config's training steps on this rank of one process group (all configs share a layout)."""
+    import torch.distributed as dist
+
+    from txlab.measure.records import Records
+    from txlab.parallel.fsdp import make_ranks
+    from txlab.trial.train import measure_training
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    layout = resolve(configs[0]).layout
+    ranks = make_ranks(rank, layout.fsdp, layout.tp, "cpu")
+    peaks = []
+    for c in configs:
+        rec = Records()
+        measure_training(resolve(c), rec, False, ranks)
+        peaks.append(rec.memory.peak_bytes)
+    dist.destroy_process_group()
+    return {"peaks": peaks}
+
+
+ESTIMATED_SHAPES = {
+    "llama-sdpa": {**LLAMA, "policy.name": "sdpa"},
+    "llama-recompute": {**LLAMA, "policy.name": "recompute", "policy.loss_chunk": 16},
+    "gpt2-checkpoint": {**GPT2, "policy.name": "checkpoint"},
+    "gpt2-selective": {**GPT2, "policy.name": "selective"},
+}
+
+
+@pytest.mark.parametrize("fsdp, tp, sp", [(1, 2, True), (1, 2, False), (2, 2, True)])
+def test_the_estimate_on_a_fake_mesh_matches_the_measured_per_rank_peak(fsdp, tp, sp):
+    layout = {"parallel.fsdp": fsdp, "parallel.tp": tp, "parallel.sequence_parallel": sp}
+    configs = [config({**shape, **layout}) for shape in ESTIMATED_SHAPES.values()]
+    ranks = spawn_ranks(_measured_peaks, fsdp * tp, (configs,))
+    assert all(isinstance(r, dict) for r in ranks), ranks
+    for name, c, *measured in zip(ESTIMATED_SHAPES, configs, *(r["peaks"] for r in ranks)):
+        estimated = estimate_trial(c, "cpu")
+        assert estimated["status"] == "ok" and estimated["measured"] is False, estimated["error"]
+        # the estimate is rank 0's; rank 0 holds the most (the first ranks take a vocabulary row more)
+        assert abs(estimated["peak_bytes"] - measured[0]) <= 0.05 * measured[0], (
+            name,
+            estimated["peak_bytes"],
+            measured,
+        )
+        assert max(measured) <= 1.25 * estimated["peak_bytes"], (name, estimated["peak_bytes"], measured)

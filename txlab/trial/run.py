@@ -26,7 +26,7 @@ from txlab.trial.pipeline import Limit, pipeline
 from txlab.trial.predict import predict_measured, prediction_columns, with_prediction
 from txlab.trial.resolve import Setup, resolve
 from txlab.trial.row import Where
-from txlab.trial.sharded import run_sharded
+from txlab.trial.sharded import check_ranks, run_sharded
 from txlab.trial.train import measure_training
 
 
@@ -51,9 +51,10 @@ def run_trial(cfg: TrialConfig, progress: bool = False) -> dict[str, Any]:
     (docs/design.md, "Result row")."""
     setup = resolve(cfg)
     if setup.sharded:
+        check_ranks(setup)  # bad input (more ranks than this machine starts) before any work or output
         where = Where(*device_info(setup.device if setup.device.type == "cpu" else torch.device("cuda", 0)))
         log(progress, f"trial {setup.trial_key}: {cfg.model.size} x{cfg.model.n_layers}, policy {cfg.policy.name}, "
-                      f"FSDP over {setup.layout.world} ranks ({setup.device.type}), "
+                      f"{setup.layout.describe()} ({setup.device.type}), "
                       f"global batch {cfg.workload.batch_size}")  # fmt: skip
         row = run_sharded(cfg, setup, where, progress)
         if setup.hardware is not None and row["status"] == "ok":  # the time model's columns, beside the measured
