@@ -5,7 +5,7 @@
 Each anchor is a published run of PyTorch FSDP (its model, sequence, local batch, GPUs and recomputation) with
 its tokens/s per GPU and MFU. The script builds the same step in txlab (the model's shapes as a config), records
 its operators on fake tensors for the published layout (txlab.trial.predict: rank 0 of N on the fake process
-group), prices them on the catalogue profile of the GPU and compares. Traces are cached under --out.
+group), prices them on the catalogue profile of the GPU and compares. Traces are cached under --out (as JSON).
 
 Calibration (--fit), in two steps, on the `calibration` anchors only:
 1. `ampere`: the matmul and attention efficiencies (txlab.hardware.efficiency) that minimise the squared log
@@ -27,7 +27,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -111,15 +110,19 @@ def config(a: dict) -> dict:
 def traced(a: dict, cache: Path) -> dict:
     """The anchor's step trace (cached by its config), its model FLOPs per token and tokens per step."""
     from txlab.config import load_config
+    from txlab.timemodel.predict import Work
+    from txlab.timemodel.trace import Op
     from txlab.trial.build import training_facts
     from txlab.trial.predict import traced_step_memory, work_of
     from txlab.trial.resolve import resolve
 
     over = config(a)
     key = hashlib.sha256(json.dumps(over, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache / f"{a['id']}-{key}.pkl"
+    path = cache / f"{a['id']}-{key}.json"  # JSON, not pickle: nothing this repository reads can run code
     if path.exists():
-        return pickle.loads(path.read_bytes())
+        saved = json.loads(path.read_text())
+        ops = [Op(**{**o, "dims": tuple(o["dims"]), "group": tuple(o["group"])}) for o in saved["ops"]]
+        return {**saved, "ops": ops, "work": Work(**saved["work"])}
     t0 = time.perf_counter()
     setup = resolve(load_config(None, over), estimate=True)
     memory, model, ops = traced_step_memory(setup)
@@ -130,7 +133,9 @@ def traced(a: dict, cache: Path) -> dict:
         "peak_bytes": memory.peak_bytes,
         "trace_s": time.perf_counter() - t0,
     }
-    path.write_bytes(pickle.dumps(out))
+    path.write_text(
+        json.dumps({**out, "ops": [dataclasses.asdict(o) for o in ops], "work": dataclasses.asdict(out["work"])})
+    )
     return out
 
 
