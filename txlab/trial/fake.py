@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -29,15 +30,23 @@ def make_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def warm_sharding_propagation(parts) -> None:
-    """One step outside the window, then AdamW's state dropped again. The first time DTensor meets an op
-    (TP's parameters and activations are DTensors) it works out the output's sharding by running the op on
-    fake tensors of the global shapes, in the fake mode that is active: in an estimate, the estimator's own,
-    so the tracker would count those global-shape outputs (a logits-sized one among them) as memory, where a
-    measured run's tracker does not see them (DTensor makes a fake mode of its own there). The results are
-    cached per op and shapes, so after this step the window's ops dispatch as in a measured run's steps."""
-    parts.step(*parts.data.next())
-    parts.optimizer.state.clear()
+@contextmanager
+def sharding_propagation_apart():
+    """DTensor works out an op's output shape by running the op on fake tensors of the global shapes, in the
+    fake mode that is active, else in a fresh one (`torch.distributed.tensor._sharding_prop`,
+    `detect_fake_mode() or FakeTensorMode()`). In a measured trial that is a fresh mode, whose ops the tracker
+    skips; in an estimate it would be the estimator's own, so the tracker would count those global-shape
+    tensors as this rank's memory (under loss_parallel, whose handlers propagate on every call, a full-vocabulary
+    copy of the logits). Inside this context DTensor makes its fresh mode in estimates too (torch 2.13's
+    module attribute; the tests hold estimate and measured peak together)."""
+    from torch.distributed.tensor import _sharding_prop
+
+    detect = _sharding_prop.detect_fake_mode
+    _sharding_prop.detect_fake_mode = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        _sharding_prop.detect_fake_mode = detect
 
 
 def fake_step_memory(
@@ -82,11 +91,9 @@ def _fake_step(
         parts = build_trial(setup, fused_optimizer=cuda, plan=plan, ranks=ranks, fake_mode=mode)
     else:
         mode = FakeTensorMode(allow_non_fake_inputs=False)
-    with mode:
+    with mode, sharding_propagation_apart():
         if parts is None:
             parts = build_trial(setup, fused_optimizer=cuda, plan=plan, ranks=ranks)
-        if ranks is not None and ranks.tp > 1:
-            warm_sharding_propagation(parts)
         if steady:
             make_optimizer_state(parts.optimizer)
         batches = [parts.data.next() for _ in range(MEMORY_STEPS)]  # all alive in the window, as measured
