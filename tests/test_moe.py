@@ -21,7 +21,7 @@ import txlab
 from txlab.config import ConfigError, build_config
 from txlab.model import hf as hf_weights
 from txlab.model.gpt import GPT
-from txlab.model.moe import expert_mm, load_balancing_loss, moe_layers, record_aux, routing_load
+from txlab.model.moe import expert_mm, load_balancing_loss, moe_layers, record_aux, routing_load, routing_stats
 from txlab.policy.loss import full_loss
 
 transformers = pytest.importorskip("transformers")
@@ -154,9 +154,11 @@ def test_the_load_balancing_loss_is_transformers_aux_loss(family, tmp_path):
     aux = load_balancing_loss(moe_layers(ours))
     assert abs(aux.item() - ref.item()) <= 1e-5 * ref.item(), (aux, ref)
     assert 1.0 <= routing_load(moe_layers(ours)) <= ours.cfg.moe_experts / ours.cfg.moe_top_k
+    assert routing_stats(ours) == pytest.approx((routing_load(moe_layers(ours)), aux.item()), rel=1e-6)
     record_aux(ours, False)
     ours(ids)
-    assert load_balancing_loss(moe_layers(ours)) is None  # off by default: nothing held
+    detached = load_balancing_loss(moe_layers(ours))  # off by default: the figure, no graph held
+    assert not detached.requires_grad and abs(detached.item() - ref.item()) <= 1e-5 * ref.item()
 
 
 def test_the_checkpoint_fills_the_moe_keys(checkpoint):

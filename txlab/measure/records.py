@@ -83,6 +83,15 @@ class Quality:
 
 
 @dataclass(frozen=True)
+class Routing:
+    """A mixture of experts' routing (txlab.model.moe.routing_stats): measured, or an estimate's assumption."""
+
+    routing: str | None = None  # "measured", or the estimate's assumption: "balanced", "imbalance 1.5"
+    routing_load: float | None = None  # busiest expert's pairs over the mean, the largest over the layers
+    aux_loss: float | None = None  # the load-balancing loss (softmax routers), reported apart from `loss`
+
+
+@dataclass(frozen=True)
 class Outcome:
     """How the trial ended: `status` (ok, oom, over_budget, error), the message, and whether its figures
     come from a run (measured) or from an estimate."""
@@ -92,7 +101,7 @@ class Outcome:
     measured: bool = True
 
 
-RECORDS = (Memory, Facts, Timing, Quality, Prediction)
+RECORDS = (Memory, Facts, Timing, Quality, Prediction, Routing)
 
 
 def from_row(cls, row: dict[str, Any]):
@@ -110,13 +119,14 @@ class Records:
     timing: Timing | None = None
     quality: Quality | None = None
     prediction: Prediction | None = None
+    routing: Routing | None = None
     outcome: Outcome | None = None
 
     def figures(self) -> dict[str, Any]:
         """The row's figure columns (every FIGURES key; None where nothing was measured) and the outcome's
         status, error and measured."""
         out: dict[str, Any] = dict.fromkeys(FIGURES)
-        for record in (self.memory, self.facts, self.timing, self.quality, self.prediction):
+        for record in (self.memory, self.facts, self.timing, self.quality, self.prediction, self.routing):
             if record is not None:
                 out.update(dataclasses.asdict(record))
         outcome = self.outcome or Outcome("error", "the trial ended without a verdict")

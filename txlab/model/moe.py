@@ -23,10 +23,12 @@ estimator) whatever the dtype, where torch's `_grouped_mm` accepts only bf16; it
 torch's FlopCounterMode (2 M N K per call).
 
 The router's statistics of the last forward are kept on the module for what reads them from outside:
-`tokens_per_expert` (the load, detached, (E,)), and, when `record_aux` is set, the fp32 router
-probabilities summed over the tokens (with their graph), which `load_balancing_loss` combines over
-layers into the auxiliary loss of Mixtral, Qwen3-MoE and OLMoE (Switch Transformer's, as transformers
-computes it). DeepSeek-V3 defines no such loss (it balances with the correction bias).
+`tokens_per_expert` (the load, detached, (E,)), and the fp32 router probabilities summed over the tokens
+(softmax routers; detached, or with their graph when `record_aux` is set, for a loss to train with), which
+`load_balancing_loss` combines over layers into the auxiliary loss of Mixtral, Qwen3-MoE and OLMoE (Switch
+Transformer's, as transformers computes it). DeepSeek-V3 defines no such loss (it balances with the
+correction bias). txlab trains on the language-model loss alone (as transformers does with every published
+config: `output_router_logits` off); a trial reports the auxiliary loss and the load apart (`routing_stats`).
 """
 
 from __future__ import annotations
@@ -246,9 +248,9 @@ class MoE(nn.Module):
         self.experts = Experts(n_experts, d_model, hidden)
         self.shared = SwiGLU(d_model, n_shared * hidden) if n_shared else None
         self.drop = nn.Dropout(dropout)
-        self.record_aux = False  # keep the router probabilities' sum for load_balancing_loss (with its graph)
+        self.record_aux = False  # keep the router probabilities' sum with its graph (a loss to train with)
         self.tokens_per_expert: torch.Tensor | None = None  # (E,) of the last forward: (token, expert) pairs
-        self.router_prob_sum: torch.Tensor | None = None  # (E,) fp32, when record_aux
+        self.router_prob_sum: torch.Tensor | None = None  # (E,) fp32, softmax routers (graph when record_aux)
         self.n_tokens = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -273,7 +275,10 @@ class MoE(nn.Module):
 
     def _record(self, counts: torch.Tensor, scores: torch.Tensor, n: int) -> None:
         self.tokens_per_expert, self.n_tokens = counts.detach(), n
-        self.router_prob_sum = scores.sum(dim=0) if self.record_aux and self.router.kind == "softmax" else None
+        if self.router.kind != "softmax":
+            self.router_prob_sum = None
+        else:  # detached unless asked: holding the graph would keep it alive until the next forward
+            self.router_prob_sum = (scores if self.record_aux else scores.detach()).sum(dim=0)
 
     def active_params(self) -> int:
         """Parameters one token uses: the router, its k routed experts, the shared experts."""
@@ -291,8 +296,8 @@ def moe_layers(model: nn.Module) -> list[MoE]:
 
 
 def record_aux(model: nn.Module, on: bool = True) -> None:
-    """Keep (or stop keeping) each MoE layer's router probabilities for `load_balancing_loss`. Off by default:
-    the probabilities' sum holds its graph (an (N, E) fp32 tensor a layer) until the next forward."""
+    """Keep (or stop keeping) the graph of each MoE layer's router probabilities, so that `load_balancing_loss`
+    can be trained with. Off by default: the sum is kept detached (the figure, not a loss to train with)."""
     for m in moe_layers(model):
         m.record_aux = on
         m.router_prob_sum = None
@@ -302,7 +307,8 @@ def load_balancing_loss(layers: Iterable[MoE]) -> torch.Tensor | None:
     """Switch Transformer's auxiliary loss over the last forward of `layers`, as transformers computes it for
     Mixtral, Qwen3-MoE and OLMoE: E * sum_e f_e P_e, with f_e the share of (token, expert) pairs sent to expert
     e and P_e its mean router probability, both over every layer's tokens together (k when balanced). None when
-    no layer recorded its probabilities (record_aux off, or sigmoid routers, which define no such loss)."""
+    no layer recorded its probabilities (sigmoid routers, which define no such loss). With a graph only when
+    record_aux is set."""
     layers = [m for m in layers if m.router_prob_sum is not None]
     if not layers:
         return None
@@ -321,6 +327,29 @@ def routing_load(layers: Iterable[MoE]) -> float | None:
         if m.tokens_per_expert is not None
     ]
     return max(loads) if loads else None
+
+
+def routing_stats(model: nn.Module, reduce=None) -> tuple[float | None, float | None]:
+    """(load, auxiliary loss) of the model's last forward: `routing_load` and `load_balancing_loss` (None
+    where they do not apply: a dense model; the auxiliary loss of sigmoid routers). `reduce(t)`: sums a
+    tensor over the data-parallel ranks in place (a sharded trial), so both are the global batch's, as one
+    device computes them."""
+    layers = [m for m in moe_layers(model) if m.tokens_per_expert is not None]
+    if not layers:
+        return None, None
+    counts = torch.stack([m.tokens_per_expert.double() for m in layers])  # (L, E)
+    probs = [m.router_prob_sum for m in layers]
+    probs = torch.stack([p.detach().double() for p in probs]) if all(p is not None for p in probs) else None
+    n = torch.tensor([float(m.n_tokens) for m in layers], dtype=torch.float64, device=counts.device)  # (L,)
+    if reduce is not None:
+        for t in (counts, n, *((probs,) if probs is not None else ())):
+            reduce(t)
+    load = (counts.max(dim=1).values / counts.mean(dim=1)).max().item()
+    aux = None
+    if probs is not None:  # E * sum_e f_e P_e over every layer's tokens together (load_balancing_loss)
+        total = n.sum()
+        aux = (layers[0].n_experts * (counts.sum(0) / total * probs.sum(0) / total).sum()).item()
+    return load, aux
 
 
 def expert_init_std(n_layers: int) -> float:

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from txlab.units import GiB  # noqa: F401 - the analysis reads the unit of the byte columns from here
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 # Every row schema version and its migration note. Any change to the row's columns (one added, removed,
 # renamed or retyped; config keys included, since every config key is a column) bumps SCHEMA_VERSION and
 # adds a line here saying what changed and how rows of the version before read under it. Added columns
@@ -50,6 +50,9 @@ SCHEMA_HISTORY: dict[int, str] = {
     "model.rope_scaling) and figure n_active_params; no migration: older rows read them as null, which for a "
     "config key means its declared default (a dense model, mha attention), and n_active_params null (unknown; "
     "for a dense row it equals n_params)",
+    9: "txlab 0.3: mixture-of-experts routing figures (issue 25): routing (how the row's routing is known: "
+    "measured, or an estimate's assumption), routing_load, aux_loss; no migration: older rows read them as null "
+    "(not recorded)",
 }
 
 STATUSES = ("ok", "oom", "over_budget", "error")
@@ -93,7 +96,11 @@ FIGURES: dict[str, pa.DataType] = {
     "tokens_per_s": pa.float64(),
     "flops_per_token": pa.float64(),  # analytic, training (6N + 12 L H Q T)
     "mfu": pa.float64(),  # CUDA only: achieved / peak FLOP/s of the device
-    "loss": pa.float64(),  # last timed step's training loss (nats/token)
+    "loss": pa.float64(),  # last timed step's training loss (nats/token): the language-model loss alone
+    # mixture of experts (null on dense rows): the routing of the last timed step's last forward, global batch
+    "routing": pa.string(),  # measured, or an estimate's assumption: balanced | imbalance F (model.moe_imbalance)
+    "routing_load": pa.float64(),  # busiest expert's (token, expert) pairs over the mean, the largest over layers
+    "aux_loss": pa.float64(),  # load-balancing loss (transformers' aux_loss; softmax routers), not in `loss`
     "bits_per_byte": pa.float64(),  # when the data maps tokens to bytes
     "formula_activation_bytes": pa.int64(),  # closed form of Korthikanti et al. 2022 (txlab.measure.formula)
     "plan": pa.string(),  # policy.remat=planned: the runs chosen, predicted peak and recompute cost (txlab.policy.planner)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from txlab.config import ConfigError, TrialConfig, WorkloadConfig
-from txlab.measure.records import Facts, Memory, Outcome, Quality, Records, Timing
+from txlab.measure.records import Facts, Memory, Outcome, Quality, Records, Routing, Timing, from_row
 from txlab.measure.throughput import mfu
 from txlab.parallel.fsdp import close_ranks, make_ranks
 from txlab.parallel.launch import spawn_ranks
@@ -143,6 +143,7 @@ def merge_ranks(ranks: list[dict[str, Any] | str], device: str | None, w: Worklo
         facts=facts,
         timing=Timing(step_time_s=step_time_s, tokens_per_s=tokens_per_s, mfu=per_device),
         quality=Quality(loss=first.get("loss"), bits_per_byte=first.get("bits_per_byte")),
+        routing=from_row(Routing, first) if first.get("routing") is not None else None,  # the global batch's
         outcome=Outcome("ok", None, measured),
     )
 

@@ -17,8 +17,9 @@ import time
 
 from txlab.data.loader import bits_per_byte
 from txlab.measure.memory import RssWindow, measure_steps
-from txlab.measure.records import Memory, Quality, Records, Timing
+from txlab.measure.records import Memory, Quality, Records, Routing, Timing
 from txlab.measure.throughput import mfu
+from txlab.model.moe import routing_stats
 from txlab.parallel.fsdp import Ranks, mean_over_ranks
 from txlab.runtime.device import device_info, sync
 from txlab.runtime.progress import log
@@ -62,6 +63,18 @@ def _timed_steps(parts: TrialParts, setup: Setup, progress: bool, warmup: int) -
     return times, float(loss.item())
 
 
+def measured_routing(model, ranks: Ranks | None) -> Routing | None:
+    """A mixture of experts' routing in the last forward (None for a dense model): the global batch's, its
+    counts summed over the ranks FSDP shards over, which hold distinct tokens (every rank calls this: a
+    collective; the ranks of a TP group hold the same tokens)."""
+    import torch.distributed as dist
+
+    group = ranks.dp_mesh.get_group() if ranks is not None and ranks.dp_mesh.size() > 1 else None
+    reduce = (lambda t: dist.all_reduce(t, group=group)) if group is not None else None
+    load, aux = routing_stats(model, reduce)
+    return Routing("measured", load, aux) if load is not None else None
+
+
 def measure_training(setup: Setup, rec: Records, progress: bool = False, ranks: Ranks | None = None) -> None:
     """Fill `rec` with the figures of the training steps (one rank's when `ranks` is given: its memory, its
     step time; the loss is the global batch's, averaged over the ranks)."""
@@ -77,6 +90,7 @@ def measure_training(setup: Setup, rec: Records, progress: bool = False, ranks: 
         times, loss = _timed_steps(parts, setup, progress, warmup)
     if ranks is not None:
         loss = mean_over_ranks(loss, device)
+    rec.routing = measured_routing(parts.model, ranks)
     rec.memory = dataclasses.replace(rec.memory, peak_rss_bytes=rss.peak if device.type == "cpu" else None)
     step_time_s = statistics.median(times)
     compile_s = max(0.0, first_s - step_time_s) if first_s is not None else None
