@@ -1497,6 +1497,99 @@ CASES = [
         needle="memory://txlab-bad-input/a_file: store path is a file",
         id="sweep-object-store-path-is-a-file",
     ),
+    # --- advise ------------------------------------------------------------------------------------
+    case(
+        "advise",
+        "{d}/good.yaml",
+        "--hardware",
+        "h100",
+        "--devices",
+        "8",
+        needle="--hardware: unknown profile 'h100'; did you mean",
+        id="advise-unknown-hardware",
+    ),  # fmt: skip
+    case(
+        "advise",
+        "{d}/good.yaml",
+        "--hardware",
+        "h100-sxm",
+        "--devices",
+        "2",
+        "--objective",
+        "cost",
+        needle="--objective cost: ranks by predicted $/Mtok, which needs a price",
+        id="advise-cost-no-price",
+    ),  # fmt: skip
+    case(
+        "advise",
+        "{d}/good.yaml",
+        "--hardware",
+        "h100-sxm",
+        "--devices",
+        "3",
+        needle="--devices: no layout of 3 devices is valid",
+        id="advise-devices-unreachable",
+    ),  # fmt: skip
+    case(
+        "advise",
+        "{d}/good.yaml",
+        "--hardware",
+        "h100-sxm",
+        "--devices",
+        "0",
+        needle="--devices: must be >= 1",
+        id="advise-devices-zero",
+    ),  # fmt: skip
+    case(
+        "advise",
+        "{d}/good.yaml",
+        "--hardware",
+        "h100-sxm",
+        "--devices",
+        "1",
+        "--set",
+        "measure.budget_gib=0.00001",
+        needle="alone need 1.8 MiB a device",
+        id="advise-state-floor-over",
+    ),  # fmt: skip
+    case(
+        "advise",
+        "{d}/good.yaml",
+        "--hardware",
+        "h100-sxm",
+        "--devices",
+        "1",
+        "--workers",
+        "1",
+        "--json",  # quiet: no progress lines before the one line (without it they come first, on stderr)
+        "--set",
+        "measure.budget_gib=0.00195",
+        needle="no feasible candidate on 1 devices of 2.0 MiB: the smallest predicted peak",
+        id="advise-no-feasible-candidate",
+    ),  # fmt: skip
+    case(
+        "advise",
+        "{d}/good.yaml",
+        "--hardware",
+        "h100-sxm",
+        "--devices",
+        "1",
+        "--confirm",
+        needle="--confirm: runs the winner on this machine",
+        id="advise-confirm-absent-hardware",
+    ),  # fmt: skip
+    case(
+        "advise",
+        "{d}/good.yaml",
+        "--hardware",
+        "h100-sxm",
+        "--devices",
+        "1",
+        "--set",
+        "workload.kind=prefill",
+        needle="workload.kind: txlab advise searches training",
+        id="advise-inference",
+    ),  # fmt: skip
 ]
 
 

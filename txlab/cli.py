@@ -89,6 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the row as JSON")
     p.set_defaults(handler=cmd_estimate)
 
+    p = sub.add_parser("advise", help="the fastest (or cheapest) feasible layout, policy and micro-batch on N devices")
+    p.add_argument("config", help="trial config YAML (the model and the global batch)")
+    _add_set(p)
+    p.add_argument(
+        "--hardware", required=True, help="hardware profile: a catalogue name (h100-sxm, ...), local, or a YAML"
+    )
+    p.add_argument("--devices", required=True, type=int, help="devices to lay the training out on")
+    p.add_argument(
+        "--objective", choices=("time", "cost"), default="time", help="rank by predicted step time or $/Mtok"
+    )
+    p.add_argument("--confirm", action="store_true", help="run the winner as a measured trial on this machine")
+    p.add_argument("--json", action="store_true", help='print {"candidates": [rows, best first], "confirmed": row}')
+    p.add_argument("--store", help="keep the candidates' estimate rows in this store (and reuse those there)")
+    p.add_argument("--out", help="directory for winner.yaml, winner_sweep.yaml and advise.png")
+    p.add_argument("--workers", type=int, help="estimating processes (default: the CPU count)")
+    p.set_defaults(handler=cmd_advise)
+
     p = sub.add_parser("calibrate", help="measure this machine's device and write the `local` hardware profile")
     p.add_argument("--out", help="profile file to write (default: the one measure.hardware: local reads)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
@@ -286,6 +303,18 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         if capacity is not None:
             print(f"capacity  {capacity / GiB:g} GiB: {'fits' if row['status'] == 'ok' else row['status']}")
     return 1 if row["status"] == "error" else 0
+
+
+def cmd_advise(args: argparse.Namespace) -> int:
+    """`txlab advise CONFIG --hardware NAME --devices N ...` (docs/advise.md)."""
+    from txlab.advise.command import advise
+
+    def plot(points, path, title, capacity):  # matplotlib loads only once there is an answer to draw
+        from txlab.analysis.advise_plots import write_advise_plot
+
+        return write_advise_plot(points, path, title, capacity)
+
+    return advise(args, plot)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

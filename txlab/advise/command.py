@@ -1,0 +1,220 @@
+"""`txlab advise CONFIG --hardware NAME --devices N [--objective time|cost] [--confirm] [--json] [--store DIR]`:
+the fastest (or cheapest) feasible way to train CONFIG's model and global batch on N devices, predicted.
+
+Order: every input is checked before anything runs or is written (exit 2, one line); the parameters are
+counted and the training state's floor rules out N in arithmetic where it can (txlab.advise.prune); the search
+estimates what can be the answer (txlab.advise.search) in a process pool, one progress line per estimate; no
+feasible candidate is exit 2 with the least memory it would need; then the outputs are written (winner.yaml,
+winner_sweep.yaml, the plot, the store's rows) and, with --confirm, the winner runs as a measured trial.
+The plot is drawn by a function the caller passes in (the command line hands txlab.analysis's), so this core
+package imports no plotting library.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from txlab.advise.prune import count_params, devices_needed, state_floor_bytes
+from txlab.advise.report import Target, as_json, count, plot_points, size, summary, winner_config, write_winner
+from txlab.advise.search import Estimate, InProcess, Result, ranked, search
+from txlab.advise.space import build_space
+from txlab.config import ConfigError, build_config, expand_dotted, read_yaml_mapping
+from txlab.config.loading import parse_override, set_dotted
+from txlab.hardware import ProfileError, load_profile
+from txlab.units import GiB
+
+Plot = Callable[[list[dict[str, Any]], Path, str, int], list[Path]]  # points, path, title, capacity bytes
+
+
+def _say(quiet: bool, msg: str) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def base_config(path: str, overrides: list[str], hardware: str, kind: str) -> dict[str, Any]:
+    """The user's config with --set applied and the profile set (measure.hardware, the device kind it models)."""
+    raw = expand_dotted(read_yaml_mapping(path))
+    for text in overrides:
+        set_dotted(raw, *parse_override(text))
+    workload = raw.get("workload")
+    given = workload.get("kind", "train") if isinstance(workload, dict) else "train"
+    if given != "train":  # before the profile's own refusal, which would name measure.hardware
+        raise ConfigError(f"workload.kind: txlab advise searches training layouts, got {given!r}; allowed: train")
+    set_dotted(raw, "measure.hardware", hardware)
+    set_dotted(raw, "measure.device", kind)
+    build_config(raw)  # bad keys and values: exit 2 here
+    return raw
+
+
+def check_confirm(kind: str, devices: int, hardware: str) -> None:
+    """--confirm runs the winner here: the profile's device kind must be this machine's, with N devices."""
+    if kind == "cpu":
+        return
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have < devices:
+        raise ConfigError(
+            f"--confirm: runs the winner on this machine, which has {have} CUDA devices for {devices} x {hardware}; "
+            "allowed: --hardware local (after txlab calibrate) or a GPU machine with the devices"
+        )
+
+
+def _progress(quiet: bool, t0: float, objective: str):
+    def line(result: Result, est: Estimate) -> None:
+        fit, _ = ranked(result, objective)
+        best = fit[0] if fit else None
+        what = "over budget" if est.row.get("status") == "over_budget" else est.row.get("status")
+        peak = size(est.peak) if est.peak is not None else "-"
+        lead = (
+            f"; best so far {best.cand.label()} ({best.row.get('predicted_step_time_s') or float('nan'):.2f} s/step)"
+            if best
+            else ""
+        )
+        _say(
+            quiet,
+            f"[advise] {len(result.estimates)} estimated, {len(fit)} fit, {time.monotonic() - t0:.0f} s: "
+            f"{est.cand.label()}: {what}, peak {peak} (predicted){' (reused)' * est.reused}{lead}",
+        )
+
+    return line
+
+
+def no_feasible(result: Result, capacity: int, devices: int, floor: int, n_needed: int) -> ConfigError:
+    peaked = [e for e in result.estimates if e.peak is not None]
+    if not peaked:
+        errs = {e.row.get("error") for e in result.estimates}
+        return ConfigError(f"no feasible candidate: no estimate succeeded ({'; '.join(sorted(map(str, errs)))[:300]})")
+    lean = min(peaked, key=lambda e: e.peak)
+    return ConfigError(
+        f"no feasible candidate on {devices} devices of {size(capacity)}: the smallest predicted peak is "
+        f"{size(lean.peak)} (over by {size(lean.peak - capacity)}), the knobs that get closest: "
+        f"{lean.cand.label()}; weights, gradients and AdamW state alone take {size(floor)} a device "
+        f"(at least {n_needed} devices for them); allowed: more devices, a larger device or measure.budget_gib, "
+        "a shorter workload.seq_len or smaller workload.batch_size"
+    )
+
+
+def advise(args, plot: Plot | None = None) -> int:
+    quiet = bool(args.json)
+    if args.devices < 1:
+        raise ConfigError(f"--devices: must be >= 1, got {args.devices}")
+    try:
+        profile = load_profile(args.hardware)
+    except ProfileError as e:
+        raise ConfigError(str(e).replace("measure.hardware:", "--hardware:", 1)) from None
+    base = base_config(args.config, args.overrides, args.hardware, profile.kind)
+    cfg = build_config(base)
+    if args.objective == "cost" and cfg.measure.usd_per_device_hour is None:
+        raise ConfigError(
+            "--objective cost: ranks by predicted $/Mtok, which needs a price; set measure.usd_per_device_hour "
+            "(e.g. --set measure.usd_per_device_hour=2.5), or use --objective time"
+        )
+    capacity = profile.memory_bytes
+    if cfg.measure.budget_gib is not None:
+        capacity = min(capacity, int(cfg.measure.budget_gib * GiB))
+    if args.confirm:
+        check_confirm(profile.kind, args.devices, args.hardware)
+    out_dir = (
+        Path(args.out) if args.out else Path("advise") / f"{Path(args.config).stem}_{args.hardware}_{args.devices}"
+    )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out: {out_dir}: exists and is not a directory")
+    known = _stored_estimates(args.store)
+    space = build_space(base, args.devices, profile.devices_per_node)
+    target = Target(profile.name, args.devices, capacity, args.objective)
+
+    n_params = count_params(cfg)
+    floor = state_floor_bytes(n_params, args.devices)
+    n_needed = devices_needed(n_params, capacity)
+    if floor > capacity:  # arithmetic: no layout of N devices holds the training state
+        raise ConfigError(
+            f"no feasible candidate on {args.devices} x {profile.name}: weights, gradients and AdamW state of "
+            f"{count(n_params)} parameters alone need {size(floor)} a device, over by {size(floor - capacity)} "
+            f"at the AdamW step for every layout; allowed: at least {n_needed} devices of {size(capacity)} "
+            "(--devices), or a larger device (--hardware) or measure.budget_gib"
+        )
+    _say(quiet, f"[advise] {space.size} candidates in {len(space.families)} layouts ({count(n_params)} "
+                f"parameters; state floor {size(floor)} a device of {size(capacity)}); estimating")  # fmt: skip
+    t0 = time.monotonic()
+    workers = max(1, min(int(args.workers or os.cpu_count() or 1), len(space.families)))
+    if workers == 1:
+        result = search(space, InProcess(), known, _progress(quiet, t0, args.objective))
+    else:
+        ctx = multiprocessing.get_context("spawn")  # fresh workers: no forked torch or thread state
+        with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            result = search(space, pool, known, _progress(quiet, t0, args.objective))
+    fit, _ = ranked(result, args.objective)
+    if not fit:
+        raise no_feasible(result, capacity, args.devices, floor, n_needed)
+
+    winner = fit[0]
+    written = write_winner(out_dir, winner_config(result, winner), winner.cand.label())
+    if plot is not None:
+        title = f"{Path(args.config).stem} on {args.devices} x {profile.name}: predicted"
+        written += plot(plot_points(result, args.objective), out_dir / "advise.png", title, capacity)
+    if args.store:
+        _store_rows(args.store, result)
+    confirmed = confirm(written[0], winner, quiet) if args.confirm else None
+    if args.json:
+        print(json.dumps(as_json(result, args.objective, confirmed), default=str))
+    else:
+        print("\n".join(summary(result, target, cfg.workload.batch_size, out_dir)))
+        if confirmed is not None:
+            print("\n".join(confirm_lines(winner, confirmed)))
+    return 1 if confirmed is not None and confirmed.get("status") != "ok" else 0
+
+
+def _stored_estimates(uri: str | None) -> dict[str, dict[str, Any]]:
+    """Estimate rows already in the store (trial key -> row): reused, not estimated again."""
+    if not uri:
+        return {}
+    from txlab.results.store import Store
+
+    if not Path(uri).exists():
+        return {}
+    rows = Store.open(uri).read().to_pylist()
+    return {r["trial_key"]: r for r in rows if r.get("measured") is False and r.get("status") in ("ok", "over_budget")}
+
+
+def _store_rows(uri: str, result: Result) -> None:
+    from txlab.results.store import Store
+
+    store = Store.open(uri, create=True)
+    with store.writer_lock():
+        for e in result.estimates:
+            if not e.reused and e.row.get("trial_key"):
+                store.write_row({**e.row, "sweep": "advise"})
+
+
+def confirm(winner_yaml: Path, winner: Estimate, quiet: bool) -> dict[str, Any]:
+    """The winner as a measured trial on this machine (its row)."""
+    from txlab.config import load_config
+    from txlab.trial import run_trial
+
+    _say(quiet, f"[advise] confirming {winner.cand.label()}: a measured trial on this machine")
+    return run_trial(load_config(winner_yaml), progress=not quiet)
+
+
+def confirm_lines(winner: Estimate, row: dict[str, Any]) -> list[str]:
+    p, m = winner.row, row
+    lines = ["", f"confirmed (measured trial {m.get('trial_key')}, status {m.get('status')}):"]
+    if m.get("peak_bytes") is not None:
+        lines.append(f"  peak      measured {m['peak_bytes'] / GiB:.3f} GiB, predicted {p['peak_bytes'] / GiB:.3f} GiB")
+    if m.get("step_time_s") is not None and p.get("predicted_step_time_s"):
+        ratio = m["step_time_s"] / p["predicted_step_time_s"]
+        lines.append(
+            f"  step time measured {m['step_time_s']:.3f} s, predicted {p['predicted_step_time_s']:.3f} s "
+            f"(measured / predicted {ratio:.2f}; a loaded machine stretches the measured time)"
+        )
+    if m.get("error"):
+        lines.append(f"  error     {m['error']}")
+    return lines

@@ -1,0 +1,201 @@
+"""The search of `txlab advise`: estimate the candidates that can be the answer, rank those that fit.
+
+Estimates are real training steps on fake tensors (`txlab.trial.estimate_trial`) priced by the time model, and
+cost seconds each on a large model, so not every candidate is estimated. Within one layout the search walks a
+staircase over (policy, micro-steps), on two stated assumptions (printed with every answer): the predicted peak
+does not rise, and the predicted step time does not fall, with more micro-steps or with more recomputation
+along sdpa < selective < checkpoint < recompute. Then only the fitting candidates that no other fitting
+candidate dominates (less recomputation and no more micro-steps) can be the fastest, and only they and the
+probes that find them are estimated:
+  1. the fastest corner (sdpa, 1 micro-step): if it fits it dominates its whole layout;
+  2. the leanest corner (recompute, most micro-steps): if it does not fit, nothing in the layout does;
+  3. for each policy along the chain, the fewest micro-steps that fit, by bisection below the previous
+     policy's (which bounds it);
+  4. not resharding after forward (more memory, fewer all-gathers) at each fitting point that step 1 or 3 found
+     (an assumption too: no-reshard's own staircase is not walked);
+  5. `planned` (the planner's own choice for the budget) at 1 micro-step, where the fastest corner did not fit.
+Every layout is walked; layouts are independent, so their estimates run at once (an executor: a process pool
+in the command, the caller's thread in tests). An estimate with the same trial key as one already made (a
+`--store` from an earlier run) is reused, not run again.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+from txlab.advise.space import CHAIN, Candidate, Layout, Space, raw_config
+from txlab.config import ConfigError, build_config
+
+ASSUMPTIONS = (
+    "within a layout, the predicted peak is assumed not to rise and the predicted step time not to fall with "
+    "more micro-steps or more recomputation (sdpa < selective < checkpoint < recompute); a candidate that a "
+    "fitting one dominates is not estimated; not resharding after forward is tried only where resharding's "
+    "search found a fitting point"
+)
+
+
+def estimate_raw(raw: dict[str, Any]) -> dict[str, Any]:
+    """One candidate's estimate row (runs in a worker process: imports torch there)."""
+    from txlab.trial import estimate_trial
+
+    return estimate_trial(build_config(raw))
+
+
+@dataclass
+class Estimate:
+    cand: Candidate
+    row: dict[str, Any]
+    reused: bool = False
+
+    @property
+    def fits(self) -> bool:
+        return self.row.get("status") == "ok"
+
+    @property
+    def peak(self) -> int | None:
+        return self.row.get("peak_bytes")
+
+
+Walk = Generator[Candidate, Estimate, None]
+
+
+def walk(cands: list[Candidate]) -> Walk:
+    """The staircase over one layout's candidates (module docstring): yields the next candidate to estimate and
+    receives its Estimate."""
+    cell = {(c.layout.reshard, c.policy, c.grad_accum): c for c in cands}
+    chain = [p for p in CHAIN if any(k[1] == p for k in cell)]
+    gas = sorted({k[2] for k in cell})
+    known: dict[tuple[bool, str, int], bool] = {}
+
+    def fits(p: str, gi: int, reshard: bool = True):
+        key = (reshard, p, gas[gi])
+        if key not in cell:
+            return False
+        if key not in known:
+            known[key] = (yield cell[key]).fits
+        return known[key]
+
+    frontier: list[tuple[str, int]] = []  # fitting (policy, micro-steps index) that no other fitting one dominates
+    if chain:
+        if (yield from fits(chain[0], 0)):
+            frontier.append((chain[0], 0))
+        elif (yield from fits(chain[-1], len(gas) - 1)):
+            bound = len(gas)  # the fewest micro-steps (index) that fit under the policies walked so far
+            for p in chain:
+                lo, hi = 0, bound  # the answer lies in [lo, hi]; hi == bound: none below the bound fits
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if (yield from fits(p, mid)):
+                        hi = mid
+                    else:
+                        lo = mid + 1
+                if hi < bound:
+                    frontier.append((p, hi))
+                bound = hi
+    for p, gi in frontier:  # not resharding: more memory, less communication, at the frontier's points
+        yield from fits(p, gi, reshard=False)
+    corner_fits = bool(chain) and known.get((True, chain[0], gas[0])) is True
+    if (True, "planned", 1) in cell and not corner_fits:  # gas[0] is 1: one micro-step always divides the batch
+        yield from fits("planned", 0)
+
+
+@dataclass
+class Result:
+    space: Space
+    estimates: list[Estimate] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def by_layout(self, layout: Layout) -> list[Estimate]:
+        return [e for e in self.estimates if e.cand.layout == layout]
+
+    @property
+    def reused(self) -> int:
+        return sum(e.reused for e in self.estimates)
+
+
+class InProcess(cf.Executor):
+    """An executor that runs each call at submit, in the caller's thread (tests; one worker)."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        f: cf.Future = cf.Future()
+        try:
+            f.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever reads the future, as a pool would
+            f.set_exception(e)
+        return f
+
+
+def search(
+    space: Space,
+    executor: cf.Executor,
+    known: dict[str, dict[str, Any]] | None = None,
+    on_estimate: Callable[[Result, Estimate], None] | None = None,
+    estimate: Callable[[dict[str, Any]], dict[str, Any]] = estimate_raw,
+) -> Result:
+    """Walk every layout of `space`, estimating on `executor`; `known`: trial key -> a stored estimate row to
+    reuse. A ConfigError raised by an estimate (bad input found late, e.g. a checkpoint) propagates; any other
+    failure of one estimate is that candidate's `error` row."""
+    t0 = time.monotonic()
+    result = Result(space)
+    known = dict(known or {})
+    walks = {layout: walk(cands) for layout, cands in space.families.items()}
+    pending: dict[cf.Future, tuple[Layout, Candidate]] = {}
+
+    def advance(layout: Layout, est: Estimate | None) -> None:
+        while True:
+            try:
+                cand = walks[layout].send(est) if est is not None else next(walks[layout])
+            except StopIteration:
+                return
+            raw = raw_config(space.base, cand)
+            key = build_config(raw).trial_key
+            if key in known:  # reused: answer at once and walk on
+                est = Estimate(cand, known[key], reused=True)
+                record(est)
+                continue
+            pending[executor.submit(estimate, raw)] = (layout, cand)
+            return
+
+    def record(est: Estimate) -> None:
+        result.estimates.append(est)
+        if on_estimate is not None:
+            on_estimate(result, est)
+
+    for layout in walks:
+        advance(layout, None)
+    while pending:
+        done, _ = cf.wait(list(pending), return_when=cf.FIRST_COMPLETED)
+        for fut in done:
+            layout, cand = pending.pop(fut)
+            try:
+                row = fut.result()
+            except ConfigError:
+                for other in pending:
+                    other.cancel()
+                raise
+            except Exception as e:  # noqa: BLE001 - one candidate's failure (or its worker's death) is its row
+                row = {"status": "error", "error": f"{e.__class__.__name__}: {e}"}
+            est = Estimate(cand, row)
+            known[row.get("trial_key", "")] = row
+            record(est)
+            advance(layout, est)
+    result.wall_s = time.monotonic() - t0
+    return result
+
+
+def objective_key(objective: str) -> str:
+    return "predicted_usd_per_mtok" if objective == "cost" else "predicted_step_time_s"
+
+
+def ranked(result: Result, objective: str) -> tuple[list[Estimate], list[Estimate]]:
+    """(the fitting estimates best first, priced before unpriced; the rest, leanest first)."""
+    col = objective_key(objective)
+    fit = [e for e in result.estimates if e.fits]
+    fit.sort(key=lambda e: (e.row.get(col) is None, e.row.get(col) or 0.0, e.peak or 0))
+    rest = [e for e in result.estimates if not e.fits]
+    rest.sort(key=lambda e: (e.peak is None, e.peak or 0))
+    return fit, rest
