@@ -31,7 +31,14 @@ from txlab.trial.resolve import Setup, resolve
 from txlab.trial.row import Where, build_row
 from txlab.trial.train import measure_training
 
-COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # a rank waits this long for a peer before its collective fails
+# How long a rank waits for a peer in one collective (or in joining the group) before it fails: the bound
+# on a rank stuck behind a dead or hung peer when nothing else stops it (txlab.parallel.launch and
+# txlab.sweeps.ranks stop the others seconds after a rank ends badly; this is the backstop if they cannot).
+# In a healthy trial a collective waits only for the ranks' skew, not for a step: every rank does the same
+# work between two collectives. The largest skew is at the start (N processes importing torch and building
+# their shard on a loaded 2-core machine: tens of seconds) or a compiling step (minutes); 10 minutes is
+# above both, and is NCCL's own default.
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 # What an unsuccessful rank's row tells of the trial's memory (the largest rank's, for a successful trial)
 MEMORY_COLUMNS = ("peak_bytes", "params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "other_bytes",
                   "gathered_params_bytes", "comm_bytes", "tracked_peak_bytes", "reserved_bytes")  # fmt: skip
@@ -72,6 +79,7 @@ def _rank_main(
 
     def stage(setup: Setup, rec: Records, progress: bool) -> None:
         ranks = make_ranks(rank, setup.layout.fsdp, setup.layout.tp, setup.device.type)
+        bound_collectives(ranks.mesh, COLLECTIVE_TIMEOUT)
         measure_training(setup, rec, progress, ranks)
 
     try:
@@ -79,6 +87,15 @@ def _rank_main(
     finally:
         gc.collect()
         close_ranks()
+
+
+def bound_collectives(mesh, timeout: timedelta) -> None:
+    """Give every process group of `mesh` the world group's `timeout`: torch creates a mesh's sub-groups
+    (the fsdp and tp dimensions of a 2-D mesh) with its backend default instead (30 minutes on gloo)."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout  # no public setter for a mesh's groups
+
+    for dim in range(mesh.ndim):
+        _set_pg_timeout(timeout, mesh.get_group(dim))
 
 
 def run_rank(
