@@ -148,32 +148,38 @@ def _bthd(B: int, H: int, T: int, D: int, like: torch.Tensor, dtype: torch.dtype
     return torch.empty(B, T, H, D, dtype=dtype, device=like.device).transpose(1, 2)
 
 
-def _fused_forward(q, k, v, q_chunk: int, scale: float):
-    """Output (B, H, T, D) and row log-sum-exp (B, H, T) fp32, a q tile at a time through the fused kernel."""
+# A tile of queries is (r, g, t): the query rows r .. r + t of q, at positions g .. g + t of the sequence k and
+# v hold, so that they see keys 0 .. g + t causally. One sequence: r == g. Context parallelism (txlab.parallel.cp)
+# passes a rank's own rows (two chunks of the sequence) at their global positions, with every rank's keys.
+
+
+def _fused_forward(q, k, v, tiles: list[tuple[int, int, int]], scale: float):
+    """Output (B, H, Tq, D) and row log-sum-exp (B, H, Tq) fp32, a q tile at a time through the fused kernel."""
     B, H, T, D = q.shape
     out = _bthd(B, H, T, D, q, q.dtype)
     lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device).transpose(1, 2)
-    for q0, q1, _ in _fused_tiles(T, q_chunk, _is_fake(q)):
-        qi = q[:, :, q0:q1]
-        o, m = _CPU_FLASH(qi, k[:, :, q0:q1], v[:, :, q0:q1], 0.0, True, scale=scale)  # the tile's own keys
-        if q0 == 0:
-            out[:, :, q0:q1], lse[:, :, q0:q1] = o, m
+    for r, g, t in tiles:
+        rows, own = slice(r, r + t), slice(g, g + t)
+        qi = q[:, :, rows]
+        o, m = _CPU_FLASH(qi, k[:, :, own], v[:, :, own], 0.0, True, scale=scale)  # the tile's own keys
+        if g == 0:
+            out[:, :, rows], lse[:, :, rows] = o, m
             continue
-        o_b, m_b = _CPU_FLASH(qi, k[:, :, :q0], v[:, :, :q0], 0.0, False, scale=scale)  # the keys before it
+        o_b, m_b = _CPU_FLASH(qi, k[:, :, :g], v[:, :, :g], 0.0, False, scale=scale)  # the keys before it
         new = torch.logaddexp(m_b, m)
         w_b, w = (m_b - new).exp_().unsqueeze(-1), (m - new).exp_().unsqueeze(-1)
         if q.dtype == torch.float32:
-            dst = out[:, :, q0:q1]
+            dst = out[:, :, rows]
             torch.mul(o_b, w_b, out=dst)
             dst.addcmul_(o, w)
         else:
-            out[:, :, q0:q1] = o_b.float() * w_b + o.float() * w
-        lse[:, :, q0:q1] = new
+            out[:, :, rows] = o_b.float() * w_b + o.float() * w
+        lse[:, :, rows] = new
         del o, m, o_b, m_b, new, w_b, w
     return out, lse
 
 
-def _fused_backward(grad_out, q, k, v, out, lse, q_chunk: int, scale: float):
+def _fused_backward(grad_out, q, k, v, out, lse, tiles: list[tuple[int, int, int]], scale: float):
     """dq, dk, dv: the share of each call of the forward, from the fused backward given the final output
     and log-sum-exp."""
     B, H, T, D = q.shape
@@ -182,22 +188,95 @@ def _fused_backward(grad_out, q, k, v, out, lse, q_chunk: int, scale: float):
     dq = _bthd(B, H, T, D, q, q.dtype)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
-    for q0, q1, _ in _fused_tiles(T, q_chunk, _is_fake(q)):
-        rows = slice(q0, q1)
+    for r, g, t in tiles:
+        rows, own = slice(r, r + t), slice(g, g + t)
         args = (grad_out[:, :, rows], q[:, :, rows])
         saved = (out[:, :, rows], lse[:, :, rows], 0.0)
-        gq, gk, gv = _CPU_FLASH_BWD(*args, k[:, :, rows], v[:, :, rows], *saved, True, scale=scale)
-        dk[:, :, rows] += gk
-        dv[:, :, rows] += gv
-        if q0 == 0:
+        gq, gk, gv = _CPU_FLASH_BWD(*args, k[:, :, own], v[:, :, own], *saved, True, scale=scale)
+        dk[:, :, own] += gk
+        dv[:, :, own] += gv
+        if g == 0:
             dq[:, :, rows] = gq
             continue
-        gq_b, gk_b, gv_b = _CPU_FLASH_BWD(*args, k[:, :, :q0], v[:, :, :q0], *saved, False, scale=scale)
+        gq_b, gk_b, gv_b = _CPU_FLASH_BWD(*args, k[:, :, :g], v[:, :, :g], *saved, False, scale=scale)
         torch.add(gq_b, gq, out=dq[:, :, rows])
-        dk[:, :, :q0] += gk_b
-        dv[:, :, :q0] += gv_b
+        dk[:, :, :g] += gk_b
+        dv[:, :, :g] += gv_b
         del gq, gk, gv, gq_b, gk_b, gv_b
     return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _ops_forward(q, k, v, tiles: list[tuple[int, int, int, list[int]]], k_chunk: int, scale: float):
+    """The `ops` body's forward over tiles (r, g, t, key tile starts): output (B, H, Tq, D), log-sum-exp."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    qg = q.reshape(B, Hkv, G, T, D)
+    out = torch.empty(B, Hkv, G, T, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hkv, G, T, dtype=torch.float32, device=q.device)
+    for r, g, t, k_starts in tiles:
+        qi = qg[..., r : r + t, :]
+        row_max = torch.full(qi.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+        row_sum = torch.zeros_like(row_max)
+        acc = torch.zeros(qi.shape, dtype=torch.float32, device=q.device)
+        for k0 in k_starts:
+            k1 = min(k0 + k_chunk, g + t)
+            s = _tile_scores(qi, k[:, :, k0:k1], g, k0, scale)
+            new_max = torch.maximum(row_max, s.amax(dim=-1))
+            p = torch.exp(s - new_max.unsqueeze(-1))
+            correction = torch.exp(row_max - new_max)
+            row_sum = row_sum * correction + p.sum(dim=-1)
+            acc = acc * correction.unsqueeze(-1) + p.to(v.dtype) @ v[:, :, k0:k1].unsqueeze(2)
+            row_max = new_max
+        out[..., r : r + t, :] = (acc / row_sum.unsqueeze(-1)).to(q.dtype)
+        lse[..., r : r + t] = row_max + torch.log(row_sum)
+    return out.reshape(B, H, T, D), lse
+
+
+def _ops_backward(grad_out, q, k, v, out, lse, tiles: list[tuple[int, int, int, list[int]]], k_chunk: int, scale):
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    qg = q.reshape(B, Hkv, G, T, D)
+    dout = grad_out.reshape(B, Hkv, G, T, D)
+    delta = (dout.float() * out.reshape(B, Hkv, G, T, D).float()).sum(dim=-1)  # (B, Hkv, G, T): rowsum(dO * O)
+    dq = torch.zeros(qg.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    for r, g, t, k_starts in tiles:
+        qi, doi = qg[..., r : r + t, :], dout[..., r : r + t, :]
+        lse_i, delta_i = lse[..., r : r + t].unsqueeze(-1), delta[..., r : r + t].unsqueeze(-1)
+        for k0 in k_starts:
+            k1 = min(k0 + k_chunk, g + t)
+            kj, vj = k[:, :, k0:k1], v[:, :, k0:k1]
+            p = torch.exp(_tile_scores(qi, kj, g, k0, scale) - lse_i)  # (B, Hkv, G, tq, tk)
+            dv[:, :, k0:k1] += (p.transpose(-2, -1) @ doi.float()).sum(dim=2)
+            dp = doi.float() @ vj.unsqueeze(2).transpose(-2, -1).float()
+            ds = p * (dp - delta_i) * scale
+            dq[..., r : r + t, :] += ds @ kj.unsqueeze(2).float()
+            dk[:, :, k0:k1] += (ds.transpose(-2, -1) @ qi.float()).sum(dim=2)
+    return dq.reshape(B, H, T, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def tiles_forward(body: str, q, k, v, tiles: list[tuple[int, int, int]], k_chunk: int):
+    """Attention of the query tiles (r, g, t) of q against k and v (see above) with a resolved `body` ("fused"
+    or "ops"), every tile computed: the output (B, H, Tq, D) and what `tiles_backward` takes (log-sum-exp)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if body == "fused":
+        return _fused_forward(q, k, v, tiles, scale)
+    return _ops_forward(q, k, v, _key_starts(tiles, k_chunk), k_chunk, scale)
+
+
+def tiles_backward(body: str, grad_out, q, k, v, out, lse, tiles: list[tuple[int, int, int]], k_chunk: int):
+    """dq, dk, dv of `tiles_forward`."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if body == "fused":
+        return _fused_backward(grad_out, q, k, v, out, lse, tiles, scale)
+    return _ops_backward(grad_out, q, k, v, out, lse, _key_starts(tiles, k_chunk), k_chunk, scale)
+
+
+def _key_starts(tiles: list[tuple[int, int, int]], k_chunk: int) -> list[tuple[int, int, int, list[int]]]:
+    return [(r, g, t, list(range(0, g + t, k_chunk))) for r, g, t in tiles]
 
 
 class _ChunkedAttention(torch.autograd.Function):
@@ -211,67 +290,30 @@ class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, q_chunk: int, k_chunk: int, body: str = "auto"):
         body = _resolve_body(body, q)
-        ctx.chunks, ctx.body = (q_chunk, k_chunk), body
-        B, H, T, D = q.shape
-        scale = 1.0 / math.sqrt(D)
+        T, fake = q.shape[2], _is_fake(q)
         if body == "fused":
-            out, lse = _fused_forward(q, k, v, q_chunk, scale)
-            ctx.save_for_backward(q, k, v, out, lse)
-            return out
-        Hkv = k.shape[1]
-        G = H // Hkv
-        qg = q.reshape(B, Hkv, G, T, D)
-        out = torch.empty(B, Hkv, G, T, D, dtype=q.dtype, device=q.device)
-        lse = torch.empty(B, Hkv, G, T, dtype=torch.float32, device=q.device)
-        for q0, q1, k_starts in _tiles(T, q_chunk, k_chunk, _is_fake(q)):
-            qi = qg[..., q0:q1, :]
-            row_max = torch.full(qi.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
-            row_sum = torch.zeros_like(row_max)
-            acc = torch.zeros(qi.shape, dtype=torch.float32, device=q.device)
-            for k0 in k_starts:
-                k1 = min(k0 + k_chunk, q1)
-                s = _tile_scores(qi, k[:, :, k0:k1], q0, k0, scale)
-                new_max = torch.maximum(row_max, s.amax(dim=-1))
-                p = torch.exp(s - new_max.unsqueeze(-1))
-                correction = torch.exp(row_max - new_max)
-                row_sum = row_sum * correction + p.sum(dim=-1)
-                acc = acc * correction.unsqueeze(-1) + p.to(v.dtype) @ v[:, :, k0:k1].unsqueeze(2)
-                row_max = new_max
-            out[..., q0:q1, :] = (acc / row_sum.unsqueeze(-1)).to(q.dtype)
-            lse[..., q0:q1] = row_max + torch.log(row_sum)
+            tiles = [(q0, q0, q1 - q0) for q0, q1, _ in _fused_tiles(T, q_chunk, fake)]
+        else:
+            tiles = [(q0, q0, q1 - q0, starts) for q0, q1, starts in _tiles(T, q_chunk, k_chunk, fake)]
+        ctx.tiles, ctx.k_chunk, ctx.body = tiles, k_chunk, body
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        if body == "fused":
+            out, lse = _fused_forward(q, k, v, tiles, scale)
+        else:
+            out, lse = _ops_forward(q, k, v, tiles, k_chunk, scale)
         ctx.save_for_backward(q, k, v, out, lse)
-        return out.reshape(B, H, T, D)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        q_chunk, k_chunk = ctx.chunks
-        B, H, T, D = q.shape
-        Hkv = k.shape[1]
-        G = H // Hkv
-        scale = 1.0 / math.sqrt(D)
+        scale = 1.0 / math.sqrt(q.shape[-1])
         if ctx.body == "fused":
-            return (*_fused_backward(grad_out, q, k, v, out, lse, q_chunk, scale), None, None, None)
-        qg = q.reshape(B, Hkv, G, T, D)
-        dout = grad_out.reshape(B, Hkv, G, T, D)
-        delta = (dout.float() * out.float()).sum(dim=-1)  # (B, Hkv, G, T): rowsum(dO * O)
-        dq = torch.zeros(qg.shape, dtype=torch.float32, device=q.device)
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
-        dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
-        for q0, q1, k_starts in _tiles(T, q_chunk, k_chunk, _is_fake(q)):
-            qi, doi = qg[..., q0:q1, :], dout[..., q0:q1, :]
-            lse_i, delta_i = lse[..., q0:q1].unsqueeze(-1), delta[..., q0:q1].unsqueeze(-1)
-            for k0 in k_starts:
-                k1 = min(k0 + k_chunk, q1)
-                kj, vj = k[:, :, k0:k1], v[:, :, k0:k1]
-                p = torch.exp(_tile_scores(qi, kj, q0, k0, scale) - lse_i)  # (B, Hkv, G, tq, tk)
-                dv[:, :, k0:k1] += (p.transpose(-2, -1) @ doi.float()).sum(dim=2)
-                dp = doi.float() @ vj.unsqueeze(2).transpose(-2, -1).float()
-                ds = p * (dp - delta_i) * scale
-                dq[..., q0:q1, :] += ds @ kj.unsqueeze(2).float()
-                dk[:, :, k0:k1] += (ds.transpose(-2, -1) @ qi.float()).sum(dim=2)
-        return dq.reshape(B, H, T, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+            grads = _fused_backward(grad_out, q, k, v, out, lse, ctx.tiles, scale)
+        else:
+            grads = _ops_backward(grad_out, q, k, v, out, lse, ctx.tiles, ctx.k_chunk, scale)
+        return (*grads, None, None, None)
 
 
 # Under torch.compile (workload.compile) the kernel runs as it is, between compiled graphs: its tile loop is
