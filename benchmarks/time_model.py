@@ -52,11 +52,27 @@ TRIALS = [
 QUICK = [t for t in TRIALS if t[1] == 2 and t[2] == 1024]
 WARMUP, STEPS = 1, 3
 TOLERANCE = 0.35
+TICKS = [x * 10**e for e in range(-2, 4) for x in (1, 1.5, 2, 3, 5, 7)]  # labelled seconds on the plot
 
 
 def overrides(layers: int, tokens: int, policy: str, ranks: int) -> dict:
     return {**BASE, "model.n_layers": layers, "workload.seq_len": tokens, "policy.name": policy,
             "parallel.fsdp": ranks, "workload.batch_size": ranks}  # fmt: skip
+
+
+def label(name: str, layers: int, tokens: int, ranks: int) -> str:
+    return f"{name} {layers}L {tokens} {ranks}r"
+
+
+def chosen(args) -> list[tuple]:
+    trials = QUICK if args.quick else TRIALS
+    if not args.only:
+        return trials
+    names = {label(t[0], t[1], t[2], t[4]): t for t in TRIALS}
+    unknown = [n for n in args.only if n not in names]
+    if unknown:
+        sys.exit(f"--only: unknown trial {unknown[0]!r}; the trials: {', '.join(names)}")
+    return [names[n] for n in args.only]
 
 
 def time_steps(parts, clock_cpu) -> tuple[list[float], list[float]]:
@@ -149,7 +165,7 @@ def plot(frame, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 6.2), sharey=True)
     lo = min(frame["predicted_s"].min(), frame["cpu_min_s"].min(), frame["wall_min_s"].min()) * 0.8
@@ -168,14 +184,15 @@ def plot(frame, path: Path) -> None:
         for i, r in frame.reset_index(drop=True).iterrows():
             ax.annotate(str(i + 1), (r[f"{clock}_s"], r["predicted_s"]), fontsize=8, xytext=(4, 4),
                         textcoords="offset points")  # fmt: skip
-        ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel=f"{title} per step (s, median of {STEPS})",
-               title=title)  # fmt: skip
-        for axis in (ax.xaxis, ax.yaxis):
-            axis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), title=title,
+               xlabel=f"{title} per step (s, median of {STEPS}; log scale)")  # fmt: skip
+        for axis in (ax.xaxis, ax.yaxis):  # enough labelled ticks that the log scale reads as one
+            axis.set_major_locator(FixedLocator([t for t in TICKS if lo <= t <= hi]))
             axis.set_major_formatter(seconds)
+            axis.set_minor_locator(LogLocator(subs="all"))
             axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
         ax.legend(fontsize=8, loc="upper left")
-    axes[0].set_ylabel("predicted step time (s), local profile")
+    axes[0].set_ylabel("predicted step time (s, local profile; log scale)")
     key = "   ".join(f"{i + 1}: {r['name']} {r['layers']}L {r['tokens']}" + (" 2 ranks" if r["ranks"] > 1 else "")
                      for i, r in frame.reset_index(drop=True).iterrows())  # fmt: skip
     fig.text(0.5, 0.01, key, ha="center", fontsize=7.5, wrap=True)
@@ -209,6 +226,8 @@ def report(rows: list[dict]) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="the 2-layer, 1024-token trials only")
+    p.add_argument("--only", nargs="+", metavar="TRIAL", help="these trials only, named as the table names them: "
+                   "'sdpa 2L 2048 1r' (policy, layers, tokens, ranks)")  # fmt: skip
     p.add_argument("--out", default=str(REPO / "results" / "benchmarks" / "time_model"))
     p.add_argument("--profile", help="use this profile instead of calibrating now")
     p.add_argument("--from", dest="stored", help="reprint and redraw a stored rows.parquet, running nothing")
@@ -242,7 +261,7 @@ def main() -> None:
         for line in summary(yaml.safe_load(profile.read_text())):
             print("  " + line)
     rows = []
-    for name, layers, tokens, policy, ranks in QUICK if args.quick else TRIALS:
+    for name, layers, tokens, policy, ranks in chosen(args):
         over = overrides(layers, tokens, policy, ranks)
         pred = predicted(over, profile)
         load_before = os.getloadavg()[0]

@@ -19,7 +19,7 @@ from txlab.hardware import ProfileError, by_device_name, load_profile, local_pat
 from txlab.hardware.catalogue import CATALOGUE, MAIN_NAMES
 from txlab.timemodel.cost import Coster
 from txlab.timemodel.schedule import schedule
-from txlab.timemodel.trace import Op, causal_share, record_step
+from txlab.timemodel.trace import Op, causal_share, record_step, traffic, wire_bytes
 from txlab.trial import estimate_trial, run_trial
 from txlab.trial.predict import traced_step_memory
 from txlab.trial.resolve import resolve
@@ -168,6 +168,11 @@ def test_fsdp_trace_has_the_collectives_and_local_shards():
     adam = lambda ops: sum(op.read + op.write for op in ops if op.phase == "optimizer")  # noqa: E731
     assert adam(two) == pytest.approx(adam(one) / 2, rel=0.05)  # each rank steps its shard, not the DTensor's size
     assert any(op.waits >= 0 and two[op.waits].coll == "all_gather" for op in two)  # compute reads the gathered
+    # the row's traffic: each fp32 gradient reduce-scattered once, a rank sending the half it does not keep
+    sent = traffic(two)
+    assert sent["reduce_scatter"] == pytest.approx(n_params * 4 / 2, rel=0.05)
+    assert sent["all_gather"] >= gathered / 2 and sent["all_reduce"] == sent["all_to_all"] == 0
+    assert set(traffic(one).values()) == {0}
 
 
 # --- costs and the timeline ------------------------------------------------------------------------------
@@ -183,9 +188,12 @@ def test_collectives_take_the_link_their_group_spans():
     inside = op("collective", coll="all_gather", group=tuple(range(8)), size=8e9)
     across = dataclasses.replace(inside, group=tuple(range(16)))
     assert c.link(inside.group)[1] == "intra-node" and c.link(across.group)[1] == "network"
-    assert c.wire_bytes(inside) == pytest.approx(7e9) and c.wire_bytes(across) == pytest.approx(7.5e9)
+    assert wire_bytes(inside) == pytest.approx(7e9) and wire_bytes(across) == pytest.approx(7.5e9)
     reduce = dataclasses.replace(inside, coll="all_reduce")
-    assert c.wire_bytes(reduce) == pytest.approx(14e9)
+    assert wire_bytes(reduce) == pytest.approx(14e9)
+    # the row's traffic columns sum the same bytes per kind
+    assert traffic([inside, across, reduce, op("matmul")]) == {"all_gather": 14_500_000_000, "reduce_scatter": 0,
+                                                            "all_reduce": 14_000_000_000, "all_to_all": 0}  # fmt: skip
     e = p.efficiency
     assert c.collective(inside) == pytest.approx(e.comm_latency_s + 7e9 / (p.link_bw * e.comm))
     # across nodes a ring relays through the node: its 8 members' NICs carry it (no more than NVLink relays)
@@ -245,12 +253,15 @@ def test_an_estimate_row_carries_the_predicted_columns(capsys):
     assert row["predicted_mfu"] == pytest.approx(row["flops_per_token"] * row["predicted_tokens_per_s"] / (2 * peak))
     assert row["predicted_usd_per_mtok"] == pytest.approx(3.0 * 2 * step / 3600 / (4 * 64) * 1e6)
     assert 0 <= row["predicted_exposed_comm_s"] <= step
+    assert row["comm_all_gather_bytes"] > 0 and row["comm_reduce_scatter_bytes"] > 0
+    assert row["comm_all_reduce_bytes"] == row["comm_all_to_all_bytes"] == 0
     # a different device changes the prediction, not the memory estimate's inputs
     other = estimate_trial(dataclasses.replace(c, measure=dataclasses.replace(c.measure, hardware="l4")))
     assert other["predicted_step_time_s"] > step
     # without a profile: no prediction columns, the estimate as before
     plain = estimate_trial(cfg(ONE_STEP, workload__seq_len=64))
     assert plain["hardware"] is None and plain["predicted_step_time_s"] is None
+    assert plain["comm_all_gather_bytes"] == plain["comm_reduce_scatter_bytes"] == 0  # traced: one device sends none
 
 
 def test_txlab_estimate_prints_the_time_line(capsys):
@@ -400,3 +411,7 @@ def test_a_measured_sharded_row_gets_the_prediction_of_its_layout(tmp_path, monk
     assert row["status"] == "ok" and row["measured"] is True and row["step_time_s"] > 0
     assert row["hardware"] == "local" and row["predicted_step_time_s"] > row["predicted_exposed_comm_s"] > 0
     assert row["predicted_tokens_per_s"] == pytest.approx(4 * 32 / row["predicted_step_time_s"])
+    estimate = estimate_trial(c)  # the measured row's collectives are its layout's: the estimate's bytes
+    traffic_columns = [k for k in row if k.startswith("comm_") and k.endswith("_bytes") and k != "comm_bytes"]
+    assert len(traffic_columns) == 4 and row["comm_reduce_scatter_bytes"] > 0
+    assert all(row[k] == estimate[k] for k in traffic_columns)

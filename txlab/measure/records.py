@@ -73,6 +73,18 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class Traffic:
+    """Bytes one device sends per optimizer step in each kind of collective, counted on the operator trace of the
+    trial's step (txlab.timemodel.trace.traffic: an estimate's, or for a measured row the traced step the time
+    model prices); 0 where the layout runs none, null where the step was not traced."""
+
+    comm_all_gather_bytes: int | None = None  # FSDP's parameter gathers, TP's sequence-parallel ones, CP's K/V
+    comm_reduce_scatter_bytes: int | None = None  # FSDP's gradients, TP's sequence-parallel ones, CP's dK/dV
+    comm_all_reduce_bytes: int | None = None  # TP's activation reductions (ring: twice the (n-1)/n share)
+    comm_all_to_all_bytes: int | None = None  # expert parallelism's token exchange
+
+
+@dataclass(frozen=True)
 class Quality:
     """How well the model did on the trial's tokens."""
 
@@ -101,7 +113,7 @@ class Outcome:
     measured: bool = True
 
 
-RECORDS = (Memory, Facts, Timing, Quality, Prediction, Routing)
+RECORDS = (Memory, Facts, Timing, Quality, Prediction, Traffic, Routing)
 
 
 def from_row(cls, row: dict[str, Any]):
@@ -119,6 +131,7 @@ class Records:
     timing: Timing | None = None
     quality: Quality | None = None
     prediction: Prediction | None = None
+    traffic: Traffic | None = None
     routing: Routing | None = None
     outcome: Outcome | None = None
 
@@ -126,7 +139,7 @@ class Records:
         """The row's figure columns (every FIGURES key; None where nothing was measured) and the outcome's
         status, error and measured."""
         out: dict[str, Any] = dict.fromkeys(FIGURES)
-        for record in (self.memory, self.facts, self.timing, self.quality, self.prediction, self.routing):
+        for record in (self.memory, self.facts, self.timing, self.quality, self.prediction, self.traffic, self.routing):
             if record is not None:
                 out.update(dataclasses.asdict(record))
         outcome = self.outcome or Outcome("error", "the trial ended without a verdict")

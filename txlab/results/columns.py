@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from txlab.units import GiB  # noqa: F401 - the analysis reads the unit of the byte columns from here
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 # Every row schema version and its migration note. Any change to the row's columns (one added, removed,
 # renamed or retyped; config keys included, since every config key is a column) bumps SCHEMA_VERSION and
 # adds a line here saying what changed and how rows of the version before read under it. Added columns
@@ -53,6 +53,9 @@ SCHEMA_HISTORY: dict[int, str] = {
     9: "txlab 0.3: mixture-of-experts routing figures (issue 25): routing (how the row's routing is known: "
     "measured, or an estimate's assumption), routing_load, aux_loss; no migration: older rows read them as null "
     "(not recorded)",
+    10: "txlab 0.3: communication columns (issues 23, 24): comm_all_gather_bytes, comm_reduce_scatter_bytes, "
+    "comm_all_reduce_bytes, comm_all_to_all_bytes, the bytes one device sends per step in each kind of "
+    "collective, counted on the step's operator trace; no migration: older rows read them as null (not traced)",
 }
 
 STATUSES = ("ok", "oom", "over_budget", "error")
@@ -120,6 +123,12 @@ FIGURES: dict[str, pa.DataType] = {
     "predicted_mfu": pa.float64(),  # analytic FLOPs per token x predicted tokens/s over devices x dense peak
     "predicted_exposed_comm_s": pa.float64(),  # communication not hidden behind compute, per step
     "predicted_usd_per_mtok": pa.float64(),  # with measure.usd_per_device_hour: dollars per million tokens
+    # bytes one device sends per optimizer step, by collective, counted on the step's operator trace (estimates;
+    # measured rows with a profile): what the time model prices (txlab.timemodel.trace.traffic)
+    "comm_all_gather_bytes": pa.int64(),
+    "comm_reduce_scatter_bytes": pa.int64(),
+    "comm_all_reduce_bytes": pa.int64(),
+    "comm_all_to_all_bytes": pa.int64(),
 }
 
 

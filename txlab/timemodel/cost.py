@@ -19,7 +19,7 @@ import math
 from typing import Any
 
 from txlab.hardware import Profile
-from txlab.timemodel.trace import Op
+from txlab.timemodel.trace import Op, wire_bytes
 
 MEMORY_BYTES = 16 * 2**20  # the tensors txlab calibrate measures memory-bound families on (txlab.timemodel.calibrate)
 
@@ -121,15 +121,8 @@ class Coster:
         g = min(nodes.values())
         return min(self.p.link_bw, g * self.p.network_bw), "network"
 
-    def wire_bytes(self, op: Op) -> float:
-        n = len(op.group)
-        if n <= 1:
-            return 0.0
-        share = (n - 1) / n
-        return op.size * {"all_reduce": 2 * share, "broadcast": 1.0}.get(op.coll, share)
-
     def collective(self, op: Op) -> float:
-        wire = self.wire_bytes(op)
+        wire = wire_bytes(op)
         if wire == 0:
             return 0.0
         if self.t and self.t.get("collectives"):

@@ -263,6 +263,33 @@ class Recorder(TorchDispatchMode):
         )  # fmt: skip
 
 
+# The collectives a row reports the traffic of (`comm_<kind>_bytes`, txlab.results.columns): FSDP's parameter
+# all-gathers and gradient reduce-scatters, tensor parallelism's all-reduces and sequence-parallel gathers and
+# scatters, expert parallelism's all-to-alls, context parallelism's K/V all-gather and dK/dV reduce-scatter.
+TRAFFIC_KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
+
+
+def wire_bytes(op: Op) -> float:
+    """Bytes one rank sends for collective `op` under ring algorithms: (n-1)/n of the full buffer (each rank
+    passes on every shard but its own), twice that for an all-reduce (a reduce-scatter, then an all-gather), the
+    whole buffer for a broadcast; nothing in a group of one."""
+    n = len(op.group)
+    if n <= 1:
+        return 0.0
+    share = (n - 1) / n
+    return op.size * {"all_reduce": 2 * share, "broadcast": 1.0}.get(op.coll, share)
+
+
+def traffic(ops: list[Op]) -> dict[str, int]:
+    """Bytes this rank sends per step for each kind of TRAFFIC_KINDS (the row's comm_*_bytes columns; the
+    time model prices the same `wire_bytes` of each collective)."""
+    out = dict.fromkeys(TRAFFIC_KINDS, 0.0)
+    for op in ops:
+        if op.cls == "collective" and op.coll in out:
+            out[op.coll] += wire_bytes(op)
+    return {k: round(v) for k, v in out.items()}
+
+
 def _fresh(outs: list[torch.Tensor]) -> float:
     return float(sum(n for n in (t.numel() * t.element_size() for t in outs) if n >= FRESH_MIN))
 

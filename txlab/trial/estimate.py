@@ -13,17 +13,17 @@ Targets (`Setup.kind`):
   and the tracker does not, and block reuse that depends on allocation history; `reserved_bytes`
   is left empty. See docs/estimator.md.
 
-With a hardware profile (`measure.hardware`), the same run records the steady step's operators and the time
-model prices them on the profile (txlab.trial.predict, docs/time_model.md): the row's predicted_* columns.
+The same run records the steady step's operators: the bytes of its collectives are the row's comm_*_bytes
+columns, and with a hardware profile (`measure.hardware`) the time model prices them on the profile
+(txlab.trial.predict, docs/time_model.md): the row's predicted_* columns.
 """
 
 from __future__ import annotations
 
 from txlab.measure.records import Records
 from txlab.trial.build import training_facts
-from txlab.trial.fake import fake_step_memory
 from txlab.trial.plan import planned
-from txlab.trial.predict import predicted, traced_step_memory
+from txlab.trial.predict import predicted, traced_step_memory, traffic_of
 from txlab.trial.resolve import Setup
 
 
@@ -31,10 +31,8 @@ def estimate_training(setup: Setup, rec: Records, progress: bool = False) -> Non
     """Fill `rec` with the predicted memory of the training steps and what the model computes."""
     plan = planned(setup, progress)
     runs = plan.runs if plan is not None else None
-    if setup.hardware is None:
-        rec.memory, model = fake_step_memory(setup, runs)
-        rec.facts = training_facts(setup, model, plan)
-        return
     rec.memory, model, ops = traced_step_memory(setup, runs)  # the same run, its steady step's operators recorded
     rec.facts = training_facts(setup, model, plan)
-    rec.prediction = predicted(setup, ops, rec.facts)
+    rec.traffic = traffic_of(ops)
+    if setup.hardware is not None:
+        rec.prediction = predicted(setup, ops, rec.facts)

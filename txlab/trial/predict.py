@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from txlab.measure.records import Facts, Memory, Prediction, Records
+from txlab.measure.records import Facts, Memory, Prediction, Records, Traffic
 from txlab.timemodel.predict import Work, predict
-from txlab.timemodel.trace import Op, record_step
+from txlab.timemodel.trace import Op, record_step, traffic
 from txlab.trial.fake import fake_step_memory
 from txlab.trial.resolve import Setup
 
@@ -72,12 +72,20 @@ def predicted(setup: Setup, ops: list[Op], facts: Facts | None) -> Prediction:
     return predict(ops, setup.hardware, work_of(setup, facts), setup.usd_per_device_hour)
 
 
-def predict_measured(setup: Setup, facts: Facts | None, plan: list[tuple[int, int, str]] | None = None) -> Prediction:
-    """The prediction of a measured trial: its step traced on fake tensors for the profile's device kind."""
+def traffic_of(ops: list[Op]) -> Traffic:
+    """The row's comm_*_bytes columns from the trace of the trial's step."""
+    return Traffic(**{f"comm_{kind}_bytes": n for kind, n in traffic(ops).items()})
+
+
+def predict_measured(
+    setup: Setup, facts: Facts | None, plan: list[tuple[int, int, str]] | None = None
+) -> tuple[Prediction, Traffic]:
+    """The prediction of a measured trial and its collectives' bytes: its step traced on fake tensors for the
+    profile's device kind (the same collectives as the measured step: their shapes do not depend on the device)."""
     assert setup.hardware is not None
     traced = dataclasses.replace(setup, kind=setup.hardware.kind)
     _, _, ops = traced_step_memory(traced, plan)
-    return predicted(setup, ops, facts)
+    return predicted(setup, ops, facts), traffic_of(ops)
 
 
 def with_prediction(stage):
@@ -87,7 +95,7 @@ def with_prediction(stage):
     def run(setup: Setup, rec: Records, progress: bool = False) -> None:
         stage(setup, rec, progress)
         if setup.hardware is not None:
-            rec.prediction = predict_measured(setup, rec.facts, _plan_runs(setup, progress))
+            rec.prediction, rec.traffic = predict_measured(setup, rec.facts, _plan_runs(setup, progress))
 
     return run
 
@@ -101,6 +109,7 @@ def _plan_runs(setup: Setup, progress: bool) -> list[tuple[int, int, str]] | Non
     return plan.runs if plan is not None else None
 
 
-def prediction_columns(prediction: Prediction | None) -> dict[str, Any]:
-    """The prediction's row columns (a sharded trial's row, built from its ranks' rows, takes them here)."""
-    return dataclasses.asdict(prediction) if prediction is not None else {}
+def prediction_columns(predicted: tuple[Prediction, Traffic]) -> dict[str, Any]:
+    """The prediction's and traffic's row columns (a sharded trial's row, built from its ranks' rows, takes them
+    here)."""
+    return {k: v for record in predicted for k, v in dataclasses.asdict(record).items()}
