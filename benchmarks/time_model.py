@@ -12,7 +12,9 @@ and, for two ranks, gloo's: what the step takes on cores nobody else uses). The 
 time is the CPU time stretched by the other processes' load; the load average is printed with each trial.
 The profile is calibrated in CPU time too (txlab.timemodel.calibrate). The claim checked: prediction within
 35% of the measured median, and the policies of one shape in the measured order wherever their medians differ
-by more than their spread.
+by more than their spread. Each step's kernel CPU time and new pages (minor faults) are recorded too: the
+trace prices first-touched pages (txlab.timemodel.trace.FRESH_MIN), and these say whether a gap is there.
+`--only 'sdpa 2L 2048 1r' ...` runs named trials.
 
 Writes local.yaml, rows.parquet (one row per trial: measured and predicted, with loads) and
 time_model.png (predicted vs measured, both clocks), and prints the table.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import resource
 import statistics
 import sys
 import time
@@ -75,27 +78,31 @@ def chosen(args) -> list[tuple]:
     return [names[n] for n in args.only]
 
 
-def time_steps(parts, clock_cpu) -> tuple[list[float], list[float]]:
-    """WARMUP untimed steps, then STEPS timed ones: wall seconds and CPU seconds of each."""
+def time_steps(parts, clock_cpu, who: int) -> tuple[list[float], list[float], list[float], list[float]]:
+    """WARMUP untimed steps, then STEPS timed ones: wall seconds, CPU seconds, the kernel's share of the CPU
+    seconds and the bytes of new pages touched (minor faults x 4 KiB; rusage of `who`) of each."""
     for _ in range(WARMUP):
         parts.step(*parts.data.next())
-    wall, cpu = [], []
+    wall, cpu, sys_s, faulted = [], [], [], []
     for _ in range(STEPS):
         x, y = parts.data.next()
-        w0, c0 = time.perf_counter(), clock_cpu()
+        r0, w0, c0 = resource.getrusage(who), time.perf_counter(), clock_cpu()
         parts.step(x, y)
         wall.append(time.perf_counter() - w0)
         cpu.append(clock_cpu() - c0)
-    return wall, cpu
+        r1 = resource.getrusage(who)
+        sys_s.append(r1.ru_stime - r0.ru_stime)
+        faulted.append((r1.ru_minflt - r0.ru_minflt) * 4096)
+    return wall, cpu, sys_s, faulted
 
 
-def one_rank(over: dict) -> tuple[list[float], list[float]]:
+def one_rank(over: dict) -> tuple[list[float], ...]:
     from txlab.config import load_config
     from txlab.trial.build import build_trial
     from txlab.trial.resolve import resolve
 
     parts = build_trial(resolve(load_config(None, over)))
-    return time_steps(parts, time.thread_time)
+    return time_steps(parts, time.thread_time, resource.RUSAGE_THREAD)
 
 
 def _rank(rank: int, world: int, over: dict) -> dict:
@@ -113,22 +120,20 @@ def _rank(rank: int, world: int, over: dict) -> dict:
         parts = build_trial(
             resolve(load_config(None, over)), ranks=Ranks(rank, world, init_device_mesh("cpu", (world,)))
         )
-        wall, cpu = time_steps(parts, time.process_time)  # the rank's threads and gloo's
+        wall, cpu, sys_s, faulted = time_steps(parts, time.process_time, resource.RUSAGE_SELF)  # with gloo's threads
     finally:
         dist.destroy_process_group()
-    return {"wall": wall, "cpu": cpu}
+    return {"wall": wall, "cpu": cpu, "sys": sys_s, "faulted": faulted}
 
 
-def two_ranks(over: dict) -> tuple[list[float], list[float]]:
+def two_ranks(over: dict) -> tuple[list[float], ...]:
     from txlab.parallel.launch import spawn_ranks
 
     results = spawn_ranks(_rank, 2, (over,))
     if not all(isinstance(r, dict) for r in results):
         raise RuntimeError(f"ranks failed: {results}")
     # the ranks step together: each step takes the slower rank's time
-    wall = [max(r["wall"][i] for r in results) for i in range(STEPS)]
-    cpu = [max(r["cpu"][i] for r in results) for i in range(STEPS)]
-    return wall, cpu
+    return tuple([max(r[k][i] for r in results) for i in range(STEPS)] for k in ("wall", "cpu", "sys", "faulted"))
 
 
 def predicted(over: dict, profile: Path) -> dict:
@@ -265,11 +270,12 @@ def main() -> None:
         over = overrides(layers, tokens, policy, ranks)
         pred = predicted(over, profile)
         load_before = os.getloadavg()[0]
-        wall, cpu = (one_rank if ranks == 1 else two_ranks)(over)
+        wall, cpu, sys_s, faulted = (one_rank if ranks == 1 else two_ranks)(over)
         load_after = os.getloadavg()[0]
         row = {"name": name, "layers": layers, "tokens": tokens, "ranks": ranks, "policy.name": policy,
                "predicted_s": pred["predicted_step_time_s"], "predicted_exposed_comm_s": pred["predicted_exposed_comm_s"],
-               "load_before": load_before, "load_after": load_after}  # fmt: skip
+               "load_before": load_before, "load_after": load_after, "sys_s": statistics.median(sys_s),
+               "faulted_bytes": statistics.median(faulted)}  # fmt: skip
         for clock, ts in (("wall", wall), ("cpu", cpu)):
             row.update({f"{clock}_s": statistics.median(ts), f"{clock}_min_s": min(ts), f"{clock}_max_s": max(ts),
                         f"{clock}_spread_s": max(ts) - min(ts), f"{clock}_steps": ts})  # fmt: skip
@@ -277,7 +283,8 @@ def main() -> None:
         rows.append(row)
         print(f"  {name:10s} {layers}L {tokens:5d} tok {ranks} rank  predicted {row['predicted_s']:6.2f} s  "
               f"cpu {row['cpu_s']:6.2f} s ({row['error_vs_cpu']:+.0%})  wall {row['wall_s']:6.2f} s "
-              f"({row['error_vs_wall']:+.0%})  load {load_before:.1f}-{load_after:.1f}", flush=True)  # fmt: skip
+              f"({row['error_vs_wall']:+.0%})  load {load_before:.1f}-{load_after:.1f}  kernel {row['sys_s']:.2f} s, "
+              f"new pages {row['faulted_bytes'] / 1e9:.2f} GB", flush=True)  # fmt: skip
     import pandas as pd
 
     frame = pd.DataFrame(rows)
