@@ -84,6 +84,10 @@ def test_tp_computes_the_one_device_loss_and_gradients(shape, fsdp, tp):
     _same_numbers({**SHAPES[shape], "policy.name": "sdpa"}, fsdp, tp)
 
 
+def test_fsdp_x_tp_with_gradient_accumulation_computes_the_one_device_step():
+    _same_numbers({**GPT2, "policy.name": "recompute", "policy.loss_chunk": 16, "workload.grad_accum": 2}, 2, 2)
+
+
 @pytest.mark.parametrize(
     "shape, over",
     [
@@ -94,6 +98,7 @@ def test_tp_computes_the_one_device_loss_and_gradients(shape, fsdp, tp):
         ("llama", {"policy.name": "selective"}),
         ("gpt2", {"policy.name": "custom", "policy.remat": "sqrt", "policy.attention": "math"}),
         ("llama", {"policy.name": "custom", "policy.remat": "every", "policy.remat_every": 2}),
+        ("llama", {"policy.name": "checkpoint", "workload.grad_accum": 2}),  # micro-steps under TP's loss context
     ],
 )
 def test_tp_composes_with_every_policy(shape, over):
@@ -175,6 +180,7 @@ ESTIMATED_SHAPES = {
     "gpt2-selective": {**GPT2, "policy.name": "selective"},
     # the logits as large as everything else: the full loss's vocabulary-parallel softmax shows at the peak
     "gpt2-large-vocabulary": {**GPT2, "policy.name": "sdpa", "model.vocab_size": 4099},
+    "llama-accumulated": {**LLAMA, "policy.name": "checkpoint", "workload.grad_accum": 2},
 }
 
 
