@@ -5,6 +5,7 @@ this CPU. Bad input lives in tests/test_bad_input.py's corpus."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -185,3 +186,15 @@ def test_candidate_overrides_are_config_keys():
                     "policy.name": "checkpoint", "workload.grad_accum": 2}  # fmt: skip
     assert Candidate(Layout(fsdp=1), "sdpa").overrides() == {"parallel.fsdp": 1, "parallel.tp": 1,
                                                              "policy.name": "sdpa", "workload.grad_accum": 1}  # fmt: skip
+
+
+def test_the_shipped_example_loads_and_its_space_spans_256_h100s():
+    from txlab.advise.command import base_config
+    from txlab.hardware import load_profile
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "advise_llama70b.yaml"
+    profile = load_profile("h100-sxm")
+    space = build_space(base_config(str(path), [], "h100-sxm", profile.kind), 256, profile.devices_per_node)
+    assert {lo.tp for lo in space.families} == {1, 2, 4, 8}
+    assert all(lo.world == 256 for lo in space.families)
+    assert all(c.micro_batch(256) * c.grad_accum * c.layout.fsdp == 256 for f in space.families.values() for c in f)

@@ -118,9 +118,11 @@ def summary(result: Result, target: Target, batch_size: int, out_dir: Path | Non
         lines += [f"  {r}" for r in reasons]
         lines += [f"  {label}: refused by the config: {why}" for label, why in space.rejected]
     estimated = len(result.estimates)
+    present = {c.policy for cands in space.families.values() for c in cands}
+    policies = [p for p in space.policies if p in present]  # planned: single-device layouts with a budget only
     lines += [
         "",
-        f"search: {len(space.families)} layouts, {space.size} candidates ({', '.join(space.policies)}; micro-steps "
+        f"search: {len(space.families)} layouts, {space.size} candidates ({', '.join(policies)}; micro-steps "
         f"dividing each rank's share of the batch; reshard after forward on/off); {estimated} estimated "
         f"({result.reused} reused from the store), {space.size - estimated} not estimated; {result.wall_s:.0f} s",
         f"assumptions: {ASSUMPTIONS}; communication overlap as the time model prices it (docs/time_model.md)",
