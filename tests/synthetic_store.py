@@ -7,6 +7,7 @@ beyond the measured lengths). Host and sweep name say "synthetic".
     python tests/synthetic_store.py DIR            # writes a demo store to DIR
     python tests/synthetic_store.py DIR sweep400   # the 400-trial estimate sweep (8 x 10 x 5)
     python tests/synthetic_store.py DIR sizes      # the estimated frontier of gpt2 small..xl
+    python tests/synthetic_store.py DIR demo --predicted  # with the time model's columns (h100-sxm, $3/h)
 
 The last two are shaped like `txlab sweep` in estimate mode (every row `measured: false`, `over_budget` past
 the budget) at the scale of a real sweep, for checking that plots and the report stay readable.
@@ -213,6 +214,29 @@ def smoke_rows() -> list[dict]:
     return rows
 
 
+# the time model's error on the measured rows, by policy: a spread for the report's table to find (synthetic)
+PREDICTION_ERROR = {"naive": -0.2, "sdpa": -0.05, "selective": -0.08, "checkpoint": -0.1, "recompute": 0.08}
+
+
+def with_predictions(rows: list[dict], hardware: str = "h100-sxm", usd_per_device_hour: float | None = 3.0):
+    """The rows with the time model's columns, as `measure.hardware` (and a price) would give them: every ok row
+    a predicted step (measured rows: their step time off by PREDICTION_ERROR; estimates: the analytic step)."""
+    out = []
+    for r in rows:
+        r = {**r, "measure.hardware": hardware, "measure.usd_per_device_hour": usd_per_device_hour}
+        if r["status"] == "ok":
+            T, n = r["workload.seq_len"], r.get("parallel.fsdp") or 1
+            flops = (6 * r["n_params"] + 12 * r["model.n_layers"] * r["model.d_model"] * T) * T
+            step = r["step_time_s"] or flops / 3.2e14
+            pred = step * (1 + PREDICTION_ERROR.get(r["policy.name"], 0.0)) if r["step_time_s"] else step
+            r.update(hardware=hardware, predicted_step_time_s=pred, predicted_tokens_per_s=T / pred,
+                     predicted_exposed_comm_s=0.0)  # fmt: skip
+            if usd_per_device_hour is not None:
+                r["predicted_usd_per_mtok"] = usd_per_device_hour * n * pred / 3600 / T * 1e6
+        out.append(r)
+    return out
+
+
 def write_store(path, rows) -> Store:
     store = Store.open(str(path), create=True)
     for r in rows:
@@ -223,5 +247,7 @@ def write_store(path, rows) -> Store:
 if __name__ == "__main__":
     which = sys.argv[2] if len(sys.argv) > 2 else "demo"
     rows = synthetic_rows(**STORES[which])
+    if "--predicted" in sys.argv:  # the time model's columns too
+        rows = with_predictions(rows)
     write_store(sys.argv[1], rows)
     print(f"synthetic store ({which}, {len(rows)} rows) written to {sys.argv[1]}")

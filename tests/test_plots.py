@@ -329,6 +329,8 @@ def test_the_main_job_draws_these_plots(smoke_now, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "skipped chunk_sizes: no measured chunked-attention rows" in out
     assert "skipped fewest_devices: no sharded trials" in out
+    for name in ("predicted_throughput", "predicted_cost", "frontier_heatmap_time"):  # no profile, no prediction
+        assert f"skipped {name}: " in out and "txlab calibrate" in out.split(f"skipped {name}: ")[1].splitlines()[0]
     for name in list(written)[:-1]:
         with Image.open(tmp_path / f"{name}.png") as im:
             assert 500 <= im.size[0] <= 1800 and 300 <= im.size[1] <= 1400, (name, im.size)

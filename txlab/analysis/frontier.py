@@ -52,6 +52,7 @@ FRONTIER_COLUMNS = [
     "longest_tried",
     "n_trials",
     "peak_gib_at_frontier",
+    "predicted_step_time_s_at_frontier",  # the time model's step time of the frontier's trial (null: no profile)
     "q_chunk",
     "k_chunk",
     "device",
@@ -133,6 +134,9 @@ def _frontier_rows(g: pd.DataFrame, basis: str, budgets: list[float], skeys: lis
                 "longest_tried": g["seq_len"].max(),
                 "n_trials": len(g),
                 "peak_gib_at_frontier": float(best["peak_bytes"]) / GiB if best is not None else np.nan,
+                "predicted_step_time_s_at_frontier": _float(best["predicted_step_time_s"])
+                if best is not None
+                else np.nan,
                 "q_chunk": best["policy.q_chunk"] if chunked else pd.NA,
                 "k_chunk": best["policy.k_chunk"] if chunked else pd.NA,
                 "device": first["device"],
@@ -140,6 +144,10 @@ def _frontier_rows(g: pd.DataFrame, basis: str, budgets: list[float], skeys: lis
             }
         )
     return rows
+
+
+def _float(v) -> float:
+    return float(v) if pd.notna(v) else np.nan
 
 
 def baseline_name(df: pd.DataFrame) -> str | None:

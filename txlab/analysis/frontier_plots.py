@@ -35,6 +35,7 @@ from txlab.analysis.layout import (
 )
 from txlab.analysis.palette import style
 from txlab.analysis.plotting import GIB_NOTE, TICK_PT, Drawn, Skipped, basis_handles, join_names, policy_handles
+from txlab.analysis.time_plots import NEEDS
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,9 @@ def _short_label(label: str) -> str:
     return label
 
 
-def _heat_cells(f: pd.DataFrame, pols: list[str], cols: list, all_estimated: bool) -> dict:
-    """(row, col) -> (log2 value or nan, main text, second line or None, infeasible), measured first."""
+def _heat_cells(f: pd.DataFrame, pols: list[str], cols: list, all_estimated: bool, by_time: bool = False) -> dict:
+    """(row, col) -> (log2 value or nan, main text, second line or None, infeasible), measured first. `by_time`:
+    the value is log10 of the frontier trial's predicted step time, written as the second line."""
     meas = f[f["basis"] == "measured"].set_index(["policy", "setting", "depth"])
     est = f[f["basis"] == "estimated"].set_index(["policy", "setting", "depth"])
     cells = {}
@@ -114,6 +116,10 @@ def _heat_cells(f: pd.DataFrame, pols: list[str], cols: list, all_estimated: boo
             if m is not None and e is not None and e["label"] != m["label"]:
                 second = "est. " + _short_label(e["label"]).replace("infeasible\nat ", "none ≥")
             value = np.log2(float(longest)) if pd.notna(longest) else np.nan
+            if by_time:
+                t = first["predicted_step_time_s_at_frontier"]
+                value = np.log10(t) if pd.notna(t) and t > 0 else np.nan
+                second = f"{t:.3g} s" if pd.notna(t) and t > 0 else ("no prediction" if pd.notna(longest) else None)
             cells[r, c] = (value, text, second, pd.isna(longest))
     return cells
 
@@ -163,8 +169,9 @@ def _text_width_in(texts: Iterable[str], pt: float = TICK_PT) -> float:
     return max((len(line) for t in texts for line in str(t).split("\n")), default=1) * 0.68 * pt / 72
 
 
-def plot_frontier_heatmap(source: Source, budgets: Iterable[float] | None = None) -> Drawn:
-    """Per budget: policy x depth cells holding the longest feasible seq_len (colour: log2 of it).
+def plot_frontier_heatmap(source: Source, budgets: Iterable[float] | None = None, color: str = "length") -> Drawn:
+    """Per budget: policy x depth cells holding the longest feasible seq_len (colour: log2 of it; `color`
+    "predicted_time": log10 of the frontier trial's predicted step time, written under the length).
 
     '32k+': the longest length tried fits; 'infeasible at 256': not even the shortest fits (hatched);
     'est. N' below a cell: the frontier estimated rows give, when it differs from the measured one.
@@ -174,12 +181,18 @@ def plot_frontier_heatmap(source: Source, budgets: Iterable[float] | None = None
     fr = frontier(prepare(source), budgets)
     if fr.empty:
         return Skipped("no budget to judge against, or no rows other than errors")
+    by_time = color == "predicted_time"
+    times = pd.to_numeric(fr["predicted_step_time_s_at_frontier"], errors="coerce").dropna()
+    if by_time and times.empty:
+        return Skipped(f"no frontier trial has a predicted step time ({NEEDS})")
     pols = policy_order(fr["policy"])
     all_estimated = bool((fr["basis"] == "estimated").all())
     items = frontier_panels(fr)
-    cells = {id(p): _heat_cells(_panel_rows(fr, p), pols, p.columns, all_estimated) for p in items}
+    cells = {id(p): _heat_cells(_panel_rows(fr, p), pols, p.columns, all_estimated, by_time) for p in items}
     lens = pd.concat([fr["longest_feasible_seq_len"], fr["shortest_tried"]]).dropna().astype(int)
     scale = (np.log2(lens.min()), np.log2(lens.max()), sns.color_palette("crest", as_cmap=True))
+    if by_time:
+        scale = (np.log10(times.min()), np.log10(times.max()), sns.color_palette("flare", as_cmap=True))
     texts = [t for c in cells.values() for v in c.values() for t in v[1:3] if t]
     cell_w = max(0.7, _text_width_in(texts + [t for p in items for t in p.ticks]) + 0.15)
     two_lines = any("\n" in t for t in texts) or any(v[2] for c in cells.values() for v in c.values())
@@ -203,6 +216,14 @@ def plot_frontier_heatmap(source: Source, budgets: Iterable[float] | None = None
             else "'est.': from estimated rows (measured = false); in italics under a cell where it differs."
         )
     )
+    if by_time:
+        note = (
+            "Cell: longest sequence length (tokens, k = 1024) with status ok and peak <= budget, and under it the "
+            "predicted step time of the trial that reached it (the time model on the row's hardware profile, not "
+            f"measured); colour: that time, log scale, darker is slower. {GIB_NOTE}. 'N+': the longest length tried "
+            "fits. Hatched: not even the shortest length tried fits. 'est.': from estimated rows (measured = false)."
+        )
+        return finish(fig, "Feasibility frontier, coloured by predicted step time", [], [], note)
     return finish(fig, "Feasibility frontier: longest sequence that fits", [], [], note)
 
 

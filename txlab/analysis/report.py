@@ -5,7 +5,8 @@ It opens with the answer, then the evidence, then what the store holds:
 1. the feasibility frontier, one table per budget: the longest sequence per policy and depth, and the
    factor the best policy gains over the baseline (sdpa, else naive);
 2. every plot, with a caption (or why it was not drawn);
-3. each policy against the baseline at shared shapes (memory saving, time overhead);
+3. each policy against the baseline at shared shapes (memory saving, time overhead), and the time model's
+   error on measured rows that carry a prediction (median and worst, per hardware profile);
 4. trial counts by sweep, basis and status, the devices, the sweep grids reconstructed from the rows (the
    config keys that vary within each sweep, and their values), the settings every trial shares, and the
    spec files kept in the store directory;
@@ -35,6 +36,7 @@ from txlab.analysis.frontier import (
     versus_baseline,
     versus_pivot,
 )
+from txlab.analysis.time_plots import prediction_error, prediction_note
 from txlab.results.columns import GiB, config_columns
 
 CAPTIONS = {
@@ -48,6 +50,12 @@ CAPTIONS = {
     "BASE's at that shape (x1.33 = 33% slower than BASE); the Pareto front circled.",
     "chunk_sizes": "Chunked attention: peak memory and step time over q_chunk x k_chunk.",
     "fewest_devices": "The fewest FSDP ranks whose per-rank peak fits each per-device budget, per model and policy.",
+    "predicted_throughput": "Predicted tokens/s per device against sequence length on each row's hardware profile "
+    "(the time model, not measured), a line per policy, a panel per setting (layout among the keys) and depth.",
+    "predicted_cost": "Predicted dollars per million tokens against sequence length, from the time model and the "
+    "rows' measure.usd_per_device_hour.",
+    "frontier_heatmap_time": "The feasibility frontier with each cell coloured by the predicted step time of the "
+    "trial that reached it (written under the length).",
 }
 
 
@@ -156,6 +164,8 @@ NO_VERSUS = (
     "to compare. Estimated rows take no part: they have no step times."
 )
 
+TIME_MODEL_HEAD = "The time model against measured steps"
+
 
 @dataclass
 class Report:
@@ -168,6 +178,8 @@ class Report:
     versus: pd.DataFrame
     baseline: str | None
     tables: dict[str, pd.DataFrame]  # what the store holds, in order
+    time_model: pd.DataFrame  # the time model's error on measured rows, per hardware profile
+    time_model_note: str
     specs: dict[str, str]
     errors: pd.DataFrame
     df: pd.DataFrame = field(repr=False)
@@ -207,6 +219,8 @@ def build_report(store: Source, budgets=None) -> Report:
             "Sweep grids (config keys that vary, reconstructed from the rows)": reconstructed_grids(df),
             "Settings shared by every trial": constant_settings(df),
         },
+        time_model=(tm := prediction_error(df)),
+        time_model_note=prediction_note(tm),
         specs=spec_files(store),
         errors=errors,
         df=df,
@@ -274,6 +288,7 @@ def _markdown(rep: Report, out: Path) -> str:
     md.append(f"## Against {rep.baseline or 'the baseline'} at shared shapes\n")
     md.append((VERSUS_NOTE.replace("BASE", f"`{rep.baseline}`") if rep.baseline else NO_VERSUS) + "\n")
     md.append(md_table(versus_pivot(rep.versus)))
+    md += [f"## {TIME_MODEL_HEAD}\n", rep.time_model_note + "\n", md_table(rep.time_model)]
     for head, t in rep.tables.items():
         md += [f"## {head}\n", md_table(t)]
     for name, text in rep.specs.items():
@@ -348,6 +363,8 @@ def _html_store(rep: Report) -> list[str]:
         if base
         else f"<p>{e(NO_VERSUS)}</p>"
     )
+    parts.append(f"<h2>{e(TIME_MODEL_HEAD)}</h2><p class='note'>{e(rep.time_model_note)}</p>")
+    parts.append(_html_table(rep.time_model))
     for head, t in rep.tables.items():
         parts.append(f"<h2>{e(head)}</h2>{_html_table(t)}")
     for name, text in rep.specs.items():
