@@ -50,6 +50,16 @@ def mem_tracker_cls(sharded: bool = False):
         def __init__(self, budget_bytes: int | None, *args):
             super().__init__(*args)  # FSDPMemTracker takes (model, optimizer)
             self.budget_bytes = budget_bytes
+            self.on_op: Callable | None = None  # called with the tracker after every op (txlab.trial.extrapolate)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if self.on_op is None:
+                return super().__torch_dispatch__(func, types, args, kwargs)
+            self.op_args = args  # for on_op (which op of the step this is); never held past the op: a held
+            try:  # gradient would be copied by autograd's accumulation instead of taken
+                return super().__torch_dispatch__(func, types, args, kwargs)
+            finally:
+                self.op_args = ()
 
         def _update_peak_stats(self, peak_state) -> None:  # called after every op
             # Only the global peak and its breakdown: MemTracker's per-module peaks (a walk over every
@@ -62,6 +72,8 @@ def mem_tracker_cls(sharded: bool = False):
                 total = sum(snap.get("Total", 0) for snap in self._curr_mem_snap.values())
                 if total > self.budget_bytes:
                     raise BudgetExceeded(total, self.budget_bytes)
+            if self.on_op is not None:
+                self.on_op(self)
 
     return BudgetedTracker, RefType
 
@@ -132,6 +144,7 @@ class MemoryMonitor:
         budget_bytes: int | None,
         cuda_accounting: bool = False,
         sharded: bool = False,
+        on_op: Callable | None = None,
     ):
         tracker_cls, self._ref = mem_tracker_cls(sharded)
         self.device, self.sharded, self.model = device, sharded, model
@@ -147,6 +160,7 @@ class MemoryMonitor:
             else:
                 self.tracker = tracker_cls(budget)
                 self.tracker.track_external(model, optimizer, *inputs)
+            self.tracker.on_op = on_op
         except BaseException:
             self._stack.close()
             raise
@@ -188,31 +202,37 @@ class MemoryMonitor:
             snap = next(
                 (s for d, s in self.tracker.get_tracker_snapshot("peak").items() if d.type == self.device.type), {}
             )
-        R = self._ref
-        if self.sharded:
-            part = {
-                "params_bytes": snap.get(R.SHARDED_PARAM, 0),
-                "grads_bytes": snap.get(R.SHARDED_GRAD, 0) + snap.get(R.UNSHARDED_GRAD, 0),
-                "optimizer_bytes": snap.get(R.OPT, 0),
-                "activations_bytes": snap.get(R.ACT, 0),
-                "gathered_params_bytes": snap.get(R.UNSHARDED_PARAM, 0),
-                "comm_bytes": snap.get(R.ALL_GATHER, 0) + snap.get(R.REDUCE_SCATTER, 0),
-            }
-        else:
-            part = {
-                "params_bytes": snap.get(R.PARAM, 0),
-                "grads_bytes": snap.get(R.GRAD, 0),
-                "optimizer_bytes": snap.get(R.OPT, 0),
-                "activations_bytes": snap.get(R.ACT, 0),
-            }
-        tracked = snap.get("Total", 0)
         if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
-            reserved = torch.cuda.max_memory_reserved(self.device)
-        else:
-            peak, reserved = tracked, None
-        other = max(0, peak - sum(part.values()))  # temporaries, buffers, inputs (+ allocator slack on CUDA)
-        return Memory(peak_bytes=peak, other_bytes=other, tracked_peak_bytes=tracked, reserved_bytes=reserved, **part)
+            peak, reserved = torch.cuda.max_memory_allocated(self.device), torch.cuda.max_memory_reserved(self.device)
+            return memory_at(snap, self.sharded, peak, reserved)
+        return memory_at(snap, self.sharded)
+
+
+def memory_at(snap: dict, sharded: bool, peak: int | None = None, reserved: int | None = None) -> Memory:
+    """The figures of a tracker snapshot (bytes by category, "Total"): the breakdown, and the peak (`peak`: the
+    CUDA allocator's; None: the tracked total, a CPU's peak). Also what an extrapolated estimate's snapshot at its
+    peak becomes (txlab.trial.extrapolate)."""
+    _, R = mem_tracker_cls(sharded)
+    if sharded:
+        part = {
+            "params_bytes": snap.get(R.SHARDED_PARAM, 0),
+            "grads_bytes": snap.get(R.SHARDED_GRAD, 0) + snap.get(R.UNSHARDED_GRAD, 0),
+            "optimizer_bytes": snap.get(R.OPT, 0),
+            "activations_bytes": snap.get(R.ACT, 0),
+            "gathered_params_bytes": snap.get(R.UNSHARDED_PARAM, 0),
+            "comm_bytes": snap.get(R.ALL_GATHER, 0) + snap.get(R.REDUCE_SCATTER, 0),
+        }
+    else:
+        part = {
+            "params_bytes": snap.get(R.PARAM, 0),
+            "grads_bytes": snap.get(R.GRAD, 0),
+            "optimizer_bytes": snap.get(R.OPT, 0),
+            "activations_bytes": snap.get(R.ACT, 0),
+        }
+    tracked = snap.get("Total", 0)
+    peak = tracked if peak is None else peak
+    other = max(0, peak - sum(part.values()))  # temporaries, buffers, inputs (+ allocator slack on CUDA)
+    return Memory(peak_bytes=peak, other_bytes=other, tracked_peak_bytes=tracked, reserved_bytes=reserved, **part)
 
 
 def measure_steps(
@@ -227,6 +247,7 @@ def measure_steps(
     after_step: Callable[[int, torch.Tensor], None] | None = None,
     held: Sequence[torch.Tensor] = (),
     hold_losses: bool = True,
+    on_op: Callable | None = None,
 ) -> tuple[Memory, torch.Tensor | None]:
     """The measured window every peak in txlab comes from: `step(x, y)` over `batches` under the monitor
     (every batch alive through the window, as a training loop holds them), the peak and its breakdown, and
@@ -234,9 +255,11 @@ def measure_steps(
     the CPU the tracker stops the step: BudgetExceeded (txlab.trial.pipeline makes it the over_budget
     outcome, its peak a lower bound). `held`: further tensors alive through the window (batches of steps
     taken before it). `hold_losses`: each step's loss tensor stays alive through the next step, as in a loop
-    that assigns `loss = step(x, y)` (the measured trial's); the estimator's steps drop it (None returned)."""
+    that assigns `loss = step(x, y)` (the measured trial's); the estimator's steps drop it (None returned).
+    `on_op(tracker)`: after every op, with the tracker (its live bytes by device and category, its module tracker):
+    an extrapolated estimate's timeline (txlab.trial.extrapolate)."""
     inputs = [*held, *(t for b in batches for t in b)]
-    with MemoryMonitor(device, model, optimizer, inputs, budget_bytes, cuda_accounting, sharded) as monitor:
+    with MemoryMonitor(device, model, optimizer, inputs, budget_bytes, cuda_accounting, sharded, on_op) as monitor:
         loss = None
         for i, (x, y) in enumerate(batches):
             loss = step(x, y)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -125,7 +126,8 @@ class Recorder(TorchDispatchMode):
         super().__init__()
         self.ops: list[Op] = []
         self.optimizer = False
-        self._pending: dict[int, int] = {}  # storage of a collective's output -> its op index
+        # storage of a collective's output -> its op index, and the storage (weakly: it must still be alive)
+        self._pending: dict[int, tuple[int, StorageWeakRef]] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -136,13 +138,15 @@ class Recorder(TorchDispatchMode):
                 for t in _tensors((args, kwargs)):
                     k = _key(t)
                     if k in self._pending:
-                        op.waits = max(op.waits, self._pending.pop(k))
+                        index, storage = self._pending.pop(k)
+                        if not storage.expired():  # else a new storage at a freed one's address: no dependency
+                            op.waits = max(op.waits, index)
             self.ops.append(op)
             if op.cls == "collective":
                 for t in _tensors(out) + _tensors(args[:1]):
                     k = _key(t)
                     if k is not None:
-                        self._pending[k] = len(self.ops) - 1
+                        self._pending[k] = (len(self.ops) - 1, StorageWeakRef(t.untyped_storage()))
         return out
 
     def phase(self) -> str:
@@ -310,9 +314,10 @@ def _group_ranks(args, kwargs) -> tuple[int, ...]:
     return ()
 
 
-def record_step(step, optimizer: torch.optim.Optimizer, *batch) -> list[Op]:
-    """Run `step(*batch)` under a Recorder (the optimizer's step told apart by its hooks) and return the ops."""
-    rec = Recorder()
+def record_step(step, optimizer: torch.optim.Optimizer, *batch, recorder: Recorder | None = None) -> list[Op]:
+    """Run `step(*batch)` under a Recorder (the optimizer's step told apart by its hooks) and return the ops.
+    `recorder`: a Recorder of the caller's (a subclass that notes more per op: txlab.trial.extrapolate)."""
+    rec = recorder if recorder is not None else Recorder()
 
     def pre(*_):
         rec.optimizer = True

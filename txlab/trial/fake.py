@@ -30,6 +30,16 @@ def make_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+def settle_fsdp(model: torch.nn.Module) -> None:
+    """FSDP2's root finishes its setup in the first forward (its lazy init: every parameter's sharded storage reset,
+    op by op, before the first block runs), as in the measured trial's first step; the steady step the estimator
+    watches is the measured second, after it. Done before the window so that the watched step is the same for every
+    block (txlab.trial.extrapolate)."""
+    state = getattr(model, "_get_fsdp_state", None)
+    if state is not None:
+        state()._lazy_init()
+
+
 @contextmanager
 def sharding_propagation_apart():
     """DTensor works out an op's output shape by running the op on fake tensors of the global shapes, in the
@@ -50,7 +60,11 @@ def sharding_propagation_apart():
 
 
 def fake_step_memory(
-    setup: Setup, plan: list[tuple[int, int, str]] | None = None, steady: bool = True, wrap_step: Callable | None = None
+    setup: Setup,
+    plan: list[tuple[int, int, str]] | None = None,
+    steady: bool = True,
+    wrap_step: Callable | None = None,
+    on_op: Callable | None = None,
 ) -> tuple[Memory, torch.nn.Module]:
     """Run `build_trial` and its steps on fake tensors under the MemoryMonitor, for the device kind
     `setup.kind` (cuda: CUDA's fused AdamW and allocator rounding, on fake CPU tensors).
@@ -66,7 +80,11 @@ def fake_step_memory(
     with FSDP): one rank's figures for any N, at the cost of one.
 
     `wrap_step(step, optimizer) -> step`: what the watched steps run instead of the trial's step (the time
-    model's operator trace, txlab.trial.predict, records the steady step this way, in the same run).
+    model's operator trace, txlab.trial.predict, records the steady step this way, in the same run). `on_op(tracker)`:
+    after every op of the watched steps (txlab.trial.extrapolate records the timeline of live memory).
+
+    This is one run of every block; `txlab.trial.extrapolate.step_memory` (what estimates call) runs a few depths of
+    a deep model this way and extrapolates.
 
     Returns the monitor's figures and the built model (fake), so callers can read parameter counts.
     Allocates only the tracker's bookkeeping.
@@ -75,14 +93,14 @@ def fake_step_memory(
     layout = setup.layout
     ranks = fake_ranks(layout.fsdp, layout.tp) if setup.sharded else None  # the mesh before FakeTensorMode (FACTS)
     try:
-        return _fake_step(setup, plan, steady, ranks, wrap_step)
+        return _fake_step(setup, plan, steady, ranks, wrap_step, on_op)
     finally:
         if ranks is not None:
             close_ranks()
 
 
 def _fake_step(
-    setup: Setup, plan, steady: bool, ranks: Ranks | None, wrap_step: Callable | None = None
+    setup: Setup, plan, steady: bool, ranks: Ranks | None, wrap_step: Callable | None = None, on_op=None
 ) -> tuple[Memory, torch.nn.Module]:
     cuda = setup.kind == "cuda"
     parts = None
@@ -95,6 +113,7 @@ def _fake_step(
         if parts is None:
             parts = build_trial(setup, fused_optimizer=cuda, plan=plan, ranks=ranks)
         if steady:
+            settle_fsdp(parts.model)
             make_optimizer_state(parts.optimizer)
         batches = [parts.data.next() for _ in range(MEMORY_STEPS)]  # all alive in the window, as measured
         window = batches[-1:] if steady else batches
@@ -104,7 +123,7 @@ def _fake_step(
             memory, _ = measure_steps(
                 setup.device, parts.model, parts.optimizer, window, step, None, cuda,
                 ranks is not None and ranks.fsdp > 1,
-                held=earlier, hold_losses=False,
+                held=earlier, hold_losses=False, on_op=on_op,
             )  # fmt: skip
         del batches, earlier, window
     if cuda:  # the caching allocator's segments depend on history: not modelled

@@ -19,7 +19,7 @@ from txlab.policy.apply import apply_policy
 from txlab.policy.planner import RATES, BlockCost, NoFeasiblePlan, Plan, Run, model_peak, optimise, run_cost
 from txlab.policy.remat import PLAN_MODES, SELECTIVE_POLICIES, Recomputed, segments
 from txlab.runtime.progress import log
-from txlab.trial.fake import fake_step_memory
+from txlab.trial.extrapolate import step_memory
 from txlab.trial.resolve import Setup
 
 # --- profiling a block on fake tensors --------------------------------------------------------------
@@ -119,7 +119,7 @@ def plan_trial(setup: Setup, rounds: int = 4) -> Plan:
 
     def estimate(runs: list[Run]) -> int:
         if tuple(runs) not in estimates:
-            estimates[tuple(runs)] = fake_step_memory(setup, plan=runs)[0].peak_bytes
+            estimates[tuple(runs)] = step_memory(setup, runs)[0].peak_bytes  # deep: from a few depths
         return estimates[tuple(runs)]
 
     # calibrate the constant on the two extreme plans

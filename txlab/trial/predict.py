@@ -18,31 +18,18 @@ import torch
 
 from txlab.measure.records import Facts, Memory, Prediction, Records, Traffic
 from txlab.timemodel.predict import Work, predict
-from txlab.timemodel.trace import Op, record_step, traffic
-from txlab.trial.fake import fake_step_memory
+from txlab.timemodel.trace import Op, traffic
+from txlab.trial.extrapolate import step_memory
 from txlab.trial.resolve import Setup
 
 
 def traced_step_memory(
     setup: Setup, plan: list[tuple[int, int, str]] | None = None
 ) -> tuple[Memory, torch.nn.Module, list[Op]]:
-    """`fake_step_memory` of the trial (its steady step) with that step's operators recorded."""
-    ops: list[Op] = []
-
-    def wrap(step, optimizer):
-        def traced(x, y):
-            loss = None
-
-            def run(x, y):
-                nonlocal loss
-                loss = step(x, y)
-
-            ops.extend(record_step(run, optimizer, x, y))
-            return loss
-
-        return traced
-
-    memory, model = fake_step_memory(setup, plan, wrap_step=wrap)
+    """The fake step of the trial (its steady step) with that step's operators recorded: one run, or a deep model's
+    extrapolated exactly from a few depths (txlab.trial.extrapolate)."""
+    memory, model, ops = step_memory(setup, plan, trace=True)
+    assert ops is not None
     return memory, model, ops
 
 
