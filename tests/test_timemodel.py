@@ -272,6 +272,12 @@ def test_txlab_estimate_prints_the_time_line(capsys):
     line = next(x for x in out.splitlines() if x.startswith("time "))
     assert "predicted on a100-80g: step" in line and "tokens/s per device" in line and "MFU" in line
     assert "exposed comm" in line and "no price" in line
+    assert not any(x.startswith("comm ") for x in out.splitlines())  # one device sends nothing
+    argv += ["--set", "parallel.fsdp=2", "--set", "workload.batch_size=2"]
+    assert main([a if a != "-" else str(REPO / "examples" / "debug.yaml") for a in argv]) == 0
+    comm = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("comm "))
+    assert "sent per device per step (traced): all-gather " in comm and "reduce-scatter " in comm
+    assert "all-reduce" not in comm and "all-to-all" not in comm
 
 
 def local_profile(tmp_path, monkeypatch, rate_gflops=50.0):

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from txlab.results.columns import FIGURES
 from txlab.units import GiB
+
+# the bytes one device sends per step in each kind of collective (txlab.timemodel.trace.traffic)
+TRAFFIC_COLUMNS = [c for c in FIGURES if c.startswith("comm_") and c.endswith("_bytes") and c != "comm_bytes"]
 
 
 def _gib(v: int | None) -> str:
@@ -99,6 +103,10 @@ def format_row(row: dict[str, Any]) -> str:
             )
     if row.get("predicted_step_time_s") is not None:
         lines.append(time_line(row))
+    sent = {c.removeprefix("comm_").removesuffix("_bytes").replace("_", "-"): row.get(c) for c in TRAFFIC_COLUMNS}
+    if any(sent.values()):  # a layout that communicates (one device sends nothing: no line)
+        lines.append("comm      sent per device per step (traced): "
+                     + ", ".join(f"{k} {_gib(v)} GiB" for k, v in sent.items() if v))  # fmt: skip
     lines.append(f"took      {row['duration_s']:.1f} s")
     return "\n".join(lines)
 
