@@ -262,7 +262,7 @@ def test_skip_if_drops_the_fsdp_points_that_would_not_validate(tmp_path):
     ]  # fmt: skip
     assert len(e.skipped) == 9 and all(t.config.parallel.fsdp == t.point["parallel.fsdp"] for t in e.trials)
     text = format_dry_run(plan(spec, str(tmp_path / "st")))
-    assert "each trial 1 CPU, 0 GPU (per rank: parallel.fsdp 2/4 trials take that many times as much)" in text
+    assert "each trial 1 CPU, 0 GPU (per rank: trials of 2/4 ranks take that many times as much)" in text
     with pytest.raises(ConfigError, match=r"trial \{parallel.fsdp=4, workload.batch_size=1.*must divide"):
         expand(spec_of(grid={"parallel.fsdp": [4], "workload.batch_size": [1]}))
 

@@ -127,6 +127,50 @@ def test_a_sharded_trial_asks_tune_for_one_bundle_per_rank(tmp_path):
     ] * 2
 
 
+def test_a_tp_trial_asks_for_one_bundle_per_tp_group_and_its_ranks_fill_them_in_mesh_order(tmp_path):
+    from txlab.sweeps.placement import layout_of, trial_resources
+    from txlab.sweeps.plan import plan
+    from txlab.sweeps.spec import parse_spec
+
+    grid = {"parallel.fsdp": [2], "parallel.tp": [1, 2]}
+    raw = {"name": "t", "base": SHARDED, "grid": grid, "resources": {"cpu": 1.5, "gpu": 1}}
+    p = plan(parse_spec(raw), str(tmp_path / "st"))
+    resources = trial_resources(p.spec, p.to_run)
+    by_tp = {t.config.parallel.tp: resources({"trial_key": t.key}) for t in p.to_run}
+    assert by_tp[1].bundles == [{"CPU": 1.5, "GPU": 1.0}] * 2  # no TP: a bundle per rank, as before
+    # fsdp 2 x tp 2: a bundle per TP group holding both ranks' shares (a bundle is on one node), packed
+    assert by_tp[2].head_bundle_is_empty and by_tp[2].bundles == [{"CPU": 3.0, "GPU": 2.0}] * 2
+    assert by_tp[2].strategy == "PACK" and by_tp[2].required_resources == {"CPU": 6.0, "GPU": 4.0}
+    # the trainable reads the layout from the trial's flat config: 4 ranks, rank r in bundle r // tp
+    (four,) = [t for t in p.to_run if t.config.parallel.tp == 2]
+    layout = layout_of(four.config.flat())
+    assert (layout.world, layout.tp) == (4, 2)
+    p = plan(parse_spec({**raw, "mode": "estimate"}), str(tmp_path / "st2"))  # rank 0 on a fake process group
+    assert {len(trial_resources(p.spec, p.to_run)({"trial_key": t.key}).bundles) for t in p.to_run} == {1}
+
+
+def test_a_tp_group_that_no_node_holds_is_refused_in_one_line(capsys):
+    from txlab.config import ConfigError
+    from txlab.sweeps.placement import check_fits
+    from txlab.sweeps.spec import expand, parse_spec
+
+    raw = {"name": "t", "base": SHARDED, "grid": {"parallel.fsdp": [2], "parallel.tp": [2]}, "resources": {"cpu": 1}}
+    spec = parse_spec(raw)
+    ts = expand(spec).trials
+    check_fits(spec, ts, [{"CPU": 2.0}] * 2, False, "c")  # a TP group a node
+    with pytest.raises(ConfigError) as e:  # 4 CPUs in all, but no node holds a TP group's 2
+        check_fits(spec, ts, [{"CPU": 1.0}] * 4, False, "the cluster (local)")
+    assert str(e.value) == (
+        "sweep t: trials with parallel.fsdp 2 x parallel.tp 2 need 2 x {2 CPU, 0 GPU} on one node each (a TP "
+        "group's 2 ranks share a node; resources per rank {1 CPU, 0 GPU}); the cluster (local) has 4 x {1 CPU, "
+        "0 GPU}: they can never be placed (lower resources or parallel.tp, or run on a larger cluster)"
+    )
+    check_fits(spec, ts, [{"CPU": 1.0}] * 4, True, "c")  # an autoscaler may add such nodes
+    assert "warning: trials with parallel.fsdp 2 x parallel.tp 2 need" in capsys.readouterr().err
+    spec = parse_spec({**raw, "resources": {"cpu": 0.5}})  # half a CPU a rank: a 1-CPU node holds a group
+    check_fits(spec, expand(spec).trials, [{"CPU": 1.0}] * 2, False, "c")
+
+
 def test_trials_that_can_never_be_placed_are_refused_on_a_fixed_cluster(capsys):
     from txlab.config import ConfigError
     from txlab.sweeps.cluster import scales_by_report

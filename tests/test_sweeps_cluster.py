@@ -208,3 +208,58 @@ def test_job_submit_sweep_on_two_nodes_survives_a_lost_worker(cluster, tmp_path)
     env.pop("RAY_AUTH_MODE")
     denied = subprocess.run([RAY, "job", "list"], env=env, capture_output=True, text=True, timeout=60)
     assert denied.returncode != 0 and "Authentication required" in denied.stdout + denied.stderr
+
+
+def _rank_sessions(sessions: list[int]) -> dict[int, int]:
+    """The running rank processes of sharded trials: rank -> the node (its `ray start` session) it runs on."""
+    import json
+
+    import psutil
+
+    found = {}
+    for session in sessions:
+        for proc in trial_processes(session):
+            try:
+                job = proc.cmdline()[-2]
+                if "txlab-rank" in job:
+                    found[json.loads(Path(job).read_text())["rank"]] = session
+            except (OSError, ValueError, IndexError, KeyError, psutil.Error):
+                pass
+    return found
+
+
+@pytest.mark.timeout(720)
+def test_a_tp_trial_puts_each_tp_group_on_one_node(cluster, tmp_path):
+    """fsdp 2 x tp 2 on two 1-CPU nodes. At 1 CPU a rank no node holds a TP group (2 CPUs): the sweep is
+    refused in one line before any trial runs. At half a CPU a rank each node holds one TP group: ranks 0
+    and 1 (a TP group: tp innermost) run on one node, ranks 2 and 3 on the other, and the row is ok."""
+    base = {"model": {"n_layers": 2, "d_model": 64}, "parallel": {"fsdp": 2, "tp": 2},
+            "workload": {"steps": 1, "warmup_steps": 0, "seq_len": 64, "batch_size": 2}}  # fmt: skip
+    spec = tmp_path / "tp.yaml"
+    spec.write_text(yaml.safe_dump({"name": "tp", "base": base, "grid": {"seed": [0]}, "resources": {"cpu": 1}}))
+    job = cluster.submit("txlab", "sweep", str(spec), "--store", str(tmp_path / "refused"), no_wait="txlab-refused")
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
+    out = cluster.job("logs", "txlab-refused", "--follow", timeout=300).stdout
+    status = cluster.job("status", "txlab-refused")
+    assert "exit code 2" in status.stdout + status.stderr and "Traceback" not in out, out[-4000:]
+    (line,) = {ln for ln in out.splitlines() if "never be placed" in ln}  # Ray repeats a failed job's log
+    assert line.startswith("error: sweep tp: "), line
+    assert "trials with parallel.fsdp 2 x parallel.tp 2 need 2 x {2 CPU, 0 GPU} on one node each" in line, line
+
+    spec.write_text(yaml.safe_dump({"name": "tp", "base": base, "grid": {"seed": [0]}, "resources": {"cpu": 0.5}}))
+    store, job_id = tmp_path / "store", "txlab-tp-groups"
+    job = cluster.submit("txlab", "sweep", str(spec), "--store", str(store), no_wait=job_id)
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
+    sessions, seen = [node.pid for node in cluster.nodes], {}
+    deadline = time.monotonic() + 300
+    while len(seen) < 4 and time.monotonic() < deadline:  # every rank lives until all four have joined
+        seen.update(_rank_sessions(sessions))
+        time.sleep(0.2)
+    logs = cluster.job("logs", job_id, "--follow", timeout=360)
+    status = cluster.job("status", job_id)
+    assert f"Job '{job_id}' succeeded" in status.stdout + status.stderr, logs.stdout[-4000:]
+    assert sorted(seen) == [0, 1, 2, 3], (seen, logs.stdout[-4000:])
+    assert seen[0] == seen[1] and seen[2] == seen[3] and seen[0] != seen[2], seen  # a TP group a node
+    (row,) = Store.open(str(store)).read().to_pylist()
+    assert row["status"] == "ok" and row["measured"] and row["parallel.tp"] == 2 and row["peak_bytes"] > 0, row
+    assert len(set(row["node_id"].split(","))) == 2, row["node_id"]

@@ -1,6 +1,6 @@
 """One trial of a sweep, inside its Ray actor: the Tune function trainable and the three ways it gets the
 trial's row. A measured one-device trial runs in a fresh process (`run_in_subprocess`, txlab.sweeps.worker);
-a measured `parallel.fsdp` = N trial runs its N ranks in the trial's placement group (`sharded_on_ray`,
+a measured trial of fsdp x cp x tp = N ranks runs them in the trial's placement group (`sharded_on_ray`,
 txlab.sweeps.ranks); an estimate runs in the (reused) actor itself (`estimate_in_actor`). Each always
 returns a row: a trial process that dies becomes an `error` row here. Only failures Ray sees (a lost node,
 a killed actor, a lost rank) raise, so that Tune's FailureConfig retries the trial.
@@ -13,7 +13,7 @@ import signal
 import time
 from typing import Any
 
-from txlab.sweeps.placement import trial_ranks
+from txlab.sweeps.placement import layout_of, trial_ranks
 from txlab.sweeps.rows import error_row, utc_now
 
 
@@ -83,7 +83,7 @@ def estimate_in_actor(trial_key: str, flat: dict[str, Any], sweep: str) -> dict[
 def sharded_on_ray(
     trial_key: str, flat: dict[str, Any], sweep: str, precheck: bool, cpu: float, gpu: float
 ) -> dict[str, Any]:
-    """A `parallel.fsdp` = N trial: its N ranks in the trial's placement group (txlab.sweeps.ranks), one
+    """A trial of N ranks (fsdp x cp x tp): its N ranks in the trial's placement group (txlab.sweeps.ranks), one
     row. A rank whose Ray actor died raises (RankLost) so that Tune retries the trial."""
     import socket
 
@@ -116,7 +116,7 @@ def trainable(
     key = config["trial_key"]
     if mode == "estimate":
         row = estimate_in_actor(key, jobs[key], sweep)
-    elif trial_ranks(jobs[key].get("parallel.fsdp"), mode) > 1:
+    elif trial_ranks(layout_of(jobs[key]), mode) > 1:
         row = sharded_on_ray(key, jobs[key], sweep, precheck, cpu, gpu)
     else:
         row = run_in_subprocess(key, jobs[key], sweep, mode=mode, precheck=precheck)

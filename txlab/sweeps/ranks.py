@@ -1,13 +1,15 @@
-"""The ranks of a sharded trial (`parallel.fsdp` = N > 1) placed by Ray across the cluster.
+"""The ranks of a sharded trial (fsdp x cp x tp = N > 1 ranks) placed by Ray across the cluster.
 
 Tune reserves a placement group per trial (`trial_bundles`): an empty head bundle for the trial's own
-actor (the Tune function trainable, which only orchestrates) and one bundle of the spec's per-rank
-resources for each rank, packed onto as few nodes as hold them (PACK: one node when it can, NVLink; the
-next ones when it cannot). `run_ranks`, inside that trainable:
+actor (the Tune function trainable, which only orchestrates) and one bundle per TP group holding its tp
+ranks' shares of the spec's per-rank resources (one bundle per rank without TP), packed onto as few nodes
+as hold them (PACK: one node when it can, NVLink; the next ones when it cannot). A bundle never spans
+nodes, so a TP group, whose collectives run in every layer, is on one node; the slower data-parallel and
+context-parallel traffic crosses nodes if it must. `run_ranks`, inside that trainable:
 
-  1. starts one `Rank` actor in each bundle (bundle i holds rank i) and asks each where it is (node id,
-     IP, host name); rank 0 also picks a free port on its node, and (IP, port) is the process group's
-     MASTER_ADDR / MASTER_PORT;
+  1. starts one `Rank` actor per rank in its group's bundle (bundle r // tp holds rank r: mesh order, tp
+     innermost) and asks each where it is (node id, IP, host name); rank 0 also picks a free port on its
+     node, and (IP, port) is the process group's MASTER_ADDR / MASTER_PORT;
   2. has each actor run its rank as `python -m txlab.sweeps.worker` in a fresh process
      (txlab.sweeps.worker.rank_row: the rank's precheck, then `txlab.trial.sharded.run_rank`), so a
      crash, a CUDA context or a leak stays in that process, as for one-device trials;
@@ -33,13 +35,19 @@ from typing import Any
 
 from txlab.parallel.launch import GRACE_S, exit_text, stopped
 from txlab.text import first_line
+from txlab.trial.resolve import Layout
 
 
-def trial_bundles(cpu: float, gpu: float, ranks: int) -> list[dict[str, float]]:
+def trial_bundles(cpu: float, gpu: float, ranks: int, group: int = 1) -> list[dict[str, float]]:
     """The placement-group bundles of one trial: its resources (one-device trial, estimate), or an empty
-    head bundle (the trainable) and one bundle per rank."""
-    bundle = {"CPU": float(cpu), **({"GPU": float(gpu)} if gpu else {})}
-    return [bundle] if ranks <= 1 else [{}] + [dict(bundle) for _ in range(ranks)]
+    head bundle (the trainable) and one bundle per group of `group` consecutive ranks (a TP group) with
+    their resources together."""
+    bundle = {"CPU": float(cpu) * group, **({"GPU": float(gpu) * group} if gpu else {})}
+    return (
+        [{"CPU": float(cpu), **({"GPU": float(gpu)} if gpu else {})}]
+        if ranks <= 1
+        else [{}] + [dict(bundle) for _ in range(ranks // group)]
+    )
 
 
 def rank_jobs(job: dict[str, Any], places: list[dict[str, Any]], gpu: float, cpu: float) -> list[dict[str, Any]]:
@@ -96,7 +104,8 @@ def run_ranks(cfg, job: dict[str, Any], cpu: float, gpu: float, started: str, t0
     from ray.util import get_current_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    n = cfg.parallel.fsdp
+    layout = Layout.of(cfg.parallel)
+    n, group = layout.world, layout.tp
     pg = get_current_placement_group()
     if pg is None:
         raise RuntimeError("a sharded trial runs in its placement group (txlab.sweeps.driver sets it up)")
@@ -105,7 +114,7 @@ def run_ranks(cfg, job: dict[str, Any], cpu: float, gpu: float, started: str, t0
         Rank.options(
             num_cpus=cpu,
             num_gpus=gpu,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r // group),
         ).remote()
         for r in range(n)
     ]
