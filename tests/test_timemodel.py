@@ -408,6 +408,43 @@ def test_experts_grouped_matmuls_are_matmuls():
     assert 2.0 * (64 * 2) * (2 * 32) * 64 in {o.flops for o in fwd}
 
 
+def _real_traffic(rank: int, world: int, c) -> dict:
+    """The comm bytes of one real step of `c` on rank `rank` (gloo): its collectives recorded by the time model's
+    Recorder on real tensors, after one warm-up step."""
+    import torch
+    import torch.distributed as dist
+
+    from txlab.parallel.fsdp import make_ranks
+    from txlab.timemodel.trace import record_step, traffic
+    from txlab.trial.build import build_trial
+
+    torch.set_num_threads(1)
+    setup = resolve(c)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        parts = build_trial(setup, ranks=make_ranks(rank, setup.layout.fsdp, setup.layout.tp, "cpu"))
+        parts.step(*parts.data.next())
+        return traffic(record_step(parts.step, parts.optimizer, *parts.data.next()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("layout", [{"parallel__fsdp": 2}, {"parallel__tp": 2, "parallel__sequence_parallel": False}])
+def test_an_estimates_traffic_is_what_the_real_step_sends(layout):
+    """The comm_*_bytes an estimate counts on fake tensors equal, to the byte, those of the real step's
+    collectives on each rank (FSDP's gathers and reduce-scatters; TP's all-reduces)."""
+    from tests.support import SHARDED
+    from txlab.parallel.launch import spawn_ranks
+
+    c = cfg(SHARDED, **layout)
+    real = spawn_ranks(_real_traffic, 2, (c,))
+    assert all(isinstance(r, dict) for r in real), real
+    row = estimate_trial(c)
+    counted = {k: row[f"comm_{k}_bytes"] for k in real[0]}
+    assert real[0] == real[1] == counted and sum(counted.values()) > 0
+    assert (counted["all_reduce"] > 0) == ("parallel__tp" in layout)
+
+
 def test_a_measured_sharded_row_gets_the_prediction_of_its_layout(tmp_path, monkeypatch):
     from tests.support import SHARDED
 
