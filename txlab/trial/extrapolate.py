@@ -396,9 +396,10 @@ def _copy_of(place: tuple, which: str) -> tuple | None:
     return (phase, inside, tuple(("mid", n[1], 0) for n in names))
 
 
-def extend(a: list, b: list, m_b: int, m: int) -> list[tuple[tuple, dict]]:
+def extend(a: list, b: list, m_b: int, m: int, ends_only: bool = False) -> list[tuple[tuple, dict]]:
     """The timeline at m copies from those at m_b - 1 (`a`) and m_b (`b`): b's ops in order with its middle copies
-    replaced by m - 2 EDGE copies, each op's values on its line. Raises NotLinear."""
+    replaced by m - 2 EDGE copies, each op's values on its line (`ends_only`: of those the first and the last run, all
+    the peak needs). Raises NotLinear."""
     ka, _ = _keyed(a)
     kb, order = _keyed(b)
     steps = m - m_b
@@ -416,11 +417,11 @@ def extend(a: list, b: list, m_b: int, m: int) -> list[tuple[tuple, dict]]:
         # the boundary between copy 1 from one end and copy 1 from the other: the middle copies run there
         for this, other, forward in (("s", "e", True), ("e", "s", False)):
             if _copy_of(k[0], this) is not None and following is not None and _copy_of(following, other) is not None:
-                out.extend(_middle(order, at, k[0][0], this, other, forward, middle, m))
+                out.extend(_middle(order, at, k[0][0], this, other, forward, middle, m, ends_only))
     return out
 
 
-def _middle(order, at, phase: int, this: str, other: str, forward: bool, count: int, m: int):
+def _middle(order, at, phase: int, this: str, other: str, forward: bool, count: int, m: int, ends_only: bool):
     """The `count` middle copies of one phase, in the order it runs them, each op between copy 1 from the start
     and copy 1 from the end (m - 2)."""
     start = [k for k in order if k[0][0] == phase and _copy_of(k[0], "s") is not None]
@@ -429,7 +430,9 @@ def _middle(order, at, phase: int, this: str, other: str, forward: bool, count: 
         raise NotLinear("copies 1 and m-2 run different ops")
     out = []
     span = m - 2 * EDGE + 1  # copies from EDGE - 1 (the start's copy 1) to m - EDGE (the end's)
-    copies = range(EDGE, EDGE + count) if forward else range(EDGE + count - 1, EDGE - 1, -1)
+    copies = list(range(EDGE, EDGE + count) if forward else range(EDGE + count - 1, EDGE - 1, -1))
+    if ends_only:  # each value is linear in the copy: its largest is at the first or last copy run, or at all
+        copies = copies[:1] + copies[1:][-1:]  # (then first at the first run); the peak needs no other
     for c in copies:
         for ks, ke in zip(start, end):
             vs, ve = at[ks], at[ke]
@@ -484,7 +487,7 @@ def extrapolated(
                 return None
         if _peak(_actual(runs[2].memory)) != runs[2].memory_out:
             return None  # the timeline is what the tracker's peak was taken from
-        memory = _peak(extend(runs[1].memory, runs[2].memory, COPIES[2], n))
+        memory = _peak(extend(runs[1].memory, runs[2].memory, COPIES[2], n, ends_only=True))
         ops = _ops(extend(runs[1].ops, runs[2].ops, COPIES[2], n)) if trace else None
     except NotLinear:
         return None
