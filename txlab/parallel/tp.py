@@ -9,7 +9,9 @@ What each TP rank holds (Megatron's layout):
 - MLP: the up projection (gelu) or fused gate|up projection (swiglu) column-wise, the down projection row-wise;
 - embeddings (token and learned positions) and the output projection split over their rows (the vocabulary,
   the positions), and the loss computed from vocabulary-sharded logits without gathering them: torch's
-  `loss_parallel` for the full loss, `VocabParallelChunkedCE` below for the chunked one;
+  `loss_parallel` for the full loss, the one-device chunked loss's fused cross-entropy
+  (`txlab.policy.loss.ChunkedCrossEntropy`) over this rank's vocabulary rows, its per-row log-sum-exp and
+  target logits all-reduced over the TP group, for the chunked one;
 - with sequence parallelism (`parallel.sequence_parallel`, on by default) the residual stream and the norms
   are split over the sequence between the TP regions (all-gather before a region, reduce-scatter after it,
   instead of an all-reduce), so a rank holds 1/tp of the norms' and residual's activations.
@@ -23,15 +25,13 @@ The attention modules are told their local head counts (`n_heads // tp`), as tor
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from txlab.policy.loss import ChunkedCrossEntropy, LossFn
 
 
 def row_order(sizes: list[int], tp: int) -> torch.Tensor:
@@ -149,65 +149,9 @@ def vocab_start(vocab: int, tp: int, rank: int) -> int:
     return min(rank * -(-vocab // tp), vocab)
 
 
-def _matmul_dtype(t: torch.Tensor) -> torch.dtype:
-    kind = t.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else t.dtype
-
-
-class VocabParallelChunkedCE(torch.autograd.Function):
-    """The chunked loss (`txlab.policy.loss`'s fused linear cross-entropy: each chunk's logits become their
-    gradient in forward) over this rank's vocabulary rows: per chunk of rows, the local logits (n, V/tp), the
-    log-sum-exp over the whole vocabulary from the ranks' maxima (all-reduce max) and sums of exponentials
-    (all-reduce sum), the target's logit from the rank that holds it (all-reduce sum). Each rank's gradient
-    of the weight is its rows' (exact); its gradient of the hidden states is a partial sum over its rows
-    (reduced by the caller's DTensor). No rank holds more than chunk x V/tp logits."""
-
-    @staticmethod
-    def forward(ctx, h, w, t, start: int, chunk: int, scale: float, group):
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        mm = _matmul_dtype(h)
-        dh = torch.empty_like(h) if need_h else None
-        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
-        total = h.new_zeros((), dtype=torch.float32)
-        w_mm = w.to(mm)
-        for s in range(0, h.shape[0], chunk):
-            hs, ts = h[s : s + chunk], t[s : s + chunk]
-            logits = F.linear(hs.to(mm), w_mm).float()  # (n, V/tp)
-            peak = logits.max(-1).values
-            dist.all_reduce(peak, dist.ReduceOp.MAX, group=group)
-            sumexp = (logits - peak[:, None]).exp_().sum(-1)
-            dist.all_reduce(sumexp, group=group)
-            lse = peak + sumexp.log()  # (n,): over the whole vocabulary
-            # the targets this rank's rows hold (no boolean indexing: fake tensors cannot size its output)
-            local = ts - start
-            mine = ((local >= 0) & (local < w.shape[0])).float()
-            rows, cols = torch.arange(len(ts), device=h.device), local.clamp(0, max(w.shape[0] - 1, 0))
-            target = logits[rows, cols] * mine
-            dist.all_reduce(target, group=group)
-            total += (lse - target).sum()
-            # d(sum CE)/d logits = softmax - one-hot, in the logits' own storage; times the mean's 1/N
-            g = logits.sub_(lse[:, None]).exp_()
-            g[rows, cols] -= mine
-            g = g.mul_(scale).to(mm)
-            if need_h:
-                dh[s : s + chunk] = g @ w_mm
-            if need_w:
-                if mm == torch.float32:
-                    dw.addmm_(g.T, hs)
-                else:
-                    dw += g.T @ hs.to(mm)
-            del logits, g
-        ctx.save_for_backward(*(x for x in (dh, dw) if x is not None))
-        ctx.has = (need_h, need_w)
-        return total * scale
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        saved = iter(ctx.saved_tensors)
-        dh = next(saved).mul_(grad) if ctx.has[0] else None
-        dw = next(saved).mul_(grad) if ctx.has[1] else None
-        return dh, dw, None, None, None, None, None
+def _all_reduce(t: torch.Tensor, op: str, group) -> None:
+    """The vocabulary-parallel loss's reduction over the TP group (txlab.policy.loss.Reduce)."""
+    dist.all_reduce(t, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
 
 
 def _full_loss(hidden, weight, targets, mesh) -> torch.Tensor:
@@ -223,7 +167,8 @@ def _chunked_loss(hidden, weight, targets, mesh, chunk: int) -> torch.Tensor:
     w = weight.to_local()  # (V/tp, C): this rank's vocabulary rows; its gradient stays Shard(0)
     start = vocab_start(weight.shape[0], mesh.size(), mesh.get_local_rank())
     t = targets.flatten()
-    return VocabParallelChunkedCE.apply(h, w, t, start, chunk, 1.0 / h.shape[0], mesh.get_group())
+    reduce = functools.partial(_all_reduce, group=mesh.get_group())
+    return ChunkedCrossEntropy.apply(h, w, t, chunk, 1.0 / h.shape[0], start, reduce)
 
 
 def tp_loss(name: str, loss_chunk: int, mesh) -> LossFn:
