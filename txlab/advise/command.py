@@ -74,6 +74,8 @@ def _progress(quiet: bool, t0: float, objective: str):
         best = fit[0] if fit else None
         what = "over budget" if est.row.get("status") == "over_budget" else est.row.get("status")
         peak = size(est.peak) if est.peak is not None else "-"
+        step = est.row.get("predicted_step_time_s")
+        peak += f", step {step:.2f} s" if step is not None else ""
         lead = (
             f"; best so far {best.cand.label()} ({best.row.get('predicted_step_time_s') or float('nan'):.2f} s/step)"
             if best
@@ -147,11 +149,11 @@ def advise(args, plot: Plot | None = None) -> int:
     t0 = time.monotonic()
     workers = max(1, min(int(args.workers or os.cpu_count() or 1), len(space.families)))
     if workers == 1:
-        result = search(space, InProcess(), known, _progress(quiet, t0, args.objective))
+        result = search(space, InProcess(), known, _progress(quiet, t0, args.objective), objective=args.objective)
     else:
         ctx = multiprocessing.get_context("spawn")  # fresh workers: no forked torch or thread state
         with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            result = search(space, pool, known, _progress(quiet, t0, args.objective))
+            result = search(space, pool, known, _progress(quiet, t0, args.objective), objective=args.objective)
     fit, _ = ranked(result, args.objective)
     if not fit:
         raise no_feasible(result, capacity, args.devices, floor, n_needed)

@@ -14,6 +14,9 @@ probes that find them are estimated:
   4. not resharding after forward (more memory, fewer all-gathers) at each fitting point that step 1 or 3 found
      (an assumption too: no-reshard's own staircase is not walked);
   5. `planned` (the planner's own choice for the budget) at 1 micro-step, where the fastest corner did not fit.
+A bound cuts steps 2-4: a candidate dominated by an estimate (fitting or not) whose predicted step time (or $/Mtok)
+is already no better than the best that fits so far, in any layout, cannot win under the same assumptions, and is
+not estimated (a layout whose fastest corner is slower than the best found is done after one estimate).
 Every layout is walked; layouts are independent, so their estimates run at once (an executor: a process pool
 in the command, the caller's thread in tests). An estimate with the same trial key as one already made (a
 `--store` from an earlier run) is reused, not run again.
@@ -34,8 +37,12 @@ ASSUMPTIONS = (
     "within a layout, the predicted peak is assumed not to rise and the predicted step time not to fall with "
     "more micro-steps or more recomputation (sdpa < selective < checkpoint < recompute); a candidate that a "
     "fitting one dominates is not estimated; not resharding after forward is tried only where resharding's "
-    "search found a fitting point"
+    "search found a fitting point; a candidate dominated by an estimate already no better than the best that "
+    "fits is not estimated"
 )
+
+
+TIME = "predicted_step_time_s"
 
 
 def estimate_raw(raw: dict[str, Any]) -> dict[str, Any]:
@@ -63,20 +70,39 @@ class Estimate:
 Walk = Generator[Candidate, Estimate, None]
 
 
-def walk(cands: list[Candidate]) -> Walk:
+def walk(cands: list[Candidate], best: Callable[[], float | None] = lambda: None, col: str = TIME) -> Walk:
     """The staircase over one layout's candidates (module docstring): yields the next candidate to estimate and
-    receives its Estimate."""
+    receives its Estimate. `best()`: the best `col` among the fitting estimates so far (all layouts), the bound."""
     cell = {(c.layout.reshard, c.policy, c.grad_accum): c for c in cands}
     chain = [p for p in CHAIN if any(k[1] == p for k in cell)]
     gas = sorted({k[2] for k in cell})
-    known: dict[tuple[bool, str, int], bool] = {}
+    known: dict[tuple[bool, str, int], bool | None] = {}  # None: cannot beat the best (not estimated)
+    times: dict[tuple[bool, str, int], float] = {}
+
+    def beaten(key: tuple[bool, str, int]) -> bool:
+        """An estimate that dominates `key` (same resharding, no more recomputation, no more micro-steps) is
+        already no better than the best that fits: under the assumptions, neither is `key`."""
+        b = best()
+        if b is None or key[1] not in chain:
+            return False
+        i = chain.index(key[1])
+        return any(
+            t >= b and r == key[0] and q in chain and chain.index(q) <= i and g <= key[2]
+            for (r, q, g), t in times.items()
+        )
 
     def fits(p: str, gi: int, reshard: bool = True):
         key = (reshard, p, gas[gi])
         if key not in cell:
             return False
         if key not in known:
-            known[key] = (yield cell[key]).fits
+            if beaten(key):
+                known[key] = None
+            else:
+                est = yield cell[key]
+                known[key] = est.fits
+                if est.row.get(col) is not None:
+                    times[key] = est.row[col]
         return known[key]
 
     frontier: list[tuple[str, int]] = []  # fitting (policy, micro-steps index) that no other fitting one dominates
@@ -89,11 +115,11 @@ def walk(cands: list[Candidate]) -> Walk:
                 lo, hi = 0, bound  # the answer lies in [lo, hi]; hi == bound: none below the bound fits
                 while lo < hi:
                     mid = (lo + hi) // 2
-                    if (yield from fits(p, mid)):
+                    if (yield from fits(p, mid)) is not False:  # fits, or cannot win: look below it
                         hi = mid
                     else:
                         lo = mid + 1
-                if hi < bound:
+                if hi < bound and known.get((True, p, gas[hi])) is True:
                     frontier.append((p, hi))
                 bound = hi
     for p, gi in frontier:  # not resharding: more memory, less communication, at the frontier's points
@@ -135,6 +161,7 @@ def search(
     known: dict[str, dict[str, Any]] | None = None,
     on_estimate: Callable[[Result, Estimate], None] | None = None,
     estimate: Callable[[dict[str, Any]], dict[str, Any]] = estimate_raw,
+    objective: str = "time",
 ) -> Result:
     """Walk every layout of `space`, estimating on `executor`; `known`: trial key -> a stored estimate row to
     reuse. A ConfigError raised by an estimate (bad input found late, e.g. a checkpoint) propagates; any other
@@ -142,7 +169,13 @@ def search(
     t0 = time.monotonic()
     result = Result(space)
     known = dict(known or {})
-    walks = {layout: walk(cands) for layout, cands in space.families.items()}
+    col = objective_key(objective)
+
+    def best() -> float | None:
+        vals = [e.row[col] for e in result.estimates if e.fits and e.row.get(col) is not None]
+        return min(vals) if vals else None
+
+    walks = {layout: walk(cands, best, col) for layout, cands in space.families.items()}
     pending: dict[cf.Future, tuple[Layout, Candidate]] = {}
 
     def advance(layout: Layout, est: Estimate | None) -> None:
@@ -188,7 +221,7 @@ def search(
 
 
 def objective_key(objective: str) -> str:
-    return "predicted_usd_per_mtok" if objective == "cost" else "predicted_step_time_s"
+    return "predicted_usd_per_mtok" if objective == "cost" else TIME
 
 
 def ranked(result: Result, objective: str) -> tuple[list[Estimate], list[Estimate]]:
