@@ -6,19 +6,20 @@ blocks) repeat: a prefix P, a period R of units repeated n times, a suffix Q (De
 MoE ones; Qwen's sparse step or `remat: every` k: a period of 2 or k; planned: its per-unit plan). A step runs
 the same ops on every copy of R, so every op's live bytes (by tracker category) and every traced op's work is an
 affine function of the number of copies m, and inside one step, of the copy's index c (activations kept by the
-copies before it, gradients made by those after it). The step at m copies is run at m = 4, 5, 6; each op is
+copies before it, gradients made by those after it). The step at m copies is run at m = 3, 4, 5; each op is
 named by where it runs (phase, unit: P's, Q's, the first two and last two copies of R, or a middle one with its
-index) and its ordinal there; the timeline at m copies is that of 5 with its middle copies replaced by m - 4 copies
-interpolated between copies 1 and m - 2, every other op extrapolated along the line through its values at 5 and 6.
+index) and its ordinal there (at 3 copies, copy 1 is copy 1 from either end); the timeline at m copies is that of 5
+with its middle copies replaced by m - 4 copies interpolated between copies 1 and m - 2, every other op extrapolated
+along the line through its values at 4 and 5.
 
-Proved, not assumed: the same construction from the runs at 4 and 5 must give the run at 6 op for op, every
+Proved, not assumed: the same construction from the runs at 3 and 4 must give the run at 5 op for op, every
 tracker category to the byte and every traced op field, else the estimate is the full run. The peak is then the
 first op of the extrapolated timeline whose live total is largest, as the tracker finds it: any phase (forward
 end, backward, optimizer step) wins as it would at full depth, since every op is a candidate.
 
 Where it does not apply (the full run is used): fewer than `EXTRAPOLATE_FROM` blocks, no repeating period with
-at least 7 copies (sqrt recomputation's segments of unequal length, a planned plan without a period), a model
-at 4-6 copies whose units are not P + R^m + Q of the trial's, or the check above failing. `TXLAB_ESTIMATE_FULL=1`
+at least 6 copies (sqrt recomputation's segments of unequal length, a planned plan without a period), a model
+at 3-5 copies whose units are not P + R^m + Q of the trial's, or the check above failing. `TXLAB_ESTIMATE_FULL=1`
 forces the full run (tests compare the two).
 """
 
@@ -42,7 +43,8 @@ from txlab.trial.fake import fake_step_memory
 from txlab.trial.resolve import Setup
 
 EXTRAPOLATE_FROM = 24  # blocks: shallower models run in full (the three cut runs would cover most of them)
-COPIES = (4, 5, 6)  # copies of the period run: two at each end, then middle ones (5: one, 6: two)
+# copies of the period run: two at each end (at 3, the middle copy is copy 1 from either end), then middle ones
+COPIES = (3, 4, 5)
 EDGE = 2  # copies at each end named on their own (a unit's neighbours differ there: FSDP's prefetch)
 MAX_PERIOD, MAX_END = 8, 8  # units searched for the period, the prefix and the suffix
 FULL_ENV = "TXLAB_ESTIMATE_FULL"
@@ -304,11 +306,9 @@ class Run:
     tracker category; an Op's numeric fields, waits as the distance back to the op waited on) and, for ops,
     the rest of the Op."""
 
-    m: int
     memory: list[tuple[tuple, int | None, dict]]
     ops: list[tuple[tuple, int | None, dict]] | None
-    memory_out: Memory
-    model: torch.nn.Module
+    memory_out: Memory  # the tracker's own figures
 
 
 def _op_values(i: int, op: Op) -> dict:
@@ -324,14 +324,14 @@ def _cut_run(setup: Setup, cut: Cut, m: int, trace: bool, steady: bool) -> Run:
     cut_setup = dataclasses.replace(setup, model=dataclasses.replace(setup.model, n_layers=cut.n_layers(m)))
     ops: list[Op] = []
     wrap = places.wrap(ops if trace else None)
-    memory, model = fake_step_memory(cut_setup, cut.plans[m], steady, wrap_step=wrap, on_op=places.on_op)
+    memory, _ = fake_step_memory(cut_setup, cut.plans[m], steady, wrap_step=wrap, on_op=places.on_op)
     timeline = None
     if trace:
         where = places.ops_recorder.places
         if len(where) != len(ops):  # one step traced: each op named
             raise AssertionError("ops and their places differ in number")
         timeline = [(*w, _op_values(i, op)) for i, (w, op) in enumerate(zip(where, ops))]
-    return Run(m, places.memory, timeline, memory, model)
+    return Run(places.memory, timeline, memory)
 
 
 class NotLinear(Exception):
@@ -374,7 +374,7 @@ def _between(v1, v2, i: int, n: int):
     return v1
 
 
-def _keyed(timeline: list) -> tuple[dict, list]:
+def _keyed(timeline: list, m: int) -> tuple[dict, list]:
     """Ops of a run by (place, ordinal at that place); the middle copies' ops dropped from the order."""
     counts: dict = {}
     keyed, order = {}, []
@@ -385,6 +385,10 @@ def _keyed(timeline: list) -> tuple[dict, list]:
         counts[place] = k[1] + 1
         keyed[k] = values
         order.append(k)
+    for k in list(keyed):  # 3 copies: copy 1 is also copy m - 2, copy 1 from the end
+        names = k[0][2]
+        if names and all(len(n) == 3 and n[0] == "s" and n[2] == EDGE - 1 == m - 1 - n[2] for n in names):
+            keyed[((*k[0][:2], tuple(("e", *n[1:]) for n in names)), k[1])] = keyed[k]
     return keyed, order
 
 
@@ -400,8 +404,8 @@ def extend(a: list, b: list, m_b: int, m: int, ends_only: bool = False) -> list[
     """The timeline at m copies from those at m_b - 1 (`a`) and m_b (`b`): b's ops in order with its middle copies
     replaced by m - 2 EDGE copies, each op's values on its line (`ends_only`: of those the first and the last run, all
     the peak needs). Raises NotLinear."""
-    ka, _ = _keyed(a)
-    kb, order = _keyed(b)
+    ka, _ = _keyed(a, m_b - 1)
+    kb, order = _keyed(b, m_b)
     steps = m - m_b
     at = {k: _values(ka[k], kb[k], steps) for k in order if k in ka}
     if len(at) != len(order) or len(ka) != len(kb):
@@ -447,10 +451,6 @@ def _actual(timeline: list) -> list[tuple[tuple, dict]]:
     return [((*place[:2], copy) if copy is not None else place, values) for place, copy, values in timeline]
 
 
-def _same(predicted: list, actual: list) -> bool:
-    return [v for _, v in predicted] == [v for _, v in actual]
-
-
 def _peak(memory: list[tuple[tuple, dict]]) -> Memory:
     """The tracker's peak of a timeline: the first op whose live total is largest (categories of FSDPMemTracker's
     when the step ran under FSDP2)."""
@@ -483,7 +483,7 @@ def extrapolated(
     try:
         streams = [[r.memory for r in runs]] + ([[r.ops for r in runs]] if trace else [])
         for a, b, c in streams:  # the check: 4 and 5 copies give 6's timeline op for op
-            if not _same(extend(a, b, COPIES[1], COPIES[2]), _actual(c)):
+            if [v for _, v in extend(a, b, COPIES[1], COPIES[2])] != [v for _, v in _actual(c)]:
                 return None
         if _peak(_actual(runs[2].memory)) != runs[2].memory_out:
             return None  # the timeline is what the tracker's peak was taken from
