@@ -8,7 +8,7 @@ import pytest
 
 from tests.support import ONE_STEP, config
 from txlab.model.moe import routing_stats
-from txlab.trial import run_trial
+from txlab.trial import estimate_trial, run_trial
 from txlab.trial.build import MEMORY_STEPS, build_trial
 from txlab.trial.resolve import resolve
 
@@ -44,3 +44,13 @@ def test_dense_rows_have_no_routing():
     row = run_trial(config({**ONE_STEP, "workload.seq_len": 32}))
     assert row["status"] == "ok", row["error"]
     assert row["routing"] is None and row["routing_load"] is None and row["aux_loss"] is None
+    assert estimate_trial(config({**ONE_STEP, "workload.seq_len": 32}))["routing"] is None
+
+
+def test_an_estimated_moe_row_states_its_routing_assumption():
+    """Fake tensors cannot route: the row says what the estimate assumed, and measures no load."""
+    row = estimate_trial(config(MOE))
+    assert row["status"] == "ok" and row["measured"] is False, row["error"]
+    assert row["routing"] == "balanced" and row["routing_load"] is None and row["aux_loss"] is None
+    skewed = estimate_trial(config({**MOE, "workload.routing_imbalance": 1.5}))
+    assert skewed["routing"] == "imbalance 1.5" and skewed["peak_bytes"] == row["peak_bytes"]  # one rank: no effect

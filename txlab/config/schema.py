@@ -193,6 +193,10 @@ class WorkloadConfig:
     # micro-steps per optimizer step (train): each data-parallel rank's share of the global batch (batch_size)
     # is split into this many micro-batches whose gradients accumulate before one AdamW step; 1 = none
     grad_accum: int = field(default=1, metadata={SINCE: "0.3"})
+    # estimates of mixture-of-experts models (fake tensors cannot route): the busiest expert's (token, expert)
+    # pairs over the mean, assumed on the estimated rank (1.0 = balanced; at most moe_experts / moe_top_k). It
+    # sizes what an expert-parallel rank receives; a measured trial routes as its data do and reports routing_load
+    routing_imbalance: float = field(default=1.0, metadata={SINCE: "0.3"})
 
 
 @dataclass
@@ -254,6 +258,9 @@ class ParallelConfig:
     # inside TP regions, split the residual stream and the norms over the sequence (Megatron's sequence
     # parallelism); false keeps them whole on every TP rank. Applies to tp > 1 only
     sequence_parallel: bool = field(default=True, metadata={SINCE: "0.3"})
+    # expert-parallel ranks each mixture-of-experts layer's routed experts are spread over, drawn from the fsdp
+    # ranks (ep divides fsdp and model.moe_experts; the experts are FSDP-sharded over the other fsdp / ep); 1 = none
+    ep: int = field(default=1, metadata={SINCE: "0.3"})
 
 
 @dataclass

@@ -266,6 +266,10 @@ def _gate_match(value: str, allowed: tuple[str, ...]) -> bool:
 def _validate_parallel(par, m, w, p, ms) -> None:
     _positive("parallel.fsdp", par.fsdp)
     _positive("parallel.tp", par.tp)
+    _positive("parallel.ep", par.ep)
+    _validate_imbalance(w.routing_imbalance, m)
+    if par.ep > 1:
+        _validate_ep(par, m)
     if par.tp == 1 and not par.sequence_parallel:
         raise ConfigError(
             "parallel.sequence_parallel: splits the sequence inside tensor-parallel regions, but parallel.tp is 1; "
@@ -293,6 +297,34 @@ def _validate_parallel(par, m, w, p, ms) -> None:
             f"measure.device: {ms.device!r} names one GPU, but the {world} ranks of {key} run on "
             f"cuda:0..{world - 1}; allowed with {world} ranks: auto, cpu, cuda (pick GPUs with CUDA_VISIBLE_DEVICES)"
         )
+
+
+def _validate_imbalance(f: float, m) -> None:
+    if f == 1.0:
+        return
+    if m.mlp != "moe":
+        raise ConfigError(f"workload.routing_imbalance: {f} applies to model.mlp 'moe' only; allowed: 1.0")
+    most = m.moe_experts / m.moe_top_k  # every token sent to the same k experts
+    if not 1.0 <= f <= most:
+        raise ConfigError(
+            f"workload.routing_imbalance: {f} must be in 1.0..{most:g} (balanced .. every token to the same "
+            f"model.moe_top_k of the model.moe_experts experts)"
+        )
+
+
+def _validate_ep(par, m) -> None:
+    """Expert parallelism spreads each MoE layer's routed experts evenly over ep of the fsdp ranks."""
+    if m.mlp != "moe":
+        raise ConfigError(f"parallel.ep: {par.ep} spreads routed experts, but model.mlp is {m.mlp!r}; allowed: 1")
+    for value, name in ((m.moe_experts, "model.moe_experts"), (par.fsdp, "parallel.fsdp")):
+        if value % par.ep:
+            allowed = [
+                d for d in range(1, value + 1) if value % d == 0 and par.fsdp % d == 0 and m.moe_experts % d == 0
+            ]
+            raise ConfigError(
+                f"parallel.ep: {par.ep} must divide {name} ({value} % {par.ep} != 0: expert-parallel ranks are drawn "
+                f"from the fsdp ranks and hold equal shares of the experts); allowed here: {', '.join(map(str, allowed))}"
+            )
 
 
 def _validate_tp(par, m, w) -> None:

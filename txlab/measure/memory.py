@@ -182,7 +182,27 @@ class MemoryMonitor:
 
         self._stack.callback(register_module_forward_pre_hook(again).remove)
         self.tracker.__enter__()
+        if self.sharded:
+            self._charge_unmanaged(root)
         return self
+
+    def _charge_unmanaged(self, model) -> None:
+        """Parameters FSDP2 leaves out (`ignored_params`: expert parallelism's experts where no further rank
+        shares them, each rank's own) charged as this rank's parameters and gradients, as FSDP2's shards are;
+        FSDPMemTracker would count them as `other`."""
+        from torch.distributed.fsdp import FSDPModule
+
+        groups = [m._get_fsdp_state()._fsdp_param_group for m in model.modules() if isinstance(m, FSDPModule)]
+        managed = {id(fp.sharded_param) for g in groups if g is not None for fp in g.fsdp_params}
+        tracker, R = self.tracker, self._ref
+
+        def charge_grad(p) -> None:
+            tracker._update_and_maybe_create_winfos(p.grad, R.SHARDED_GRAD)
+
+        for p in model.parameters():
+            if id(p) not in managed:
+                tracker._update_and_maybe_create_winfos(p, R.SHARDED_PARAM)
+                self._stack.callback(p.register_post_accumulate_grad_hook(charge_grad).remove)
 
     def __exit__(self, *exc) -> None:
         try:

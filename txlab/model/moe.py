@@ -176,8 +176,14 @@ class Experts(nn.Module):
 
     def forward(self, rows: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """rows (M, d_model) sorted by expert, offs (E,) -> (M, d_model), each row through its expert."""
-        gate, up = self.fc(rows, offs).chunk(2, dim=-1)  # (M, hidden) each
-        return self.proj(F.silu(gate) * up, offs)
+        return swiglu_experts(rows, offs, self.fc.weight, self.proj.weight)
+
+
+def swiglu_experts(rows: torch.Tensor, offs: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor) -> torch.Tensor:
+    """rows (M, d_model) sorted by expert, offs (E,), w_fc (E, 2 hidden, d_model), w_proj (E, d_model, hidden)
+    -> (M, d_model): each row through its expert's SwiGLU (the weights in the rows' dtype: autocast's)."""
+    gate, up = expert_mm(rows, w_fc.to(rows.dtype), offs).chunk(2, dim=-1)  # (M, hidden) each
+    return expert_mm(F.silu(gate) * up, w_proj.to(rows.dtype), offs)
 
 
 class Router(nn.Module):
@@ -282,7 +288,7 @@ class MoE(nn.Module):
 
     def active_params(self) -> int:
         """Parameters one token uses: the router, its k routed experts, the shared experts."""
-        per_expert = sum(p[0].numel() for p in self.experts.parameters())
+        per_expert = sum(p.numel() // p.shape[0] for p in self.experts.parameters())  # shapes: global (EP)
         shared = sum(p.numel() for p in self.shared.parameters()) if self.shared is not None else 0
         return self.router.weight.numel() + self.top_k * per_expert + shared
 

@@ -61,9 +61,16 @@ def apply_fsdp(
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bf16" else None, reduce_dtype=torch.float32)
+    from txlab.parallel.ep import shard_experts
+
+    # expert parallelism's experts first, on their own mesh; those no further rank shares are left out
+    ignored = shard_experts(model, reshard_after_forward=reshard_after_forward, mp_policy=mp) or None
     for block in model.blocks:
-        fully_shard(block, mesh=ranks.dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
-    fully_shard(model, mesh=ranks.dp_mesh, mp_policy=mp)  # the root keeps its parameters gathered after forward
+        fully_shard(
+            block, mesh=ranks.dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp, ignored_params=ignored
+        )
+    # the root keeps its parameters gathered after forward
+    fully_shard(model, mesh=ranks.dp_mesh, mp_policy=mp, ignored_params=ignored)
     return model
 
 

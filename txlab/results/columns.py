@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from txlab.units import GiB  # noqa: F401 - the analysis reads the unit of the byte columns from here
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 # Every row schema version and its migration note. Any change to the row's columns (one added, removed,
 # renamed or retyped; config keys included, since every config key is a column) bumps SCHEMA_VERSION and
 # adds a line here saying what changed and how rows of the version before read under it. Added columns
@@ -56,6 +56,10 @@ SCHEMA_HISTORY: dict[int, str] = {
     10: "txlab 0.3: communication columns (issues 23, 24): comm_all_gather_bytes, comm_reduce_scatter_bytes, "
     "comm_all_reduce_bytes, comm_all_to_all_bytes, the bytes one device sends per step in each kind of "
     "collective, counted on the step's operator trace; no migration: older rows read them as null (not traced)",
+    11: "txlab 0.3: expert parallelism (issue 25): config columns parallel.ep (expert-parallel ranks drawn from the "
+    "fsdp ranks) and workload.routing_imbalance (an estimate's routing assumption); no migration: older rows read "
+    "them as their declared defaults, 1 and 1.0 (no expert parallelism; balanced, which no older row assumed: "
+    "none estimated an expert-parallel layout)",
 }
 
 STATUSES = ("ok", "oom", "over_budget", "error")

@@ -51,6 +51,16 @@ def format_row(row: dict[str, Any]) -> str:
             f"parallel  FSDP over {row['parallel.fsdp']} ranks (reshard after forward: "
             f"{str(row.get('parallel.reshard_after_forward')).lower()}); peak and breakdown: the largest rank's"
         )
+    if (ep := row.get("parallel.ep") or 1) > 1:
+        E = row.get("model.moe_experts")
+        lines.append(f"parallel  EP over {ep} of those ranks: {E // ep} of the {E} experts of a layer each, FSDP over "
+                     f"the other {row['parallel.fsdp'] // ep}")  # fmt: skip
+    if row.get("routing") == "measured":
+        aux = row.get("aux_loss")
+        lines.append(f"routing   load {row['routing_load']:.3f} (busiest expert over the mean, worst layer)"
+                     + (f"  aux loss {aux:.4f} (not in loss)" if aux is not None else ""))  # fmt: skip
+    elif row.get("routing"):
+        lines.append(f"routing   assumed {row['routing']} (workload.routing_imbalance; fake tensors do not route)")
     if row.get("plan"):
         lines.append(f"plan      {row['plan']}")
     if row.get("error"):

@@ -19,6 +19,7 @@ from txlab.measure.records import Facts
 from txlab.measure.throughput import flops_per_token
 from txlab.model.gpt import GPT
 from txlab.model.hf import init_model
+from txlab.parallel.ep import apply_ep, expert_mesh
 from txlab.parallel.fsdp import Ranks, apply_fsdp
 from txlab.parallel.tp import apply_tp, loss_context, tp_loss
 from txlab.policy.apply import apply_policy
@@ -148,6 +149,8 @@ def build_model(setup: Setup, ranks: Ranks | None, meta: bool = False) -> GPT:
             model = model.to(device)
     if ranks is not None and ranks.tp > 1:
         apply_tp(model, ranks.tp_mesh, setup.layout.sequence_parallel)
+    if ranks is not None and setup.layout.ep > 1:  # the experts spread over EP ranks (FSDP2 shards them later)
+        apply_ep(model, expert_mesh(ranks, setup.layout.ep))
     return model
 
 

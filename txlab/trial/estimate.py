@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from txlab.measure.records import Records
 from txlab.trial.build import training_facts
+from txlab.trial.fake import assumed_routing
 from txlab.trial.plan import planned
 from txlab.trial.predict import predicted, traced_step_memory, traffic_of
 from txlab.trial.resolve import Setup
@@ -33,6 +34,7 @@ def estimate_training(setup: Setup, rec: Records, progress: bool = False) -> Non
     runs = plan.runs if plan is not None else None
     rec.memory, model, ops = traced_step_memory(setup, runs)  # the same run, its steady step's operators recorded
     rec.facts = training_facts(setup, model, plan)
+    rec.routing = assumed_routing(setup)
     rec.traffic = traffic_of(ops)
     if setup.hardware is not None:
         rec.prediction = predicted(setup, ops, rec.facts)

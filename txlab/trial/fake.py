@@ -13,11 +13,21 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from txlab.measure.memory import measure_steps
-from txlab.measure.records import Memory
+from txlab.measure.records import Memory, Routing
 from txlab.model.attention import chunked_tile_body
+from txlab.parallel.ep import assume_routing
 from txlab.parallel.fsdp import Ranks, close_ranks, fake_ranks
 from txlab.trial.build import MEMORY_STEPS, build_trial
 from txlab.trial.resolve import Setup
+
+
+def assumed_routing(setup: Setup) -> Routing | None:
+    """What an estimated row says of a mixture of experts' routing: the assumption its expert-parallel ranks
+    received rows by (`workload.routing_imbalance`; on one rank no shape depends on it). None: a dense model."""
+    if setup.model.mlp != "moe":
+        return None
+    f = setup.workload.routing_imbalance
+    return Routing("balanced" if f == 1.0 else f"imbalance {f:g}")
 
 
 def make_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -104,7 +114,7 @@ def _fake_step(
 ) -> tuple[Memory, torch.nn.Module]:
     cuda = setup.kind == "cuda"
     parts = None
-    if ranks is not None and ranks.tp > 1:  # FACTS: built and sharded on the meta device, then made fake
+    if ranks is not None and (ranks.tp > 1 or setup.layout.ep > 1):  # FACTS: built, sharded on meta, made fake
         mode = FakeTensorMode(allow_non_fake_inputs=True)  # the meshes' own (real) rank tensors
         parts = build_trial(setup, fused_optimizer=cuda, plan=plan, ranks=ranks, fake_mode=mode)
     else:
@@ -112,6 +122,7 @@ def _fake_step(
     with mode, sharding_propagation_apart():
         if parts is None:
             parts = build_trial(setup, fused_optimizer=cuda, plan=plan, ranks=ranks)
+        assume_routing(parts.model, setup.workload.routing_imbalance)  # fake tensors hold no counts to route by
         if steady:
             settle_fsdp(parts.model)
             make_optimizer_state(parts.optimizer)

@@ -30,10 +30,12 @@ class Layout:
     reshard_after_forward: bool = True  # free gathered block parameters after forward
     tp: int = 1
     sequence_parallel: bool = True  # split the residual stream and norms over the sequence inside TP regions
+    ep: int = 1  # expert-parallel ranks, drawn from the fsdp ranks (not more ranks: txlab.parallel.ep)
 
     @classmethod
     def of(cls, parallel: ParallelConfig) -> Layout:
-        return cls(parallel.fsdp, parallel.reshard_after_forward, parallel.tp, parallel.sequence_parallel)
+        return cls(parallel.fsdp, parallel.reshard_after_forward, parallel.tp, parallel.sequence_parallel,
+                   ep=parallel.ep)  # fmt: skip
 
     @property
     def world(self) -> int:
@@ -48,7 +50,7 @@ class Layout:
     def describe(self) -> str:
         """The layout in a progress line: "FSDP over 4 ranks", "FSDP 2 x TP 2 (sequence parallel)"."""
         if self.tp == 1:
-            return f"FSDP over {self.fsdp} ranks"
+            return f"FSDP over {self.fsdp} ranks" + (f" (experts over EP {self.ep})" if self.ep > 1 else "")
         sp = "sequence parallel" if self.sequence_parallel else "no sequence parallelism"
         return (f"FSDP {self.fsdp} x " if self.fsdp > 1 else "") + f"TP {self.tp} ({sp})"
 
