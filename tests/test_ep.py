@@ -78,11 +78,20 @@ def test_ep_computes_the_one_device_loss_and_gradients(shape):
     _same_numbers({**SHAPES[shape], "policy.name": "sdpa"}, 2, 2)
 
 
-@pytest.mark.parametrize("shape, policy", [("mixtral", "sdpa"), ("deepseek", "selective")])
-def test_fsdp_4_x_ep_2_shards_the_experts_further_and_computes_the_one_device_step(shape, policy):
+@pytest.mark.parametrize(
+    "shape, over",
+    [
+        ("mixtral", {"policy.name": "sdpa"}),
+        ("deepseek", {"policy.name": "selective"}),
+        # one expert a rank, FSDP2 over 2: sharded along its rows (dim 0 would leave a rank only padding)
+        ("mixtral", {"policy.name": "sdpa", "model.moe_experts": 2, "model.moe_top_k": 1}),
+    ],
+    ids=["mixtral", "deepseek-selective", "one-expert-a-rank"],
+)
+def test_fsdp_4_x_ep_2_shards_the_experts_further_and_computes_the_one_device_step(shape, over):
     """Each expert on 2 of the 4 ranks, FSDP2 over those 2 (its gradient: the ep group's sum / ep, then FSDP's
     mean over the 2)."""
-    _same_numbers({**SHAPES[shape], "policy.name": policy}, 4, 2)
+    _same_numbers({**SHAPES[shape], **over}, 4, 2)
 
 
 @pytest.mark.parametrize(

@@ -124,14 +124,19 @@ def shard_experts(model: nn.Module, **fsdp_kwargs) -> set[nn.Parameter]:
     unit of one rank would only add a gathered copy, and its hooks inside a selectively recomputed block
     break torch's recomputation, which replays the ops it saw)."""
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
 
     ignored: set[nn.Parameter] = set()
     for module in model.modules():
         if isinstance(module, ExpertParallel):
-            if module.mesh["efsdp"].size() > 1:
-                fully_shard(module, mesh=module.mesh["efsdp"], **fsdp_kwargs)
-            else:
+            ranks, local = module.mesh["efsdp"].size(), module.n_experts // module.ep
+            if ranks == 1:
                 ignored.update(module.parameters())
+                continue
+            # fewer experts a rank than ranks to shard them over: split along dim 0 the extra ranks would hold
+            # padding (rank 0 a whole expert); along the output rows instead, as torchtitan does
+            place = (lambda p: Shard(1)) if ranks > local else None
+            fully_shard(module, mesh=module.mesh["efsdp"], shard_placement_fn=place, **fsdp_kwargs)
     return ignored
 
 
