@@ -246,8 +246,8 @@ class MeasureConfig:
 
 @dataclass
 class ParallelConfig:
-    """How a trial spreads over devices: one mesh of fsdp x tp ranks, tp innermost (a TP group is
-    consecutive ranks, so it sits in one node). Context and expert parallel degrees are not built yet."""
+    """How a trial spreads over devices: one mesh of fsdp x cp x tp ranks, tp innermost (a TP group is
+    consecutive ranks, so it sits in one node)."""
 
     # data-parallel ranks the model, gradients and AdamW state are sharded over (FSDP2); 1 = no sharding
     fsdp: int = field(default=1, metadata={SINCE: "0.2"})
@@ -261,6 +261,9 @@ class ParallelConfig:
     # expert-parallel ranks each mixture-of-experts layer's routed experts are spread over, drawn from the fsdp
     # ranks (ep divides fsdp and model.moe_experts; the experts are FSDP-sharded over the other fsdp / ep); 1 = none
     ep: int = field(default=1, metadata={SINCE: "0.3"})
+    # context-parallel ranks the sequence is split over (2 x cp load-balanced chunks, attention over every
+    # rank's keys); 1 = none. workload.batch_size stays the global batch
+    cp: int = field(default=1, metadata={SINCE: "0.3"})
 
 
 @dataclass

@@ -266,6 +266,7 @@ def _gate_match(value: str, allowed: tuple[str, ...]) -> bool:
 def _validate_parallel(par, m, w, p, ms) -> None:
     _positive("parallel.fsdp", par.fsdp)
     _positive("parallel.tp", par.tp)
+    _positive("parallel.cp", par.cp)
     _positive("parallel.ep", par.ep)
     _validate_imbalance(w.routing_imbalance, m)
     if par.ep > 1:
@@ -277,17 +278,19 @@ def _validate_parallel(par, m, w, p, ms) -> None:
         )
     if par.tp > 1:
         _validate_tp(par, m, w)
-    world = par.fsdp * par.tp
+    if par.cp > 1:
+        _validate_cp(par, w)
+    world = par.fsdp * par.cp * par.tp
     if world == 1:
         return
-    key = "parallel.fsdp" if par.fsdp > 1 else "parallel.tp"  # the layout's key a message names
+    key = next(f"parallel.{k}" for k in ("fsdp", "cp", "tp") if getattr(par, k) > 1)  # the key a message names
     if w.batch_size % par.fsdp:
         raise ConfigError(
             f"parallel.fsdp: {par.fsdp} ranks must divide workload.batch_size (the global batch; "
             f"{w.batch_size} % {par.fsdp} != 0)"
         )
     if w.kind != "train":
-        raise ConfigError(f"{key}: sharded trials train; workload.kind {w.kind!r} runs on one device (fsdp 1, tp 1)")
+        raise ConfigError(f"{key}: sharded trials train; workload.kind {w.kind!r} runs on one device (fsdp, cp, tp 1)")
     if p.remat == "planned":
         raise ConfigError(f"{key}: the planner plans one device's memory; use another policy.name with {world} ranks")
     if w.compile:
@@ -296,6 +299,22 @@ def _validate_parallel(par, m, w, p, ms) -> None:
         raise ConfigError(
             f"measure.device: {ms.device!r} names one GPU, but the {world} ranks of {key} run on "
             f"cuda:0..{world - 1}; allowed with {world} ranks: auto, cpu, cuda (pick GPUs with CUDA_VISIBLE_DEVICES)"
+        )
+
+
+def _validate_cp(par, w) -> None:
+    """Context parallelism cuts the sequence into 2 x cp equal chunks (rank i takes chunks i and 2cp-1-i:
+    causal load balancing). Not built with tensor parallelism."""
+    if w.seq_len % (2 * par.cp):
+        allowed = [1] + [d for d in range(2, w.seq_len // 2 + 1) if w.seq_len % (2 * d) == 0]
+        raise ConfigError(
+            f"parallel.cp: 2 x {par.cp} chunks must divide workload.seq_len ({w.seq_len} % {2 * par.cp} != 0: "
+            f"causal load balancing gives each rank two equal chunks); allowed here: {', '.join(map(str, allowed[:8]))}"
+        )
+    if par.tp > 1:
+        raise ConfigError(
+            f"parallel.cp: context parallelism with parallel.tp {par.tp} is not built yet; allowed: cp 1 with tp > 1, "
+            "or tp 1 with cp > 1"
         )
 
 
@@ -325,6 +344,8 @@ def _validate_ep(par, m) -> None:
                 f"parallel.ep: {par.ep} must divide {name} ({value} % {par.ep} != 0: expert-parallel ranks are drawn "
                 f"from the fsdp ranks and hold equal shares of the experts); allowed here: {', '.join(map(str, allowed))}"
             )
+    if par.cp > 1:
+        raise ConfigError(f"parallel.ep: expert parallelism with parallel.cp {par.cp} is not built yet; allowed: 1")
 
 
 def _validate_tp(par, m, w) -> None:

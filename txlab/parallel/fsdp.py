@@ -16,40 +16,57 @@ import torch.distributed as dist
 
 @dataclass
 class Ranks:
-    """Where this process sits in a sharded trial: rank `rank` of `world` on one mesh of fsdp x tp ranks,
-    tp innermost (ranks r // tp share a data-parallel place, ranks r % tp a TP group's places)."""
+    """Where this process sits in a sharded trial: rank `rank` of `world` on one mesh of fsdp x cp x tp ranks,
+    tp innermost (ranks r // (cp tp) share a data-parallel place, ranks r % tp a TP group's places)."""
 
     rank: int
     world: int
-    mesh: object  # torch.distributed.device_mesh.DeviceMesh: 1-D over the `world` ranks (tp 1), else ("fsdp", "tp")
+    mesh: object  # torch.distributed.device_mesh.DeviceMesh: 1-D over the `world` ranks (tp, cp 1), else named dims
     tp: int = 1  # tensor-parallel ranks of a group
+    cp: int = 1  # context-parallel ranks of a group (txlab.parallel.cp)
+    dp_cp_mesh: object = None  # with cp > 1: the fsdp x cp ranks flattened, which FSDP2 shards over
 
     @property
     def fsdp(self) -> int:
         """Data-parallel ranks (each takes 1/fsdp of the global batch)."""
-        return self.world // self.tp
+        return self.world // (self.tp * self.cp)
 
     @property
     def dp_rank(self) -> int:
         """This rank's place among the data-parallel ranks: which rows of the batch it takes."""
-        return self.rank // self.tp
+        return self.rank // (self.tp * self.cp)
+
+    @property
+    def shards(self) -> int:
+        """Ranks FSDP2 shards parameters, gradients and AdamW state over: data- and context-parallel ones."""
+        return self.fsdp * self.cp
 
     @property
     def dp_mesh(self):
+        """The ranks FSDP2 shards over and reduces gradients across (`shards` of them)."""
+        if self.cp > 1:
+            return self.dp_cp_mesh
         return self.mesh if self.tp == 1 else self.mesh["fsdp"]
+
+    @property
+    def cp_mesh(self):
+        return self.mesh["cp"]
 
     @property
     def tp_mesh(self):
         return self.mesh["tp"]
 
 
-def make_ranks(rank: int, fsdp: int, tp: int, device_type: str) -> Ranks:
-    """This rank's `Ranks` on a mesh of fsdp x tp ranks (the process group already initialised). A layout
-    without TP keeps the 1-D mesh FSDP-only trials have always used."""
+def make_ranks(rank: int, fsdp: int, tp: int, device_type: str, cp: int = 1) -> Ranks:
+    """This rank's `Ranks` on a mesh of fsdp x cp x tp ranks (the process group already initialised), a dim
+    for each degree above 1 besides fsdp. A layout of FSDP alone keeps the 1-D mesh it has always used."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    shape, names = ((fsdp,), None) if tp == 1 else ((fsdp, tp), ("fsdp", "tp"))
-    return Ranks(rank, fsdp * tp, init_device_mesh(device_type, shape, mesh_dim_names=names), tp)
+    dims = [("fsdp", fsdp)] + [(name, n) for name, n in (("cp", cp), ("tp", tp)) if n > 1]
+    shape, names = tuple(n for _, n in dims), tuple(name for name, _ in dims)
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=names if len(dims) > 1 else None)
+    flat = mesh["fsdp", "cp"]._flatten("dp_cp") if cp > 1 else None  # torchtitan's dp_shard_cp
+    return Ranks(rank, fsdp * cp * tp, mesh, tp, cp, flat)
 
 
 def apply_fsdp(
@@ -81,16 +98,16 @@ def mean_over_ranks(value: float, device: torch.device) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
-def fake_ranks(fsdp: int, tp: int = 1) -> Ranks:
-    """Rank 0 of fsdp x tp on torch's fake process group, for estimates: collectives cost nothing and move
+def fake_ranks(fsdp: int, tp: int = 1, cp: int = 1) -> Ranks:
+    """Rank 0 of fsdp x cp x tp on torch's fake process group, for estimates: collectives cost nothing and move
     nothing, so a step of rank 0 runs as on a real cluster of that many devices. Build the mesh before
     entering FakeTensorMode (inside it, mesh creation fails on a data-dependent output)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
         dist.destroy_process_group()
-    dist.init_process_group("fake", rank=0, world_size=fsdp * tp, store=FakeStore())
-    return make_ranks(0, fsdp, tp, "cpu")
+    dist.init_process_group("fake", rank=0, world_size=fsdp * cp * tp, store=FakeStore())
+    return make_ranks(0, fsdp, tp, "cpu", cp)
 
 
 def close_ranks() -> None:

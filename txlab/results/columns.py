@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from txlab.units import GiB  # noqa: F401 - the analysis reads the unit of the byte columns from here
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 # Every row schema version and its migration note. Any change to the row's columns (one added, removed,
 # renamed or retyped; config keys included, since every config key is a column) bumps SCHEMA_VERSION and
 # adds a line here saying what changed and how rows of the version before read under it. Added columns
@@ -60,6 +60,8 @@ SCHEMA_HISTORY: dict[int, str] = {
     "fsdp ranks) and workload.routing_imbalance (an estimate's routing assumption); no migration: older rows read "
     "them as their declared defaults, 1 and 1.0 (no expert parallelism; balanced, which no older row assumed: "
     "none estimated an expert-parallel layout)",
+    12: "txlab 0.3: config column parallel.cp (context-parallel layouts, issue 23); no migration: older rows read it "
+    "as its declared default, 1 (no context parallelism)",
 }
 
 STATUSES = ("ok", "oom", "over_budget", "error")

@@ -51,6 +51,10 @@ def format_row(row: dict[str, Any]) -> str:
             f"parallel  FSDP over {row['parallel.fsdp']} ranks (reshard after forward: "
             f"{str(row.get('parallel.reshard_after_forward')).lower()}); peak and breakdown: the largest rank's"
         )
+    if (cp := row.get("parallel.cp") or 1) > 1:
+        lines.append(
+            f"parallel  CP over {cp} ranks: the sequence in {2 * cp} chunks, rank i holds chunks i and {2 * cp - 1}-i"
+        )
     if (ep := row.get("parallel.ep") or 1) > 1:
         E = row.get("model.moe_experts")
         lines.append(f"parallel  EP over {ep} of those ranks: {E // ep} of the {E} experts of a layer each, FSDP over "
@@ -123,7 +127,7 @@ def format_row(row: dict[str, Any]) -> str:
 
 def time_line(row: dict[str, Any]) -> str:
     """The time model's figures (predicted on `row['hardware']`), one line: step, tokens/s, MFU, comm, $."""
-    devices = (row.get("parallel.fsdp") or 1) * (row.get("parallel.tp") or 1)
+    devices = (row.get("parallel.fsdp") or 1) * (row.get("parallel.cp") or 1) * (row.get("parallel.tp") or 1)
     total = row["predicted_tokens_per_s"]
     mfu = row.get("predicted_mfu")
     usd = row.get("predicted_usd_per_mtok")

@@ -19,6 +19,7 @@ from txlab.measure.records import Facts
 from txlab.measure.throughput import flops_per_token
 from txlab.model.gpt import GPT
 from txlab.model.hf import init_model
+from txlab.parallel.cp import SequenceShard, apply_cp
 from txlab.parallel.ep import apply_ep, expert_mesh
 from txlab.parallel.fsdp import Ranks, apply_fsdp
 from txlab.parallel.tp import apply_tp, loss_context, tp_loss
@@ -84,7 +85,10 @@ def trial_batches(setup: Setup, ranks: Ranks | None = None) -> TrialBatches:
     batches (the ranks of a TP group take the same rows)."""
     m, w = setup.model, setup.workload
     split = setup.data.train if setup.data is not None else Synthetic(m.vocab_size, w.seq_len, w.batch_size, setup.seed)
-    return TrialBatches(split, setup.device, *((ranks.dp_rank, ranks.fsdp) if ranks else ()))
+    batches = TrialBatches(split, setup.device, *((ranks.dp_rank, ranks.fsdp) if ranks else ()))
+    if ranks is not None and ranks.cp > 1:  # a CP rank's two chunks of the sequence of its rows
+        return SequenceShard(batches, ranks.cp, ranks.cp_mesh.get_local_rank())
+    return batches
 
 
 @dataclass
@@ -124,7 +128,9 @@ def build_trial(
     if ranks is not None and ranks.tp > 1:  # the loss over vocabulary-sharded logits (TP's own)
         loss_fn = tp_loss(setup.policy.loss, setup.policy.loss_chunk, ranks.tp_mesh)
         context = loss_context
-    if ranks is not None and ranks.fsdp > 1:  # after recomputation: each wrapped block is sharded as a unit
+    if ranks is not None and ranks.cp > 1:  # the policy's attention in its CP form; the tokens' global positions
+        apply_cp(model, ranks.cp_mesh, setup.policy, w.seq_len)
+    if ranks is not None and ranks.shards > 1:  # after recomputation: each wrapped block is sharded as a unit
         apply_fsdp(model, ranks, w.dtype, setup.layout.reshard_after_forward)
     with fake_mode if fake_mode is not None else nullcontext():
         if fake_mode is not None:  # storage for the model built and sharded on the meta device
@@ -156,9 +162,10 @@ def build_model(setup: Setup, ranks: Ranks | None, meta: bool = False) -> GPT:
 
 def training_facts(setup: Setup, model, plan: Plan | None) -> Facts:
     """What a training trial computes: parameters (all, and those one token uses), model FLOPs per token from
-    the active parameters, the closed-form activations (the dense model's formula: none for MoE or MLA)."""
+    the active parameters, the closed-form activations (the dense model's formula: none for MoE or MLA, nor
+    under context parallelism, whose gathered keys and values it does not model)."""
     m = setup.model
-    dense = m.mlp != "moe" and m.attn != "mla"
+    dense = m.mlp != "moe" and m.attn != "mla" and setup.layout.cp == 1
     return Facts(
         n_params=model.num_params(),
         n_active_params=model.num_active_params(),

@@ -101,7 +101,8 @@ def fake_step_memory(
     """
     setup = dataclasses.replace(setup, device=torch.device("cpu"), data=None)  # fake CPU tensors, synthetic tokens
     layout = setup.layout
-    ranks = fake_ranks(layout.fsdp, layout.tp) if setup.sharded else None  # the mesh before FakeTensorMode (FACTS)
+    # the mesh before FakeTensorMode (FACTS)
+    ranks = fake_ranks(layout.fsdp, layout.tp, layout.cp) if setup.sharded else None
     try:
         return _fake_step(setup, plan, steady, ranks, wrap_step, on_op)
     finally:
@@ -133,7 +134,7 @@ def _fake_step(
         with chunked_tile_body("ops" if cuda else "auto"):  # the tiles a CUDA run computes
             memory, _ = measure_steps(
                 setup.device, parts.model, parts.optimizer, window, step, None, cuda,
-                ranks is not None and ranks.fsdp > 1,
+                ranks is not None and ranks.shards > 1,
                 held=earlier, hold_losses=False, on_op=on_op,
             )  # fmt: skip
         del batches, earlier, window

@@ -23,32 +23,36 @@ from txlab.units import GiB
 
 @dataclass(frozen=True)
 class Layout:
-    """How a trial's ranks are laid out: one mesh of `fsdp` data-parallel ranks (FSDP2) x `tp` tensor-parallel
-    ranks, tp innermost. Further degrees (context, expert) are one more field each, `world` their product."""
+    """How a trial's ranks are laid out: one mesh of `fsdp` data-parallel ranks (FSDP2) x `cp` context-parallel
+    x `tp` tensor-parallel ranks, tp innermost. Further degrees (expert) are one more field each, `world` their
+    product."""
 
     fsdp: int = 1
     reshard_after_forward: bool = True  # free gathered block parameters after forward
     tp: int = 1
     sequence_parallel: bool = True  # split the residual stream and norms over the sequence inside TP regions
+    cp: int = 1  # context-parallel ranks: the sequence split over them (txlab.parallel.cp)
     ep: int = 1  # expert-parallel ranks, drawn from the fsdp ranks (not more ranks: txlab.parallel.ep)
 
     @classmethod
     def of(cls, parallel: ParallelConfig) -> Layout:
         return cls(parallel.fsdp, parallel.reshard_after_forward, parallel.tp, parallel.sequence_parallel,
-                   ep=parallel.ep)  # fmt: skip
+                   cp=parallel.cp, ep=parallel.ep)  # fmt: skip
 
     @property
     def world(self) -> int:
         """Ranks (processes, devices) the trial takes."""
-        return self.fsdp * self.tp
+        return self.fsdp * self.cp * self.tp
 
     @property
     def mesh_shape(self) -> tuple[int, ...]:
-        """The device mesh's shape: (fsdp,) without TP, else (fsdp, tp)."""
-        return (self.fsdp,) if self.tp == 1 else (self.fsdp, self.tp)
+        """The device mesh's shape: (fsdp,), with (fsdp, cp), (fsdp, tp) or (fsdp, cp, tp) where they are > 1."""
+        return (self.fsdp, *(n for n in (self.cp, self.tp) if n > 1))
 
     def describe(self) -> str:
         """The layout in a progress line: "FSDP over 4 ranks", "FSDP 2 x TP 2 (sequence parallel)"."""
+        if self.cp > 1:
+            return (f"FSDP {self.fsdp} x " if self.fsdp > 1 else "") + f"CP {self.cp} (load-balanced chunks)"
         if self.tp == 1:
             return f"FSDP over {self.fsdp} ranks" + (f" (experts over EP {self.ep})" if self.ep > 1 else "")
         sp = "sequence parallel" if self.sequence_parallel else "no sequence parallelism"

@@ -47,7 +47,7 @@ MEMORY_COLUMNS = ("peak_bytes", "params_bytes", "grads_bytes", "optimizer_bytes"
 def check_ranks(setup: Setup) -> None:
     """Bad input before any work: more ranks than this machine has devices for."""
     n, device, layout = setup.layout.world, setup.device, setup.layout
-    key = "parallel.fsdp" if layout.tp == 1 else ("parallel.tp" if layout.fsdp == 1 else "parallel.fsdp x parallel.tp")
+    key = " x ".join(f"parallel.{k}" for k in ("fsdp", "cp", "tp") if getattr(layout, k) > 1)
     if device.type == "cuda" and n > torch.cuda.device_count():
         raise ConfigError(
             f"{key}: {n} ranks need {n} GPUs on this machine, it has {torch.cuda.device_count()} "
@@ -84,8 +84,10 @@ def _rank_main(
     torch._C._clear_DTensor_sharding_propagator_cache()
 
     def stage(setup: Setup, rec: Records, progress: bool) -> None:
-        ranks = make_ranks(rank, setup.layout.fsdp, setup.layout.tp, setup.device.type)
-        bound_collectives(ranks.mesh, COLLECTIVE_TIMEOUT)
+        ranks = make_ranks(rank, setup.layout.fsdp, setup.layout.tp, setup.device.type, setup.layout.cp)
+        for mesh in (ranks.mesh, ranks.dp_cp_mesh):  # the flattened fsdp x cp mesh has a group of its own
+            if mesh is not None:
+                bound_collectives(mesh, COLLECTIVE_TIMEOUT)
         measure_training(setup, rec, progress, ranks)
 
     try:

@@ -85,7 +85,7 @@ def measure_training(setup: Setup, rec: Records, progress: bool = False, ranks: 
     with RssWindow() as rss:
         # compiled: the compiling step first, so compilation is timed apart and stays out of the memory window
         first_s = compile_step(parts.step, parts.data, device) if w.compile else None
-        rec.memory = _memory_steps(parts, setup, progress, sharded=ranks is not None and ranks.fsdp > 1)
+        rec.memory = _memory_steps(parts, setup, progress, sharded=ranks is not None and ranks.shards > 1)
         warmup = max(0, w.warmup_steps - 1) if w.compile else w.warmup_steps  # the compiling step was the first
         times, loss = _timed_steps(parts, setup, progress, warmup)
     if ranks is not None:
