@@ -144,10 +144,11 @@ def test_advise_table_labels_every_figure_predicted(tiny_yaml, tmp_path, capsys)
     assert "peak GiB" in text and "step s" in text
 
 
-def test_confirm_runs_the_winner_under_the_cap(tiny_yaml, tmp_path, capsys):
+def test_confirm_runs_the_winner_under_the_cap(tiny_yaml, tmp_path, capsys, monkeypatch):
     """--hardware local with a memory cap that rules out the fastest corner: the confirmed winner is a leaner
     candidate, measured under the cap; its measured and predicted time are printed (not asserted: a loaded
     machine stretches the measured time; docs/advise.md reports them)."""
+    monkeypatch.setenv("TXLAB_HARDWARE_DIR", str(tmp_path / "hardware"))  # not the session's: others expect none
     assert main(["calibrate", "--quick"]) == 0
     capsys.readouterr()
     from txlab.trial import estimate_trial

@@ -8,7 +8,7 @@ from typing import Any
 
 from txlab.analysis.layout import save_figure
 from txlab.analysis.plotting import GIB_NOTE, plt, sns  # noqa: F401 - plotting sets the backend and theme
-from txlab.units import GiB
+from txlab.results.columns import GiB
 
 
 def write_advise_plot(points: list[dict[str, Any]], path: Path, title: str, capacity_bytes: int) -> list[Path]:
