@@ -176,3 +176,127 @@ def png_ok(path: Path, min_size: tuple[int, int] = (400, 250), max_size: tuple[i
     with Image.open(path) as im:
         (w, h), darkest = im.size, im.convert("L").getextrema()[0]
     return min_size[0] <= w <= max_size[0] and min_size[1] <= h <= max_size[1] and darkest < 100
+
+
+# The layout tests' two shapes (tests/test_tp.py, test_cp.py): GQA (4 query heads, 2 KV heads) + RoPE + RMSNorm +
+# SwiGLU, untied output projection, no biases (Llama's); learned positions, LayerNorm, GELU, biases, tied
+# embeddings and a 97-token vocabulary (GPT-2's, uneven over 2 ranks)
+LLAMA_SHARDED = {**SHARDED, "model.pos": "rope", "model.norm": "rmsnorm", "model.mlp": "swiglu",
+                 "model.n_kv_heads": 2, "model.tie_weights": False, "model.attn_bias": False,
+                 "model.attn_out_bias": False, "model.mlp_bias": False}  # fmt: skip
+GPT2_SHARDED = {**SHARDED}
+
+
+def layout_steps(rank: int, world: int, configs: list[TrialConfig]) -> dict:
+    """One training step of each config (all of one layout) on rank `rank` (world 1: this process, no process
+    group): the loss (the global batch's: the ranks' equal shares averaged), and on rank 0 every gradient AdamW
+    receives, gathered whole and in the one-device model's row order (TP reorders fused projections' rows so a
+    rank holds whole heads). One process group for all configs: the ranks start once. `spawn_ranks`' target."""
+    import torch.distributed as dist
+
+    from txlab.parallel.fsdp import make_ranks
+    from txlab.parallel.tp import fused_row_orders
+    from txlab.trial.build import build_trial
+    from txlab.trial.resolve import resolve
+
+    torch.set_num_threads(1)
+    layout, ranks = resolve(configs[0]).layout, None
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        ranks = make_ranks(rank, layout.fsdp, layout.tp, "cpu", layout.cp)
+    out = []
+    for c in configs:
+        parts = build_trial(resolve(c), ranks=ranks)
+        orders = fused_row_orders(c.model, layout.tp) if layout.tp > 1 else {}
+        names = {id(p): n for n, p in parts.model.named_parameters()}
+        grads = {}
+
+        def record(opt, args, kwargs, names=names, grads=grads, orders=orders):  # a collective: all ranks, in order
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    name = names[id(p)]
+                    g = (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach()
+                    for suffix, order in orders.items():
+                        if name.rsplit(".", 1)[0].endswith(suffix):
+                            g = g[torch.argsort(order)]
+                    grads[name] = g.flatten().tolist()
+
+        parts.optimizer.register_step_pre_hook(record)
+        loss = parts.step(*parts.data.next())
+        if world > 1:
+            dist.all_reduce(loss)
+            loss = loss / world
+        out.append({"loss": float(loss), "grads": grads if rank == 0 else None})
+    if world > 1:
+        dist.destroy_process_group()
+    return {"steps": out}
+
+
+def assert_same_steps(bases: dict[str, dict], layout: dict) -> list[dict]:
+    """The layout's trial of each base config (by name) against the one-device trial of it: the same loss
+    (relative 1e-5) and the same gradients (1e-5 of their norm: fp32 rounding of the reductions' order).
+    Returns rank 0's steps."""
+    from txlab.parallel.launch import spawn_ranks
+
+    world = layout.get("parallel.fsdp", 1) * layout.get("parallel.cp", 1) * layout.get("parallel.tp", 1)
+    many = spawn_ranks(layout_steps, world, ([config({**b, **layout}) for b in bases.values()],))
+    assert all(isinstance(r, dict) for r in many), many
+    for (name, base), got in zip(bases.items(), many[0]["steps"], strict=True):
+        one = layout_steps(0, 1, [config(base)])["steps"][0]
+        assert abs(got["loss"] - one["loss"]) <= 1e-5 * abs(one["loss"]), (name, got["loss"], one["loss"])
+        assert got["grads"].keys() == one["grads"].keys()
+        for param, g in one["grads"].items():
+            a, b = torch.tensor(got["grads"][param]), torch.tensor(g)
+            assert a.shape == b.shape and (a - b).norm() <= 1e-5 * b.norm(), (name, param, (a - b).norm() / b.norm())
+    return many[0]["steps"]
+
+
+def measured_peaks(rank: int, world: int, configs: list[TrialConfig]) -> dict:
+    """Each config's training steps on this rank of one process group (all configs share a layout; as
+    txlab.trial.sharded runs a trial, without a process group per trial): its peak. `spawn_ranks`' target."""
+    import torch.distributed as dist
+
+    from txlab.measure.records import Records
+    from txlab.parallel.fsdp import make_ranks
+    from txlab.trial.resolve import resolve
+    from txlab.trial.train import measure_training
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    layout = resolve(configs[0]).layout
+    ranks = make_ranks(rank, layout.fsdp, layout.tp, "cpu", layout.cp)
+    peaks = []
+    for c in configs:
+        rec = Records()
+        measure_training(resolve(c), rec, False, ranks)
+        peaks.append(rec.memory.peak_bytes)
+    dist.destroy_process_group()
+    return {"peaks": peaks}
+
+
+def assert_estimates_match_measured(shapes: dict[str, dict], layout: dict, fresh: bool = False) -> None:
+    """The estimate on a fake mesh (rank 0's) of each shape under `layout` against the per-rank peaks measured
+    over gloo. Held to the typical rank, the median: one rank of four has been measured 7-17% above the others
+    in some runs (a different rank and shape each time: when gloo's asynchronous collectives complete, which the
+    synchronous fake process group does not model; the ranks of a TP group also differ by a vocabulary row where
+    the vocabulary is uneven); the largest is bounded. `fresh`: each shape measured in processes of its own (under
+    CP a GPT-2-like shape measured after other trials in the same processes has come out 2-6% above its estimate,
+    and 4 bytes from it alone: cause not found)."""
+    from txlab.parallel.launch import spawn_ranks
+    from txlab.trial import estimate_trial
+
+    world = layout.get("parallel.fsdp", 1) * layout.get("parallel.cp", 1) * layout.get("parallel.tp", 1)
+    configs = [config({**shape, **layout}) for shape in shapes.values()]
+    runs = (
+        [spawn_ranks(measured_peaks, world, ([c],)) for c in configs]
+        if fresh
+        else [spawn_ranks(measured_peaks, world, (configs,))]
+    )
+    assert all(isinstance(r, dict) for ranks in runs for r in ranks), runs
+    peaks = [[p for ranks in runs for p in ranks[r]["peaks"]] for r in range(world)]  # per rank, a peak per shape
+    for name, c, *measured in zip(shapes, configs, *peaks, strict=True):
+        estimated = estimate_trial(c, "cpu")
+        assert estimated["status"] == "ok" and estimated["measured"] is False, estimated["error"]
+        typical = sorted(measured)[(len(measured) - 1) // 2]
+        assert abs(estimated["peak_bytes"] - typical) <= 0.05 * typical, (name, estimated["peak_bytes"], measured)
+        assert max(measured) <= 1.25 * estimated["peak_bytes"], (name, estimated["peak_bytes"], measured)

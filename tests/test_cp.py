@@ -9,73 +9,28 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.support import SHARDED, config
+from tests.support import (
+    GPT2_SHARDED,
+    LLAMA_SHARDED,
+    SHARDED,
+    assert_estimates_match_measured,
+    assert_same_steps,
+    config,
+)
 from txlab.config import ConfigError
 from txlab.parallel.cp import rank_positions
-from txlab.parallel.launch import spawn_ranks
-from txlab.trial import estimate_trial, run_trial
-from txlab.trial.build import build_trial
-from txlab.trial.resolve import resolve
+from txlab.trial import run_trial
 
-# GQA (4 query heads, 2 KV heads) + RoPE + RMSNorm + SwiGLU, untied output projection, no biases: Llama's shape
-LLAMA = {**SHARDED, "model.pos": "rope", "model.norm": "rmsnorm", "model.mlp": "swiglu", "model.n_kv_heads": 2,
-         "model.tie_weights": False, "model.attn_bias": False, "model.attn_out_bias": False, "model.mlp_bias": False}  # fmt: skip
-# GPT-2's: learned positions, LayerNorm, GELU, biases, tied embeddings
-GPT2 = {**SHARDED}
+LLAMA, GPT2 = LLAMA_SHARDED, GPT2_SHARDED
 SHAPES = {"llama": LLAMA, "gpt2": GPT2}
 
 # Each rank holds 2 chunks of 8 tokens (seq_len 32, cp 2): q_chunk 4 makes 2 query tiles a chunk
 CHUNKED = {"policy.name": "custom", "policy.attention": "chunked", "policy.q_chunk": 4, "policy.k_chunk": 4}
 
 
-def _steps(rank: int, world: int, configs: list) -> dict:
-    """One training step of each config (all of one layout) on rank `rank` (world 1: this process, no process
-    group): the loss (the global batch's: the ranks' equal shares averaged), and on rank 0 every gradient
-    AdamW receives, gathered whole. One process group for all configs: the ranks start once."""
-    import torch.distributed as dist
-
-    from txlab.parallel.fsdp import make_ranks
-
-    torch.set_num_threads(1)
-    layout, ranks = resolve(configs[0]).layout, None
-    if world > 1:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        ranks = make_ranks(rank, layout.fsdp, layout.tp, "cpu", layout.cp)
-    out = []
-    for c in configs:
-        parts = build_trial(resolve(c), ranks=ranks)
-        names = {id(p): n for n, p in parts.model.named_parameters()}
-        grads = {}
-
-        def record(opt, args, kwargs, names=names, grads=grads):  # a collective: every rank gathers, in order
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-                    grads[names[id(p)]] = g.detach().flatten().tolist()
-
-        parts.optimizer.register_step_pre_hook(record)
-        loss = parts.step(*parts.data.next())
-        if world > 1:
-            dist.all_reduce(loss)
-            loss = loss / world
-        out.append({"loss": float(loss), "grads": grads if rank == 0 else None})
-    if world > 1:
-        dist.destroy_process_group()
-    return {"steps": out}
-
-
 def _same_numbers(bases: dict[str, dict], fsdp: int, cp: int) -> None:
     """The layout's trial of each base config (by name) against the one-device trial of it."""
-    layout = {"parallel.fsdp": fsdp, "parallel.cp": cp}
-    many = spawn_ranks(_steps, fsdp * cp, ([config({**b, **layout}) for b in bases.values()],))
-    assert all(isinstance(r, dict) for r in many), many
-    for (name, base), got in zip(bases.items(), many[0]["steps"]):
-        one = _steps(0, 1, [config(base)])["steps"][0]
-        assert abs(got["loss"] - one["loss"]) <= 1e-5 * abs(one["loss"]), (name, got["loss"], one["loss"])
-        assert got["grads"].keys() == one["grads"].keys()
-        for param, g in one["grads"].items():  # the same gradients, to fp32 rounding of the reductions' order
-            a, b = torch.tensor(got["grads"][param]), torch.tensor(g)
-            assert a.shape == b.shape and (a - b).norm() <= 1e-5 * b.norm(), (name, param, (a - b).norm() / b.norm())
+    assert_same_steps(bases, {"parallel.fsdp": fsdp, "parallel.cp": cp})
 
 
 def test_a_rank_holds_chunks_i_and_2cp_minus_1_minus_i():
@@ -157,27 +112,6 @@ def test_a_cp_trial_row_has_the_one_device_loss_and_smaller_per_rank_peaks():
     assert both["optimizer_bytes"] * 4 == pytest.approx(one["optimizer_bytes"], rel=0.03)
 
 
-def _measured_peaks(rank: int, world: int, configs: list) -> dict:
-    """Each config's training steps on this rank of one process group (all configs share a layout)."""
-    import torch.distributed as dist
-
-    from txlab.measure.records import Records
-    from txlab.parallel.fsdp import make_ranks
-    from txlab.trial.train import measure_training
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    layout = resolve(configs[0]).layout
-    ranks = make_ranks(rank, layout.fsdp, layout.tp, "cpu", layout.cp)
-    peaks = []
-    for c in configs:
-        rec = Records()
-        measure_training(resolve(c), rec, False, ranks)
-        peaks.append(rec.memory.peak_bytes)
-    dist.destroy_process_group()
-    return {"peaks": peaks}
-
-
 # Activations as large as the rest: 128 tokens (32 a chunk at cp 2), the gathered K/V show at the peak
 LONG = {"workload.seq_len": 128}
 ESTIMATED_SHAPES = {
@@ -192,15 +126,4 @@ ESTIMATED_SHAPES = {
 
 @pytest.mark.parametrize("fsdp, cp", [(1, 2), (2, 2)])
 def test_the_estimate_on_a_fake_mesh_matches_the_measured_per_rank_peak(fsdp, cp):
-    configs = [config({**shape, "parallel.fsdp": fsdp, "parallel.cp": cp}) for shape in ESTIMATED_SHAPES.values()]
-    ranks = spawn_ranks(_measured_peaks, fsdp * cp, (configs,))
-    assert all(isinstance(r, dict) for r in ranks), ranks
-    for name, c, *measured in zip(ESTIMATED_SHAPES, configs, *(r["peaks"] for r in ranks)):
-        estimated = estimate_trial(c, "cpu")
-        assert estimated["status"] == "ok" and estimated["measured"] is False, estimated["error"]
-        # The estimate is rank 0's. Held to the typical rank, the median, as in tests/test_tp.py (one rank of
-        # four has been measured above the others when gloo's asynchronous collectives complete late); the
-        # largest is bounded.
-        typical = sorted(measured)[(len(measured) - 1) // 2]
-        assert abs(estimated["peak_bytes"] - typical) <= 0.05 * typical, (name, estimated["peak_bytes"], measured)
-        assert max(measured) <= 1.25 * estimated["peak_bytes"], (name, estimated["peak_bytes"], measured)
+    assert_estimates_match_measured(ESTIMATED_SHAPES, {"parallel.fsdp": fsdp, "parallel.cp": cp}, fresh=True)

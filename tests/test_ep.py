@@ -8,11 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.support import SHARDED, config
+from tests.support import SHARDED, assert_same_steps, config
 from txlab.parallel.ep import received_rows
 from txlab.parallel.launch import spawn_ranks
 from txlab.trial import estimate_trial, run_trial
-from txlab.trial.build import build_trial
 from txlab.trial.resolve import resolve
 
 # Mixtral's shape: softmax top 2 of 4 renormalised, RoPE, RMSNorm, no biases
@@ -27,50 +26,10 @@ DEEPSEEK = {**MIXTRAL, "model.n_layers": 3, "model.attn": "mla", "model.mla_q_ra
 SHAPES = {"mixtral": MIXTRAL, "deepseek": DEEPSEEK}
 
 
-def _one_step(rank: int, world: int, c) -> dict:
-    """One training step of config `c` on rank `rank` of its layout (world 1: this process, no process group):
-    the loss, and on rank 0 every gradient AdamW receives, gathered whole (experts included: DTensors)."""
-    import torch.distributed as dist
-
-    from txlab.parallel.fsdp import make_ranks
-
-    torch.set_num_threads(1)
-    setup, ranks = resolve(c), None
-    if world > 1:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        ranks = make_ranks(rank, setup.layout.fsdp, setup.layout.tp, "cpu")
-    parts = build_trial(setup, ranks=ranks)
-
-    def whole(t: torch.Tensor) -> list[float]:  # a collective: every rank calls it in the same order
-        return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().flatten().tolist()
-
-    names = {id(p): n for n, p in parts.model.named_parameters()}
-    grads = {}
-    parts.optimizer.register_step_pre_hook(
-        lambda opt, args, kwargs: grads.update(
-            {names[id(p)]: whole(p.grad) for group in opt.param_groups for p in group["params"]}
-        )
-    )
-    loss = parts.step(*parts.data.next())
-    if world > 1:
-        dist.all_reduce(loss)
-        loss = loss / world
-        dist.destroy_process_group()
-    return {"loss": float(loss), "grads": grads if rank == 0 else None}
-
-
 def _same_numbers(base: dict, fsdp: int, ep: int) -> None:
-    """The layout's step of `base` against the one-device step of `base`."""
-    one = _one_step(0, 1, config(base))
-    many = spawn_ranks(_one_step, fsdp, (config({**base, "parallel.fsdp": fsdp, "parallel.ep": ep}),))
-    assert all(isinstance(r, dict) for r in many), many
-    assert abs(many[0]["loss"] - one["loss"]) <= 1e-5 * abs(one["loss"]), (many[0]["loss"], one["loss"])
-    got = many[0]["grads"]
-    assert got.keys() == one["grads"].keys()
-    assert any(".experts." in name for name in got)
-    for name, g in one["grads"].items():  # the same gradients, to fp32 rounding of the reductions' order
-        a, b = torch.tensor(got[name]), torch.tensor(g)
-        assert a.shape == b.shape and (a - b).norm() <= 1e-5 * b.norm(), (name, (a - b).norm() / b.norm())
+    """The layout's step of `base` against the one-device step of `base` (the experts' gradients among them)."""
+    (step,) = assert_same_steps({"base": base}, {"parallel.fsdp": fsdp, "parallel.ep": ep})
+    assert any(".experts." in name for name in step["grads"])
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -7,75 +7,26 @@ every recomputation policy and both losses; TP shares the memory it should; bad 
 from __future__ import annotations
 
 import pytest
-import torch
 
-from tests.support import SHARDED, config
+from tests.support import (
+    GPT2_SHARDED,
+    LLAMA_SHARDED,
+    SHARDED,
+    assert_estimates_match_measured,
+    assert_same_steps,
+    config,
+)
 from txlab.config import ConfigError
-from txlab.parallel.launch import spawn_ranks
-from txlab.parallel.tp import fused_row_orders
-from txlab.trial import estimate_trial, run_trial
-from txlab.trial.build import build_trial
-from txlab.trial.resolve import resolve
+from txlab.trial import run_trial
 
-# GQA (4 query heads, 2 KV heads) + RoPE + RMSNorm + SwiGLU, untied output projection, no biases: Llama's shape
-LLAMA = {**SHARDED, "model.pos": "rope", "model.norm": "rmsnorm", "model.mlp": "swiglu", "model.n_kv_heads": 2,
-         "model.tie_weights": False, "model.attn_bias": False, "model.attn_out_bias": False, "model.mlp_bias": False}  # fmt: skip
-# GPT-2's: learned positions, LayerNorm, GELU, biases, tied embeddings; a 97-token vocabulary (uneven over 2)
-GPT2 = {**SHARDED}
+LLAMA, GPT2 = LLAMA_SHARDED, GPT2_SHARDED
 SHAPES = {"llama": LLAMA, "gpt2": GPT2}
-
-
-def _one_step(rank: int, world: int, c) -> dict:
-    """One training step of config `c` on rank `rank` of its layout (world 1: this process, no process group):
-    the loss, and on rank 0 every gradient AdamW receives, gathered whole and in the one-device model's row
-    order."""
-    import torch.distributed as dist
-
-    from txlab.parallel.fsdp import make_ranks
-
-    torch.set_num_threads(1)
-    setup, ranks = resolve(c), None
-    tp = setup.layout.tp
-    if world > 1:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        ranks = make_ranks(rank, setup.layout.fsdp, tp, "cpu")
-    parts = build_trial(setup, ranks=ranks)
-    orders = fused_row_orders(c.model, tp)
-
-    def whole(name: str, t: torch.Tensor) -> list[float]:  # a collective: every rank calls it in the same order
-        t = (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
-        for suffix, order in orders.items():
-            if tp > 1 and name.rsplit(".", 1)[0].endswith(suffix):  # the fused rows back in the model's order
-                t = t[torch.argsort(order)]
-        return t.flatten().tolist()
-
-    names = {id(p): n for n, p in parts.model.named_parameters()}
-    grads = {}
-    parts.optimizer.register_step_pre_hook(
-        lambda opt, args, kwargs: grads.update(
-            {names[id(p)]: whole(names[id(p)], p.grad) for group in opt.param_groups for p in group["params"]}
-        )
-    )
-    loss = parts.step(*parts.data.next())
-    if world > 1:
-        dist.all_reduce(loss)
-        loss = loss / world
-        dist.destroy_process_group()
-    return {"loss": float(loss), "grads": grads if rank == 0 else None}
 
 
 def _same_numbers(base: dict, fsdp: int, tp: int, sequence_parallel: bool = True) -> None:
     """The layout's trial of `base` against the one-device trial of `base`."""
-    one = _one_step(0, 1, config(base))
-    layout = {"parallel.fsdp": fsdp, "parallel.tp": tp, "parallel.sequence_parallel": sequence_parallel}
-    many = spawn_ranks(_one_step, fsdp * tp, (config({**base, **layout}),))
-    assert all(isinstance(r, dict) for r in many), many
-    assert abs(many[0]["loss"] - one["loss"]) <= 1e-5 * abs(one["loss"]), (many[0]["loss"], one["loss"])
-    got = many[0]["grads"]
-    assert got.keys() == one["grads"].keys()
-    for name, g in one["grads"].items():  # the same gradients, to fp32 rounding of the reductions' order
-        a, b = torch.tensor(got[name]), torch.tensor(g)
-        assert a.shape == b.shape and (a - b).norm() <= 1e-5 * b.norm(), (name, (a - b).norm() / b.norm())
+    assert_same_steps({"base": base}, {"parallel.fsdp": fsdp, "parallel.tp": tp,
+                                       "parallel.sequence_parallel": sequence_parallel})  # fmt: skip
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -152,27 +103,6 @@ def test_a_tp_trial_row_has_the_one_device_loss_and_smaller_per_rank_peaks():
     assert sum(both[k] for k in (*parts, "gathered_params_bytes", "comm_bytes")) == both["peak_bytes"]
 
 
-def _measured_peaks(rank: int, world: int, configs: list) -> dict:
-    """Each config's training steps on this rank of one process group (all configs share a layout)."""
-    import torch.distributed as dist
-
-    from txlab.measure.records import Records
-    from txlab.parallel.fsdp import make_ranks
-    from txlab.trial.train import measure_training
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    layout = resolve(configs[0]).layout
-    ranks = make_ranks(rank, layout.fsdp, layout.tp, "cpu")
-    peaks = []
-    for c in configs:
-        rec = Records()
-        measure_training(resolve(c), rec, False, ranks)
-        peaks.append(rec.memory.peak_bytes)
-    dist.destroy_process_group()
-    return {"peaks": peaks}
-
-
 ESTIMATED_SHAPES = {
     "llama-sdpa": {**LLAMA, "policy.name": "sdpa"},
     "llama-recompute": {**LLAMA, "policy.name": "recompute", "policy.loss_chunk": 16},
@@ -186,16 +116,6 @@ ESTIMATED_SHAPES = {
 
 @pytest.mark.parametrize("fsdp, tp, sp", [(1, 2, True), (1, 2, False), (2, 2, True)])
 def test_the_estimate_on_a_fake_mesh_matches_the_measured_per_rank_peak(fsdp, tp, sp):
-    layout = {"parallel.fsdp": fsdp, "parallel.tp": tp, "parallel.sequence_parallel": sp}
-    configs = [config({**shape, **layout}) for shape in ESTIMATED_SHAPES.values()]
-    ranks = spawn_ranks(_measured_peaks, fsdp * tp, (configs,))
-    assert all(isinstance(r, dict) for r in ranks), ranks
-    for name, c, *measured in zip(ESTIMATED_SHAPES, configs, *(r["peaks"] for r in ranks)):
-        estimated = estimate_trial(c, "cpu")
-        assert estimated["status"] == "ok" and estimated["measured"] is False, estimated["error"]
-        # The estimate is rank 0's (the ranks of a TP group differ by a vocabulary row where the vocabulary is
-        # uneven). Held to the typical rank, the median: as in tests/test_sharded.py, one rank of four has been
-        # measured above the others when gloo's asynchronous collectives complete late; the largest is bounded.
-        typical = sorted(measured)[(len(measured) - 1) // 2]
-        assert abs(estimated["peak_bytes"] - typical) <= 0.05 * typical, (name, estimated["peak_bytes"], measured)
-        assert max(measured) <= 1.25 * estimated["peak_bytes"], (name, estimated["peak_bytes"], measured)
+    assert_estimates_match_measured(
+        ESTIMATED_SHAPES, {"parallel.fsdp": fsdp, "parallel.tp": tp, "parallel.sequence_parallel": sp}
+    )
