@@ -24,7 +24,7 @@ while each rank's loss is the mean over its own tokens; it is divided by ep, so 
 remaining fsdp / ep ranks makes it the global batch's mean gradient, as for every other parameter.
 
 Estimates (fake tensors) cannot read the counts, so the split sizes come from a stated routing assumption
-(`assume_routing`: balanced, or the busiest expert `model.moe_imbalance` times the mean, on this rank).
+(`assume_routing`: balanced, or the busiest expert `workload.routing_imbalance` times the mean, on this rank).
 """
 
 from __future__ import annotations

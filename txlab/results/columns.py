@@ -107,7 +107,7 @@ FIGURES: dict[str, pa.DataType] = {
     "mfu": pa.float64(),  # CUDA only: achieved / peak FLOP/s of the device
     "loss": pa.float64(),  # last timed step's training loss (nats/token): the language-model loss alone
     # mixture of experts (null on dense rows): the routing of the last timed step's last forward, global batch
-    "routing": pa.string(),  # measured, or an estimate's assumption: balanced | imbalance F (model.moe_imbalance)
+    "routing": pa.string(),  # measured, or an estimate's assumption: balanced | imbalance F (workload.routing_imbalance)
     "routing_load": pa.float64(),  # busiest expert's (token, expert) pairs over the mean, the largest over layers
     "aux_loss": pa.float64(),  # load-balancing loss (transformers' aux_loss; softmax routers), not in `loss`
     "bits_per_byte": pa.float64(),  # when the data maps tokens to bytes
