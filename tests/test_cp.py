@@ -1,5 +1,5 @@
-"""Context-parallel trials (`parallel.cp`, with `parallel.fsdp`): N ranks over gloo on this CPU compute what one
-process computes (fp32: the same loss, relative <= 1e-5, and the same gradients as AdamW receives them, to
+"""Context-parallel trials (`parallel.cp`, with `parallel.fsdp` and `parallel.tp`): N ranks over gloo on this CPU
+compute what one process computes (fp32: the same loss, relative <= 1e-5, and the same gradients as AdamW receives them, to
 1e-5 of their norm) on a GQA + RoPE + SwiGLU shape and a GPT-2 shape (learned positions), under every
 attention kernel and recomputation policy and both losses; the estimate on a fake mesh is rank 0's measured
 peak; bad layouts are refused."""
@@ -19,7 +19,8 @@ from tests.support import (
 )
 from txlab.config import ConfigError
 from txlab.parallel.cp import rank_positions
-from txlab.trial import run_trial
+from txlab.results.format import format_row
+from txlab.trial import estimate_trial, run_trial
 
 LLAMA, GPT2 = LLAMA_SHARDED, GPT2_SHARDED
 SHAPES = {"llama": LLAMA, "gpt2": GPT2}
@@ -74,13 +75,28 @@ def test_cp_composes_with_every_policy():
     _same_numbers({name: {**shape, **over} for name, (shape, over) in POLICIES.items()}, 1, 2)
 
 
+# CP with TP (a cp x tp mesh, tp innermost): each rank's local heads exchange K/V over its cp group, sequence
+# parallelism splits the rank's two chunks, the vocabulary-parallel loss runs over them; both shapes, and with
+# sequence parallelism off the two tokens' layouts between TP regions differ (whole chunks, not a shard of them)
+CP_X_TP = ("llama-recompute", "gpt2-checkpoint-chunked-loss", "llama-selective", "gpt2-sqrt-math", "llama-chunked",
+           "llama-accumulated")  # fmt: skip
+
+
+@pytest.mark.parametrize("sequence_parallel", [True, False])
+def test_cp_x_tp_computes_the_one_device_step(sequence_parallel):
+    names = CP_X_TP if sequence_parallel else CP_X_TP[:2]
+    bases = {name: {**POLICIES[name][0], **POLICIES[name][1]} for name in names}
+    assert_same_steps(bases, {"parallel.cp": 2, "parallel.tp": 2, "parallel.sequence_parallel": sequence_parallel})
+
+
 @pytest.mark.parametrize(
     "over, needle",
     [
         ({"parallel.cp": 0}, "parallel.cp: must be > 0"),
         ({"parallel.cp": 3}, r"parallel.cp: 2 x 3 chunks must divide workload.seq_len \(32 % 6 != 0: causal load "
                              r"balancing gives each rank two equal chunks\); allowed here: 1, 2, 4, 8, 16"),
-        ({"parallel.cp": 2, "parallel.tp": 2}, "parallel.cp: context parallelism with parallel.tp 2 is not built"),
+        ({"parallel.cp": 2, "parallel.tp": 4, "workload.seq_len": 20}, r"parallel.tp: 4 must divide workload.seq_len / "
+                                                                         r"parallel.cp \(10 % 4 != 0: sequence parallelism"),
         ({"parallel.cp": 2, "workload.kind": "decode"}, "parallel.cp: sharded trials train"),
         ({"parallel.cp": 2, "policy.name": "planned", "measure.budget_gib": 1}, "parallel.cp: the planner plans one"),
         ({"parallel.cp": 2, "workload.compile": True}, r"workload.compile: not supported with parallel.cp > 1"),
@@ -124,6 +140,23 @@ ESTIMATED_SHAPES = {
 }
 
 
-@pytest.mark.parametrize("fsdp, cp", [(1, 2), (2, 2)])
-def test_the_estimate_on_a_fake_mesh_matches_the_measured_per_rank_peak(fsdp, cp):
-    assert_estimates_match_measured(ESTIMATED_SHAPES, {"parallel.fsdp": fsdp, "parallel.cp": cp}, fresh=True)
+@pytest.mark.parametrize("fsdp, cp, tp", [(1, 2, 1), (2, 2, 1), (1, 2, 2)])
+def test_the_estimate_on_a_fake_mesh_matches_the_measured_per_rank_peak(fsdp, cp, tp):
+    layout = {"parallel.fsdp": fsdp, "parallel.cp": cp, "parallel.tp": tp}
+    assert_estimates_match_measured(ESTIMATED_SHAPES, layout, fresh=True)
+
+
+@pytest.mark.parametrize("policy, gathers", [("sdpa", 2), ("recompute", 3)])
+def test_the_kv_exchange_bytes_are_the_kernels_by_hand(policy, gathers):
+    """comm_kv_exchange_bytes of an estimate at cp 4: every layer gathers the group's K|V in forward, again in a
+    recomputed forward, and again in backward, and reduce-scatters dK|dV once; each message is K and V of the whole
+    sequence, (cp - 1) / cp of it sent (a ring). Part of the all-gather and reduce-scatter bytes, not beside them.
+    (That an estimate's bytes are the real step's: tests/test_timemodel.py, cp 2 over gloo.)"""
+    c = config({**LLAMA, "parallel.cp": 4, "policy.name": policy})
+    row = estimate_trial(c)
+    m, w = c.model, c.workload
+    message = 2 * w.batch_size * m.n_kv_heads * w.seq_len * (m.d_model // m.n_heads) * 4  # K|V, fp32, 1 data rank
+    assert row["comm_kv_exchange_bytes"] == m.n_layers * (gathers + 1) * message * 3 // 4
+    assert row["comm_kv_exchange_bytes"] < row["comm_all_gather_bytes"] + row["comm_reduce_scatter_bytes"]
+    assert "(of these, CP's K/V exchange 0.000 GiB)" in format_row(row)  # the `comm` line of txlab run / estimate
+    assert estimate_trial(config({**LLAMA, "policy.name": policy}))["comm_kv_exchange_bytes"] == 0

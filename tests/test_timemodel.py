@@ -193,7 +193,8 @@ def test_collectives_take_the_link_their_group_spans():
     assert wire_bytes(reduce) == pytest.approx(14e9)
     # the row's traffic columns sum the same bytes per kind
     assert traffic([inside, across, reduce, op("matmul")]) == {"all_gather": 14_500_000_000, "reduce_scatter": 0,
-                                                            "all_reduce": 14_000_000_000, "all_to_all": 0}  # fmt: skip
+                                                            "all_reduce": 14_000_000_000, "all_to_all": 0,
+                                                            "kv_exchange": 0}  # fmt: skip
     e = p.efficiency
     assert c.collective(inside) == pytest.approx(e.comm_latency_s + 7e9 / (p.link_bw * e.comm))
     # across nodes a ring relays through the node: its 8 members' NICs carry it (no more than NVLink relays)
@@ -422,17 +423,23 @@ def _real_traffic(rank: int, world: int, c) -> dict:
     setup = resolve(c)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        parts = build_trial(setup, ranks=make_ranks(rank, setup.layout.fsdp, setup.layout.tp, "cpu"))
+        ranks = make_ranks(rank, setup.layout.fsdp, setup.layout.tp, "cpu", setup.layout.cp)
+        parts = build_trial(setup, ranks=ranks)
         parts.step(*parts.data.next())
-        return traffic(record_step(parts.step, parts.optimizer, *parts.data.next()))
+        # the K/V exchange's group as the real mesh has it (the estimate takes it from the layout's arithmetic)
+        cp_group = tuple(dist.get_process_group_ranks(ranks.cp_mesh.get_group())) if ranks.cp > 1 else ()
+        return traffic(record_step(parts.step, parts.optimizer, *parts.data.next()), cp_group)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("layout", [{"parallel__fsdp": 2}, {"parallel__tp": 2, "parallel__sequence_parallel": False}])
+@pytest.mark.parametrize(
+    "layout", [{"parallel__fsdp": 2}, {"parallel__tp": 2, "parallel__sequence_parallel": False}, {"parallel__cp": 2}]
+)
 def test_an_estimates_traffic_is_what_the_real_step_sends(layout):
     """The comm_*_bytes an estimate counts on fake tensors equal, to the byte, those of the real step's
-    collectives on each rank (FSDP's gathers and reduce-scatters; TP's all-reduces)."""
+    collectives on each rank (FSDP's gathers and reduce-scatters; TP's all-reduces; CP's K/V exchange, and
+    FSDP2's collectives over the same two ranks, which are not part of it)."""
     from tests.support import SHARDED
     from txlab.parallel.launch import spawn_ranks
 
@@ -443,6 +450,10 @@ def test_an_estimates_traffic_is_what_the_real_step_sends(layout):
     counted = {k: row[f"comm_{k}_bytes"] for k in real[0]}
     assert real[0] == real[1] == counted and sum(counted.values()) > 0
     assert (counted["all_reduce"] > 0) == ("parallel__tp" in layout)
+    if "parallel__cp" in layout:  # FSDP2's collectives over the same two ranks are not part of the K/V exchange
+        assert 0 < counted["kv_exchange"] < counted["all_gather"] + counted["reduce_scatter"]
+    else:
+        assert counted["kv_exchange"] == 0
 
 
 def test_a_measured_sharded_row_gets_the_prediction_of_its_layout(tmp_path, monkeypatch):
@@ -456,5 +467,5 @@ def test_a_measured_sharded_row_gets_the_prediction_of_its_layout(tmp_path, monk
     assert row["predicted_tokens_per_s"] == pytest.approx(4 * 32 / row["predicted_step_time_s"])
     estimate = estimate_trial(c)  # the measured row's collectives are its layout's: the estimate's bytes
     traffic_columns = [k for k in row if k.startswith("comm_") and k.endswith("_bytes") and k != "comm_bytes"]
-    assert len(traffic_columns) == 4 and row["comm_reduce_scatter_bytes"] > 0
+    assert len(traffic_columns) == 5 and row["comm_reduce_scatter_bytes"] > 0 and row["comm_kv_exchange_bytes"] == 0
     assert all(row[k] == estimate[k] for k in traffic_columns)

@@ -82,6 +82,7 @@ class Traffic:
     comm_reduce_scatter_bytes: int | None = None  # FSDP's gradients, TP's sequence-parallel ones, CP's dK/dV
     comm_all_reduce_bytes: int | None = None  # TP's activation reductions (ring: twice the (n-1)/n share)
     comm_all_to_all_bytes: int | None = None  # expert parallelism's token exchange
+    comm_kv_exchange_bytes: int | None = None  # of the all-gather and reduce-scatter bytes: CP's K/V and dK/dV
 
 
 @dataclass(frozen=True)

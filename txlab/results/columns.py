@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from txlab.units import GiB  # noqa: F401 - the analysis reads the unit of the byte columns from here
 
-SCHEMA_VERSION = 12
+SCHEMA_VERSION = 13
 # Every row schema version and its migration note. Any change to the row's columns (one added, removed,
 # renamed or retyped; config keys included, since every config key is a column) bumps SCHEMA_VERSION and
 # adds a line here saying what changed and how rows of the version before read under it. Added columns
@@ -62,6 +62,9 @@ SCHEMA_HISTORY: dict[int, str] = {
     "none estimated an expert-parallel layout)",
     12: "txlab 0.3: config column parallel.cp (context-parallel layouts, issue 23); no migration: older rows read it "
     "as its declared default, 1 (no context parallelism)",
+    13: "txlab 0.3: figure comm_kv_exchange_bytes (issue 23): of the all-gather and reduce-scatter bytes, those of "
+    "context parallelism's K/V exchange (included in comm_all_gather_bytes and comm_reduce_scatter_bytes, not "
+    "beside them); no migration: older rows read it as null (not counted)",
 }
 
 STATUSES = ("ok", "oom", "over_budget", "error")
@@ -135,6 +138,7 @@ FIGURES: dict[str, pa.DataType] = {
     "comm_reduce_scatter_bytes": pa.int64(),
     "comm_all_reduce_bytes": pa.int64(),
     "comm_all_to_all_bytes": pa.int64(),
+    "comm_kv_exchange_bytes": pa.int64(),  # of comm_all_gather/reduce_scatter_bytes: CP's K/V and dK/dV
 }
 
 

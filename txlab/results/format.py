@@ -7,8 +7,12 @@ from typing import Any
 from txlab.results.columns import FIGURES
 from txlab.units import GiB
 
-# the bytes one device sends per step in each kind of collective (txlab.timemodel.trace.traffic)
-TRAFFIC_COLUMNS = [c for c in FIGURES if c.startswith("comm_") and c.endswith("_bytes") and c != "comm_bytes"]
+# the bytes one device sends per step in each kind of collective (txlab.timemodel.trace.traffic), and the part of
+# them that is context parallelism's K/V exchange
+KV_EXCHANGE_COLUMN = "comm_kv_exchange_bytes"
+TRAFFIC_COLUMNS = [
+    c for c in FIGURES if c.startswith("comm_") and c.endswith("_bytes") and c not in ("comm_bytes", KV_EXCHANGE_COLUMN)
+]
 
 
 def _gib(v: int | None) -> str:
@@ -119,8 +123,10 @@ def format_row(row: dict[str, Any]) -> str:
         lines.append(time_line(row))
     sent = {c.removeprefix("comm_").removesuffix("_bytes").replace("_", "-"): row.get(c) for c in TRAFFIC_COLUMNS}
     if any(sent.values()):  # a layout that communicates (one device sends nothing: no line)
+        kv = row.get(KV_EXCHANGE_COLUMN)
         lines.append("comm      sent per device per step (traced): "
-                     + ", ".join(f"{k} {_gib(v)} GiB" for k, v in sent.items() if v))  # fmt: skip
+                     + ", ".join(f"{k} {_gib(v)} GiB" for k, v in sent.items() if v)
+                     + (f" (of these, CP's K/V exchange {_gib(kv)} GiB)" if kv else ""))  # fmt: skip
     lines.append(f"took      {row['duration_s']:.1f} s")
     return "\n".join(lines)
 

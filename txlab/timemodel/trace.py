@@ -271,6 +271,11 @@ class Recorder(TorchDispatchMode):
 # all-gathers and gradient reduce-scatters, tensor parallelism's all-reduces and sequence-parallel gathers and
 # scatters, expert parallelism's all-to-alls, context parallelism's K/V all-gather and dK/dV reduce-scatter.
 TRAFFIC_KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
+# Of those, context parallelism's K/V exchange (`comm_kv_exchange_bytes`, a part of the all-gather and
+# reduce-scatter bytes, not beside them): the functional all-gathers and reduce-scatters on the rank's CP group.
+# The group alone does not tell them: with fsdp 1 FSDP2's group is the CP group, but FSDP2 runs c10d's ops,
+# txlab.parallel.cp torch's functional ones (as DTensor does, whose collectives stay on the TP group).
+KV_EXCHANGE = "kv_exchange"
 
 
 def wire_bytes(op: Op) -> float:
@@ -284,13 +289,24 @@ def wire_bytes(op: Op) -> float:
     return op.size * {"all_reduce": 2 * share, "broadcast": 1.0}.get(op.coll, share)
 
 
-def traffic(ops: list[Op]) -> dict[str, int]:
-    """Bytes this rank sends per step for each kind of TRAFFIC_KINDS (the row's comm_*_bytes columns; the
-    time model prices the same `wire_bytes` of each collective)."""
-    out = dict.fromkeys(TRAFFIC_KINDS, 0.0)
+def is_kv_exchange(op: Op, cp_group: tuple[int, ...]) -> bool:
+    """Whether collective `op` is context parallelism's K/V exchange, given the rank's CP group (see KV_EXCHANGE)."""
+    return (
+        len(cp_group) > 1 and sorted(op.group) == sorted(cp_group) and op.coll in ("all_gather", "reduce_scatter")
+        and op.name.startswith("_c10d_functional.")
+    )  # fmt: skip
+
+
+def traffic(ops: list[Op], cp_group: tuple[int, ...] = ()) -> dict[str, int]:
+    """Bytes this rank sends per step for each kind of TRAFFIC_KINDS, and of those the K/V exchange on the rank's
+    CP group `cp_group` (KV_EXCHANGE) (the row's comm_*_bytes columns; the time model prices the same
+    `wire_bytes` of each collective)."""
+    out = dict.fromkeys((*TRAFFIC_KINDS, KV_EXCHANGE), 0.0)
     for op in ops:
-        if op.cls == "collective" and op.coll in out:
+        if op.cls == "collective" and op.coll in TRAFFIC_KINDS:
             out[op.coll] += wire_bytes(op)
+            if is_kv_exchange(op, cp_group):
+                out[KV_EXCHANGE] += wire_bytes(op)
     return {k: round(v) for k, v in out.items()}
 
 

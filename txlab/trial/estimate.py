@@ -35,6 +35,6 @@ def estimate_training(setup: Setup, rec: Records, progress: bool = False) -> Non
     rec.memory, model, ops = traced_step_memory(setup, runs)  # the same run, its steady step's operators recorded
     rec.facts = training_facts(setup, model, plan)
     rec.routing = assumed_routing(setup)
-    rec.traffic = traffic_of(ops)
+    rec.traffic = traffic_of(setup, ops)
     if setup.hardware is not None:
         rec.prediction = predicted(setup, ops, rec.facts)

@@ -59,9 +59,9 @@ def predicted(setup: Setup, ops: list[Op], facts: Facts | None) -> Prediction:
     return predict(ops, setup.hardware, work_of(setup, facts), setup.usd_per_device_hour)
 
 
-def traffic_of(ops: list[Op]) -> Traffic:
-    """The row's comm_*_bytes columns from the trace of the trial's step."""
-    return Traffic(**{f"comm_{kind}_bytes": n for kind, n in traffic(ops).items()})
+def traffic_of(setup: Setup, ops: list[Op]) -> Traffic:
+    """The row's comm_*_bytes columns from the trace of the trial's step (rank 0's)."""
+    return Traffic(**{f"comm_{kind}_bytes": n for kind, n in traffic(ops, setup.layout.cp_group(0)).items()})
 
 
 def predict_measured(
@@ -72,7 +72,7 @@ def predict_measured(
     assert setup.hardware is not None
     traced = dataclasses.replace(setup, kind=setup.hardware.kind)
     _, _, ops = traced_step_memory(traced, plan)
-    return predicted(setup, ops, facts), traffic_of(ops)
+    return predicted(setup, ops, facts), traffic_of(setup, ops)
 
 
 def with_prediction(stage):

@@ -49,6 +49,12 @@ class Layout:
         """The device mesh's shape: (fsdp,), with (fsdp, cp), (fsdp, tp) or (fsdp, cp, tp) where they are > 1."""
         return (self.fsdp, *(n for n in (self.cp, self.tp) if n > 1))
 
+    def cp_group(self, rank: int = 0) -> tuple[int, ...]:
+        """The ranks of `rank`'s context-parallel group: on the fsdp x cp x tp mesh (tp innermost) those of its
+        fsdp and tp coordinates, tp apart."""
+        first = rank - (rank // self.tp % self.cp) * self.tp
+        return tuple(first + j * self.tp for j in range(self.cp))
+
     def describe(self) -> str:
         """The layout in a progress line: "FSDP over 4 ranks", "FSDP 2 x TP 2 (sequence parallel)"."""
         if self.cp > 1:
