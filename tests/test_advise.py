@@ -199,3 +199,84 @@ def test_the_shipped_example_loads_and_its_space_spans_256_h100s():
     assert {lo.tp for lo in space.families} == {1, 2, 4, 8}
     assert all(lo.world == 256 for lo in space.families)
     assert all(c.micro_batch(256) * c.grad_accum * c.layout.fsdp == 256 for f in space.families.values() for c in f)
+
+
+def _table_probe(table, calls):
+    """A probe over a table: devices -> (fits, predicted tokens/s, $/Mtok)."""
+    from txlab.advise.counts import Count
+    from txlab.advise.search import Estimate, Result
+
+    def probe(n, lean):
+        calls.append((n, lean))
+        fits, tps, usd = table[n]
+        row = {"status": "ok" if fits else "over_budget", "peak_bytes": 1, "predicted_step_time_s": 1.0,
+               "predicted_tokens_per_s": tps, "predicted_usd_per_mtok": usd}  # fmt: skip
+        result = Result(space=None, estimates=[Estimate(Candidate(Layout(fsdp=n), "recompute"), row)])
+        return Count(n, result, why_not=None if fits else "over", full=not lean)
+
+    return probe
+
+
+def test_device_counts_parse_as_doublings_or_lists():
+    from txlab.advise.counts import parse_devices
+
+    assert parse_devices("8-256") == (8, 16, 32, 64, 128, 256)
+    assert parse_devices("24-100") == (24, 48, 96)
+    assert parse_devices("64,8,24") == (8, 24, 64) and parse_devices("7") == (7,)
+
+
+def test_choosing_a_count_matches_a_brute_force_over_counts():
+    """Fewest that fit (leanest corners first, the answer searched in full), the fewest reaching a rate (bisected,
+    rates rising with devices), the cheapest (every count): each against the brute force's answer."""
+    import random
+
+    from txlab.advise.counts import choose
+
+    rng = random.Random(0)
+    counts = (1, 2, 4, 8, 16, 32, 64)
+    for _ in range(200):
+        first_fit = rng.randrange(len(counts) + 1)
+        rates = sorted(rng.uniform(1, 1000) for _ in counts)
+        table = {
+            n: (i >= first_fit, rates[i] if i >= first_fit else 0.0, rng.uniform(1, 9)) for i, n in enumerate(counts)
+        }
+        fitting = [n for n in counts if table[n][0]]
+        calls = []
+        got = choose(counts, _table_probe(table, calls), "time", None)
+        assert (got.chosen.devices if got.chosen else None) == (fitting[0] if fitting else None)
+        assert [n for n, lean in calls if not lean] == fitting[:1]  # only the answer searched in full
+        target = rng.uniform(1, 1200)
+        calls = []
+        got = choose(counts, _table_probe(table, calls), "time", target)
+        want = [n for n in fitting if table[n][1] >= target]
+        assert (got.chosen.devices if got.chosen else None) == (want[0] if want else None)
+        assert len(calls) <= 3  # bisection over 7 counts
+        got = choose(counts, _table_probe(table, []), "cost", None)
+        cheapest = min(fitting, key=lambda n: table[n][2]) if fitting else None
+        assert (got.chosen.devices if got.chosen else None) == cheapest
+
+
+def test_advise_over_a_range_answers_the_fewest_devices_that_fit(tmp_path, capsys):
+    """A cap one device cannot meet at its leanest but two can: --devices 1-4 answers 2 (4 is never searched)."""
+    from txlab.trial import estimate_trial
+
+    small = {**TINY, "workload": {**TINY["workload"], "batch_size": 2}}  # few micro-batch splits: few estimates
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in small.items() if k != "measure"}))
+    lean = {**small, "policy": {"name": "recompute"}, "workload": {**small["workload"], "grad_accum": 2}}
+    one = estimate_trial(build_config(lean))["peak_bytes"]
+    two = estimate_trial(
+        build_config({**lean, "parallel": {"fsdp": 2}, "workload": {**lean["workload"], "grad_accum": 1}})
+    )
+    assert two["peak_bytes"] < one
+    cap_gib = (one + two["peak_bytes"]) / 2 / GiB
+    argv = ["advise", str(path), "--hardware", "h100-sxm", "--devices", "1-4", "--json", "--workers", "1",
+            "--out", str(tmp_path / "o"), "--set", f"measure.budget_gib={cap_gib}"]  # fmt: skip
+    assert main(argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    counts = {c["devices"]: c for c in doc["devices"]["counts"]}
+    assert doc["devices"]["chosen"] == 2 and counts[1]["fits"] is False and counts[4]["searched"] == "no"
+    assert counts[2]["searched"] == "full" and counts[2]["trial_key"] == doc["candidates"][0]["trial_key"]
+    assert all(r["parallel.fsdp"] * r["parallel.tp"] * r.get("parallel.cp", 1) == 2 for r in doc["candidates"])
+    assert doc["candidates"][0]["peak_bytes"] <= cap_gib * GiB
+    assert load_config(tmp_path / "o" / "winner.yaml").trial_key == doc["candidates"][0]["trial_key"]

@@ -794,11 +794,14 @@ CASES = [
         "estimate",
         "{d}/good.yaml",
         "--set",
-        "parallel.cp=2",
+        "parallel.cp=4",
         "--set",
-        "parallel.tp=2",
-        needle="parallel.cp: context parallelism with parallel.tp 2 is not built yet",
-        id="estimate-cp-with-tp",
+        "parallel.tp=4",
+        "--set",
+        "workload.seq_len=40",
+        needle="parallel.tp: 4 must divide workload.seq_len / parallel.cp (10 % 4 != 0: sequence parallelism splits "
+        "a CP rank's share of the sequence evenly (or parallel.sequence_parallel: false)); allowed here: 1, 2",
+        id="estimate-cp-x-tp-sequence-share",
     ),
     case(
         "run",
@@ -1685,6 +1688,53 @@ CASES = [
         "workload.kind=prefill",
         needle="workload.kind: txlab advise searches training",
         id="advise-inference",
+    ),  # fmt: skip
+    case(
+        "advise",
+        "{d}/good.yaml",
+        "--hardware",
+        "h100-sxm",
+        "--devices",
+        "8-4",
+        needle="--devices: range '8-4' must run from a count >= 1 up to one no smaller",
+        id="advise-devices-range-backwards",
+    ),  # fmt: skip
+    case(
+        "advise",
+        "{d}/good.yaml",
+        "--hardware",
+        "h100-sxm",
+        "--devices",
+        "eight",
+        needle="--devices: 'eight' is not a device count; allowed: a count (64), a range",
+        id="advise-devices-not-a-count",
+    ),  # fmt: skip
+    case(
+        "advise",
+        "{d}/good.yaml",
+        "--hardware",
+        "h100-sxm",
+        "--devices",
+        "1",
+        "--workers",
+        "1",
+        "--json",
+        "--target-tokens-per-s",
+        "1e15",
+        needle="--target-tokens-per-s: 1,000,000,000,000,000 tokens/s is not reached on 1 x h100-sxm",
+        id="advise-target-not-met",
+    ),  # fmt: skip
+    case(
+        "advise",
+        "{d}/good.yaml",
+        "--hardware",
+        "h100-sxm",
+        "--devices",
+        "1-2",
+        "--target-tokens-per-s",
+        "-5",
+        needle="--target-tokens-per-s: must be > 0, got -5.0",
+        id="advise-target-negative",
     ),  # fmt: skip
 ]
 

@@ -95,7 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--hardware", required=True, help="hardware profile: a catalogue name (h100-sxm, ...), local, or a YAML"
     )
-    p.add_argument("--devices", required=True, type=int, help="devices to lay the training out on")
+    p.add_argument(
+        "--devices", required=True, help="devices to lay the training out on: N, a range A-B (A, 2A, ... B) or A,B,C"
+    )
+    p.add_argument(
+        "--target-tokens-per-s", type=float, help="the fewest devices (of --devices) predicted to reach this rate"
+    )
     p.add_argument(
         "--objective", choices=("time", "cost"), default="time", help="rank by predicted step time or $/Mtok"
     )

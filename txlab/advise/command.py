@@ -13,6 +13,7 @@ package imports no plotting library.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import json
 import multiprocessing
 import os
@@ -22,6 +23,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from txlab.advise.counts import (
+    COUNT_ASSUMPTION,
+    FIT_ASSUMPTION,
+    Choice,
+    Count,
+    Probe,
+    choose,
+    count_lines,
+    no_answer,
+    parse_devices,
+)
 from txlab.advise.prune import count_params, devices_needed, state_floor_bytes
 from txlab.advise.report import Target, as_json, count, plot_points, size, summary, winner_config, write_winner
 from txlab.advise.search import Estimate, InProcess, Result, ranked, search
@@ -107,8 +119,10 @@ def no_feasible(result: Result, capacity: int, devices: int, floor: int, n_neede
 
 def advise(args, plot: Plot | None = None) -> int:
     quiet = bool(args.json)
-    if args.devices < 1:
-        raise ConfigError(f"--devices: must be >= 1, got {args.devices}")
+    counts = parse_devices(args.devices)
+    target = getattr(args, "target_tokens_per_s", None)
+    if target is not None and not target > 0:
+        raise ConfigError(f"--target-tokens-per-s: must be > 0, got {target}")
     try:
         profile = load_profile(args.hardware)
     except ProfileError as e:
@@ -124,55 +138,129 @@ def advise(args, plot: Plot | None = None) -> int:
     if cfg.measure.budget_gib is not None:
         capacity = min(capacity, int(cfg.measure.budget_gib * GiB))
     if args.confirm:
-        check_confirm(profile.kind, args.devices, args.hardware)
+        check_confirm(profile.kind, counts[0], args.hardware)
     out_dir = (
         Path(args.out) if args.out else Path("advise") / f"{Path(args.config).stem}_{args.hardware}_{args.devices}"
     )
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out: {out_dir}: exists and is not a directory")
     known = _stored_estimates(args.store)
-    space = build_space(base, args.devices, profile.devices_per_node)
-    target = Target(profile.name, args.devices, capacity, args.objective)
-
     n_params = count_params(cfg)
-    floor = state_floor_bytes(n_params, args.devices)
-    n_needed = devices_needed(n_params, capacity)
-    if floor > capacity:  # arithmetic: no layout of N devices holds the training state
-        raise ConfigError(
-            f"no feasible candidate on {args.devices} x {profile.name}: weights, gradients and AdamW state of "
-            f"{count(n_params)} parameters alone need {size(floor)} a device, over by {size(floor - capacity)} "
-            f"at the AdamW step for every layout; allowed: at least {n_needed} devices of {size(capacity)} "
-            "(--devices), or a larger device (--hardware) or measure.budget_gib"
-        )
-    _say(quiet, f"[advise] {space.size} candidates in {len(space.families)} layouts ({count(n_params)} "
-                f"parameters; state floor {size(floor)} a device of {size(capacity)}); estimating")  # fmt: skip
     t0 = time.monotonic()
-    workers = max(1, min(int(args.workers or os.cpu_count() or 1), len(space.families)))
-    if workers == 1:
-        result = search(space, InProcess(), known, _progress(quiet, t0, args.objective), objective=args.objective)
-    else:
-        ctx = multiprocessing.get_context("spawn")  # fresh workers: no forked torch or thread state
-        with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            result = search(space, pool, known, _progress(quiet, t0, args.objective), objective=args.objective)
+    workers = max(1, int(args.workers or os.cpu_count() or 1))
+    with contextlib.ExitStack() as stack:
+        if workers == 1:
+            pool: cf.Executor = InProcess()
+        else:  # fresh workers (spawn: no forked torch or thread state), shared by every count searched
+            ctx = multiprocessing.get_context("spawn")
+            pool = stack.enter_context(cf.ProcessPoolExecutor(workers, mp_context=ctx))
+        probe = _prober(
+            base, profile, capacity, n_params, known, pool, args.objective, _progress(quiet, t0, args.objective), quiet
+        )
+        if len(counts) == 1:
+            one = probe(counts[0], False)
+            if one.why_not is not None:
+                raise ConfigError(one.why_not)
+            choice = Choice("", {counts[0]: one}, one, counts)
+            if target is not None and one.tokens_per_s() < target:
+                choice.chosen = None
+        else:
+            choice = choose(counts, probe, args.objective, target)
+    if choice.chosen is None:
+        raise no_answer(choice, args.objective, target, profile.name)
+    chosen = choice.chosen
+    assert chosen.result is not None
+    result, n = chosen.result, chosen.devices
+    if args.confirm and n != counts[0]:
+        check_confirm(profile.kind, n, args.hardware)
     fit, _ = ranked(result, args.objective)
-    if not fit:
-        raise no_feasible(result, capacity, args.devices, floor, n_needed)
-
     winner = fit[0]
     written = write_winner(out_dir, winner_config(result, winner), winner.cand.label())
     if plot is not None:
-        title = f"{Path(args.config).stem} on {args.devices} x {profile.name}: predicted"
+        title = f"{Path(args.config).stem} on {n} x {profile.name}: predicted"
         written += plot(plot_points(result, args.objective), out_dir / "advise.png", title, capacity)
     if args.store:
-        _store_rows(args.store, result)
+        for c in choice.counts.values():
+            if c.result is not None:
+                _store_rows(args.store, c.result)
     confirmed = confirm(written[0], winner, quiet) if args.confirm else None
     if args.json:
-        print(json.dumps(as_json(result, args.objective, confirmed), default=str))
+        doc = as_json(result, args.objective, confirmed)
+        if len(counts) > 1:
+            doc["devices"] = counts_json(choice, args.objective)
+        print(json.dumps(doc, default=str))
     else:
-        print("\n".join(summary(result, target, cfg.workload.batch_size, out_dir)))
+        if len(counts) > 1:
+            print("\n".join([*count_lines(choice, args.objective), "", f"at {n} devices:"]))
+        print(
+            "\n".join(
+                summary(result, Target(profile.name, n, capacity, args.objective), cfg.workload.batch_size, out_dir)
+            )
+        )
+        if len(counts) > 1 and args.objective == "time":  # the cost objective searches every count: no assumption
+            print(f"assumption over counts: {FIT_ASSUMPTION if target is None else COUNT_ASSUMPTION}")
         if confirmed is not None:
             print("\n".join(confirm_lines(winner, confirmed)))
     return 1 if confirmed is not None and confirmed.get("status") != "ok" else 0
+
+
+def _prober(base, profile, capacity, n_params, known, pool, objective, progress, quiet) -> Probe:
+    """probe(n, lean): one device count's search (txlab.advise.counts.Count), ruled out in arithmetic where the
+    training state alone overflows; `known` (trial key -> row) is shared by every count and grows with each."""
+
+    def probe(n: int, lean: bool) -> Count:
+        floor = state_floor_bytes(n_params, n)
+        if floor > capacity:  # arithmetic: no layout of n devices holds the training state
+            return Count(n, why_not=(
+                f"no feasible candidate on {n} x {profile.name}: weights, gradients and AdamW state of "
+                f"{count(n_params)} parameters alone need {size(floor)} a device, over by {size(floor - capacity)} "
+                f"at the AdamW step for every layout; allowed: at least {devices_needed(n_params, capacity)} devices "
+                f"of {size(capacity)} (--devices), or a larger device (--hardware) or measure.budget_gib"
+            ), note=f"the training state alone needs {size(floor)} a device")  # fmt: skip
+        try:
+            space = build_space(base, n, profile.devices_per_node)
+        except ConfigError as e:
+            return Count(n, why_not=str(e), note="no valid layout")
+        _say(quiet, f"[advise] {n} devices: {space.size} candidates in {len(space.families)} layouts "
+                    f"({count(n_params)} parameters; state floor {size(floor)} a device of {size(capacity)}); "
+                    + ("estimating each layout's leanest corner" if lean else "estimating"))  # fmt: skip
+        result = search(space, pool, known, progress, objective=objective, lean=lean)
+        known.update({e.row["trial_key"]: e.row for e in result.estimates if e.row.get("trial_key")})
+        fit, _ = ranked(result, objective)
+        if fit:
+            return Count(n, result, full=not lean)
+        err = no_feasible(result, capacity, n, floor, devices_needed(n_params, capacity))
+        peaked = [e for e in result.estimates if e.peak is not None]
+        lean_est = min(peaked, key=lambda e: e.peak) if peaked else None
+        note = (
+            f"smallest predicted peak {size(lean_est.peak)} ({lean_est.cand.label()})"
+            if lean_est
+            else "no estimate succeeded"
+        )
+        return Count(n, result, why_not=str(err), note=note, full=not lean)
+
+    return probe
+
+
+def counts_json(choice: Choice, objective: str) -> dict[str, Any]:
+    rows = []
+    for n in choice.tried:
+        c = choice.counts.get(n)
+        b = c.best(objective) if c is not None else None
+        rows.append({
+            "devices": n,
+            "searched": "no" if c is None else "full" if c.full else "leanest corners" if c.result else "arithmetic",
+            "fits": None if c is None else c.why_not is None,
+            "why_not": None if c is None else c.why_not,
+            "best": None if b is None else b.cand.label(),
+            **{k: (b.row.get(k) if b is not None else None) for k in
+               ("trial_key", "peak_bytes", "predicted_step_time_s", "predicted_tokens_per_s", "predicted_usd_per_mtok")},
+        })  # fmt: skip
+    return {
+        "question": choice.question,
+        "chosen": None if choice.chosen is None else choice.chosen.devices,
+        "counts": rows,
+    }
 
 
 def _stored_estimates(uri: str | None) -> dict[str, dict[str, Any]]:

@@ -124,7 +124,7 @@ def summary(result: Result, target: Target, batch_size: int, out_dir: Path | Non
         "",
         f"search: {len(space.families)} layouts, {space.size} candidates ({', '.join(policies)}; micro-steps "
         f"dividing each rank's share of the batch; reshard after forward on/off); {estimated} estimated "
-        f"({result.reused} reused from the store), {space.size - estimated} not estimated; {result.wall_s:.0f} s",
+        f"({result.reused} reused from the store or an earlier count), {space.size - estimated} not estimated; {result.wall_s:.0f} s",
         f"assumptions: {ASSUMPTIONS}; communication overlap as the time model prices it (docs/time_model.md)",
     ]
     moe = {e.row.get("routing") for e in fit if e.row.get("routing")}

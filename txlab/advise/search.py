@@ -129,6 +129,14 @@ def walk(cands: list[Candidate], best: Callable[[], float | None] = lambda: None
         yield from fits("planned", 0)
 
 
+def leanest(cands: list[Candidate]) -> Walk:
+    """Only the leanest corner of a layout (resharding, the most recomputation, the most micro-steps): under the
+    search's assumptions, whether anything in the layout fits (the question of the fewest devices that fit)."""
+    chain = [c for c in cands if c.layout.reshard and c.policy in CHAIN]
+    if chain:
+        yield max(chain, key=lambda c: (CHAIN.index(c.policy), c.grad_accum))
+
+
 @dataclass
 class Result:
     space: Space
@@ -162,9 +170,10 @@ def search(
     on_estimate: Callable[[Result, Estimate], None] | None = None,
     estimate: Callable[[dict[str, Any]], dict[str, Any]] = estimate_raw,
     objective: str = "time",
+    lean: bool = False,
 ) -> Result:
     """Walk every layout of `space`, estimating on `executor`; `known`: trial key -> a stored estimate row to
-    reuse. A ConfigError raised by an estimate (bad input found late, e.g. a checkpoint) propagates; any other
+    reuse; `lean`: only each layout's leanest corner (does anything fit?), not the staircase. A ConfigError raised by an estimate (bad input found late, e.g. a checkpoint) propagates; any other
     failure of one estimate is that candidate's `error` row."""
     t0 = time.monotonic()
     result = Result(space)
@@ -175,7 +184,7 @@ def search(
         vals = [e.row[col] for e in result.estimates if e.fits and e.row.get(col) is not None]
         return min(vals) if vals else None
 
-    walks = {layout: walk(cands, best, col) for layout, cands in space.families.items()}
+    walks = {layout: leanest(cands) if lean else walk(cands, best, col) for layout, cands in space.families.items()}
     pending: dict[cf.Future, tuple[Layout, Candidate]] = {}
 
     def advance(layout: Layout, est: Estimate | None) -> None:
