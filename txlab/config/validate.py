@@ -276,10 +276,10 @@ def _validate_parallel(par, m, w, p, ms) -> None:
             "parallel.sequence_parallel: splits the sequence inside tensor-parallel regions, but parallel.tp is 1; "
             "leave it true with tp 1"
         )
+    if par.cp > 1:  # before tp: tp's sequence check reads the CP rank's share of the sequence
+        _validate_cp(par, w)
     if par.tp > 1:
         _validate_tp(par, m, w)
-    if par.cp > 1:
-        _validate_cp(par, w)
     world = par.fsdp * par.cp * par.tp
     if world == 1:
         return
@@ -304,17 +304,12 @@ def _validate_parallel(par, m, w, p, ms) -> None:
 
 def _validate_cp(par, w) -> None:
     """Context parallelism cuts the sequence into 2 x cp equal chunks (rank i takes chunks i and 2cp-1-i:
-    causal load balancing). Not built with tensor parallelism."""
+    causal load balancing)."""
     if w.seq_len % (2 * par.cp):
         allowed = [1] + [d for d in range(2, w.seq_len // 2 + 1) if w.seq_len % (2 * d) == 0]
         raise ConfigError(
             f"parallel.cp: 2 x {par.cp} chunks must divide workload.seq_len ({w.seq_len} % {2 * par.cp} != 0: "
             f"causal load balancing gives each rank two equal chunks); allowed here: {', '.join(map(str, allowed[:8]))}"
-        )
-    if par.tp > 1:
-        raise ConfigError(
-            f"parallel.cp: context parallelism with parallel.tp {par.tp} is not built yet; allowed: cp 1 with tp > 1, "
-            "or tp 1 with cp > 1"
         )
 
 
@@ -353,8 +348,8 @@ def _validate_tp(par, m, w) -> None:
     sequence) into equal whole parts, one per TP rank. KV heads are split, not replicated: tp above
     n_kv_heads is refused (GQA models with few KV heads take tp <= n_kv_heads)."""
     sizes = {"model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads, "MLP width": m.mlp_width()}
-    if par.sequence_parallel:
-        sizes["workload.seq_len"] = w.seq_len
+    if par.sequence_parallel:  # the sequence a rank holds: its CP share (two chunks) with cp > 1
+        sizes["workload.seq_len" if par.cp == 1 else "workload.seq_len / parallel.cp"] = w.seq_len // par.cp
     allowed = [d for d in range(1, min(sizes.values()) + 1) if all(v % d == 0 for v in sizes.values())]
     for name, value in sizes.items():
         if value % par.tp:
@@ -363,6 +358,8 @@ def _validate_tp(par, m, w) -> None:
                 "model.n_kv_heads": "KV heads are split over the ranks, not replicated",
                 "MLP width": "the MLP's hidden units are split evenly (model.mlp_hidden)",
                 "workload.seq_len": "sequence parallelism splits the sequence evenly (or parallel.sequence_parallel: false)",
+                "workload.seq_len / parallel.cp": "sequence parallelism splits a CP rank's share of the sequence evenly "
+                "(or parallel.sequence_parallel: false)",
             }[name]
             raise ConfigError(
                 f"parallel.tp: {par.tp} must divide {name} ({value} % {par.tp} != 0: {why}); "

@@ -162,9 +162,15 @@ def apply_cp(model: nn.Module, mesh, policy, seq_len: int) -> None:
     for module in model.modules():
         if isinstance(module, Attention):
             module.attn_fn = attn
-    positions = rank_positions(seq_len, mesh.size(), mesh.get_local_rank(), device=model.wte.weight.device)
+    cp, rank = mesh.size(), mesh.get_local_rank()
     if model.wpe is not None:  # the model asks for positions 0 .. T/cp - 1: give the global ones
-        model.wpe.register_forward_pre_hook(lambda module, args: (positions[args[0]],))
+        # made on the index's device at each call: a TP estimate builds the model on the meta device, then runs it
+        # on fake CPU tensors; prepended: under TP the plan's own hook makes the index a DTensor
+        def global_positions(module, args):
+            return (rank_positions(seq_len, cp, rank, device=args[0].device)[args[0]],)
+
+        model.wpe.register_forward_pre_hook(global_positions, prepend=True)
+    positions = rank_positions(seq_len, cp, rank, device=model.wte.weight.device)
     if getattr(model, "rope_cos", None) is not None:  # the rows of the rank's positions, in its order
         model.rope_cos = model.rope_cos[positions]
         model.rope_sin = model.rope_sin[positions]
