@@ -147,3 +147,17 @@ def test_one_side_at_a_time_holds_one_side_and_keeps_the_weights(tmp_path):
     assert sides.builds == 3  # hf side, txlab side, hf side again
     assert losses["hf"][0] == losses["hf"][1] == losses["hf-gc"][0]  # rebuilt from the same seed; lr 0
     assert losses["sdpa"][0] == pytest.approx(losses["checkpoint"][0], rel=1e-6)
+
+
+def test_time_breakdown_sums_the_timelines_operators_and_the_fused_what_if_prices_attention():
+    import time_breakdown as B
+
+    debug = str(Path(__file__).resolve().parents[1] / "examples" / "debug.yaml")
+    args = [debug, "--set", "parallel.cp=2", "--set", "measure.hardware=h100-sxm", "--top", "3"]
+    ops = B.main(args)
+    fused = B.main([*args, "--tile-body", "fused"])
+    classes = lambda out: {cls for cls, _, _ in out["rows"]}  # noqa: E731
+    # the CUDA estimate traces the `ops` tile body (no fused attention), the what-if the fused kernels
+    assert "attention" not in classes(ops) and "attention" in classes(fused)
+    assert "collective (K/V)" in classes(ops) and fused["step_s"] < ops["step_s"]
+    assert sum(r[0] for r in ops["rows"].values()) == ops["ops"]
