@@ -146,17 +146,23 @@ def test_the_estimate_on_a_fake_mesh_matches_the_measured_per_rank_peak(fsdp, cp
     assert_estimates_match_measured(ESTIMATED_SHAPES, layout, fresh=True)
 
 
-@pytest.mark.parametrize("policy, gathers", [("sdpa", 2), ("recompute", 3)])
-def test_the_kv_exchange_bytes_are_the_kernels_by_hand(policy, gathers):
-    """comm_kv_exchange_bytes of an estimate at cp 4: every layer gathers the group's K|V in forward, again in a
+@pytest.mark.parametrize(
+    "policy, gathers, layout",
+    [("sdpa", 2, {"parallel.cp": 4}), ("recompute", 3, {"parallel.cp": 4}),
+     ("sdpa", 2, {"parallel.fsdp": 2, "parallel.cp": 2, "parallel.tp": 2})],
+)  # fmt: skip
+def test_the_kv_exchange_bytes_are_the_kernels_by_hand(policy, gathers, layout):
+    """comm_kv_exchange_bytes of an estimate: every layer gathers the CP group's K|V in forward, again in a
     recomputed forward, and again in backward, and reduce-scatters dK|dV once; each message is K and V of the whole
-    sequence, (cp - 1) / cp of it sent (a ring). Part of the all-gather and reduce-scatter bytes, not beside them.
+    sequence (a data rank's rows, a TP rank's KV heads), (cp - 1) / cp of it sent (a ring). Part of the all-gather
+    and reduce-scatter bytes, not beside them; TP's sequence-parallel gathers are not in it.
     (That an estimate's bytes are the real step's: tests/test_timemodel.py, cp 2 over gloo.)"""
-    c = config({**LLAMA, "parallel.cp": 4, "policy.name": policy})
+    c = config({**LLAMA, **layout, "policy.name": policy})
     row = estimate_trial(c)
-    m, w = c.model, c.workload
-    message = 2 * w.batch_size * m.n_kv_heads * w.seq_len * (m.d_model // m.n_heads) * 4  # K|V, fp32, 1 data rank
-    assert row["comm_kv_exchange_bytes"] == m.n_layers * (gathers + 1) * message * 3 // 4
+    m, w, p = c.model, c.workload, c.parallel
+    rows, heads, head_dim = w.batch_size // p.fsdp, m.n_kv_heads // p.tp, m.d_model // m.n_heads
+    message = 2 * rows * heads * w.seq_len * head_dim * 4  # K|V in fp32
+    assert row["comm_kv_exchange_bytes"] == m.n_layers * (gathers + 1) * message * (p.cp - 1) // p.cp
     assert row["comm_kv_exchange_bytes"] < row["comm_all_gather_bytes"] + row["comm_reduce_scatter_bytes"]
     assert "(of these, CP's K/V exchange 0.000 GiB)" in format_row(row)  # the `comm` line of txlab run / estimate
     assert estimate_trial(config({**LLAMA, "policy.name": policy}))["comm_kv_exchange_bytes"] == 0
