@@ -117,8 +117,9 @@ def no_feasible(result: Result, capacity: int, devices: int, floor: int, n_neede
     )
 
 
-def advise(args, plot: Plot | None = None) -> int:
-    quiet = bool(args.json)
+def advise(args, plot: Plot | None = None, progress: bool | None = None) -> int:
+    """The command (module docstring); `progress`: the progress lines on stderr (default: not with --json)."""
+    quiet = bool(args.json) if progress is None else not progress
     counts = parse_devices(args.devices)
     target = getattr(args, "target_tokens_per_s", None)
     if target is not None and not target > 0:
