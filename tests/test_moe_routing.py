@@ -9,7 +9,8 @@ import pytest
 from tests.support import ONE_STEP, config
 from txlab.model.moe import routing_stats
 from txlab.trial import estimate_trial, run_trial
-from txlab.trial.build import MEMORY_STEPS, build_trial
+from txlab.trial.build import MEMORY_STEPS, build_trial, trial_batches
+from txlab.trial.infer import build_model, run_once
 from txlab.trial.resolve import resolve
 
 MOE = {**ONE_STEP, "workload.seq_len": 32, "workload.batch_size": 2, "model.norm": "rmsnorm", "model.pos": "rope",
@@ -38,6 +39,19 @@ def test_the_row_reports_the_last_steps_routing_apart_from_the_language_model_lo
         assert row["aux_loss"] == aux and aux > 0
     else:
         assert row["aux_loss"] is None  # DeepSeek-V3's sigmoid router defines no such loss
+
+
+@pytest.mark.parametrize("kind", ["prefill", "decode"])
+def test_an_inference_row_reports_its_last_forwards_routing(kind):
+    c = config({**MOE, "workload.kind": kind, "workload.decode_tokens": 3})
+    row = run_trial(c)
+    assert row["status"] == "ok", row["error"]
+    setup = resolve(c)
+    model = build_model(setup)
+    run_once(model, setup, trial_batches(setup).next()[0], timed=False)  # replayed: prefill (+ 3 decode steps)
+    load, aux = routing_stats(model)
+    assert row["routing"] == "measured" and row["routing_load"] == load and row["aux_loss"] == aux
+    assert 1.0 <= load <= 4 / 2 and aux > 0
 
 
 def test_dense_rows_have_no_routing():

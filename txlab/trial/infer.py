@@ -28,6 +28,7 @@ from txlab.runtime.device import device_info, sync
 from txlab.runtime.progress import log
 from txlab.trial.build import active_flops_per_token, trial_batches
 from txlab.trial.resolve import Setup
+from txlab.trial.train import measured_routing
 from txlab.units import GiB
 
 
@@ -165,6 +166,8 @@ def measure_inference(setup: Setup, rec: Records, progress: bool = False) -> Non
             del r
             per_tok = f", {statistics.median(token_s[-w.decode_tokens :]):.4f} s/token" if token_s else ""
             log(progress, f"  timed run {i + 1}/{w.steps}: prefill {prefill_s[-1]:.3f} s{per_tok}")
+    # the last timed run's last forward, as a training row's: the prompt's for prefill, a decode's last step
+    rec.routing = measured_routing(model, None)
     rec.memory = dataclasses.replace(rec.memory, peak_rss_bytes=rss.peak if device.type == "cpu" else None)
     prefill = statistics.median(prefill_s)
     if w.kind == "decode":
