@@ -166,3 +166,18 @@ def test_the_kv_exchange_bytes_are_the_kernels_by_hand(policy, gathers, layout):
     assert row["comm_kv_exchange_bytes"] < row["comm_all_gather_bytes"] + row["comm_reduce_scatter_bytes"]
     assert "(of these, CP's K/V exchange 0.000 GiB)" in format_row(row)  # the `comm` line of txlab run / estimate
     assert estimate_trial(config({**LLAMA, "policy.name": policy}))["comm_kv_exchange_bytes"] == 0
+
+
+def test_estimates_of_other_layouts_earlier_in_the_process_do_not_leak_their_groups():
+    """DTensor's sharding cache compares meshes by shape, not groups: a cp 2 x tp 2 estimate after tp 2, fsdp 2 x
+    tp 2 and cp 2 ones in the same process sent TP's reduce-scatter to a destroyed group until make_ranks cleared
+    the cache (txlab.parallel.fsdp). Its peak is the one it has alone."""
+    tiny = {"model.n_layers": 1, "model.d_model": 32, "model.n_heads": 4, "model.n_kv_heads": 2, "model.pos": "rope",
+            "model.mlp": "swiglu", "model.norm": "rmsnorm", "workload.seq_len": 32, "workload.batch_size": 2}  # fmt: skip
+    target = config({**tiny, "parallel.cp": 2, "parallel.tp": 2})
+    alone = estimate_trial(target)
+    for layout in ({"parallel.tp": 2}, {"parallel.fsdp": 2, "parallel.tp": 2}, {"parallel.cp": 2}):
+        assert estimate_trial(config({**tiny, **layout}))["status"] == "ok"
+    after = estimate_trial(target)
+    assert after["status"] == "ok", after["error"]
+    assert after["peak_bytes"] == alone["peak_bytes"]

@@ -62,6 +62,12 @@ def make_ranks(rank: int, fsdp: int, tp: int, device_type: str, cp: int = 1) -> 
     for each degree above 1 besides fsdp. A layout of FSDP alone keeps the 1-D mesh it has always used."""
     from torch.distributed.device_mesh import init_device_mesh
 
+    # DTensor caches sharding decisions by specs whose meshes compare equal across process groups (a mesh's
+    # equality ignores its groups): a decision cached by an earlier trial in this process (an estimate, a sweep
+    # rank's precheck) would send this mesh's collectives to that trial's destroyed groups ("Could not resolve
+    # the process group registered under the name 3": a cp 2 x tp 2 estimate after tp 2, fsdp 2 x tp 2 and cp 2
+    # ones; ranks 2 and 3 of a measured fsdp 2 x tp 2 after a precheck). A new mesh starts with none.
+    torch._C._clear_DTensor_sharding_propagator_cache()
     dims = [("fsdp", fsdp)] + [(name, n) for name, n in (("cp", cp), ("tp", tp)) if n > 1]
     shape, names = tuple(n for _, n in dims), tuple(name for name, _ in dims)
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=names if len(dims) > 1 else None)

@@ -77,12 +77,6 @@ def _rank_main(
     dist.init_process_group("nccl" if setup.device.type == "cuda" else "gloo", rank=rank, world_size=world,
                             timeout=COLLECTIVE_TIMEOUT)  # fmt: skip
 
-    # DTensor caches sharding decisions by specs whose meshes compare equal across process groups (a
-    # mesh's equality ignores its groups): one cached by an estimate earlier in this process (a sweep rank's
-    # precheck) would send this trial's collectives to the estimate's destroyed groups ("Could not resolve
-    # the process group registered under the name 3" on ranks 2 and 3 of fsdp 2 x tp 2).
-    torch._C._clear_DTensor_sharding_propagator_cache()
-
     def stage(setup: Setup, rec: Records, progress: bool) -> None:
         ranks = make_ranks(rank, setup.layout.fsdp, setup.layout.tp, setup.device.type, setup.layout.cp)
         for mesh in (ranks.mesh, ranks.dp_cp_mesh):  # the flattened fsdp x cp mesh has a group of its own
