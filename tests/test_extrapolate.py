@@ -43,6 +43,8 @@ CASES = {
     },  # fmt: skip
     "fsdp-tp": {"policy.name": "selective", "parallel.fsdp": 2, "parallel.tp": 2},
     "tp-checkpoint": {"policy.name": "checkpoint", "parallel.tp": 2},
+    # context parallelism inside TP: the K/V exchange of each block's local heads over the cp group
+    "cp-tp-recompute": {"policy.name": "recompute", "policy.loss_chunk": 16, "parallel.cp": 2, "parallel.tp": 2},
     # DeepSeek-V3's first dense layers, Qwen's sparse step (a period of two blocks)
     "moe-first-dense": {**MOE, "policy.name": "sdpa", "model.moe_first_dense": 2, "model.n_layers": 10},
     "moe-step-2": {**MOE, "policy.name": "checkpoint", "model.moe_every": 2, "model.n_layers": 16},

@@ -59,6 +59,9 @@ def format_row(row: dict[str, Any]) -> str:
         lines.append(
             f"parallel  CP over {cp} ranks: the sequence in {2 * cp} chunks, rank i holds chunks i and {2 * cp - 1}-i"
         )
+    if (tp := row.get("parallel.tp") or 1) > 1:
+        sp = "sequence parallel" if row.get("parallel.sequence_parallel") else "no sequence parallelism"
+        lines.append(f"parallel  TP over {tp} ranks ({sp}): heads, MLP width and vocabulary split")
     if (ep := row.get("parallel.ep") or 1) > 1:
         E = row.get("model.moe_experts")
         lines.append(f"parallel  EP over {ep} of those ranks: {E // ep} of the {E} experts of a layer each, FSDP over "

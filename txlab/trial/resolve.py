@@ -57,11 +57,12 @@ class Layout:
 
     def describe(self) -> str:
         """The layout in a progress line: "FSDP over 4 ranks", "FSDP 2 x TP 2 (sequence parallel)"."""
+        sp = "sequence parallel" if self.sequence_parallel else "no sequence parallelism"
         if self.cp > 1:
-            return (f"FSDP {self.fsdp} x " if self.fsdp > 1 else "") + f"CP {self.cp} (load-balanced chunks)"
+            tp = f" x TP {self.tp} ({sp})" if self.tp > 1 else ""
+            return (f"FSDP {self.fsdp} x " if self.fsdp > 1 else "") + f"CP {self.cp} (load-balanced chunks){tp}"
         if self.tp == 1:
             return f"FSDP over {self.fsdp} ranks" + (f" (experts over EP {self.ep})" if self.ep > 1 else "")
-        sp = "sequence parallel" if self.sequence_parallel else "no sequence parallelism"
         return (f"FSDP {self.fsdp} x " if self.fsdp > 1 else "") + f"TP {self.tp} ({sp})"
 
 
