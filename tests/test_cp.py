@@ -1,6 +1,6 @@
 """Context-parallel trials (`parallel.cp`, with `parallel.fsdp` and `parallel.tp`): N ranks over gloo on this CPU
-compute what one process computes (fp32: the same loss, relative <= 1e-5, and the same gradients as AdamW receives them, to
-1e-5 of their norm) on a GQA + RoPE + SwiGLU shape and a GPT-2 shape (learned positions), under every
+compute what one process computes (fp32: the same loss, relative <= 1e-5, and the same gradients as AdamW receives
+them, to 1e-5 of their norm) on a GQA + RoPE + SwiGLU shape and a GPT-2 shape (learned positions), under every
 attention kernel and recomputation policy and both losses; the estimate on a fake mesh is rank 0's measured
 peak; bad layouts are refused."""
 
@@ -95,8 +95,8 @@ def test_cp_x_tp_computes_the_one_device_step(sequence_parallel):
         ({"parallel.cp": 0}, "parallel.cp: must be > 0"),
         ({"parallel.cp": 3}, r"parallel.cp: 2 x 3 chunks must divide workload.seq_len \(32 % 6 != 0: causal load "
                              r"balancing gives each rank two equal chunks\); allowed here: 1, 2, 4, 8, 16"),
-        ({"parallel.cp": 2, "parallel.tp": 4, "workload.seq_len": 20}, r"parallel.tp: 4 must divide workload.seq_len / "
-                                                                         r"parallel.cp \(10 % 4 != 0: sequence parallelism"),
+        ({"parallel.cp": 2, "parallel.tp": 4, "workload.seq_len": 20},
+         r"parallel.tp: 4 must divide workload.seq_len / parallel.cp \(10 % 4 != 0: sequence parallelism"),
         ({"parallel.cp": 2, "workload.kind": "decode"}, "parallel.cp: sharded trials train"),
         ({"parallel.cp": 2, "policy.name": "planned", "measure.budget_gib": 1}, "parallel.cp: the planner plans one"),
         ({"parallel.cp": 2, "workload.compile": True}, r"workload.compile: not supported with parallel.cp > 1"),

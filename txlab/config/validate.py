@@ -358,8 +358,8 @@ def _validate_tp(par, m, w) -> None:
                 "model.n_kv_heads": "KV heads are split over the ranks, not replicated",
                 "MLP width": "the MLP's hidden units are split evenly (model.mlp_hidden)",
                 "workload.seq_len": "sequence parallelism splits the sequence evenly (or parallel.sequence_parallel: false)",
-                "workload.seq_len / parallel.cp": "sequence parallelism splits a CP rank's share of the sequence evenly "
-                "(or parallel.sequence_parallel: false)",
+                "workload.seq_len / parallel.cp": "sequence parallelism splits a CP rank's share of the sequence "
+                "evenly (or parallel.sequence_parallel: false)",
             }[name]
             raise ConfigError(
                 f"parallel.tp: {par.tp} must divide {name} ({value} % {par.tp} != 0: {why}); "
