@@ -110,3 +110,42 @@ def test_depth_and_environment_choose_the_full_run(monkeypatch):
     monkeypatch.delenv(FULL_ENV)
     step_memory(deep)  # the stub declines: the full run follows
     assert len(calls) == 1
+
+
+ACCUM_CASES = {
+    "sdpa": {"policy.name": "sdpa"},
+    "recompute-bf16-cuda": {
+        "policy.name": "recompute",
+        "policy.loss_chunk": 32,
+        "workload.dtype": "bf16",
+        "kind": "cuda",
+    },
+    "fsdp-tp-no-reshard": {
+        "policy.name": "selective",
+        "parallel.fsdp": 2,
+        "parallel.tp": 2,
+        "parallel.reshard_after_forward": False,
+    },  # fmt: skip
+    "cp": {"policy.name": "sdpa", "parallel.cp": 2},
+}
+
+
+@pytest.mark.parametrize("case", list(ACCUM_CASES))
+def test_many_micro_steps_from_two_three_and_four_equal_the_full_step(case, monkeypatch):
+    """10 micro-steps: the step built from runs of 2, 3 and 4 (txlab.trial.accumulate) is the full step's memory to
+    the byte and its trace op for op (so its predicted time), and no run of 10 happened (no fallback)."""
+    import txlab.trial.accumulate as acc
+
+    over = {**ACCUM_CASES[case], "model.n_layers": 2}
+    dp = over.get("parallel.fsdp", 1)
+    setup = _setup({**over, "workload.batch_size": 10 * dp, "workload.grad_accum": 10})
+    seen = []
+    real = acc.step_memory
+    monkeypatch.setattr(acc, "step_memory", lambda s, *a, **k: seen.append(s.workload.grad_accum) or real(s, *a, **k))
+    ex = acc.accumulated_step_memory(setup, trace=True)
+    assert seen == [2, 3, 4]
+    full = step_memory(setup, trace=True, full=True)
+    assert ex[0] == full[0]
+    assert ex[2] == full[2]
+    ours, theirs = predicted(setup, ex[2], None), predicted(setup, full[2], None)
+    assert ours.predicted_step_time_s == pytest.approx(theirs.predicted_step_time_s, rel=1e-12, abs=0)

@@ -19,7 +19,7 @@ import torch
 from txlab.measure.records import Facts, Memory, Prediction, Records, Traffic
 from txlab.timemodel.predict import Work, predict
 from txlab.timemodel.trace import Op, traffic
-from txlab.trial.extrapolate import step_memory
+from txlab.trial.accumulate import accumulated_step_memory
 from txlab.trial.resolve import Setup
 
 
@@ -27,8 +27,9 @@ def traced_step_memory(
     setup: Setup, plan: list[tuple[int, int, str]] | None = None
 ) -> tuple[Memory, torch.nn.Module, list[Op]]:
     """The fake step of the trial (its steady step) with that step's operators recorded: one run, or a deep model's
-    extrapolated exactly from a few depths (txlab.trial.extrapolate)."""
-    memory, model, ops = step_memory(setup, plan, trace=True)
+    extrapolated exactly from a few depths (txlab.trial.extrapolate), and a step of many micro-steps from a few of
+    them (txlab.trial.accumulate)."""
+    memory, model, ops = accumulated_step_memory(setup, plan, trace=True)
     assert ops is not None
     return memory, model, ops
 
