@@ -5,6 +5,7 @@ so nothing of it outlives the test (and no other Ray on the machine is touched, 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -263,3 +264,30 @@ def test_a_tp_trial_puts_each_tp_group_on_one_node(cluster, tmp_path):
     (row,) = Store.open(str(store)).read().to_pylist()
     assert row["status"] == "ok" and row["measured"] and row["parallel.tp"] == 2 and row["peak_bytes"] > 0, row
     assert len(set(row["node_id"].split(","))) == 2, row["node_id"]
+    confirm_through_the_cluster(cluster, tmp_path)
+
+
+def confirm_through_the_cluster(cluster, tmp_path):
+    """`txlab advise --confirm --address HOST:PORT` (run from test_a_tp_trial_puts_each_tp_group_on_one_node, on its
+    cluster): the winner runs through the sweep driver on the cluster, its measured row is `confirmed` and lands in
+    the advise directory's confirm_store, apart from --store's estimate rows (same trial key)."""
+    txlab = str(BIN / "txlab")
+    profile = tmp_path / "cpu.yaml"  # a CPU profile, so the winner is a CPU trial the 1-CPU nodes can place
+    done = subprocess.run([txlab, "calibrate", "--quick", "--out", str(profile)], env=cluster.env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"n_layers": 2, "d_model": 64},
+                                   "workload": {"steps": 2, "warmup_steps": 1, "seq_len": 64, "batch_size": 2}}))  # fmt: skip
+    out, store = tmp_path / "advise", tmp_path / "estimates"
+    argv = [txlab, "advise", str(cfg), "--hardware", str(profile), "--devices", "1", "--workers", "1", "--json",
+            "--confirm", "--address", f"127.0.0.1:{cluster.gcs_port}", "--out", str(out), "--store", str(store)]  # fmt: skip
+    done = subprocess.run(argv, env=cluster.env, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    doc = json.loads(done.stdout.strip().splitlines()[-1])
+    best, confirmed = doc["candidates"][0], doc["confirmed"]
+    assert confirmed["status"] == "ok" and confirmed["measured"] is True and confirmed["sweep"] == "advise_winner"
+    assert confirmed["trial_key"] == best["trial_key"] and confirmed["node_id"], confirmed
+    (row,) = Store.open(str(out / "confirm_store")).read().to_pylist()
+    assert row["trial_key"] == best["trial_key"] and row["measured"] is True
+    assert all(r["measured"] is False for r in Store.open(str(store)).read().to_pylist())

@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--objective", choices=("time", "cost"), default="time", help="rank by predicted step time or $/Mtok"
     )
     p.add_argument("--confirm", action="store_true", help="run the winner as a measured trial on this machine")
+    p.add_argument("--address", help="with --confirm: run the winner on the Ray cluster at HOST:PORT (txlab sweep)")
     p.add_argument("--json", action="store_true", help='print {"candidates": [rows, best first], "confirmed": row}')
     p.add_argument("--store", help="keep the candidates' estimate rows in this store (and reuse those there)")
     p.add_argument("--out", help="directory for winner.yaml, winner_sweep.yaml and advise.png")
@@ -319,7 +320,21 @@ def cmd_advise(args: argparse.Namespace) -> int:
 
         return write_advise_plot(points, path, title, capacity)
 
-    return advise(args, plot)
+    remote = None
+    if args.address:
+        if not args.confirm:
+            raise ConfigError(
+                "--address: the cluster runs the winner for --confirm; allowed: --confirm --address HOST:PORT"
+            )
+        from txlab.sweeps.cluster import check_address  # Ray: only for a cluster confirm
+        from txlab.sweeps.confirm import confirm_on_cluster
+
+        check_address(args.address)  # before any estimate
+
+        def remote(spec_path, key):  # its own store: --store holds the estimate row under the same trial key
+            return confirm_on_cluster(spec_path, args.address, str(spec_path.parent / "confirm_store"), key)
+
+    return advise(args, plot, remote=remote)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

@@ -44,6 +44,7 @@ from txlab.hardware import ProfileError, load_profile
 from txlab.units import GiB
 
 Plot = Callable[[list[dict[str, Any]], Path, str, int], list[Path]]  # points, path, title, capacity bytes
+Remote = Callable[[Path, str], dict[str, Any]]  # (winner_sweep.yaml, trial key) -> the measured row (a cluster's)
 
 
 def _say(quiet: bool, msg: str) -> None:
@@ -117,8 +118,9 @@ def no_feasible(result: Result, capacity: int, devices: int, floor: int, n_neede
     )
 
 
-def advise(args, plot: Plot | None = None, progress: bool | None = None) -> int:
-    """The command (module docstring); `progress`: the progress lines on stderr (default: not with --json)."""
+def advise(args, plot: Plot | None = None, progress: bool | None = None, remote: Remote | None = None) -> int:
+    """The command (module docstring); `progress`: the progress lines on stderr (default: not with --json);
+    `remote`: --confirm runs the winner's sweep through it (a Ray cluster: txlab.sweeps.confirm) instead of here."""
     quiet = bool(args.json) if progress is None else not progress
     counts = parse_devices(args.devices)
     target = getattr(args, "target_tokens_per_s", None)
@@ -138,7 +140,7 @@ def advise(args, plot: Plot | None = None, progress: bool | None = None) -> int:
     capacity = profile.memory_bytes
     if cfg.measure.budget_gib is not None:
         capacity = min(capacity, int(cfg.measure.budget_gib * GiB))
-    if args.confirm:
+    if args.confirm and remote is None:  # a cluster (remote) is checked by the sweep driver's placement
         check_confirm(profile.kind, counts[0], args.hardware)
     out_dir = (
         Path(args.out) if args.out else Path("advise") / f"{Path(args.config).stem}_{args.hardware}_{args.devices}"
@@ -172,7 +174,7 @@ def advise(args, plot: Plot | None = None, progress: bool | None = None) -> int:
     chosen = choice.chosen
     assert chosen.result is not None
     result, n = chosen.result, chosen.devices
-    if args.confirm and n != counts[0]:
+    if args.confirm and remote is None and n != counts[0]:
         check_confirm(profile.kind, n, args.hardware)
     fit, _ = ranked(result, args.objective)
     winner = fit[0]
@@ -184,7 +186,12 @@ def advise(args, plot: Plot | None = None, progress: bool | None = None) -> int:
         for c in choice.counts.values():
             if c.result is not None:
                 _store_rows(args.store, c.result)
-    confirmed = confirm(written[0], winner, quiet) if args.confirm else None
+    confirmed = None
+    if args.confirm and remote is not None:
+        _say(quiet, f"[advise] confirming {winner.cand.label()}: a measured trial on the cluster ({written[1]})")
+        confirmed = remote(written[1], winner.row["trial_key"])
+    elif args.confirm:
+        confirmed = confirm(written[0], winner, quiet)
     if args.json:
         doc = as_json(result, args.objective, confirmed)
         if len(counts) > 1:
