@@ -149,3 +149,15 @@ def test_many_micro_steps_from_two_three_and_four_equal_the_full_step(case, monk
     assert ex[2] == full[2]
     ours, theirs = predicted(setup, ex[2], None), predicted(setup, full[2], None)
     assert ours.predicted_step_time_s == pytest.approx(theirs.predicted_step_time_s, rel=1e-12, abs=0)
+
+
+def test_few_micro_steps_leave_the_depth_to_the_extrapolation(monkeypatch):
+    """Under ACCUM_FROM micro-steps every micro-step runs, but a deep model is still extrapolated over depth (a
+    regression: the whole step at full depth, a 70B estimate 10x slower)."""
+    import txlab.trial.accumulate as acc
+
+    calls = []
+    monkeypatch.setattr(acc, "step_memory", lambda s, *a, **k: calls.append(k.get("full")) or (None, None, []))
+    acc.accumulated_step_memory(_setup({"workload.grad_accum": 4, "workload.batch_size": 4}), trace=True)
+    acc.accumulated_step_memory(_setup({"workload.grad_accum": 4, "workload.batch_size": 4}), trace=True, full=True)
+    assert calls == [None, True]

@@ -39,10 +39,9 @@ def accumulated_step_memory(
     many (module docstring). `full`: True runs every micro-step (and every block), False extrapolates whatever the
     count (tests), None: the environment and the count decide."""
     k = setup.workload.grad_accum
-    if full is None:
-        full = os.environ.get(FULL_ENV, "") not in ("", "0") or k < ACCUM_FROM
-    if full or k <= max(RUNS):
-        return step_memory(setup, plan, trace=trace, full=True if full else None)
+    whole = full if full is not None else os.environ.get(FULL_ENV, "") not in ("", "0") or k < ACCUM_FROM
+    if whole or k <= max(RUNS):  # every micro-step run; the depth as `full` says (None: the depth decides)
+        return step_memory(setup, plan, trace=trace, full=full)
     runs = {a: step_memory(with_micro_steps(setup, a), plan, trace=trace) for a in RUNS}
     memory = _line([runs[a][0] for a in RUNS], k)
     ops = _repeated([runs[a][2] for a in RUNS], k) if trace else None
