@@ -161,3 +161,15 @@ def test_time_breakdown_sums_the_timelines_operators_and_the_fused_what_if_price
     assert "attention" not in classes(ops) and "attention" in classes(fused)
     assert "collective (K/V)" in classes(ops) and fused["step_s"] < ops["step_s"]
     assert sum(r[0] for r in ops["rows"].values()) == ops["ops"]
+
+
+def test_fewest_devices_debug(tmp_path):
+    """benchmarks/fewest_devices.py on the debug model: one advise over a range per model and length, a row each
+    (the fewest devices, the winner, its predicted figures) and the plot."""
+    import fewest_devices as F
+    import pandas as pd
+
+    row = F.advise_row("debug", 64, 256, "h100-sxm", tmp_path, "1-2")
+    assert row["rc"] == 0 and row["devices"] == 1 and row["batch_size"] == 4, row
+    assert row["winner"].startswith("1 device") and row["peak_gib"] > 0 and row["predicted_step_time_s"] > 0
+    assert png_ok(F.plot(pd.DataFrame([row]), tmp_path / "f.png"))
