@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -99,23 +100,28 @@ def test_full_disk_stops_the_sweep_cleanly_and_a_second_sweep_is_refused(tmp_pat
             while not row_files(store) and time.monotonic() < deadline and driver.poll() is None:
                 time.sleep(0.2)
             assert len(row_files(store)) == 1, "the first row should have landed"
-
-            # a second sweep on the same store, while the first holds it: refused at once, nothing written
-            second = subprocess.run(
-                [sys.executable, "-m", "txlab", *args],
-                env=txlab_env(),
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            assert second.returncode == 2, second.stderr
-            assert second.stderr.strip().splitlines() == [
-                f"error: {store}: another txlab sweep is writing to this store (pid {driver.pid} on {os.uname().nodename})"
-            ]
-            assert len(row_files(store)) == 1
-
-            filler = fill(disk) if real_disk else None
+            # The driver writes every row: stopped, it lands none while the second sweep starts and the disk fills
+            # (running, the next trial's row landed first under load: 2 rows, once in CI at load ~4).
+            os.kill(driver.pid, signal.SIGSTOP)
+            try:
+                # a second sweep on the same store, while the first holds it: refused at once, nothing written
+                second = subprocess.run(
+                    [sys.executable, "-m", "txlab", *args],
+                    env=txlab_env(),
+                    cwd=REPO,
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                )
+                assert second.returncode == 2, second.stderr
+                assert second.stderr.strip().splitlines() == [
+                    f"error: {store}: another txlab sweep is writing to this store (pid {driver.pid} on "
+                    f"{os.uname().nodename})"
+                ]
+                assert len(row_files(store)) == 1
+                filler = fill(disk) if real_disk else None
+            finally:
+                os.kill(driver.pid, signal.SIGCONT)
             out, err = driver.communicate(timeout=240)
         finally:
             kill_session(driver.pid)
