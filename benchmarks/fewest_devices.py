@@ -90,7 +90,7 @@ def plot(df, path: Path) -> Path:
     labels = [f"{m}\n{s // 1024}k" for m, s in zip(df["model"], df["seq_len"])]
     x = range(len(df))
     old = [v if v == v and v is not None else float("nan") for v in df["fsdp_only_one_seq_per_rank"]]
-    ax.bar([i - 0.2 for i in x], old, width=0.4, color="0.65", label="FSDP only, one sequence a rank (80 GiB)")
+    ax.bar([i - 0.2 for i in x], old, width=0.4, color="0.65", label="FSDP only, one sequence a rank, 80 GiB")
     ax.bar([i + 0.2 for i in x], df["devices"], width=0.4, color="tab:blue",
            label="any layout + accumulation, 2M-token batch")  # fmt: skip
     for i, (n, w) in enumerate(zip(df["devices"], df["winner"])):
@@ -98,13 +98,17 @@ def plot(df, path: Path) -> Path:
             ax.annotate(str(w).split(",")[0], (i + 0.2, n), xytext=(0, 3), textcoords="offset points", ha="center",
                         fontsize=6, rotation=90, va="bottom")  # fmt: skip
     ax.set_yscale("log", base=2)
+    top = max([v for v in list(old) + list(df["devices"]) if v == v and v is not None] + [1])
+    ticks = [2**i for i in range(0, int(top).bit_length() + 1)]
+    ax.set_yticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
     ax.set_xticks(list(x), labels, fontsize=8)
-    ax.set_ylabel("fewest devices that fit (log2)")
+    ax.set_ylabel("fewest devices that fit (log scale)")
     ax.set_title(f"fewest {df['hardware'].iloc[0]} devices that train each model (predicted)", fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
-    fig.text(0.01, -0.02, "Every bar is an estimate (fake tensors); the layout bars name the fastest layout at that "
-             "count. FSDP-only bars: sweeps/fewest_devices.yaml (docs/sharding.md).", fontsize=7, color="0.3")  # fmt: skip
-    return C.save_fig(fig, path)
+    fig.text(0.01, 0.01, "Every bar is an estimate (fake tensors). Blue: the fastest layout at that count. "
+             "Grey: sweeps/fewest_devices.yaml (degrees 1, 8, 64, 512).", fontsize=7, color="0.3")  # fmt: skip
+    return C.save_fig(fig, path, rect=(0, 0.04, 1, 1))
 
 
 def main() -> int:
