@@ -75,12 +75,9 @@ def _line(mems: list[Memory], k: int) -> Memory | None:
     return Memory(**out)
 
 
-def _relative(ops: list[Op]) -> list[Op]:
-    """`waits` as the distance back to the awaited collective (position-free: copies of a window compare equal)."""
-    return [dataclasses.replace(o, waits=i - o.waits) if o.waits >= 0 else o for i, o in enumerate(ops)]
-
-
-def _absolute(ops: list[Op]) -> list[Op]:
+def _flip_waits(ops: list[Op]) -> list[Op]:
+    """`waits` between an index and the distance back to the awaited collective (i - w both ways: its own inverse).
+    As distances the trace is position-free, so copies of a window compare equal and can be repeated."""
     return [dataclasses.replace(o, waits=i - o.waits) if o.waits >= 0 else o for i, o in enumerate(ops)]
 
 
@@ -89,7 +86,7 @@ def _repeated(traces: list[list[Op] | None], k: int) -> list[Op] | None:
     at 4 is not the run at 2 with the window twice."""
     if any(t is None for t in traces):
         return None
-    o2, o3, o4 = (_relative(t) for t in traces)
+    o2, o3, o4 = (_flip_waits(t) for t in traces)
     n = len(o3) - len(o2)
     if n <= 0 or len(o4) - len(o3) != n:
         return None
@@ -99,4 +96,4 @@ def _repeated(traces: list[list[Op] | None], k: int) -> list[Op] | None:
     window = o3[s : s + n]
     if o3 != o2[:s] + window + o2[s:] or o4 != o2[:s] + window * 2 + o2[s:]:
         return None
-    return _absolute(o2[:s] + window * (k - 2) + o2[s:])
+    return _flip_waits(o2[:s] + window * (k - 2) + o2[s:])
