@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from txlab.advise.prune import STATE_BYTES_PER_PARAM, count_params, state_floor_bytes
+from txlab.advise.report import layout_reasons
 from txlab.advise.search import InProcess, ranked, search
 from txlab.advise.space import CHAIN, Candidate, Layout, build_space, layouts, raw_config
 from txlab.cli import main
@@ -90,10 +91,21 @@ def test_the_staircase_finds_the_brute_forces_best_with_fewer_estimates():
     every = [(c, _synthetic(raw_config(space.base, c))) for cands in space.families.values() for c in cands]
     best = min((r["predicted_step_time_s"], c.label()) for c, r in every if r["status"] == "ok")
     assert fit and (fit[0].row["predicted_step_time_s"], fit[0].cand.label()) == best
-    assert len(result.estimates) < len(every) / 3  # the staircase and the bound (56 without the bound, 29 with)
+    # the staircase and the bound: 56 estimates without the bound, 29 with it, 20 best first
+    assert len(result.estimates) <= 20 < len(every) / 7
     assert all(e.fits for e in fit) and not any(e.fits for e in rest)
     keys = [e.row["trial_key"] for e in result.estimates]
     assert len(keys) == len(set(keys))  # nothing estimated twice
+    # best first: every layout's fastest corner before anything else, so the bound exists before the staircases;
+    # the tp layouts (1.3x slower here) are then cut after that one estimate, and the report says why
+    n = len(space.families)
+    assert {(e.cand.layout, e.cand.policy, e.cand.grad_accum) for e in result.estimates[:n]} == {
+        (lo, "sdpa", 1) for lo in space.families
+    }
+    slow = [lo for lo in space.families if lo.tp > 1]
+    assert slow and all(len(result.by_layout(lo)) == 1 for lo in slow)
+    reasons = layout_reasons(result, capacity_bytes=2600)
+    assert {r.split(":")[0] for r in reasons if "cut after 1 estimate" in r} == {lo.label() for lo in slow}
 
 
 @pytest.fixture

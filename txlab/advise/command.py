@@ -158,7 +158,16 @@ def advise(args, plot: Plot | None = None, progress: bool | None = None, remote:
             ctx = multiprocessing.get_context("spawn")
             pool = stack.enter_context(cf.ProcessPoolExecutor(workers, mp_context=ctx))
         probe = _prober(
-            base, profile, capacity, n_params, known, pool, args.objective, _progress(quiet, t0, args.objective), quiet
+            base,
+            profile,
+            capacity,
+            n_params,
+            known,
+            pool,
+            workers,
+            args.objective,
+            _progress(quiet, t0, args.objective),
+            quiet,
         )
         if len(counts) == 1:
             one = probe(counts[0], False)
@@ -212,7 +221,7 @@ def advise(args, plot: Plot | None = None, progress: bool | None = None, remote:
     return 1 if confirmed is not None and confirmed.get("status") != "ok" else 0
 
 
-def _prober(base, profile, capacity, n_params, known, pool, objective, progress, quiet) -> Probe:
+def _prober(base, profile, capacity, n_params, known, pool, workers, objective, progress, quiet) -> Probe:
     """probe(n, lean): one device count's search (txlab.advise.counts.Count), ruled out in arithmetic where the
     training state alone overflows; `known` (trial key -> row) is shared by every count and grows with each."""
 
@@ -232,7 +241,7 @@ def _prober(base, profile, capacity, n_params, known, pool, objective, progress,
         _say(quiet, f"[advise] {n} devices: {space.size} candidates in {len(space.families)} layouts "
                     f"({count(n_params)} parameters; state floor {size(floor)} a device of {size(capacity)}); "
                     + ("estimating each layout's leanest corner" if lean else "estimating"))  # fmt: skip
-        result = search(space, pool, known, progress, objective=objective, lean=lean)
+        result = search(space, pool, known, progress, objective=objective, lean=lean, slots=workers)
         known.update({e.row["trial_key"]: e.row for e in result.estimates if e.row.get("trial_key")})
         fit, _ = ranked(result, objective)
         if fit:

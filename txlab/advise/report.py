@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from txlab.advise.search import ASSUMPTIONS, Estimate, Result, objective_key, ranked
+from txlab.advise.search import ASSUMPTIONS, Estimate, Result, leanest, objective_key, ranked
 from txlab.advise.space import Layout, raw_config
 from txlab.units import GiB
 
@@ -71,14 +71,34 @@ def table(rows: list[Estimate], target: Target, batch_size: int, limit: int | No
     return out
 
 
-def layout_reasons(result: Result, capacity_bytes: int) -> list[str]:
-    """Why each layout whose estimates all failed to fit was rejected: its leanest estimate's overshoot."""
+def layout_reasons(result: Result, capacity_bytes: int, objective: str = "time") -> list[str]:
+    """Why each layout with no fitting estimate is not in the table: over the memory even at its leanest corner
+    (nothing in it fits, under the search's assumptions), or cut by the bound (its fastest corner is already no
+    better than the winner, so nothing in it can beat the winner; whether something in it fits was not asked)."""
+    col = objective_key(objective)
+    fit, _ = ranked(result, objective)
+    best = fit[0].row.get(col) if fit else None
     out = []
-    for layout in result.space.families:
+    for layout, cands in result.space.families.items():
         ests = result.by_layout(layout)
         if not ests or any(e.fits for e in ests):
             continue
-        out.append(f"{layout.label()}: {reason(ests, capacity_bytes)}")
+        lean = next(leanest(cands), None)
+        priced = [e for e in ests if e.row.get(col) is not None]
+        if best is None or lean is None or any(e.cand == lean for e in ests) or not priced:
+            out.append(f"{layout.label()}: {reason(ests, capacity_bytes)}")
+            continue
+        quick = min(priced, key=lambda e: e.row[col])
+        unit = "$/Mtok" if objective == "cost" else "s/step"
+        over = (
+            f", over the memory at {size(quick.peak)}" if quick.peak is not None and quick.peak > capacity_bytes else ""
+        )
+        out.append(
+            f"{layout.label()}: cut after {len(ests)} estimate{'s' * (len(ests) > 1)}: its fastest, {quick.cand.policy} "
+            f"with {quick.cand.grad_accum} micro-step{'s' * (quick.cand.grad_accum > 1)}, is predicted at "
+            f"{quick.row[col]:.3g} {unit}{over}, no better than the winner's {best:.3g} {unit}: under the search's "
+            f"assumptions nothing in the layout can beat the winner, so it was not searched further"
+        )
     return out
 
 
@@ -112,7 +132,7 @@ def summary(result: Result, target: Target, batch_size: int, out_dir: Path | Non
             "estimated and over the memory (or failed), leanest first:",
             *table(rest, target, batch_size)[1:6],
         ]
-    reasons = layout_reasons(result, target.capacity_bytes)
+    reasons = layout_reasons(result, target.capacity_bytes, target.objective)
     if reasons or space.rejected:
         lines += ["", "rejected layouts:"]
         lines += [f"  {r}" for r in reasons]

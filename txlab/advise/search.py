@@ -18,7 +18,8 @@ A bound cuts steps 2-4: a candidate dominated by an estimate (fitting or not) wh
 is already no better than the best that fits so far, in any layout, cannot win under the same assumptions, and is
 not estimated (a layout whose fastest corner is slower than the best found is done after one estimate).
 Every layout is walked; layouts are independent, so their estimates run at once (an executor: a process pool
-in the command, the caller's thread in tests). An estimate with the same trial key as one already made (a
+in the command, the caller's thread in tests), best first so that the bound exists before the expensive probes:
+every layout's fastest corner, then the layouts in the order of their fastest corners' times. An estimate with the same trial key as one already made (a
 `--store` from an earlier run) is reused, not run again.
 """
 
@@ -171,10 +172,17 @@ def search(
     estimate: Callable[[dict[str, Any]], dict[str, Any]] = estimate_raw,
     objective: str = "time",
     lean: bool = False,
+    slots: int = 1,
 ) -> Result:
-    """Walk every layout of `space`, estimating on `executor`; `known`: trial key -> a stored estimate row to
-    reuse; `lean`: only each layout's leanest corner (does anything fit?), not the staircase. A ConfigError raised by an estimate (bad input found late, e.g. a checkpoint) propagates; any other
-    failure of one estimate is that candidate's `error` row."""
+    """Walk every layout of `space`, estimating on `executor` (`slots`: its workers, the estimates kept in flight);
+    `known`: trial key -> a stored estimate row to reuse; `lean`: only each layout's leanest corner (does anything
+    fit?), not the staircase. A ConfigError raised by an estimate (bad input found late, e.g. a checkpoint)
+    propagates; any other failure of one estimate is that candidate's `error` row.
+
+    Best first: a free slot goes to a layout not yet estimated (its first estimate, the fastest corner, is cheap
+    and bounds the whole layout), then to the layout whose fastest corner is best. A walk is advanced only when its
+    layout gets a slot, so it decides its next candidate against the best found by then: the layouts that cannot
+    win are cut after one estimate instead of queueing their expensive leanest corners before any bound exists."""
     t0 = time.monotonic()
     result = Result(space)
     known = dict(known or {})
@@ -185,9 +193,19 @@ def search(
         return min(vals) if vals else None
 
     walks = {layout: leanest(cands) if lean else walk(cands, best, col) for layout, cands in space.families.items()}
+    order = {layout: i for i, layout in enumerate(walks)}
+    first: dict[Layout, float] = {}  # a layout's first estimate's `col` (its fastest corner): its bound
+    reply: dict[Layout, Estimate] = {}  # what a started walk is sent when its layout next gets a slot
+    idle = list(walks)  # layouts waiting for a slot (not in flight, not finished)
     pending: dict[cf.Future, tuple[Layout, Candidate]] = {}
 
-    def advance(layout: Layout, est: Estimate | None) -> None:
+    def priority(layout: Layout) -> tuple[int, float, int]:
+        if layout not in reply:
+            return (0, 0.0, order[layout])
+        return (1, first.get(layout, float("inf")), order[layout])
+
+    def advance(layout: Layout) -> None:
+        est = reply.get(layout)
         while True:
             try:
                 cand = walks[layout].send(est) if est is not None else next(walks[layout])
@@ -197,18 +215,26 @@ def search(
             key = build_config(raw).trial_key
             if key in known:  # reused: answer at once and walk on
                 est = Estimate(cand, known[key], reused=True)
-                record(est)
+                record(layout, est)
                 continue
             pending[executor.submit(estimate, raw)] = (layout, cand)
             return
 
-    def record(est: Estimate) -> None:
+    def record(layout: Layout, est: Estimate) -> None:
+        if layout not in reply and est.row.get(col) is not None:
+            first[layout] = est.row[col]
+        reply[layout] = est
         result.estimates.append(est)
         if on_estimate is not None:
             on_estimate(result, est)
 
-    for layout in walks:
-        advance(layout, None)
+    def launch() -> None:
+        while idle and len(pending) < max(1, slots):
+            layout = min(idle, key=priority)
+            idle.remove(layout)
+            advance(layout)
+
+    launch()
     while pending:
         done, _ = cf.wait(list(pending), return_when=cf.FIRST_COMPLETED)
         for fut in done:
@@ -223,8 +249,9 @@ def search(
                 row = {"status": "error", "error": f"{e.__class__.__name__}: {e}"}
             est = Estimate(cand, row)
             known[row.get("trial_key", "")] = row
-            record(est)
-            advance(layout, est)
+            record(layout, est)
+            idle.append(layout)
+        launch()
     result.wall_s = time.monotonic() - t0
     return result
 
