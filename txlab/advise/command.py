@@ -5,7 +5,8 @@ Order: every input is checked before anything runs or is written (exit 2, one li
 counted and the training state's floor rules out N in arithmetic where it can (txlab.advise.prune); the search
 estimates what can be the answer (txlab.advise.search) in a process pool, one progress line per estimate; no
 feasible candidate is exit 2 with the least memory it would need; then the outputs are written (winner.yaml,
-winner_sweep.yaml, the plot, the store's rows) and, with --confirm, the winner runs as a measured trial.
+winner_sweep.yaml, the plot) and, with --confirm, the winner runs as a measured trial. With --store each estimate
+row lands in the store as it is made (a killed or unanswered search keeps what it estimated, for the next run).
 The plot is drawn by a function the caller passes in (the command line hands txlab.analysis's), so this core
 package imports no plotting library.
 """
@@ -157,18 +158,14 @@ def advise(args, plot: Plot | None = None, progress: bool | None = None, remote:
         else:  # fresh workers (spawn: no forked torch or thread state), shared by every count searched
             ctx = multiprocessing.get_context("spawn")
             pool = stack.enter_context(cf.ProcessPoolExecutor(workers, mp_context=ctx))
-        probe = _prober(
-            base,
-            profile,
-            capacity,
-            n_params,
-            known,
-            pool,
-            workers,
-            args.objective,
-            _progress(quiet, t0, args.objective),
-            quiet,
-        )
+        line = _progress(quiet, t0, args.objective)
+        keep = _keeper(args.store, stack)
+
+        def on_estimate(result: Result, est: Estimate) -> None:
+            keep(est)
+            line(result, est)
+
+        probe = _prober(base, profile, capacity, n_params, known, pool, workers, args.objective, on_estimate, quiet)
         if len(counts) == 1:
             one = probe(counts[0], False)
             if one.why_not is not None:
@@ -191,10 +188,6 @@ def advise(args, plot: Plot | None = None, progress: bool | None = None, remote:
     if plot is not None:
         title = f"{Path(args.config).stem} on {n} x {profile.name}: predicted"
         written += plot(plot_points(result, args.objective), out_dir / "advise.png", title, capacity)
-    if args.store:
-        for c in choice.counts.values():
-            if c.result is not None:
-                _store_rows(args.store, c.result)
     confirmed = None
     if args.confirm and remote is not None:
         _say(quiet, f"[advise] confirming {winner.cand.label()}: a measured trial on the cluster ({written[1]})")
@@ -292,14 +285,21 @@ def _stored_estimates(uri: str | None) -> dict[str, dict[str, Any]]:
     return {r["trial_key"]: r for r in rows if r.get("measured") is False and r.get("status") in ("ok", "over_budget")}
 
 
-def _store_rows(uri: str, result: Result) -> None:
-    from txlab.results.store import Store
+def _keeper(uri: str | None, stack: contextlib.ExitStack) -> Callable[[Estimate], None]:
+    """keep(est): write a new estimate's row to the store at `uri` (sweep `advise`) at once; the store is opened,
+    and its writer lock taken for the rest of the run, at the first row (no row, nothing written)."""
+    held: list[Any] = []
 
-    store = Store.open(uri, create=True)
-    with store.writer_lock():
-        for e in result.estimates:
-            if not e.reused and e.row.get("trial_key"):
-                store.write_row({**e.row, "sweep": "advise"})
+    def keep(est: Estimate) -> None:
+        if uri is None or est.reused or not est.row.get("trial_key"):
+            return
+        if not held:
+            from txlab.results.store import Store
+
+            held.append(stack.enter_context(Store.open(uri, create=True).writer_lock()))
+        held[0].write_row({**est.row, "sweep": "advise"})
+
+    return keep
 
 
 def confirm(winner_yaml: Path, winner: Estimate, quiet: bool) -> dict[str, Any]:

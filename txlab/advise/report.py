@@ -48,8 +48,9 @@ def _num(v: float | None, fmt: str) -> str:
 def table(rows: list[Estimate], target: Target, batch_size: int, limit: int | None = None) -> list[str]:
     """One line per estimate: layout, policy, micro-batch, predicted peak and headroom, tokens/s per device,
     MFU, $/Mtok, step time."""
+    w = max([10] + [len(e.cand.scheme) for e in rows])  # selective:torchtitan
     head = (
-        f"{'#':>3}  {'layout':<26} {'policy':<10} {'micro-batch':>11}  {'peak GiB':>8} {'headroom':>8}  "
+        f"{'#':>3}  {'layout':<26} {'policy':<{w}} {'micro-batch':>11}  {'peak GiB':>8} {'headroom':>8}  "
         f"{'tok/s/dev':>9} {'MFU':>5} {'$/Mtok':>7} {'step s':>7}"
     )
     out = [head]
@@ -62,7 +63,7 @@ def table(rows: list[Estimate], target: Target, batch_size: int, limit: int | No
         status = "" if e.fits else f"  {r.get('status')}"
         unpriced = "  unpriced" if e.fits and r.get("predicted_step_time_s") is None else ""
         out.append(
-            f"{i:>3}  {c.layout.label():<26} {c.policy:<10} {f'{c.micro_batch(batch_size)} x {c.grad_accum}':>11}  "
+            f"{i:>3}  {c.layout.label():<26} {c.scheme:<{w}} {f'{c.micro_batch(batch_size)} x {c.grad_accum}':>11}  "
             f"{_gib(peak):>8} {_gib(room):>8}  {_num(tps / target.devices if tps else None, ',.0f'):>9} "
             f"{_num(100 * mfu if mfu is not None else None, '.1f'):>5} "
             f"{_num(r.get('predicted_usd_per_mtok'), '.3f'):>7} {_num(r.get('predicted_step_time_s'), '.3g'):>7}"
@@ -94,7 +95,7 @@ def layout_reasons(result: Result, capacity_bytes: int, objective: str = "time")
             f", over the memory at {size(quick.peak)}" if quick.peak is not None and quick.peak > capacity_bytes else ""
         )
         out.append(
-            f"{layout.label()}: cut after {len(ests)} estimate{'s' * (len(ests) > 1)}: its fastest, {quick.cand.policy} "
+            f"{layout.label()}: cut after {len(ests)} estimate{'s' * (len(ests) > 1)}: its fastest, {quick.cand.scheme} "
             f"with {quick.cand.grad_accum} micro-step{'s' * (quick.cand.grad_accum > 1)}, is predicted at "
             f"{quick.row[col]:.3g} {unit}{over}, no better than the winner's {best:.3g} {unit}: under the search's "
             f"assumptions nothing in the layout can beat the winner, so it was not searched further"
@@ -109,7 +110,7 @@ def reason(ests: list[Estimate], capacity_bytes: int) -> str:
     lean = min(peaked, key=lambda e: e.peak)
     return (
         f"over by {size(lean.peak - capacity_bytes)} even at its leanest estimate "
-        f"({lean.cand.policy}, {lean.cand.grad_accum} micro-steps: predicted peak {size(lean.peak)} "
+        f"({lean.cand.scheme}, {lean.cand.grad_accum} micro-steps: predicted peak {size(lean.peak)} "
         f"of {size(capacity_bytes)})"
     )
 
@@ -139,7 +140,12 @@ def summary(result: Result, target: Target, batch_size: int, out_dir: Path | Non
         lines += [f"  {label}: refused by the config: {why}" for label, why in space.rejected]
     estimated = len(result.estimates)
     present = {c.policy for cands in space.families.values() for c in cands}
-    policies = [p for p in space.policies if p in present]  # planned: single-device layouts with a budget only
+    saves = sorted({c.save for cands in space.families.values() for c in cands if c.policy == "selective"})
+    policies = [  # planned: single-device layouts with a budget only
+        f"{p} ({' / '.join(saves)} save lists)" if p == "selective" and len(saves) > 1 else p
+        for p in space.policies
+        if p in present
+    ]
     lines += [
         "",
         f"search: {len(space.families)} layouts, {space.size} candidates ({', '.join(policies)}; micro-steps "

@@ -4,23 +4,27 @@ Estimates are real training steps on fake tensors (`txlab.trial.estimate_trial`)
 cost seconds each on a large model, so not every candidate is estimated. Within one layout the search walks a
 staircase over (policy, micro-steps), on two stated assumptions (printed with every answer): the predicted peak
 does not rise, and the predicted step time does not fall, with more micro-steps or with more recomputation
-along sdpa < selective < checkpoint < recompute. Then only the fitting candidates that no other fitting
+along sdpa < selective < checkpoint < recompute (selective's other save lists, `policy.selective_save`, sit
+between selective and checkpoint: they save a subset of txlab's list and more than a block's input, a partial
+order, txlab.advise.space.recomputes_no_more). Then only the fitting candidates that no other fitting
 candidate dominates (less recomputation and no more micro-steps) can be the fastest, and only they and the
 probes that find them are estimated:
   1. the fastest corner (sdpa, 1 micro-step): if it fits it dominates its whole layout;
   2. the leanest corner (recompute, most micro-steps): if it does not fit, nothing in the layout does;
   3. for each policy along the chain, the fewest micro-steps that fit, by bisection below the previous
-     policy's (which bounds it);
-  4. not resharding after forward (more memory, fewer all-gathers) at each fitting point that step 1 or 3 found
-     (an assumption too: no-reshard's own staircase is not walked);
+     policy's (which bounds it); then for each other save list, by bisection between selective's and
+     checkpoint's;
+  4. not resharding after forward (more memory, fewer all-gathers) from each fitting point that step 1 or 3 found:
+     the fewest micro-steps from there that fit for the same policy (an assumption too: no-reshard's own
+     staircase is not walked, so a policy that only not resharding makes the fastest is not found);
   5. `planned` (the planner's own choice for the budget) at 1 micro-step, where the fastest corner did not fit.
 A bound cuts steps 2-4: a candidate dominated by an estimate (fitting or not) whose predicted step time (or $/Mtok)
 is already no better than the best that fits so far, in any layout, cannot win under the same assumptions, and is
 not estimated (a layout whose fastest corner is slower than the best found is done after one estimate).
 Every layout is walked; layouts are independent, so their estimates run at once (an executor: a process pool
 in the command, the caller's thread in tests), best first so that the bound exists before the expensive probes:
-every layout's fastest corner, then the layouts in the order of their fastest corners' times. An estimate with the same trial key as one already made (a
-`--store` from an earlier run) is reused, not run again.
+every layout's fastest corner, then the layouts in the order of their fastest corners' times. An estimate with
+the same trial key as one already made (a `--store` from an earlier run) is reused, not run again.
 """
 
 from __future__ import annotations
@@ -31,14 +35,15 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from txlab.advise.space import CHAIN, Candidate, Layout, Space, raw_config
+from txlab.advise.space import CHAIN, Candidate, Layout, Space, raw_config, recomputes_no_more
 from txlab.config import ConfigError, build_config
 
 ASSUMPTIONS = (
     "within a layout, the predicted peak is assumed not to rise and the predicted step time not to fall with "
-    "more micro-steps or more recomputation (sdpa < selective < checkpoint < recompute); a candidate that a "
-    "fitting one dominates is not estimated; not resharding after forward is tried only where resharding's "
-    "search found a fitting point; a candidate dominated by an estimate already no better than the best that "
+    "more micro-steps or more recomputation (sdpa < selective < selective's other save lists < checkpoint < "
+    "recompute); a candidate that a "
+    "fitting one dominates is not estimated; not resharding after forward is tried only from the fitting points "
+    "resharding's search found (the same policy, the fewest micro-steps from there that fit); a candidate dominated by an estimate already no better than the best that "
     "fits is not estimated"
 )
 
@@ -74,8 +79,10 @@ Walk = Generator[Candidate, Estimate, None]
 def walk(cands: list[Candidate], best: Callable[[], float | None] = lambda: None, col: str = TIME) -> Walk:
     """The staircase over one layout's candidates (module docstring): yields the next candidate to estimate and
     receives its Estimate. `best()`: the best `col` among the fitting estimates so far (all layouts), the bound."""
-    cell = {(c.layout.reshard, c.policy, c.grad_accum): c for c in cands}
-    chain = [p for p in CHAIN if any(k[1] == p for k in cell)]
+    cell = {(c.layout.reshard, c.scheme, c.grad_accum): c for c in cands}
+    schemes = {k[1] for k in cell}
+    chain = [p for p in CHAIN if p in schemes]
+    variants = sorted(p for p in schemes if p not in CHAIN and p != "planned")  # selective's other save lists
     gas = sorted({k[2] for k in cell})
     known: dict[tuple[bool, str, int], bool | None] = {}  # None: cannot beat the best (not estimated)
     times: dict[tuple[bool, str, int], float] = {}
@@ -84,12 +91,10 @@ def walk(cands: list[Candidate], best: Callable[[], float | None] = lambda: None
         """An estimate that dominates `key` (same resharding, no more recomputation, no more micro-steps) is
         already no better than the best that fits: under the assumptions, neither is `key`."""
         b = best()
-        if b is None or key[1] not in chain:
+        if b is None:
             return False
-        i = chain.index(key[1])
         return any(
-            t >= b and r == key[0] and q in chain and chain.index(q) <= i and g <= key[2]
-            for (r, q, g), t in times.items()
+            t >= b and r == key[0] and recomputes_no_more(q, key[1]) and g <= key[2] for (r, q, g), t in times.items()
         )
 
     def fits(p: str, gi: int, reshard: bool = True):
@@ -106,25 +111,41 @@ def walk(cands: list[Candidate], best: Callable[[], float | None] = lambda: None
                     times[key] = est.row[col]
         return known[key]
 
-    frontier: list[tuple[str, int]] = []  # fitting (policy, micro-steps index) that no other fitting one dominates
+    frontier: list[tuple[str, int]] = []  # fitting (scheme, micro-steps index) that no other fitting one dominates
+
+    def fewest(p: str, lo: int, bound: int, reshard: bool = True):
+        """The fewest micro-steps (index) in [lo, bound) at which `p` fits or cannot win, by bisection; `bound`:
+        none below it does. A fitting answer (resharding) joins the frontier."""
+        hi = bound
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if (yield from fits(p, mid, reshard)) is not False:  # fits, or cannot win: look below it
+                hi = mid
+            else:
+                lo = mid + 1
+        if reshard and hi < bound and known.get((True, p, gas[hi])) is True:
+            frontier.append((p, hi))
+        return hi
+
     if chain:
         if (yield from fits(chain[0], 0)):
             frontier.append((chain[0], 0))
         elif (yield from fits(chain[-1], len(gas) - 1)):
             bound = len(gas)  # the fewest micro-steps (index) that fit under the policies walked so far
+            below: dict[str, int] = {}
             for p in chain:
-                lo, hi = 0, bound  # the answer lies in [lo, hi]; hi == bound: none below the bound fits
-                while lo < hi:
-                    mid = (lo + hi) // 2
-                    if (yield from fits(p, mid)) is not False:  # fits, or cannot win: look below it
-                        hi = mid
-                    else:
-                        lo = mid + 1
-                if hi < bound and known.get((True, p, gas[hi])) is True:
-                    frontier.append((p, hi))
-                bound = hi
-    for p, gi in frontier:  # not resharding: more memory, less communication, at the frontier's points
-        yield from fits(p, gi, reshard=False)
+                below[p] = bound = yield from fewest(p, 0, bound)
+            # a save list between selective and checkpoint fits from no fewer micro-steps than the next leaner
+            # policy and is dominated from selective's fewest on
+            upper = min([below[p] for p in chain if recomputes_no_more(p, "selective")], default=len(gas))
+            lower = max([below[p] for p in chain if recomputes_no_more("checkpoint", p)], default=0)
+            for v in variants:
+                yield from fewest(v, lower, upper)
+    # not resharding: more memory (so it fits from no fewer micro-steps), less communication; per frontier point,
+    # the fewest micro-steps from there that fit without resharding
+    for p, gi in list(frontier):  # the frontier point itself first: the likeliest answer, and the bound above it
+        if (yield from fits(p, gi, reshard=False)) is False:
+            yield from fewest(p, gi + 1, len(gas), reshard=False)
     corner_fits = bool(chain) and known.get((True, chain[0], gas[0])) is True
     if (True, "planned", 1) in cell and not corner_fits:  # gas[0] is 1: one micro-step always divides the batch
         yield from fits("planned", 0)
@@ -133,9 +154,9 @@ def walk(cands: list[Candidate], best: Callable[[], float | None] = lambda: None
 def leanest(cands: list[Candidate]) -> Walk:
     """Only the leanest corner of a layout (resharding, the most recomputation, the most micro-steps): under the
     search's assumptions, whether anything in the layout fits (the question of the fewest devices that fit)."""
-    chain = [c for c in cands if c.layout.reshard and c.policy in CHAIN]
+    chain = [c for c in cands if c.layout.reshard and c.scheme in CHAIN]
     if chain:
-        yield max(chain, key=lambda c: (CHAIN.index(c.policy), c.grad_accum))
+        yield max(chain, key=lambda c: (CHAIN.index(c.scheme), c.grad_accum))
 
 
 @dataclass

@@ -13,16 +13,37 @@ config has `parallel.ep`) draws expert groups from the data-parallel ranks and d
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any
 
 from txlab.config import ConfigError, TrialConfig, build_config, expand_dotted, merge
-from txlab.config.schema import ParallelConfig
+from txlab.config.schema import ParallelConfig, SelectiveSave
 
 # Least recomputation first: the order in which, within one layout and micro-batch, predicted memory is assumed
 # not to rise and predicted time not to fall (`planned` is searched apart: txlab.advise.search).
 CHAIN = ("sdpa", "selective", "checkpoint", "recompute")
 POLICIES = ("sdpa", "selective", "planned", "checkpoint", "recompute")
+# What `selective` saves (policy.selective_save): txlab's list (matmuls and attention) saves a superset of each of
+# the others, and each saves more than `checkpoint` (a block's input only), so the variants sit between the two in
+# the order; matmuls-only and torchtitan's every-second-matmul are not comparable with each other.
+SAVES = typing.get_args(SelectiveSave)  # ("txlab", "matmuls", "torchtitan")
+_RANK = {"sdpa": 0, "selective": 1, "checkpoint": 3, "recompute": 4}
+
+
+def _rank(scheme: str) -> int | None:
+    if scheme.startswith("selective:"):
+        return 2
+    return _RANK.get(scheme)  # planned: None (not in the order)
+
+
+def recomputes_no_more(q: str, p: str) -> bool:
+    """Scheme `q` saves at least what `p` saves (so, the search assumes, no less memory and no more time): the
+    partial order the staircase walks (txlab.advise.search); `planned` is comparable with nothing."""
+    rq, rp = _rank(q), _rank(p)
+    return rq is not None and rp is not None and (q == p or rq < rp)
+
+
 DEGREES = (1, 2, 4, 8, 16, 32, 64)  # tp and cp degrees tried (tp capped at devices per node)
 MAX_CP = 16  # context parallelism beyond 16 ranks is for sequences far longer than a step of this search prices
 
@@ -66,16 +87,28 @@ class Candidate:
     layout: Layout
     policy: str
     grad_accum: int = 1
+    save: str = "txlab"  # policy.selective_save (other lists only with `selective`)
+
+    @property
+    def scheme(self) -> str:
+        """The memory policy with its save list: `selective`, `selective:matmuls`, `checkpoint`, ..."""
+        return self.policy if self.save == "txlab" else f"{self.policy}:{self.save}"
 
     def micro_batch(self, batch_size: int) -> int:
         """Sequences one data-parallel rank computes per micro-step."""
         return batch_size // self.layout.fsdp // self.grad_accum
 
     def label(self) -> str:
-        return f"{self.layout.label()}, {self.policy}, {self.grad_accum} micro-step{'s' * (self.grad_accum > 1)}"
+        return f"{self.layout.label()}, {self.scheme}, {self.grad_accum} micro-step{'s' * (self.grad_accum > 1)}"
 
     def overrides(self) -> dict[str, Any]:
-        return {**self.layout.overrides(), "policy.name": self.policy, "workload.grad_accum": self.grad_accum}
+        # the save list always written: a user's own policy.selective_save must not leak into another policy
+        return {
+            **self.layout.overrides(),
+            "policy.name": self.policy,
+            "policy.selective_save": self.save,
+            "workload.grad_accum": self.grad_accum,
+        }
 
 
 @dataclass
@@ -133,9 +166,9 @@ def build_space(base: dict[str, Any], devices: int, per_node: int, policies: tup
         share = cfg.workload.batch_size // layout.fsdp
         cands = []
         for lo in (layout, dataclasses.replace(layout, reshard=False)) if layout.fsdp > 1 else (layout,):
-            for policy in policies:
+            for policy, save in [(p, sv) for p in policies for sv in (SAVES if p == "selective" else ("txlab",))]:
                 for ga in [g for g in range(1, share + 1) if share % g == 0]:
-                    cand = Candidate(lo, policy, ga)
+                    cand = Candidate(lo, policy, ga, save)
                     try:
                         build_config(raw_config(base, cand))
                     except ConfigError:  # e.g. planned with micro-steps (the planner plans the whole batch)
