@@ -79,7 +79,7 @@ def layout_reasons(result: Result, capacity_bytes: int, objective: str = "time")
     col = objective_key(objective)
     fit, _ = ranked(result, objective)
     best = fit[0].row.get(col) if fit else None
-    out = []
+    out, cut = [], False
     for layout, cands in result.space.families.items():
         ests = result.by_layout(layout)
         if not ests or any(e.fits for e in ests):
@@ -92,13 +92,18 @@ def layout_reasons(result: Result, capacity_bytes: int, objective: str = "time")
         quick = min(priced, key=lambda e: e.row[col])
         unit = "$/Mtok" if objective == "cost" else "s/step"
         over = (
-            f", over the memory at {size(quick.peak)}" if quick.peak is not None and quick.peak > capacity_bytes else ""
+            f": {size(quick.peak)}, over the memory" if quick.peak is not None and quick.peak > capacity_bytes else ""
         )
         out.append(
-            f"{layout.label()}: cut after {len(ests)} estimate{'s' * (len(ests) > 1)}: its fastest, {quick.cand.scheme} "
-            f"with {quick.cand.grad_accum} micro-step{'s' * (quick.cand.grad_accum > 1)}, is predicted at "
-            f"{quick.row[col]:.3g} {unit}{over}, no better than the winner's {best:.3g} {unit}: under the search's "
-            f"assumptions nothing in the layout can beat the winner, so it was not searched further"
+            f"{layout.label()}: cut after {len(ests)} estimate{'s' * (len(ests) > 1)}: its fastest ({quick.cand.scheme}, "
+            f"{quick.cand.grad_accum} micro-step{'s' * (quick.cand.grad_accum > 1)}{over}) is predicted at "
+            f"{quick.row[col]:.3g} {unit}, no better than the winner's {best:.3g}"
+        )
+        cut = True
+    if cut:
+        out.append(
+            "(cut: under the search's assumptions nothing in a layout is faster than its fastest estimate, so a "
+            "layout whose fastest is no better than the winner was not searched further, nor asked what fits)"
         )
     return out
 
