@@ -329,6 +329,20 @@ def test_a_local_profiles_tables_price_ops_by_what_was_measured(tmp_path, monkey
     assert c.op_time(ag) == pytest.approx(1e-4 + 1e9 / 1e9)
 
 
+def test_tanh_gelu_is_priced_at_its_own_measured_rate_and_older_profiles_fall_back(tmp_path, monkeypatch):
+    _, ops = traced()
+    gelus = [o for o in ops if "gelu" in o.name]  # GPT-2's gelu_new: the tanh form, forward and backward
+    assert {o.phase for o in gelus} == {"forward", "backward"} and {o.family for o in gelus} == {"gelu_tanh"}
+    raw = local_profile(tmp_path, monkeypatch)
+    gelu = op("memory", read=1e6, write=1e6, family="gelu_tanh")
+    for rates, gbps in (({"transcendental": 4.0}, 4.0), ({"transcendental": 4.0, "gelu_tanh": 2.0}, 2.0)):
+        raw["measured"][0]["memory_gbps"] = {"elementwise": 10.0, **rates}
+        local_path().write_text(yaml.safe_dump(raw))
+        assert Coster(load_profile("local"), "fp32", threads=1).op_time(gelu) == pytest.approx(
+            2e6 / (gbps * 1e9) + 5e-6
+        )
+
+
 def test_txlab_calibrate_writes_a_profile_that_loads(tmp_path, capsys):
     out = tmp_path / "cal" / "local.yaml"
     assert main(["calibrate", "--quick", "--out", str(out)]) == 0

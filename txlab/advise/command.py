@@ -320,7 +320,8 @@ def confirm_lines(winner: Estimate, row: dict[str, Any]) -> list[str]:
         ratio = m["step_time_s"] / p["predicted_step_time_s"]
         lines.append(
             f"  step time measured {m['step_time_s']:.3f} s, predicted {p['predicted_step_time_s']:.3f} s "
-            f"(measured / predicted {ratio:.2f}; a loaded machine stretches the measured time)"
+            f"(measured / predicted {ratio:.2f}; load average {os.getloadavg()[0]:.1f} after the run: other work on "
+            f"the machine stretches the measured time)"
         )
     if m.get("error"):
         lines.append(f"  error     {m['error']}")

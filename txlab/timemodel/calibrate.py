@@ -5,7 +5,7 @@ What is measured, for each thread count a trial's ranks may compute with on a CP
 core: a rank of a trial sharded over the cores), in each dtype (fp32, bf16):
 - matmul FLOP/s at GEMM shapes like a transformer's (activations x weights, and the backward's two products);
 - fused attention (SDPA, causal) FLOP/s forward and backward at several sequence lengths;
-- bytes/s of memory-bound operators by family (elementwise, transcendental, norm, reduce, gather), on tensors
+- bytes/s of memory-bound operators by family (elementwise, transcendental, gelu_tanh, norm, reduce, gather), on tensors
   small enough to reuse memory, and the first-touch rate of new pages (CPU: outputs from 32 MiB are new pages);
 - the fixed time of one small operator;
 - with two or more ranks possible (cores or GPUs), the collectives the trial runs (all-gather, reduce-scatter,
@@ -131,6 +131,12 @@ def measure_memory(device: torch.device, numel: int) -> dict[str, float]:
                 3 * nb / timed(lambda: torch.ops.aten.gelu_backward(a, b), device),
             ]
         ),  # fmt: skip
+        "gelu_tanh": statistics.median(  # trace.TANH_GELU
+            [
+                2 * nb / timed(lambda: F.gelu(a, approximate="tanh"), device),
+                3 * nb / timed(lambda: torch.ops.aten.gelu_backward(a, b, approximate="tanh"), device),
+            ]
+        ),
         "norm": statistics.median(
             [
                 2 * nb / timed(lambda: torch.ops.aten.native_layer_norm(x, [cols], w, bias, 1e-5), device),

@@ -19,7 +19,7 @@ import math
 from typing import Any
 
 from txlab.hardware import Profile
-from txlab.timemodel.trace import Op, wire_bytes
+from txlab.timemodel.trace import FALLBACK, Op, wire_bytes
 
 MEMORY_BYTES = 16 * 2**20  # the tensors txlab calibrate measures memory-bound families on (txlab.timemodel.calibrate)
 
@@ -65,7 +65,7 @@ class Coster:
         family's rate on cache-sized tensors, capped by the bandwidth at that size (log-interpolated between the
         cache-sized elementwise rate at 48 MiB moved and the large-tensor rate from 768 MiB)."""
         rates = self.t["memory_gbps"]
-        family_rate = (rates.get(family) or rates["elementwise"]) * 1e9
+        family_rate = (rates.get(family) or rates.get(FALLBACK.get(family, "")) or rates["elementwise"]) * 1e9
         cache, dram = rates["elementwise"] * 1e9, self.t.get("dram_gbps", rates["elementwise"]) * 1e9
         lo, hi = 3 * MEMORY_BYTES, 48 * MEMORY_BYTES
         if footprint <= lo:
