@@ -41,10 +41,9 @@ from txlab.config import ConfigError, build_config
 ASSUMPTIONS = (
     "within a layout, the predicted peak is assumed not to rise and the predicted step time not to fall with "
     "more micro-steps or more recomputation (sdpa < selective < selective's other save lists < checkpoint < "
-    "recompute); a candidate that a "
-    "fitting one dominates is not estimated; not resharding after forward is tried only from the fitting points "
-    "resharding's search found (the same policy, the fewest micro-steps from there that fit); a candidate dominated by an estimate already no better than the best that "
-    "fits is not estimated"
+    "recompute); a candidate that a fitting one dominates is not estimated; not resharding after forward is tried "
+    "only from the fitting points resharding's search found (the same policy, the fewest micro-steps from there "
+    "that fit); a candidate dominated by an estimate already no better than the best that fits is not estimated"
 )
 
 

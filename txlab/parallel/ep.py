@@ -29,6 +29,8 @@ Estimates (fake tensors) cannot read the counts, so the split sizes come from a 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 
@@ -126,6 +128,12 @@ def shard_experts(model: nn.Module, **fsdp_kwargs) -> set[nn.Parameter]:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
 
+    # FSDP2 warns at every forward that the unit returns a view (its pre-backward hook would be lost to an
+    # in-place op on it); the MoE layer only reads the experts' output (a product, then index_add into new
+    # memory), and tests/test_ep.py checks the gradients against one device
+    warnings.filterwarnings(
+        "ignore", message=r"FSDP2-wrapped module \(FSDPExpertParallel\) returned a view", category=UserWarning
+    )
     ignored: set[nn.Parameter] = set()
     for module in model.modules():
         if isinstance(module, ExpertParallel):
