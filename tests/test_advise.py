@@ -115,6 +115,19 @@ def test_the_staircase_finds_the_brute_forces_best_with_fewer_estimates():
     assert {r.split(":")[0] for r in reasons if "cut after 1 estimate" in r} == {lo.label() for lo in slow}
 
 
+def test_the_lean_search_stops_at_the_first_leanest_corner_that_fits():
+    space = build_space({**TINY, "workload": {**TINY["workload"], "batch_size": 16}}, devices=4, per_node=8)
+
+    def tight(raw):  # only the tp layouts' leanest corners fit
+        row = _synthetic(raw)
+        return {**row, "status": "ok" if row["peak_bytes"] <= 1500 else "over_budget"}
+
+    ests = search(space, InProcess(), estimate=tight, lean=True).estimates
+    assert [e.fits for e in ests] == [False] * (len(ests) - 1) + [True]
+    assert len(ests) < len(space.families)  # the layouts after the first fit were not asked
+    assert all(e.cand.policy == "recompute" and e.cand.layout.reshard for e in ests)
+
+
 def test_the_staircase_against_a_brute_force_at_every_memory_cap():
     """Over caps from 'only the leanest fit' to 'almost everything fits', the search's best is the brute force's,
     except where only not resharding makes a policy off resharding's frontier the fastest (the stated

@@ -196,7 +196,7 @@ def search(
 ) -> Result:
     """Walk every layout of `space`, estimating on `executor` (`slots`: its workers, the estimates kept in flight);
     `known`: trial key -> a stored estimate row to reuse; `lean`: only each layout's leanest corner (does anything
-    fit?), not the staircase. A ConfigError raised by an estimate (bad input found late, e.g. a checkpoint)
+    fit?), not the staircase, and no more once one fits. A ConfigError raised by an estimate (bad input found late, e.g. a checkpoint)
     propagates; any other failure of one estimate is that candidate's `error` row.
 
     Best first: a free slot goes to a layout not yet estimated (its first estimate, the fastest corner, is cheap
@@ -249,6 +249,8 @@ def search(
             on_estimate(result, est)
 
     def launch() -> None:
+        if lean and any(e.fits for e in result.estimates):  # the count's question is answered: something fits
+            return
         while idle and len(pending) < max(1, slots):
             layout = min(idle, key=priority)
             idle.remove(layout)
