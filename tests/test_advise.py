@@ -126,6 +126,14 @@ def test_the_lean_search_stops_at_the_first_leanest_corner_that_fits():
     assert [e.fits for e in ests] == [False] * (len(ests) - 1) + [True]
     assert len(ests) < len(space.families)  # the layouts after the first fit were not asked
     assert all(e.cand.policy == "recompute" and e.cand.layout.reshard for e in ests)
+    # the same from a store holding every layout's leanest corner: reused rows stop it too
+    every = search(space, InProcess(), estimate=tight, lean=True, slots=len(space.families)).estimates
+    known = {e.row["trial_key"]: e.row for e in every}
+    for cand in (c for cands in space.families.values() for c in cands if c.policy == "recompute"):
+        row = tight(raw_config(space.base, cand))
+        known.setdefault(row["trial_key"], row)
+    again = search(space, InProcess(), known, estimate=tight, lean=True).estimates
+    assert [e.row["trial_key"] for e in again] == [e.row["trial_key"] for e in ests] and all(e.reused for e in again)
 
 
 def test_the_staircase_against_a_brute_force_at_every_memory_cap():

@@ -248,10 +248,11 @@ def search(
         if on_estimate is not None:
             on_estimate(result, est)
 
+    def answered() -> bool:  # a lean count's question (does anything fit?) is answered
+        return lean and any(e.fits for e in result.estimates)
+
     def launch() -> None:
-        if lean and any(e.fits for e in result.estimates):  # the count's question is answered: something fits
-            return
-        while idle and len(pending) < max(1, slots):
+        while idle and len(pending) < max(1, slots) and not answered():
             layout = min(idle, key=priority)
             idle.remove(layout)
             advance(layout)
