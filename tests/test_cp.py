@@ -140,10 +140,17 @@ ESTIMATED_SHAPES = {
 }
 
 
+# The layouts that compose CP with another dimension are held to half the shapes (each shape spawns its own ranks:
+# the composites were 3 of the suite's slowest minutes): GQA with chunked attention, GPT-2 with selective, and
+# accumulation; CP alone keeps them all.
+COMPOSED = ("llama-chunked", "gpt2-selective", "llama-accumulated")
+
+
 @pytest.mark.parametrize("fsdp, cp, tp", [(1, 2, 1), (2, 2, 1), (1, 2, 2)])
 def test_the_estimate_on_a_fake_mesh_matches_the_measured_per_rank_peak(fsdp, cp, tp):
     layout = {"parallel.fsdp": fsdp, "parallel.cp": cp, "parallel.tp": tp}
-    assert_estimates_match_measured(ESTIMATED_SHAPES, layout, fresh=True)
+    shapes = ESTIMATED_SHAPES if fsdp * tp == 1 else {k: ESTIMATED_SHAPES[k] for k in COMPOSED}
+    assert_estimates_match_measured(shapes, layout, fresh=True)
 
 
 @pytest.mark.parametrize(
