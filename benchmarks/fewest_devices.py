@@ -102,6 +102,7 @@ def plot(df, path: Path) -> Path:
     top = max([v for v in list(old) + list(df["devices"]) if v == v and v is not None] + [1])
     ticks = [2**i for i in range(0, int(top).bit_length() + 1)]
     ax.set_yticks(ticks, [str(t) for t in ticks])
+    ax.set_ylim(0.8, top * 8)  # room above the tallest bar for its rotated layout label
     ax.minorticks_off()
     ax.set_xticks(list(x), labels, fontsize=8)
     ax.set_ylabel("fewest devices that fit (log scale)")
