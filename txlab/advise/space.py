@@ -24,6 +24,8 @@ from txlab.config.schema import ParallelConfig, SelectiveSave
 # not to rise and predicted time not to fall (`planned` is searched apart: txlab.advise.search).
 CHAIN = ("sdpa", "selective", "checkpoint", "recompute")
 POLICIES = ("sdpa", "selective", "planned", "checkpoint", "recompute")
+DEGREES = (1, 2, 4, 8, 16, 32, 64)  # tp and cp degrees tried (tp capped at devices per node)
+MAX_CP = 16  # context parallelism beyond 16 ranks is for sequences far longer than a step of this search prices
 # What `selective` saves (policy.selective_save): txlab's list (matmuls and attention) saves a superset of each of
 # the others, and each saves more than `checkpoint` (a block's input only), so the variants sit between the two in
 # the order; matmuls-only and torchtitan's every-second-matmul are not comparable with each other.
@@ -42,10 +44,6 @@ def recomputes_no_more(q: str, p: str) -> bool:
     partial order the staircase walks (txlab.advise.search); `planned` is comparable with nothing."""
     rq, rp = _rank(q), _rank(p)
     return rq is not None and rp is not None and (q == p or rq < rp)
-
-
-DEGREES = (1, 2, 4, 8, 16, 32, 64)  # tp and cp degrees tried (tp capped at devices per node)
-MAX_CP = 16  # context parallelism beyond 16 ranks is for sequences far longer than a step of this search prices
 
 
 def _parallel_keys() -> set[str]:
