@@ -196,8 +196,8 @@ def search(
 ) -> Result:
     """Walk every layout of `space`, estimating on `executor` (`slots`: its workers, the estimates kept in flight);
     `known`: trial key -> a stored estimate row to reuse; `lean`: only each layout's leanest corner (does anything
-    fit?), not the staircase, and no more once one fits. A ConfigError raised by an estimate (bad input found late, e.g. a checkpoint)
-    propagates; any other failure of one estimate is that candidate's `error` row.
+    fit?), not the staircase, and no more once one fits. A ConfigError raised by an estimate (bad input found
+    late, e.g. a checkpoint) propagates; any other failure of one estimate is that candidate's `error` row.
 
     Best first: a free slot goes to a layout not yet estimated (its first estimate, the fastest corner, is cheap
     and bounds the whole layout), then to the layout whose fastest corner is best. A walk is advanced only when its
