@@ -13,6 +13,7 @@ those that need a CUDA device are marked `cuda` and skip without one.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -274,14 +275,19 @@ def measured_peaks(rank: int, world: int, configs: list[TrialConfig]) -> dict:
     return {"peaks": peaks}
 
 
-def assert_estimates_match_measured(shapes: dict[str, dict], layout: dict, fresh: bool = False) -> None:
+def assert_estimates_match_measured(
+    shapes: dict[str, dict], layout: dict, fresh: bool = False, late: Callable[[TrialConfig], int] | None = None
+) -> None:
     """The estimate on a fake mesh (rank 0's) of each shape under `layout` against the per-rank peaks measured
     over gloo. Held to the typical rank, the median: one rank of four has been measured 7-17% above the others
     in some runs (a different rank and shape each time: when gloo's asynchronous collectives complete, which the
     synchronous fake process group does not model; the ranks of a TP group also differ by a vocabulary row where
     the vocabulary is uneven); the largest is bounded. `fresh`: each shape measured in processes of its own (under
     CP a GPT-2-like shape measured after other trials in the same processes has come out 2-6% above its estimate,
-    and 4 bytes from it alone: cause not found)."""
+    and 4 bytes from it alone: cause not found). `late(config)`: bytes a collective's buffers may still hold at
+    the measured peak because gloo's worker thread releases them after the main thread has moved on (CP's K|V
+    all-gather: run to run, rank 0 of GPT-2 at cp 2 measured its estimate + 4 bytes or + exactly the gather's input
+    and output); the measured peak may exceed the estimate by that much more."""
     from txlab.parallel.launch import spawn_ranks
     from txlab.trial import estimate_trial
 
@@ -298,5 +304,7 @@ def assert_estimates_match_measured(shapes: dict[str, dict], layout: dict, fresh
         estimated = estimate_trial(c, "cpu")
         assert estimated["status"] == "ok" and estimated["measured"] is False, estimated["error"]
         typical = sorted(measured)[(len(measured) - 1) // 2]
-        assert abs(estimated["peak_bytes"] - typical) <= 0.05 * typical, (name, estimated["peak_bytes"], measured)
+        held = late(c) if late is not None else 0
+        above = typical - estimated["peak_bytes"]  # the measured peak over the estimate
+        assert -0.05 * typical <= above <= 0.05 * typical + held, (name, estimated["peak_bytes"], measured, held)
         assert max(measured) <= 1.25 * estimated["peak_bytes"], (name, estimated["peak_bytes"], measured)

@@ -146,11 +146,26 @@ ESTIMATED_SHAPES = {
 COMPOSED = ("llama-chunked", "gpt2-selective", "llama-accumulated")
 
 
+def kv_gather_bytes(c) -> int:
+    """One layer's K|V all-gather on a rank, input and output (fp32): K and V of the data rank's sequences, its TP
+    rank's KV heads, the whole sequence out and 1/cp of it in. What gloo's worker thread may still hold at the
+    measured peak (tests/support.assert_estimates_match_measured); the dK|dV reduce-scatter moves the same."""
+    m, p, w = c.model, c.parallel, c.workload
+    kv = 2 * (m.n_kv_heads // p.tp) * (m.d_model // m.n_heads)
+    return (w.batch_size // p.fsdp) * w.seq_len * kv * 4 * (p.cp + 1) // p.cp
+
+
 @pytest.mark.parametrize("fsdp, cp, tp", [(1, 2, 1), (2, 2, 1), (1, 2, 2)])
 def test_the_estimate_on_a_fake_mesh_matches_the_measured_per_rank_peak(fsdp, cp, tp):
     layout = {"parallel.fsdp": fsdp, "parallel.cp": cp, "parallel.tp": tp}
     shapes = ESTIMATED_SHAPES if fsdp * tp == 1 else {k: ESTIMATED_SHAPES[k] for k in COMPOSED}
-    assert_estimates_match_measured(shapes, layout, fresh=True)
+    assert_estimates_match_measured(shapes, layout, fresh=True, late=kv_gather_bytes)
+
+
+def test_the_late_gather_bytes_are_the_excess_measured_on_gpt2_at_cp_2():
+    # rank 0 of gpt2-selective at cp 2 measured 3,668,092 (the estimate + 4) or 4,061,308 (+ 393,216) from run to run
+    c = config({**ESTIMATED_SHAPES["gpt2-selective"], "parallel.cp": 2})
+    assert kv_gather_bytes(c) == 4_061_308 - 3_668_092 == 393_216
 
 
 @pytest.mark.parametrize(
