@@ -5,8 +5,8 @@ What is measured, for each thread count a trial's ranks may compute with on a CP
 core: a rank of a trial sharded over the cores), in each dtype (fp32, bf16):
 - matmul FLOP/s at GEMM shapes like a transformer's (activations x weights, and the backward's two products);
 - fused attention (SDPA, causal) FLOP/s forward and backward at several sequence lengths;
-- bytes/s of memory-bound operators by family (elementwise, transcendental, gelu_tanh, norm, reduce, gather), on tensors
-  small enough to reuse memory, and the first-touch rate of new pages (CPU: outputs from 32 MiB are new pages);
+- bytes/s of memory-bound operators by family (elementwise, transcendental, gelu_tanh, norm, reduce, gather), on
+  tensors small enough to reuse memory, and the first-touch rate of new pages (CPU: outputs from 32 MiB are new pages);
 - the fixed time of one small operator;
 - with two or more ranks possible (cores or GPUs), the collectives the trial runs (all-gather, reduce-scatter,
   all-reduce) between two ranks, as latency and bytes/s on the wire (gloo on a CPU, NCCL on GPUs).
